@@ -1,0 +1,106 @@
+"""The CPU device: buffers are numpy byte arrays in this process's memory."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import numpy as np
+
+from .base import Device, DeviceBuffer
+
+#: Alignment reported to clients: ggml's CPU backend uses 32 too, so layouts match.
+CPU_ALIGNMENT = 32
+#: Host alignment of the memory actually handed out (a cache line, good for SIMD kernels).
+_HOST_ALIGNMENT = 64
+
+
+def system_memory() -> tuple[int, int]:
+    """``(available, total)`` physical memory of this machine in bytes."""
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    available = total
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    return available, total
+
+
+def cpu_model_name() -> str:
+    """The processor's model name, as /proc/cpuinfo gives it (or a generic description)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "CPU"
+
+
+class CpuBuffer(DeviceBuffer):
+    """Host memory; every region view is the buffer's own memory (no copies)."""
+
+    def __init__(self, device: "CpuDevice", size: int):
+        super().__init__(device, size)
+        raw = np.zeros(size + _HOST_ALIGNMENT, dtype=np.uint8)  # zeroed: no stale data leaks
+        start = (-raw.ctypes.data) % _HOST_ALIGNMENT
+        self.array = raw[start:start + size]
+
+    @contextlib.contextmanager
+    def write_region(self, offset, size):
+        """The buffer's own bytes: writes land in place."""
+        yield memoryview(self.array[offset:offset + size])
+
+    def read_region(self, offset, size):
+        """The buffer's own bytes."""
+        return memoryview(self.array[offset:offset + size])
+
+    def fill(self, offset, size, value):
+        """numpy fill of the region."""
+        self.array[offset:offset + size] = value
+
+    def copy_from(self, src, src_offset, dst_offset, size):
+        """Copy from any buffer whose bytes the host can read."""
+        if not isinstance(src, CpuBuffer):
+            return False
+        # numpy detects overlap between views of one array and copies through a temporary.
+        self.array[dst_offset:dst_offset + size] = src.array[src_offset:src_offset + size]
+        return True
+
+    def _free(self):
+        self.array = None
+
+
+class CpuDevice(Device):
+    """The host processor.  ``capacity`` (bytes) defaults to the machine's physical memory."""
+
+    alignment = CPU_ALIGNMENT
+
+    def __init__(self, capacity: int | None = None, threads: int | None = None):
+        _, total = system_memory()
+        self.explicit_capacity = capacity is not None
+        super().__init__(capacity if capacity is not None else total)
+        self.name = "CPU"
+        self.description = cpu_model_name()
+        self.threads = threads
+
+    def memory(self):
+        """Free is what is neither reserved by buffers nor taken by the rest of the machine."""
+        available, _ = system_memory()
+        free = max(0, min(self.pool.available, available))
+        return free, self.pool.capacity
+
+    def allocate(self, size):
+        """Refuse allocations the machine could not back, even under the capacity."""
+        available, _ = system_memory()
+        if size > available:
+            return None
+        return super().allocate(size)
+
+    def _allocate(self, size):
+        return CpuBuffer(self, size)

@@ -1,0 +1,427 @@
+"""Sans-IO connection state machines for both ends of a ggml RPC connection.
+
+Like h11: feed received bytes in with ``receive_data``, take events out with ``next_event``,
+and get bytes to send from ``send``.  No sockets, no trio, no threads.  (spec/transport.md,
+spec/handshake.md)
+
+Bulk payloads (the data of SET_TENSOR on the server side, of a GET_TENSOR reply on the client
+side) are never buffered whole here.  The connection announces them with a ``...Start`` event
+and then the caller moves exactly ``payload_remaining`` bytes into their destination:
+``readinto(view)`` hands over what is already buffered, and once that returns less than
+asked, the caller may receive straight into the destination and report it with
+``payload_received(n)``.  This lets an upload land directly in device memory.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import struct
+from dataclasses import dataclass
+
+from .constants import COMMAND_LIMIT, CONN_CAPS_SIZE, PROTOCOL_VERSION, Command
+from .errors import (HandshakeError, LocalProtocolError, MalformedMessage, OversizeMessage,
+                     ProtocolError, UnknownCommand)
+from .messages import (REQUESTS, RESPONSES, SET_TENSOR_HEADER_SIZE, FixedMessage,
+                       GetTensorRequest, GraphComputeRequest, HelloRequest, HelloResponse,
+                       Message, SetTensorRequest, graph_payload_size)
+from .tensor import RpcTensor
+
+_U64 = struct.Struct("<Q")
+_REQUEST_HEADER = struct.Struct("<BQ")
+
+
+class _NeedData:
+    def __repr__(self):
+        return "NEED_DATA"
+
+
+#: Returned by ``next_event`` when more bytes must be received first.
+NEED_DATA = _NeedData()
+
+
+@dataclass(frozen=True)
+class ConnectionClosed:
+    """The peer closed the connection cleanly, at a message boundary."""
+
+
+@dataclass(frozen=True)
+class SetTensorStart:
+    """Server side: a SET_TENSOR header arrived; ``size`` data bytes follow as payload."""
+
+    tensor: RpcTensor
+    cache_flag: int
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class GetTensorStart:
+    """Client side: a GET_TENSOR reply began; ``size`` data bytes follow as payload."""
+
+    size: int
+
+
+class State(enum.Enum):
+    """Where a connection is in its life (spec/transport.md, "Connection states")."""
+
+    AWAIT_HELLO = "await-hello"  # nothing but HELLO is acceptable yet
+    IDLE = "idle"                # between messages
+    PAYLOAD = "payload"          # bulk payload bytes are being consumed by the caller
+    RESPOND = "respond"          # server: a request was delivered and its reply is owed
+    CLOSED = "closed"            # the peer closed at a message boundary
+    ERROR = "error"              # a protocol error happened; the connection is dead
+
+
+class _Buffer:
+    """Received bytes not yet consumed, with cheap consumption from the front."""
+
+    def __init__(self):
+        self._data = bytearray()
+        self._pos = 0
+
+    def __len__(self):
+        return len(self._data) - self._pos
+
+    def feed(self, data) -> None:
+        if self._pos and self._pos > len(self._data) // 2:
+            del self._data[:self._pos]
+            self._pos = 0
+        self._data += data
+
+    def peek(self, n: int) -> memoryview:
+        return memoryview(self._data)[self._pos:self._pos + n]
+
+    def take(self, n: int) -> bytes:
+        out = bytes(self._data[self._pos:self._pos + n])
+        self._pos += n
+        return out
+
+    def readinto(self, view) -> int:
+        n = min(len(view), len(self))
+        if n:
+            view[:n] = self._data[self._pos:self._pos + n]
+            self._pos += n
+        return n
+
+
+class _Connection:
+    """What both ends share: buffering, EOF, errors, and the bulk-payload mechanism."""
+
+    def __init__(self):
+        self._buf = _Buffer()
+        self._eof = False
+        self.state = State.AWAIT_HELLO
+        self.payload_remaining = 0
+        self._after_payload = State.IDLE
+
+    # -- input ---------------------------------------------------------------------------------
+    def receive_data(self, data) -> None:
+        """Add received bytes; ``b""`` means the peer closed its side."""
+        if self._eof and data:
+            raise LocalProtocolError("data received after end of stream")
+        if not data:
+            self._eof = True
+            return
+        self._buf.feed(data)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet consumed."""
+        return len(self._buf)
+
+    # -- bulk payload --------------------------------------------------------------------------
+    def readinto(self, view) -> int:
+        """Move already-buffered payload bytes into ``view``; returns how many were moved.
+
+        Moves at most ``min(len(view), payload_remaining)`` bytes.  When it returns less than
+        that, the buffer is empty and the caller may receive into the rest of ``view`` itself.
+        """
+        self._require(State.PAYLOAD)
+        view = memoryview(view).cast("B")[:self.payload_remaining]
+        n = self._buf.readinto(view)
+        self._consume_payload(n)
+        return n
+
+    def payload_received(self, n: int) -> None:
+        """Report ``n`` payload bytes that the caller received directly, bypassing the buffer."""
+        self._require(State.PAYLOAD)
+        if len(self._buf):
+            raise LocalProtocolError("payload received directly while bytes were buffered")
+        if n < 0 or n > self.payload_remaining:
+            raise LocalProtocolError(f"{n} payload bytes reported, {self.payload_remaining} due")
+        self._consume_payload(n)
+
+    def _consume_payload(self, n: int) -> None:
+        self.payload_remaining -= n
+        if self.payload_remaining == 0:
+            self.state = self._after_payload
+
+    def _start_payload(self, size: int, after: State) -> None:
+        self.payload_remaining = size
+        self._after_payload = after
+        self.state = State.PAYLOAD if size else after
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _require(self, *states: State) -> None:
+        if self.state not in states:
+            raise LocalProtocolError(f"not allowed in state {self.state.value}")
+
+    def _fail(self, exc: ProtocolError):
+        self.state = State.ERROR
+        raise exc
+
+    def _at_eof(self, mid_message: bool):
+        """Called when no complete unit is buffered: NEED_DATA, a clean close, or an error."""
+        if not self._eof:
+            return NEED_DATA
+        if not mid_message and len(self._buf) == 0 and \
+                self.state in (State.IDLE, State.AWAIT_HELLO):
+            self.state = State.CLOSED
+            return ConnectionClosed()
+        self._fail(MalformedMessage(
+            f"connection closed in the middle of a message ({len(self._buf)} bytes pending)"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Server side
+# ----------------------------------------------------------------------------------------------
+
+#: Default bound on a buffered request payload (GRAPH_COMPUTE is the only large one).
+DEFAULT_MAX_MESSAGE_SIZE = 256 * 1024 * 1024
+
+
+class ServerConnection(_Connection):
+    """The server's view of one connection: bytes in, requests out, replies framed.
+
+    ``max_message_size`` bounds every payload the connection buffers (all but SET_TENSOR data,
+    which is streamed to its destination and bounded by it).
+    """
+
+    def __init__(self, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE):
+        super().__init__()
+        self.max_message_size = max_message_size
+        self._header: tuple[int, int] | None = None  # (command, length) of the message in hand
+        self._owed: Command | None = None
+
+    def next_event(self):
+        """The next complete request, a SetTensorStart, NEED_DATA or ConnectionClosed.
+
+        Raises a :class:`ProtocolError` subclass when the client broke the protocol; the
+        connection is then dead and must be closed.
+        """
+        if self.state in (State.ERROR, State.CLOSED):
+            raise LocalProtocolError(f"connection is {self.state.value}")
+        if self.state is State.PAYLOAD:
+            raise LocalProtocolError("the SET_TENSOR payload has not been consumed")
+        if self.state is State.RESPOND:
+            raise LocalProtocolError(f"the reply to {self._owed.name} has not been sent")
+
+        if self._header is None:
+            if len(self._buf) < _REQUEST_HEADER.size:
+                return self._at_eof(mid_message=False)
+            command, length = _REQUEST_HEADER.unpack(self._buf.take(_REQUEST_HEADER.size))
+            self._header = self._check_header(command, length)
+        command, length = self._header
+        cmd = Command(command)
+
+        if cmd is Command.SET_TENSOR:
+            if len(self._buf) < SET_TENSOR_HEADER_SIZE:
+                return self._at_eof(mid_message=True)
+            tensor, flag, offset = SetTensorRequest.decode_header(
+                self._buf.take(SET_TENSOR_HEADER_SIZE))
+            self._header = None
+            size = length - SET_TENSOR_HEADER_SIZE
+            self._start_payload(size, State.IDLE)
+            return SetTensorStart(tensor, flag, offset, size)
+
+        if len(self._buf) < length:
+            return self._at_eof(mid_message=True)
+        payload = self._buf.take(length)
+        self._header = None
+        try:
+            request = REQUESTS[cmd].decode_payload(payload)
+        except MalformedMessage as exc:
+            self._fail(exc)
+        if cmd is Command.HELLO:
+            self.state = State.IDLE
+        if cmd in RESPONSES:
+            self._owed = cmd
+            self.state = State.RESPOND
+        return request
+
+    def _check_header(self, command: int, length: int) -> tuple[int, int]:
+        """Reject a header before reading its payload (spec/transport.md, "Length rules")."""
+        if self.state is State.AWAIT_HELLO:
+            if command != Command.HELLO:
+                self._fail(HandshakeError(
+                    f"first command must be HELLO ({int(Command.HELLO)}), got {command}"))
+            if length != CONN_CAPS_SIZE:
+                self._fail(HandshakeError(
+                    f"HELLO payload must be {CONN_CAPS_SIZE} bytes, got {length} "
+                    f"(a client of an older protocol version?)"))
+            return command, length
+        if command >= COMMAND_LIMIT:
+            self._fail(UnknownCommand(f"unknown command {command}"))
+        cmd = Command(command)
+        if cmd is Command.HELLO:
+            self._fail(HandshakeError("HELLO sent twice on one connection"))
+        cls = REQUESTS[cmd]
+        if issubclass(cls, FixedMessage):
+            if length != cls.payload_size():
+                self._fail(MalformedMessage(
+                    f"{cmd.name} payload must be {cls.payload_size()} bytes, got {length}"))
+        elif cmd is Command.SET_TENSOR:
+            if length < SET_TENSOR_HEADER_SIZE:
+                self._fail(MalformedMessage(
+                    f"SET_TENSOR payload must be at least {SET_TENSOR_HEADER_SIZE} bytes, "
+                    f"got {length}"))
+        elif cmd is Command.GRAPH_COMPUTE:
+            if length < graph_payload_size(0, 0):
+                self._fail(MalformedMessage(f"GRAPH_COMPUTE payload too short ({length} bytes)"))
+            if length > self.max_message_size:
+                self._fail(OversizeMessage(
+                    f"GRAPH_COMPUTE payload of {length} bytes exceeds the limit of "
+                    f"{self.max_message_size}"))
+        return command, length
+
+    def send(self, response: Message) -> bytes:
+        """Frame the reply to the request just delivered."""
+        self._require(State.RESPOND)
+        if response.COMMAND is not self._owed:
+            raise LocalProtocolError(f"{type(response).__name__} does not answer {self._owed.name}")
+        payload = response.encode_payload()
+        self._replied()
+        return _U64.pack(len(payload)) + payload
+
+    def send_data_header(self, size: int) -> bytes:
+        """Frame the start of a GET_TENSOR reply; the caller sends the ``size`` data bytes."""
+        self._require(State.RESPOND)
+        if self._owed is not Command.GET_TENSOR:
+            raise LocalProtocolError(f"a data reply does not answer {self._owed.name}")
+        self._replied()
+        return _U64.pack(size)
+
+    def _replied(self) -> None:
+        self._owed = None
+        self.state = State.IDLE
+
+
+# ----------------------------------------------------------------------------------------------
+# Client side
+# ----------------------------------------------------------------------------------------------
+
+class ClientConnection(_Connection):
+    """The client's view of one connection: requests framed, replies decoded and checked.
+
+    Requests may be pipelined; replies are matched to requests in order.  The version in the
+    HELLO reply is checked against ours (spec/handshake.md, "Version rule").
+    """
+
+    def __init__(self, version: tuple[int, int, int] = PROTOCOL_VERSION):
+        super().__init__()
+        self.version = version
+        self.server_version: tuple[int, int, int] | None = None
+        self._pending: collections.deque[tuple[Command, int]] = collections.deque()
+        self._reply_size: int | None = None
+        self._hello_sent = False
+
+    @property
+    def pending(self) -> int:
+        """Replies still expected."""
+        return len(self._pending)
+
+    def send(self, request: Message) -> bytes:
+        """Frame a whole request (header and payload)."""
+        payload = request.encode_payload()
+        return self._frame(request, len(payload)) + payload
+
+    def send_set_tensor_header(self, tensor: RpcTensor, offset: int, size: int,
+                               cache_flag: int = 0) -> bytes:
+        """Frame a SET_TENSOR up to its data; the caller sends the ``size`` data bytes next."""
+        req = SetTensorRequest(tensor, offset, b"", cache_flag)
+        header = req.encode_header()
+        return self._frame(req, len(header) + size) + header
+
+    def _frame(self, request: Message, length: int) -> bytes:
+        if self.state in (State.ERROR, State.CLOSED):
+            raise LocalProtocolError(f"connection is {self.state.value}")
+        cmd = request.COMMAND
+        if not self._hello_sent and cmd is not Command.HELLO:
+            raise LocalProtocolError("HELLO must be the first request")
+        if self._hello_sent and cmd is Command.HELLO:
+            raise LocalProtocolError("HELLO may be sent only once")
+        self._hello_sent = True
+        if cmd in RESPONSES:
+            expected = request.size if isinstance(request, GetTensorRequest) else \
+                RESPONSES[cmd].payload_size()
+            self._pending.append((cmd, expected))
+        return _REQUEST_HEADER.pack(int(cmd), length)
+
+    def next_event(self):
+        """The next reply, a GetTensorStart, NEED_DATA or ConnectionClosed."""
+        if self.state in (State.ERROR, State.CLOSED):
+            raise LocalProtocolError(f"connection is {self.state.value}")
+        if self.state is State.PAYLOAD:
+            raise LocalProtocolError("the GET_TENSOR payload has not been consumed")
+        if self._reply_size is None:
+            if len(self._buf) < _U64.size:
+                return self._client_eof()
+            if not self._pending:
+                self._fail(ProtocolError("the server sent bytes no request asked for"))
+            (size,) = _U64.unpack(self._buf.take(_U64.size))
+            cmd, expected = self._pending[0]
+            if size != expected:
+                self._fail(MalformedMessage(
+                    f"{cmd.name} reply must be {expected} bytes, the server announced {size}"))
+            self._reply_size = size
+        cmd, size = self._pending[0]
+        if cmd is Command.GET_TENSOR:
+            self._pending.popleft()
+            self._reply_size = None
+            self._start_payload(size, State.IDLE)
+            return GetTensorStart(size)
+        if len(self._buf) < size:
+            return self._client_eof()
+        payload = self._buf.take(size)
+        self._pending.popleft()
+        self._reply_size = None
+        reply = RESPONSES[cmd].decode_payload(payload)
+        if cmd is Command.HELLO:
+            self._check_version(reply)
+        self.state = State.IDLE
+        return reply
+
+    def _client_eof(self):
+        if not self._eof:
+            return NEED_DATA
+        if len(self._buf) == 0 and self._reply_size is None and not self._pending:
+            self.state = State.CLOSED
+            return ConnectionClosed()
+        self._fail(ProtocolError(
+            f"the server closed the connection with {len(self._pending)} replies outstanding"
+            + (f" (next: {self._pending[0][0].name})" if self._pending else "")))
+
+    def _check_version(self, reply: HelloResponse) -> None:
+        self.server_version = (reply.major, reply.minor, reply.patch)
+        if reply.major != self.version[0] or reply.minor > self.version[1]:
+            self._fail(HandshakeError(
+                "server speaks protocol {}.{}.{}, this client {}.{}.{}".format(
+                    *self.server_version, *self.version)))
+
+
+def hello_request() -> HelloRequest:
+    """The HELLO a TCP-only peer sends: all-zero capabilities (spec/handshake.md)."""
+    return HelloRequest(bytes(CONN_CAPS_SIZE))
+
+
+def hello_response(version: tuple[int, int, int] = PROTOCOL_VERSION) -> HelloResponse:
+    """The HELLO reply of a TCP-only server of ``version``."""
+    return HelloResponse(version[0], version[1], version[2], 0, bytes(CONN_CAPS_SIZE))
+
+
+__all__ = [
+    "NEED_DATA", "ConnectionClosed", "SetTensorStart", "GetTensorStart", "State",
+    "ServerConnection", "ClientConnection", "DEFAULT_MAX_MESSAGE_SIZE",
+    "hello_request", "hello_response", "GraphComputeRequest",
+]

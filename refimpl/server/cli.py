@@ -1,0 +1,152 @@
+"""``refimpl-server``: command line, banner, signals (flags compatible with llama.cpp's
+``ggml-rpc-server`` and Ollama's ``rpc-server``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+import trio
+
+from .. import __version__
+from ..devices import DeviceUnavailable, open_device
+from ..protocol.constants import PROTOCOL_VERSION
+from .hash_cache import HashCache, default_cache_dir
+from .net import RpcServer, ServerConfig
+
+log = logging.getLogger("refimpl.server")
+
+MIB = 1024 * 1024
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (also used to document the flags in README and docs)."""
+    p = argparse.ArgumentParser(
+        prog="refimpl-server",
+        description="A ggml RPC server (protocol %d.%d.%d): llama.cpp clients offload model "
+                    "layers to it with --rpc HOST:PORT." % PROTOCOL_VERSION)
+    p.add_argument("-H", "--host", default="127.0.0.1",
+                   help="address to bind (default: %(default)s; anything else exposes the "
+                        "server to the network, which the protocol does not protect)")
+    p.add_argument("-p", "--port", type=int, default=50052,
+                   help="TCP port (default: %(default)s; 0 picks a free one)")
+    p.add_argument("-d", "--device", default="cpu",
+                   help="comma-separated devices to expose, in index order (default: cpu)")
+    p.add_argument("-m", "--mem", type=int, default=None, metavar="MIB",
+                   help="memory each device reports and enforces, in MiB "
+                        "(default: the machine's physical memory)")
+    p.add_argument("-c", "--cache", action="store_true",
+                   help="enable the local tensor cache in $LLAMA_CACHE/rpc or "
+                        "~/.cache/llama.cpp/rpc")
+    p.add_argument("-t", "--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                   help="compute threads for the CPU device (default: %(default)s)")
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"],
+                   help="log verbosity (default: %(default)s); GGML_RPC_DEBUG=1 also logs "
+                        "every command")
+    p.add_argument("--version", action="version",
+                   version="refimpl-server %s (protocol %d.%d.%d)" % (__version__, *PROTOCOL_VERSION))
+    return p
+
+
+def configure_logging(level: str) -> None:
+    """Log to stderr; GGML_RPC_DEBUG=1 turns on one debug line per command, as upstream."""
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if os.environ.get("GGML_RPC_DEBUG"):
+        logging.getLogger("refimpl.server.commands").setLevel(logging.DEBUG)
+        if logging.getLogger().level > logging.DEBUG:
+            for h in logging.getLogger().handlers:
+                h.setLevel(logging.DEBUG)
+            logging.getLogger().setLevel(logging.DEBUG)
+            for name in ("refimpl.server", "refimpl.server.session", "refimpl.server.cache"):
+                logging.getLogger(name).setLevel(getattr(logging, level.upper()))
+
+
+def banner(server: RpcServer, cache_dir) -> str:
+    """The start-up text, shaped like llama.cpp's so existing scripts and eyes find things."""
+    cfg = server.config
+    lines = [
+        "refimpl-server %s" % __version__,
+        "Starting RPC server v%d.%d.%d" % PROTOCOL_VERSION,
+        "  endpoint       : %s:%d" % (cfg.host, server.port),
+        "  local cache    : %s" % (cache_dir if cache_dir else "n/a"),
+        "Devices:",
+    ]
+    for dev in cfg.devices:
+        free, total = dev.memory()
+        lines.append("  %s: %s (%d MiB, %d MiB free)" % (dev.name, dev.description,
+                                                      total // MIB, free // MIB))
+    lines.append("  transport      : TCP")
+    return "\n".join(lines)
+
+
+def _warn_exposed(host: str) -> None:
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        bar = "!" * 72
+        print(f"\n{bar}\nWARNING: binding {host}: the ggml RPC protocol has no authentication "
+              f"and no\nencryption; anyone who can reach this port can use the server.\n{bar}\n",
+              file=sys.stderr)
+
+
+async def run_server(config: ServerConfig, cache_dir=None) -> None:
+    """Serve until SIGINT or SIGTERM, then stop accepting and close every connection."""
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(RpcServer(config).serve)
+        print(banner(server, cache_dir), flush=True)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("received %s; shutting down (%d connection(s) open)",
+                         signal.Signals(signum).name, server.connections)
+                nursery.cancel_scope.cancel()
+                break
+    print("refimpl-server stopped", flush=True)
+
+
+def make_config(args) -> tuple[ServerConfig, object]:
+    """Turn parsed arguments into a ServerConfig (opens devices; may raise DeviceUnavailable)."""
+    if args.threads <= 0:
+        raise ValueError(f"invalid number of threads: {args.threads}")
+    if args.mem is not None and args.mem <= 0:
+        raise ValueError(f"invalid memory size: {args.mem} MiB")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"invalid port: {args.port}")
+    capacity = args.mem * MIB if args.mem is not None else None
+    names = [d for d in args.device.replace("/", ",").split(",") if d.strip()]
+    if not names:
+        raise ValueError("no device given")
+    devices = [open_device(n, capacity=capacity, threads=args.threads) for n in names]
+    cache = None
+    cache_dir = None
+    if args.cache:
+        cache_dir = default_cache_dir()
+        cache = HashCache(cache_dir)
+    return ServerConfig(devices=devices, host=args.host, port=args.port, cache=cache), cache_dir
+
+
+def main(argv=None) -> int:
+    """Entry point of ``refimpl-server``."""
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        config, cache_dir = make_config(args)
+    except (DeviceUnavailable, ValueError, OSError) as exc:
+        print(f"refimpl-server: error: {exc}", file=sys.stderr)
+        return 2
+    _warn_exposed(args.host)
+    try:
+        trio.run(run_server, config, cache_dir)
+    except OSError as exc:  # e.g. the port is taken
+        print(f"refimpl-server: error: cannot serve on {args.host}:{args.port}: {exc}",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
