@@ -136,7 +136,10 @@ class _Connection:
 
         Moves at most ``min(len(view), payload_remaining)`` bytes.  When it returns less than
         that, the buffer is empty and the caller may receive into the rest of ``view`` itself.
+        A zero-length payload needs no call, but one is harmless.
         """
+        if self.payload_remaining == 0 and self.state is not State.PAYLOAD:
+            return 0
         self._require(State.PAYLOAD)
         view = memoryview(view).cast("B")[:self.payload_remaining]
         n = self._buf.readinto(view)

@@ -59,8 +59,14 @@ class RpcTensor:
     view_src: int = 0
     view_offs: int = 0
     data: int = 0
-    name: bytes = field(default=b"")
+    name: bytes = field(default=bytes(MAX_NAME))
     use_count: int = 0
+
+    def __post_init__(self):
+        # The wire field is exactly 64 bytes: keep the raw field, NUL-padded, so that
+        # decode(encode(t)) == t for any name given.
+        if len(self.name) != MAX_NAME:
+            object.__setattr__(self, "name", bytes(self.name)[:MAX_NAME].ljust(MAX_NAME, b"\0"))
 
     # -- codec -------------------------------------------------------------------------------
     @classmethod
@@ -71,7 +77,7 @@ class RpcTensor:
     def encode(self) -> bytes:
         """Encode to exactly RPC_TENSOR_SIZE bytes (``name`` is NUL-padded or truncated)."""
         values = {f.name: getattr(self, f.name) for f in RPC_TENSOR.fields}
-        values["name"] = bytes(self.name)[:MAX_NAME]
+        values["name"] = self.name
         return RPC_TENSOR.pack(values)
 
     @classmethod

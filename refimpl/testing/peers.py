@@ -1,0 +1,155 @@
+"""Build (or reuse from cache) the real llama.cpp programs refimpl is tested against.
+
+Source: the ``llama-cpp-python`` sdist from PyPI, which vendors all of llama.cpp under
+``vendor/llama.cpp``.  Sources and binaries live in a cache directory outside the repository
+(``$REFIMPL_PEERS_CACHE``, default ``~/.cache/refimpl-peers``); nothing of llama.cpp is ever
+copied into the repository.
+
+    python -m refimpl.testing.peers            # build 0.3.36 (protocol 7.0.0), print bin dir
+    python -m refimpl.testing.peers --version 0.3.36 --source   # print the source dir
+
+``$REFIMPL_PEER_BIN`` overrides the whole thing with a directory of ready binaries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+#: The llama-cpp-python release whose vendored llama.cpp speaks protocol 7.0.0.
+DEFAULT_VERSION = "0.3.36"
+
+#: Programs every test run needs.
+TARGETS = ("ggml-rpc-server", "llama-completion", "llama-perplexity", "llama-tokenize",
+           "test-backend-ops")
+
+
+class PeerUnavailable(Exception):
+    """The peers could not be found or built; the message says why."""
+
+
+def cache_root() -> Path:
+    """Where sources and builds are kept."""
+    return Path(os.environ.get("REFIMPL_PEERS_CACHE", Path.home() / ".cache" / "refimpl-peers"))
+
+
+def _cpu_key() -> str:
+    # Builds use -march=native; a cache carried to another CPU must be rebuilt, not SIGILL.
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "generic")
+    except OSError:
+        flags = "generic"
+    return hashlib.md5(flags.encode()).hexdigest()[:8]
+
+
+def source_dir(version: str = DEFAULT_VERSION, *, fetch: bool = True, log=sys.stderr) -> Path:
+    """The vendored llama.cpp source tree of that release (downloaded and unpacked on demand)."""
+    src_root = cache_root() / "src"
+    tree = src_root / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
+    if (tree / "CMakeLists.txt").is_file():
+        return tree
+    if not fetch:
+        raise PeerUnavailable(f"llama.cpp source of llama-cpp-python {version} is not in {src_root}")
+    src_root.mkdir(parents=True, exist_ok=True)
+    sdist = src_root / f"llama_cpp_python-{version}.tar.gz"
+    if not sdist.is_file():
+        print(f"peers: downloading the llama-cpp-python=={version} sdist", file=log, flush=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-binary", ":all:",
+             "--no-deps", f"llama-cpp-python=={version}", "-d", str(src_root)],
+            stdout=log, stderr=log)
+        if proc.returncode != 0 or not sdist.is_file():
+            raise PeerUnavailable(f"could not download llama-cpp-python=={version} from PyPI")
+    with tarfile.open(sdist) as tar:
+        tar.extractall(src_root, filter="data")
+    if not (tree / "CMakeLists.txt").is_file():
+        raise PeerUnavailable(f"{sdist.name} does not vendor llama.cpp where expected")
+    return tree
+
+
+def build_dir(version: str = DEFAULT_VERSION) -> Path:
+    """The build directory of that release on this CPU."""
+    return cache_root() / f"build-{version}-{_cpu_key()}"
+
+
+def _complete(bin_dir: Path, stamp: Path) -> bool:
+    return stamp.is_file() and all(os.access(bin_dir / t, os.X_OK) for t in TARGETS)
+
+
+def ensure_peers(version: str = DEFAULT_VERSION, *, log=sys.stderr) -> Path:
+    """Return the bin directory holding every program of :data:`TARGETS`, building if needed.
+
+    Raises :class:`PeerUnavailable` when that is impossible (never returns a partial build).
+    """
+    override = os.environ.get("REFIMPL_PEER_BIN")
+    if override:
+        bin_dir = Path(override)
+        missing = [t for t in TARGETS if not os.access(bin_dir / t, os.X_OK)]
+        if missing:
+            raise PeerUnavailable(f"REFIMPL_PEER_BIN={bin_dir} lacks {', '.join(missing)}")
+        return bin_dir
+    build = build_dir(version)
+    bin_dir, stamp = build / "bin", build / ".complete"
+    if _complete(bin_dir, stamp):
+        return bin_dir
+    for tool in ("cmake", "c++"):
+        if shutil.which(tool) is None:
+            raise PeerUnavailable(f"building the llama.cpp peers needs '{tool}' on PATH")
+    src = source_dir(version, log=log)
+    print(f"peers: building {' '.join(TARGETS)} of llama.cpp (llama-cpp-python {version}) in "
+          f"{build}; the first build takes several minutes", file=log, flush=True)
+    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    configure = [
+        "cmake", "-S", str(src), "-B", str(build), *generator,
+        "-DCMAKE_BUILD_TYPE=Release", "-DGGML_RPC=ON", "-DGGML_NATIVE=ON",
+        "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_BUILD_TESTS=ON", "-DLLAMA_BUILD_TOOLS=ON",
+        "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF",
+        "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF",
+        f"-DCMAKE_RUNTIME_OUTPUT_DIRECTORY={bin_dir}",
+        f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={bin_dir}",
+    ]
+    jobs = os.environ.get("REFIMPL_PEERS_JOBS", str(os.cpu_count() or 2))
+    for cmd in (configure, ["cmake", "--build", str(build), "-j", jobs, "--target", *TARGETS]):
+        proc = subprocess.run(cmd, stdout=log, stderr=log)
+        if proc.returncode != 0:
+            raise PeerUnavailable(f"peer build step failed ({proc.returncode}): {' '.join(cmd[:4])} ...")
+    missing = [t for t in TARGETS if not os.access(bin_dir / t, os.X_OK)]
+    if missing:
+        raise PeerUnavailable(f"peer build finished without {', '.join(missing)}")
+    stamp.touch()
+    return bin_dir
+
+
+def peer_env(bin_dir: Path) -> dict:
+    """Environment for running peer programs (their shared libraries sit beside them)."""
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = str(bin_dir) + (":" + env["LD_LIBRARY_PATH"]
+                                             if env.get("LD_LIBRARY_PATH") else "")
+    return env
+
+
+def main(argv=None) -> int:
+    """CLI: build or locate the peers and print the bin (or source) directory."""
+    p = argparse.ArgumentParser(prog="python -m refimpl.testing.peers", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", default=DEFAULT_VERSION, help="llama-cpp-python release")
+    p.add_argument("--source", action="store_true", help="print the source tree instead")
+    args = p.parse_args(argv)
+    try:
+        path = source_dir(args.version) if args.source else ensure_peers(args.version)
+    except PeerUnavailable as exc:
+        print(f"peers: error: {exc}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

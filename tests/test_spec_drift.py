@@ -1,0 +1,122 @@
+"""spec/ and refimpl/protocol must not drift apart: every machine-readable table in spec/ is
+compared with the declarations the code actually uses."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from refimpl.protocol import messages as m
+from refimpl.protocol.constants import COMMAND_LIMIT, Command
+from refimpl.protocol.ggml_types import _TRAITS, GgmlType
+from refimpl.protocol.tensor import RPC_TENSOR
+
+SPEC = Path(__file__).resolve().parents[1] / "spec"
+
+_KIND_NAMES = {"u8": "u8", "u32": "u32", "u64": "u64", "i32": "i32"}
+
+
+def tables_after(marker_re: str):
+    """{name: rows} for every table that follows a marker comment in spec/*.md."""
+    found = {}
+    for path in sorted(SPEC.glob("*.md")):
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            mk = re.fullmatch(marker_re, line.strip())
+            if not mk:
+                continue
+            rows = []
+            j = i + 1
+            while j < len(lines) and not lines[j].startswith("|"):
+                j += 1
+            for row in lines[j + 2:]:  # skip header and separator
+                if not row.startswith("|"):
+                    break
+                rows.append([c.strip() for c in row.strip().strip("|").split("|")])
+            name = mk.group(1) if mk.groups() else path.name
+            assert name not in found, f"{name} documented twice"
+            found[name] = (path.name, rows)
+    return found
+
+
+LAYOUTS = tables_after(r"<!-- layout: (\w+) -->")
+
+
+def code_layouts():
+    out = {"rpc_tensor": (RPC_TENSOR, {}), "set_tensor_header": (m.SET_TENSOR_HEADER, {"tensor": "rpc_tensor"}),
+           "graph_header": (m.GRAPH_HEADER, {})}
+    for cls in list(m.REQUESTS.values()) + list(m.RESPONSES.values()):
+        if issubclass(cls, m.FixedMessage) and cls.FIELDS:
+            kinds = {}
+            for row in cls.FIELDS:
+                if row[1] == "tensor":
+                    kinds[row[0]] = "rpc_tensor" + (f"[{row[2]}]" if len(row) > 2 else "")
+            out[cls.__name__] = (cls.LAYOUT, kinds)
+    return out
+
+
+def expected_type(field, overrides):
+    if field.name in overrides:
+        return overrides[field.name]
+    if field.kind == "char":
+        return f"char[{field.count}]"
+    return field.kind + (f"[{field.count}]" if field.count > 1 else "")
+
+
+@pytest.mark.parametrize("name", sorted(code_layouts()))
+def test_layout_table_matches_code(name):
+    layout, overrides = code_layouts()[name]
+    assert name in LAYOUTS, f"spec/ has no '<!-- layout: {name} -->' table"
+    doc, rows = LAYOUTS[name]
+    documented = [(r[2].strip("`"), int(r[0]), int(r[1]), r[3]) for r in rows]
+    actual = [(f.name, f.offset, f.size, expected_type(f, overrides)) for f in layout.fields]
+    assert documented == actual, f"{doc}: table for {name} differs from the code"
+
+
+def test_no_orphan_layout_tables():
+    assert set(LAYOUTS) <= set(code_layouts()), "spec documents layouts the code does not have"
+
+
+def test_command_table_matches_code():
+    [(doc, rows)] = tables_after(r"<!-- (commands) -->").values()
+    assert len(rows) == COMMAND_LIMIT == len(Command)
+    for row in rows:
+        cid, name, req, rep = int(row[0]), row[1], row[2], row[3]
+        cmd = Command(cid)
+        assert cmd.name == name
+        cls = m.REQUESTS[cmd]
+        if cmd is Command.SET_TENSOR:
+            assert req == f"≥ {m.SET_TENSOR_HEADER_SIZE}"
+        elif cmd is Command.GRAPH_COMPUTE:
+            assert req == f"≥ {m.graph_payload_size(0, 0)}"
+        else:
+            assert int(req) == cls.payload_size(), name
+        if not m.has_response(cmd):
+            assert rep == "none", name
+        elif cmd is Command.GET_TENSOR:
+            assert rep == "= requested size"
+        else:
+            assert int(rep) == m.RESPONSES[cmd].payload_size(), name
+
+
+def test_answered_commands_listed_in_transport_spec():
+    text = (SPEC / "transport.md").read_text()
+    answered = re.search(r"These commands are answered: ([A-Z_,\s]+)\.", text).group(1)
+    unanswered = re.search(r"These commands are \*\*never\*\* answered: ([A-Z_,\s]+)\.", text).group(1)
+    names = lambda s: {n.strip() for n in s.split(",")}
+    assert names(answered) == {c.name for c in m.RESPONSES}
+    assert names(unanswered) == {c.name for c in Command if c not in m.RESPONSES}
+
+
+def test_type_table_matches_code():
+    [(doc, rows)] = tables_after(r"<!-- (types) -->").values()
+    documented = {int(r[0]): (r[1], int(r[2]), int(r[3])) for r in rows}
+    actual = {int(t): (GgmlType(t).name, tr.block_size, tr.type_size) for t, tr in _TRAITS.items()}
+    assert documented == actual
+
+
+def test_protocol_version_in_spec_title():
+    from refimpl.protocol.constants import PROTOCOL_VERSION
+    assert "version %d.%d.%d" % PROTOCOL_VERSION in (SPEC / "README.md").read_text()
