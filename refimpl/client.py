@@ -13,6 +13,7 @@ Call :meth:`RpcClient.ping` to find out at once.
 
 from __future__ import annotations
 
+import itertools
 import socket as stdsocket
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ from .protocol.ggml_types import type_traits
 from .protocol.tensor import RpcTensor, contiguous_strides, tensor_nbytes
 
 _RECV_CHUNK = 256 * 1024
+_tensor_ids = itertools.count(1)  # client-side tensor identities (any unique non-zero u64)
 
 
 class RpcError(Exception):
@@ -72,7 +74,7 @@ class RemoteBuffer:
         """A tensor placed ``offset`` bytes into this buffer (contiguous unless ``nb`` given)."""
         ne = tuple(ne) + (1,) * (4 - len(ne))
         return RpcTensor(
-            id=id or (self.handle << 20) + offset + 1,
+            id=id or next(_tensor_ids),
             type=type_number, buffer=self.handle, ne=ne,
             nb=tuple(nb) if nb is not None else contiguous_strides(type_number, ne),
             data=self.base + offset, name=name.encode()[:63])

@@ -13,12 +13,19 @@ from refimpl.protocol.ggml_types import REMOVED_TYPES, TYPE_COUNT, GgmlType, typ
 from refimpl.protocol.tensor import RpcTensor, contiguous_strides, tensor_nbytes, tensor_problem
 
 
+#: Where the gguf package on PyPI (0.19) lags the ggml of protocol 7.0.0.  The peer library is
+#: the ground truth (tests/test_peer_sources.py checks every type against it): Q8_1's block is
+#: two f16 values and 32 quants, 36 bytes.
+GGUF_LAGS = {GGMLQuantizationType.Q8_1: (32, 36)}
+
+
 @pytest.mark.parametrize("q", list(GGMLQuantizationType), ids=lambda q: q.name)
 def test_type_table_agrees_with_gguf(q):
     """gguf (the Python package llama.cpp ships) is an independent source for block geometry."""
     traits = type_traits(q.value)
     assert traits is not None, f"{q.name} missing"
-    assert (traits.block_size, traits.type_size) == GGML_QUANT_SIZES[q]
+    expected = GGUF_LAGS.get(q, GGML_QUANT_SIZES[q])
+    assert (traits.block_size, traits.type_size) == expected
     assert GgmlType(q.value).name == q.name
 
 

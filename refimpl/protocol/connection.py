@@ -354,6 +354,8 @@ class ClientConnection(_Connection):
             raise LocalProtocolError("HELLO must be the first request")
         if self._hello_sent and cmd is Command.HELLO:
             raise LocalProtocolError("HELLO may be sent only once")
+        if not 0 <= length < 2**64:
+            raise LocalProtocolError(f"{cmd.name} payload of {length} bytes cannot be framed")
         self._hello_sent = True
         if cmd in RESPONSES:
             expected = request.size if isinstance(request, GetTensorRequest) else \

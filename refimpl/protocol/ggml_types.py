@@ -80,7 +80,7 @@ _TRAITS: dict[int, TypeTraits] = {
     GgmlType.Q5_0: TypeTraits("q5_0", 32, 22),
     GgmlType.Q5_1: TypeTraits("q5_1", 32, 24),
     GgmlType.Q8_0: TypeTraits("q8_0", 32, 34),
-    GgmlType.Q8_1: TypeTraits("q8_1", 32, 40),
+    GgmlType.Q8_1: TypeTraits("q8_1", 32, 36),
     GgmlType.Q2_K: TypeTraits("q2_K", 256, 84),
     GgmlType.Q3_K: TypeTraits("q3_K", 256, 110),
     GgmlType.Q4_K: TypeTraits("q4_K", 256, 144),

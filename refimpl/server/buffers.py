@@ -1,12 +1,14 @@
 """Per-connection buffer table: handles and addresses (spec/handles.md).
 
-Handles and base addresses are opaque values chosen here.  Within a connection they are never
-reused, so a stale handle or address from a freed buffer can never reach a newer buffer.
-Addresses are not host pointers: a client cannot aim them at server memory.
+Handles and base addresses are opaque values chosen here, never reused while the server runs,
+so a stale handle or address from a freed buffer can never reach a newer buffer, and one
+connection's values mean nothing on another.  Addresses are not host pointers: a client
+cannot aim them at server memory.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 from ..devices import Device, DeviceBuffer
@@ -53,14 +55,36 @@ class Placement:
     nbytes: int
 
 
+class AddressSpace:
+    """Where handles and base addresses come from, shared by all connections of a server.
+
+    Sharing it means a handle or address of one connection is never valid in another, and
+    values are never reused while the server runs.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._next_handle = HANDLE_START
+        self._next_address = ADDRESS_START
+
+    def assign(self, size: int, alignment: int) -> tuple[int, int]:
+        """A fresh ``(handle, base)`` for a buffer of ``size`` bytes."""
+        alignment = max(alignment, ADDRESS_GRANULE)
+        with self._lock:
+            base = -(-self._next_address // alignment) * alignment
+            self._next_address = base + size + ADDRESS_GAP
+            handle = self._next_handle
+            self._next_handle += 1
+        return handle, base
+
+
 class BufferTable:
     """Handles -> buffers for one connection, and tensor placement checks."""
 
-    def __init__(self, devices: list[Device]):
+    def __init__(self, devices: list[Device], space: AddressSpace | None = None):
         self.devices = devices
+        self.space = space or AddressSpace()
         self._by_handle: dict[int, RemoteBuffer] = {}
-        self._next_handle = HANDLE_START
-        self._next_address = ADDRESS_START
 
     def __len__(self):
         return len(self._by_handle)
@@ -70,11 +94,8 @@ class BufferTable:
 
     def add(self, device_index: int, memory: DeviceBuffer) -> RemoteBuffer:
         """Register a freshly allocated buffer; returns it with its new handle and base."""
-        alignment = max(self.devices[device_index].alignment, ADDRESS_GRANULE)
-        base = -(-self._next_address // alignment) * alignment
-        self._next_address = base + memory.size + ADDRESS_GAP
-        buf = RemoteBuffer(self._next_handle, base, device_index, memory)
-        self._next_handle += 1
+        handle, base = self.space.assign(memory.size, self.devices[device_index].alignment)
+        buf = RemoteBuffer(handle, base, device_index, memory)
         self._by_handle[buf.handle] = buf
         return buf
 

@@ -94,8 +94,10 @@ def _warn_exposed(host: str) -> None:
 
 async def run_server(config: ServerConfig, cache_dir=None) -> None:
     """Serve until SIGINT or SIGTERM, then stop accepting and close every connection."""
+    server = RpcServer(config)
+    await server.bind()  # outside the nursery: an unusable address is a plain OSError
     async with trio.open_nursery() as nursery:
-        server = await nursery.start(RpcServer(config).serve)
+        await nursery.start(server.serve)
         print(banner(server, cache_dir), flush=True)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:

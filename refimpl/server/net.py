@@ -18,7 +18,7 @@ from ..protocol import messages as m
 from ..protocol.connection import (DEFAULT_MAX_MESSAGE_SIZE, NEED_DATA, ConnectionClosed,
                                    ServerConnection, SetTensorStart)
 from ..protocol.errors import ProtocolError
-from .buffers import Rejected
+from .buffers import AddressSpace, Rejected
 from .hash_cache import HashCache
 from .session import Session
 
@@ -51,6 +51,7 @@ class RpcServer:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.connections = 0  # currently open
+        self.space = AddressSpace()
         self.listeners: list[trio.SocketListener] = []
 
     @property
@@ -58,9 +59,16 @@ class RpcServer:
         """The bound port (useful when configured with port 0)."""
         return self.listeners[0].socket.getsockname()[1]
 
+    async def bind(self) -> None:
+        """Open the listening socket(s); raises OSError when the address is unusable."""
+        if not self.listeners:
+            self.listeners = await trio.open_tcp_listeners(self.config.port,
+                                                           host=self.config.host)
+
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Bind, report ready through ``task_status``, and serve until cancelled."""
-        self.listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
+        """Bind (unless :meth:`bind` was called), report ready through ``task_status``, and
+        serve until cancelled."""
+        await self.bind()
         task_status.started(self)
         await trio.serve_listeners(self._serve_connection, self.listeners)
 
@@ -77,7 +85,7 @@ class RpcServer:
         log.info("accepted client connection from %s", peer)
         executor = (self.config.graph_executor_factory(self.config.devices)
                     if self.config.graph_executor_factory else None)
-        session = Session(self.config.devices, self.config.cache, executor, peer)
+        session = Session(self.config.devices, self.config.cache, executor, peer, self.space)
         conn = ServerConnection(max_message_size=self.config.max_message_size)
         try:
             await self._run(stream, conn, session)

@@ -16,7 +16,7 @@ from ..protocol.connection import SetTensorStart
 from ..protocol.constants import MAX_SRC, PROTOCOL_VERSION
 from ..protocol.connection import hello_response
 from ..protocol.tensor import tensor_nbytes_of
-from .buffers import BufferTable, Placement, Rejected
+from .buffers import AddressSpace, BufferTable, Placement, Rejected
 from .hash_cache import HashCache
 
 log = logging.getLogger("refimpl.server.session")
@@ -27,10 +27,10 @@ class Session:
     """State of one connection: its buffers and what it may touch."""
 
     def __init__(self, devices: list[Device], cache: HashCache | None = None,
-                 graph_executor=None, peer: str = "?"):
+                 graph_executor=None, peer: str = "?", space: AddressSpace | None = None):
         self.devices = devices
         self.cache = cache
-        self.buffers = BufferTable(devices)
+        self.buffers = BufferTable(devices, space)
         self.graph_executor = graph_executor
         self.peer = peer
 

@@ -1,0 +1,387 @@
+"""refimpl's server in-process: every command, every refusal, limits, concurrency, cache."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+import trio
+
+from refimpl.client import AllocationFailed, RpcClient, ServerClosedConnection
+from refimpl.devices import CpuDevice
+from refimpl.protocol import messages as m
+from refimpl.protocol.constants import Command
+from refimpl.protocol.fnv import fnv1a_64
+from refimpl.protocol.ggml_types import GgmlType
+from refimpl.protocol.tensor import RpcTensor
+from refimpl.server import RpcServer
+from refimpl.server.hash_cache import HashCache
+
+from .conftest import make_config
+from .rawwire import HELLO, frame, open_raw, read_exactly, server_closes
+
+
+def addr(server):
+    return ("127.0.0.1", server.port)
+
+
+async def connect(server) -> RpcClient:
+    return await RpcClient.connect(*addr(server))
+
+
+# -- the happy paths ----------------------------------------------------------------------------
+
+async def test_handshake_and_device_queries(server):
+    async with await connect(server) as c:
+        assert c.server_version == (7, 0, 0)
+        assert await c.device_count() == 1
+        assert await c.get_alignment(0) == 32
+        assert await c.get_max_size(0) == 256 << 20
+        mem = await c.get_device_memory(0)
+        assert 0 < mem.free <= mem.total == 256 << 20
+
+
+async def test_alloc_base_set_get_free(server):
+    async with await connect(server) as c:
+        buf = await c.alloc_buffer(1 << 20)
+        assert buf.size == 1 << 20 and buf.handle != 0 and buf.base % 32 == 0
+        assert (await c.get_device_memory()).free <= (256 << 20) - (1 << 20)
+        t = buf.tensor(GgmlType.F32, (1024, 4))
+        x = np.random.default_rng(0).standard_normal((4, 1024)).astype(np.float32)
+        await c.set_tensor(t, x)
+        assert np.array_equal(np.frombuffer(await c.get_tensor(t, 0, x.nbytes), np.float32),
+                              x.ravel())
+        await c.set_tensor(t, b"\x01\x02\x03", offset=5)
+        assert await c.get_tensor(t, 4, 5) == x.tobytes()[4:5] + b"\x01\x02\x03" + x.tobytes()[8:9]
+        out = np.empty(1024, np.float32)
+        await c.get_tensor(t, 4096, 4096, out=out)
+        assert np.array_equal(out, x[1])
+        await c.free_buffer(buf.handle)
+        await c.ping()
+        assert (await c.get_device_memory()).free > (256 << 20) - (1 << 20) - 1
+
+
+async def test_bases_are_distinct_and_handles_never_reused(server):
+    async with await connect(server) as c:
+        a = await c.alloc_buffer(1000)
+        b = await c.alloc_buffer(1000)
+        assert a.handle != b.handle
+        assert a.base + a.size <= b.base or b.base + b.size <= a.base
+        await c.free_buffer(a.handle)
+        d = await c.alloc_buffer(1000)
+        assert d.handle not in (a.handle, b.handle) and d.base != a.base
+
+
+async def test_copy_clear_memset(server):
+    async with await connect(server) as c:
+        buf = await c.alloc_buffer(4096)
+        src = buf.tensor(GgmlType.F32, (256,))
+        dst = buf.tensor(GgmlType.F32, (256,), offset=2048)
+        data = np.arange(256, dtype=np.float32)
+        await c.set_tensor(src, data)
+        assert await c.copy_tensor(src, dst) is True
+        assert await c.get_tensor(dst, 0, 1024) == data.tobytes()
+        await c.memset_tensor(dst, 8, 4, 0xEE)
+        got = await c.get_tensor(dst, 0, 16)
+        assert got == data.tobytes()[:8] + b"\xee" * 4 + data.tobytes()[12:16]
+        await c.buffer_clear(buf.handle, 0x11)
+        assert await c.get_tensor(src, 0, 1024) == b"\x11" * 1024
+        assert await c.get_tensor(dst, 1020, 4) == b"\x11" * 4
+
+
+async def test_copy_overlapping_regions(server):
+    async with await connect(server) as c:
+        buf = await c.alloc_buffer(64)
+        whole = buf.tensor(GgmlType.I8, (64,))
+        await c.set_tensor(whole, bytes(range(64)))
+        assert await c.copy_tensor(buf.tensor(GgmlType.I8, (32,)),
+                                   buf.tensor(GgmlType.I8, (32,), offset=16))
+        assert await c.get_tensor(whole, 0, 64) == bytes(range(16)) + bytes(range(32)) + bytes(range(48, 64))
+
+
+async def test_alloc_size_and_init_tensor(server):
+    async with await connect(server) as c:
+        buf = await c.alloc_buffer(4096)
+        q = buf.tensor(GgmlType.Q4_0, (96, 4))
+        assert await c.get_alloc_size(q) == 96 // 32 * 18 * 4
+        unplaced = RpcTensor(id=9, type=GgmlType.Q6_K, ne=(256, 3, 1, 1), nb=(210, 210, 630, 630))
+        assert await c.get_alloc_size(unplaced, srcs=[q]) == 630
+        await c.init_tensor(q)
+        await c.init_tensor(unplaced)  # buffer 0: accepted and ignored
+        await c.ping()
+
+
+async def test_zero_size_allocations_and_writes(server):
+    async with await connect(server) as c:
+        z = await c.alloc_buffer_raw(0)
+        assert z.handle != 0 and z.size == 0
+        buf = await c.alloc_buffer(64)
+        t = buf.tensor(GgmlType.F32, (16,))
+        await c.set_tensor(t, b"", offset=64)
+        assert await c.get_tensor(t, 64, 0) == b""
+        await c.memset_tensor(t, 0, 0, 1)
+        await c.ping()
+
+
+async def test_allocation_beyond_cap_fails_softly(nursery):
+    server = await nursery.start(RpcServer(make_config(capacity=1 << 20)).serve)
+    async with await connect(server) as c:
+        a = await c.alloc_buffer(600 << 10)
+        with pytest.raises(AllocationFailed):
+            await c.alloc_buffer(600 << 10)
+        reply = await c.alloc_buffer_raw(2**64 - 1)
+        assert (reply.handle, reply.size) == (0, 0)
+        await c.free_buffer(a.handle)
+        await c.alloc_buffer(600 << 10)  # the memory came back
+
+
+async def test_buffers_freed_when_client_leaves(server):
+    dev = server.config.devices[0]
+    async with await connect(server) as c:
+        await c.alloc_buffer(8 << 20)
+        assert dev.pool.reserved == 8 << 20
+    with trio.fail_after(5):
+        while dev.pool.reserved:
+            await trio.sleep(0.01)
+
+
+async def test_several_devices(nursery):
+    cfg = make_config(devices=[CpuDevice(capacity=1 << 20), CpuDevice(capacity=2 << 20)])
+    server = await nursery.start(RpcServer(cfg).serve)
+    async with await connect(server) as c:
+        assert await c.device_count() == 2
+        assert (await c.get_device_memory(1)).total == 2 << 20
+        b = await c.alloc_buffer(1 << 20, device=1)
+        t = b.tensor(GgmlType.I32, (4,))
+        await c.set_tensor(t, np.arange(4, dtype=np.int32))
+        assert await c.get_tensor(t, 0, 16) == np.arange(4, dtype=np.int32).tobytes()
+
+
+async def test_concurrent_clients_are_isolated(server):
+    async with await connect(server) as a, await connect(server) as b:
+        ba = await a.alloc_buffer(64)
+        bb = await b.alloc_buffer(64)
+        await a.set_tensor(ba.tensor(GgmlType.I8, (64,)), b"a" * 64)
+        await b.set_tensor(bb.tensor(GgmlType.I8, (64,)), b"b" * 64)
+        assert await a.get_tensor(ba.tensor(GgmlType.I8, (64,)), 0, 64) == b"a" * 64
+        # b cannot reach a's buffer, even with a's exact handle and address:
+        with pytest.raises(ServerClosedConnection):
+            await b.get_tensor(ba.tensor(GgmlType.I8, (64,)), 0, 64)
+        assert await a.get_tensor(ba.tensor(GgmlType.I8, (64,)), 0, 64) == b"a" * 64
+
+
+async def test_a_stalled_upload_does_not_block_others(server):
+    async with await connect(server) as c:
+        buf = await c.alloc_buffer(1 << 20)
+        header = c._conn.send_set_tensor_header(buf.tensor(GgmlType.I8, (1 << 20,)), 0, 1 << 20)
+        await c._stream.send_all(header + b"x" * 1000)  # ...and then nothing more
+        with trio.fail_after(5):
+            async with await connect(server) as other:
+                assert await other.device_count() == 1
+
+
+# -- refusals: the connection is closed, the server carries on ---------------------------------
+
+async def assert_refused(server, payload: bytes, *, hello: bool = True):
+    stream = await open_raw(addr(server), hello=hello)
+    await stream.send_all(payload)
+    assert await server_closes(stream), "server kept the connection open"
+    await stream.aclose()
+    async with await connect(server) as c:  # everyone else is still served
+        assert await c.device_count() == 1
+
+
+async def test_refuses_command_before_hello(server):
+    await assert_refused(server, frame(Command.DEVICE_COUNT), hello=False)
+
+
+@pytest.mark.parametrize("size", [0, 23, 25])
+async def test_refuses_hello_of_other_sizes(server, size):
+    await assert_refused(server, frame(Command.HELLO, bytes(size)), hello=False)
+
+
+async def test_refuses_second_hello(server):
+    await assert_refused(server, HELLO)
+
+
+@pytest.mark.parametrize("cmd", [18, 19, 99, 255])
+async def test_refuses_unknown_commands(server, cmd):
+    await assert_refused(server, frame(cmd))
+
+
+@pytest.mark.parametrize("cmd", [c for c in Command if c not in (Command.SET_TENSOR,
+                                                                  Command.GRAPH_COMPUTE)])
+async def test_refuses_wrong_fixed_lengths(server, cmd):
+    size = m.REQUESTS[cmd].payload_size()
+    await assert_refused(server, frame(cmd, bytes(size + 1)))
+
+
+async def test_refuses_oversize_graph_before_reading_it(server):
+    await assert_refused(server, struct.pack("<BQ", Command.GRAPH_COMPUTE, 2**63))
+
+
+async def test_refuses_huge_set_tensor_from_its_header(server):
+    header = m.SetTensorRequest(RpcTensor(id=1, buffer=0x100, data=0)).encode_header()
+    await assert_refused(server, struct.pack("<BQ", Command.SET_TENSOR, 2**63) + header)
+
+
+async def test_refuses_dead_handles(server):
+    await assert_refused(server, frame(Command.BUFFER_GET_BASE, struct.pack("<Q", 0xDEAD)))
+    await assert_refused(server, frame(Command.FREE_BUFFER, struct.pack("<Q", 0)))
+    await assert_refused(server, frame(Command.BUFFER_CLEAR, struct.pack("<QB", 7, 0)))
+
+
+async def test_refuses_unknown_device(server):
+    await assert_refused(server, frame(Command.ALLOC_BUFFER, struct.pack("<IQ", 1, 16)))
+    await assert_refused(server, frame(Command.GET_DEVICE_MEMORY, struct.pack("<I", 2**32 - 1)))
+
+
+async def test_refuses_graph_compute_until_the_engine_exists(server):
+    req = m.GraphComputeRequest.from_tensors(0, [1], [RpcTensor(id=1)])
+    await assert_refused(server, frame(Command.GRAPH_COMPUTE, req.encode_payload()))
+    await assert_refused(server, frame(Command.GRAPH_RECOMPUTE, struct.pack("<I", 0)))
+
+
+async def test_refuses_truncated_message(server):
+    stream = await open_raw(addr(server))
+    await stream.send_all(frame(Command.ALLOC_BUFFER, bytes(12))[:15])
+    await stream.send_eof()
+    assert await server_closes(stream)
+
+
+async def placed_buffer(c):
+    buf = await c.alloc_buffer(1024)
+    return buf, buf.tensor(GgmlType.F32, (64,))  # 256 bytes at the start
+
+
+BAD_TENSORS = {
+    "removed type": dict(type=4),
+    "type out of range": dict(type=43),
+    "partial block": dict(type=GgmlType.Q4_0, ne=(33, 1, 1, 1), nb=(18, 18, 18, 18)),
+    "data before buffer": dict(data_delta=-32),
+    "data past buffer": dict(data_delta=1024 - 128),
+    "huge strides": dict(nb=(4, 2**32 - 1, 4, 4), ne=(64, 2, 1, 1)),
+    "dead buffer": dict(buffer=0x9999),
+    "null buffer": dict(buffer=0),
+}
+
+
+def corrupt(t: RpcTensor, how: dict) -> RpcTensor:
+    fields = {k: v for k, v in how.items() if k != "data_delta"}
+    data = t.data + how.get("data_delta", 0)
+    return RpcTensor(**{**{f: getattr(t, f) for f in t.__dataclass_fields__}, **fields, "data": data})
+
+
+@pytest.mark.parametrize("how", BAD_TENSORS, ids=list(BAD_TENSORS))
+@pytest.mark.parametrize("command", ["set", "get", "memset", "hash", "copy_src", "copy_dst"])
+async def test_refuses_bad_tensors(cached_server, how, command):
+    async with await connect(cached_server) as c:
+        buf, good = await placed_buffer(c)
+        bad = corrupt(good, BAD_TENSORS[how])
+        with pytest.raises(ServerClosedConnection):
+            if command == "set":
+                await c.set_tensor(bad, b"abcd")
+            elif command == "get":
+                await c.get_tensor(bad, 0, 4)
+            elif command == "memset":
+                await c.memset_tensor(bad, 0, 4, 1)
+            elif command == "hash":
+                await c.set_tensor_hash(bad, 0x1234)
+            elif command == "copy_src":
+                await c.copy_tensor(bad, good)
+            else:
+                await c.copy_tensor(good, bad)
+            await c.ping()
+    async with await connect(cached_server) as c:
+        assert await c.device_count() == 1
+
+
+@pytest.mark.parametrize("offset,size", [(0, 257), (256, 1), (255, 2), (2**64 - 1, 2), (4, 2**63)])
+@pytest.mark.parametrize("command", ["set", "get", "memset"])
+async def test_refuses_regions_outside_the_tensor(server, offset, size, command):
+    async with await connect(server) as c:
+        buf, t = await placed_buffer(c)  # 256-byte tensor in a 1024-byte buffer
+        with pytest.raises(ServerClosedConnection):
+            if command == "set":
+                await c._send(c._conn.send_set_tensor_header(t, offset, size), b"x" * min(size, 300))
+            elif command == "get":
+                await c.get_tensor(t, offset, size, out=None) if size < 4096 else \
+                    await c._call(m.GetTensorRequest(t, offset, size))
+            else:
+                await c.memset_tensor(t, offset, size, 0)
+            await c.ping()
+
+
+async def test_copy_into_too_small_a_buffer_is_refused(server):
+    async with await connect(server) as c:
+        big = await c.alloc_buffer(1024)
+        small = await c.alloc_buffer(64)
+        src = big.tensor(GgmlType.I8, (1024,))
+        dst = small.tensor(GgmlType.I8, (32,), offset=32)
+        with pytest.raises(ServerClosedConnection):
+            await c.copy_tensor(src, dst)
+
+
+async def test_get_alloc_size_refusals(server):
+    async with await connect(server) as c:
+        with pytest.raises(ServerClosedConnection):
+            await c.get_alloc_size(RpcTensor())  # no tensor
+    async with await connect(server) as c:
+        bad_src = RpcTensor(id=3, type=99)
+        with pytest.raises(ServerClosedConnection):
+            await c.get_alloc_size(RpcTensor(id=1), srcs=[bad_src])
+
+
+# -- the hash cache ------------------------------------------------------------------------------
+
+async def test_hash_cache_miss_then_hit(cached_server, tmp_path):
+    data = np.random.default_rng(3).integers(0, 255, 3 << 20, dtype=np.uint8)
+    digest = fnv1a_64(data)
+    async with await connect(cached_server) as c:
+        buf = await c.alloc_buffer(4 << 20)
+        t = buf.tensor(GgmlType.I8, (4 << 20,))
+        assert await c.upload(t, data, offset=1000) is False  # miss: data sent with the flag
+        await c.ping()  # SET_TENSOR has no reply: make sure the server has processed it
+        assert (tmp_path / "cache" / f"{digest:016x}").read_bytes() == data.tobytes()
+    async with await connect(cached_server) as c:
+        buf = await c.alloc_buffer(4 << 20)
+        t = buf.tensor(GgmlType.I8, (4 << 20,))
+        assert await c.set_tensor_hash(t, digest, offset=1000) is True
+        assert await c.get_tensor(t, 1000, data.nbytes) == data.tobytes()
+        assert await c.set_tensor_hash(t, digest ^ 1) is False
+
+
+async def test_unflagged_uploads_are_not_cached(cached_server, tmp_path):
+    async with await connect(cached_server) as c:
+        buf = await c.alloc_buffer(1 << 20)
+        await c.set_tensor(buf.tensor(GgmlType.I8, (1 << 20,)), b"z" * (1 << 20))
+        await c.ping()
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+async def test_damaged_cache_entry_is_a_miss(cached_server, tmp_path):
+    data = b"weights!" * 1000
+    digest = fnv1a_64(data)
+    (tmp_path / "cache" / f"{digest:016x}").write_bytes(b"planted!" * 1000)
+    async with await connect(cached_server) as c:
+        buf = await c.alloc_buffer(len(data))
+        t = buf.tensor(GgmlType.I8, (len(data),))
+        assert await c.set_tensor_hash(t, digest) is False
+    assert not (tmp_path / "cache" / f"{digest:016x}").exists()
+
+
+async def test_cached_entry_too_large_for_the_tensor_is_refused(cached_server, tmp_path):
+    data = b"q" * 5000
+    HashCache(tmp_path / "cache").store(memoryview(data))
+    async with await connect(cached_server) as c:
+        buf = await c.alloc_buffer(8192)
+        t = buf.tensor(GgmlType.I8, (4096,))
+        with pytest.raises(ServerClosedConnection):
+            await c.set_tensor_hash(t, fnv1a_64(data))
+
+
+async def test_server_without_cache_always_misses(server):
+    async with await connect(server) as c:
+        buf = await c.alloc_buffer(64)
+        assert await c.set_tensor_hash(buf.tensor(GgmlType.I8, (64,)), 123) is False
