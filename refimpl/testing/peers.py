@@ -27,7 +27,7 @@ DEFAULT_VERSION = "0.3.36"
 
 #: Programs every test run needs.
 TARGETS = ("ggml-rpc-server", "llama-completion", "llama-perplexity", "llama-tokenize",
-           "test-backend-ops")
+           "llama-quantize", "test-backend-ops")
 
 
 class PeerUnavailable(Exception):

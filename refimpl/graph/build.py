@@ -1,0 +1,202 @@
+"""Rebuild a GRAPH_COMPUTE payload into checked nodes (spec/graph.md, "Checks").
+
+Nothing here recurses: references are resolved through a dictionary in two flat passes, so a
+graph of any depth costs the same stack.  Every tensor with a buffer is placed (its bytes lie
+inside a live buffer of this connection and of the graph's device) before any op looks at it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..protocol.constants import MAX_SRC
+from ..protocol.ggml_types import type_traits
+from ..protocol.messages import GraphComputeRequest
+from ..protocol.tensor import tensor_nbytes, tensor_problem
+from ..server.buffers import BufferTable, Rejected, RemoteBuffer
+from .ops import FUNCTION_POINTER_OPS, OP_COUNT, VIEW_OPS, op_name
+
+
+class GraphInvalid(Rejected):
+    """A graph the server refuses to run (invalid, or outside what it implements)."""
+
+
+@dataclass
+class GraphLimits:
+    """Bounds on what one GRAPH_COMPUTE may ask for."""
+
+    max_nodes: int = 1 << 18
+    max_tensors: int = 1 << 20
+
+
+@dataclass(eq=False)
+class Node:
+    """One tensor of a graph, with its references resolved and its bytes located."""
+
+    id: int
+    op: int
+    type: int
+    ne: tuple
+    nb: tuple
+    op_params: np.ndarray  # int32[16]
+    flags: int
+    name: str
+    buffer: RemoteBuffer | None
+    offset: int            # byte offset of element 0 inside ``buffer`` (0 without a buffer)
+    nbytes: int
+    view_offs: int
+    src_ids: tuple
+    view_src_id: int
+    src: list = field(default_factory=list)   # Node | None, MAX_SRC entries
+    view_src: "Node | None" = None
+    order: int = -1        # position in the node list; -1 for inputs
+
+    @property
+    def is_node(self) -> bool:
+        """True when the graph computes this tensor; False for inputs (leaves)."""
+        return self.order >= 0
+
+    @property
+    def traits(self):
+        """Type geometry (block size, bytes per block)."""
+        return type_traits(self.type)
+
+    @property
+    def nelements(self) -> int:
+        """Number of elements."""
+        return self.ne[0] * self.ne[1] * self.ne[2] * self.ne[3]
+
+    def param_i32(self, i: int) -> int:
+        """``op_params[i]`` as a signed 32-bit integer."""
+        return int(self.op_params[i])
+
+    def param_f32(self, i: int) -> float:
+        """``op_params[i]`` reinterpreted as a 32-bit float (how ggml stores float params)."""
+        return float(self.op_params[i:i + 1].view(np.float32)[0])
+
+    def describe(self) -> str:
+        """Short text for log lines."""
+        return f"{op_name(self.op)} '{self.name}' ({self.traits.name if self.traits else self.type}, ne={list(self.ne)})"
+
+
+@dataclass
+class Graph:
+    """A rebuilt graph: nodes in execution order, every tensor by id."""
+
+    device: int
+    nodes: list[Node]
+    tensors: dict[int, Node]
+
+
+def build_graph(req: GraphComputeRequest, buffers: BufferTable,
+                limits: GraphLimits = GraphLimits()) -> Graph:
+    """Decode, resolve and place a graph; raises GraphInvalid on anything wrong."""
+    n_nodes, n_tensors = len(req.nodes), len(req.tensors)
+    if n_nodes == 0:
+        raise GraphInvalid("graph has no nodes")
+    if n_nodes > limits.max_nodes or n_tensors > limits.max_tensors:
+        raise GraphInvalid(f"graph of {n_nodes} nodes and {n_tensors} tensors exceeds the limits "
+                           f"({limits.max_nodes} nodes, {limits.max_tensors} tensors)")
+    rec = req.tensors
+    ids = rec["id"]
+    if np.any(ids == 0):
+        raise GraphInvalid("a graph tensor has id 0")
+    if len(np.unique(ids)) != n_tensors:
+        raise GraphInvalid("two graph tensors share one id")
+
+    tensors: dict[int, Node] = {}
+    for i in range(n_tensors):
+        node = _make_node(rec[i], buffers, req.device)
+        tensors[node.id] = node
+
+    # Second pass: link references (no recursion, whatever the depth).
+    for node in tensors.values():
+        links = []
+        for s in node.src_ids:
+            if s == 0:
+                links.append(None)
+                continue
+            target = tensors.get(s)
+            if target is None:
+                raise GraphInvalid(f"tensor '{node.name}' names source id {s:#x}, which the graph "
+                                   f"does not contain")
+            links.append(target)
+        node.src = links
+        if node.view_src_id:
+            node.view_src = tensors.get(node.view_src_id)
+            if node.view_src is None:
+                raise GraphInvalid(f"tensor '{node.name}' is a view of id {node.view_src_id:#x}, "
+                                   f"which the graph does not contain")
+
+    nodes: list[Node] = []
+    for position, nid in enumerate(req.nodes.tolist()):
+        node = tensors.get(nid)
+        if node is None:
+            raise GraphInvalid(f"graph node {position} (id {nid:#x}) is not among the tensors")
+        if node.is_node:
+            raise GraphInvalid(f"tensor '{node.name}' appears twice in the node list")
+        node.order = position
+        nodes.append(node)
+
+    for node in nodes:
+        _check_node_references(node)
+    return Graph(req.device, nodes, tensors)
+
+
+def _make_node(r, buffers: BufferTable, device: int) -> Node:
+    type_ = int(r["type"])
+    ne = tuple(int(x) for x in r["ne"])
+    nb = tuple(int(x) for x in r["nb"])
+    name = bytes(r["name"]).split(b"\0", 1)[0].decode("utf-8", "replace")
+    from ..protocol.tensor import RpcTensor  # local: only for the stateless check's signature
+    problem = tensor_problem(RpcTensor(type=type_, ne=ne))
+    if problem:
+        raise GraphInvalid(f"graph tensor '{name}': {problem}")
+    nbytes = tensor_nbytes(type_, ne, nb)
+    handle, data = int(r["buffer"]), int(r["data"])
+    buf, offset = None, 0
+    if handle:
+        try:
+            buf = buffers.get(handle)
+        except Rejected as exc:
+            raise GraphInvalid(f"graph tensor '{name}': {exc}") from None
+        if buf.device_index != device:
+            raise GraphInvalid(f"graph tensor '{name}' lives on device {buf.device_index}, the "
+                               f"graph runs on device {device}")
+        if data < buf.base or data + nbytes > buf.end:
+            raise GraphInvalid(f"graph tensor '{name}' spans [{data:#x}, {data + nbytes:#x}) outside "
+                               f"its buffer [{buf.base:#x}, {buf.end:#x})")
+        offset = data - buf.base
+    elif data:
+        raise GraphInvalid(f"graph tensor '{name}' has a data address ({data:#x}) but no buffer")
+    op = int(r["op"])
+    return Node(id=int(r["id"]), op=op, type=type_, ne=ne, nb=nb,
+                op_params=np.array(r["op_params"], dtype=np.int32), flags=int(r["flags"]),
+                name=name, buffer=buf, offset=offset, nbytes=nbytes,
+                view_offs=int(r["view_offs"]), src_ids=tuple(int(s) for s in r["src"][:MAX_SRC]),
+                view_src_id=int(r["view_src"]))
+
+
+def _check_node_references(node: Node) -> None:
+    if node.op >= OP_COUNT:
+        raise GraphInvalid(f"node '{node.name}' has unknown op {node.op}")
+    if node.op in FUNCTION_POINTER_OPS:
+        raise GraphInvalid(f"node '{node.name}' is {op_name(node.op)}, an op that carries a "
+                           f"function pointer of the client; such ops are never run")
+    if node.buffer is None:
+        raise GraphInvalid(f"node {node.describe()} has no buffer to hold its result")
+    for s in [*node.src, node.view_src]:
+        if s is None:
+            continue
+        if s is node:
+            raise GraphInvalid(f"node '{node.name}' uses itself as a source")
+        if s.is_node and s.order >= node.order:
+            raise GraphInvalid(f"node '{node.name}' uses '{s.name}', which is computed later "
+                               f"(a cycle or a misordered graph)")
+    if node.op not in VIEW_OPS:
+        for i, s in enumerate(node.src):
+            if s is not None and s.buffer is None:
+                raise GraphInvalid(f"node '{node.name}' reads src[{i}] '{s.name}', which has no "
+                                   f"buffer on this server")

@@ -1,0 +1,110 @@
+"""GRAPH_COMPUTE and GRAPH_RECOMPUTE: build, validate and bind a whole graph, then run it
+(spec/graph.md).
+
+A graph is refused whole or run whole: every node is validated and bound to a kernel before
+the first kernel runs.  The last graph run on each device is kept for GRAPH_RECOMPUTE until
+the connection frees a buffer or ends.  Kernels of one device run one graph at a time (a
+device lock): the CPU has no spare cores to give a second graph, and it keeps numba's thread
+pool to one user.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from ..devices import Device
+from ..protocol.messages import GraphComputeRequest
+from .build import Graph, GraphInvalid, GraphLimits, build_graph
+from .ops import VIEW_OPS, op_name
+from .registry import Runner, bind_node
+
+log = logging.getLogger("refimpl.graph")
+cmdlog = logging.getLogger("refimpl.server.commands")
+
+_device_locks: dict[int, threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def _lock_for(device: Device) -> threading.Lock:
+    with _locks_guard:
+        return _device_locks.setdefault(id(device), threading.Lock())
+
+
+@dataclass
+class Plan:
+    """A bound graph: one runner per node that does work, in execution order."""
+
+    graph: Graph
+    steps: list[tuple[object, Runner]]
+
+    def run(self) -> None:
+        """Run every step; a runner raising GraphInvalid (bad data at run time) stops it."""
+        for node, runner in self.steps:
+            runner()
+
+
+def compile_graph(graph: Graph, device: Device) -> Plan:
+    """Validate and bind every node (nothing runs here)."""
+    kind = getattr(device, "kind", "cpu")
+    steps = []
+    for node in graph.nodes:
+        runner = bind_node(node, kind)
+        if runner is not None:
+            steps.append((node, runner))
+        elif node.op not in VIEW_OPS:
+            raise GraphInvalid(f"node {node.describe()} was bound to nothing")
+    return Plan(graph, steps)
+
+
+class GraphExecutor:
+    """Per-connection graph state: the stored plan of each device."""
+
+    def __init__(self, devices: list[Device], limits: GraphLimits = GraphLimits()):
+        self.devices = devices
+        self.limits = limits
+        self._stored: dict[int, Plan] = {}
+
+    def forget(self) -> None:
+        """Drop stored graphs (a buffer they may use was freed, or the connection ended)."""
+        self._stored.clear()
+
+    def compute(self, session, req: GraphComputeRequest) -> None:
+        """GRAPH_COMPUTE: build, validate, bind, run, store."""
+        self._stored.pop(req.device, None)
+        t0 = time.perf_counter()
+        graph = build_graph(req, session.buffers, self.limits)
+        device = self.devices[req.device]
+        plan = compile_graph(graph, device)
+        t1 = time.perf_counter()
+        self._run(plan, device)
+        self._stored[req.device] = plan
+        cmdlog.debug("graph_compute device=%d nodes=%d tensors=%d kernels=%d build=%.1fms "
+                     "run=%.1fms", req.device, len(graph.nodes), len(graph.tensors),
+                     len(plan.steps), (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3)
+
+    def recompute(self, session, device_index: int) -> None:
+        """GRAPH_RECOMPUTE: run the stored plan again."""
+        plan = self._stored.get(device_index)
+        if plan is None:
+            raise GraphInvalid(f"GRAPH_RECOMPUTE on device {device_index} without a stored graph")
+        t0 = time.perf_counter()
+        self._run(plan, self.devices[device_index])
+        cmdlog.debug("graph_recompute device=%d kernels=%d run=%.1fms", device_index,
+                     len(plan.steps), (time.perf_counter() - t0) * 1e3)
+
+    def _run(self, plan: Plan, device: Device) -> None:
+        with _lock_for(device):
+            try:
+                plan.run()
+            except GraphInvalid:
+                self._stored.pop(plan.graph.device, None)
+                raise
+
+
+def supported_op_names() -> list[str]:
+    """Names of the ops with an implementation (for docs and banners)."""
+    from .registry import registered_ops
+    return [op_name(o) for o in registered_ops()]

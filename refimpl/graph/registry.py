@@ -1,0 +1,78 @@
+"""Which ops the server can run, on which device, with which types (spec/graph-ops.md).
+
+An op implementation validates a node (device-independent: types, shapes, strides, op
+parameters, exactly what the ggml constructor of that op would accept and the kernel needs)
+and binds it to a kernel of one device.  Binding happens for every node before any kernel
+runs, so a graph with anything unsupported is refused whole, never computed half.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from .build import GraphInvalid, Node
+from .ops import Op, op_name
+
+#: A bound kernel: runs one node on data already in place.
+Runner = Callable[[], None]
+
+
+class OpImpl:
+    """Base class of op implementations; subclasses set ``ops`` and override the hooks."""
+
+    #: The op numbers this implementation handles.
+    ops: tuple = ()
+
+    def check(self, node: Node) -> None:
+        """Raise GraphInvalid unless the node is a valid instance of the op (any device)."""
+
+    def bind(self, node: Node, device_kind: str) -> Runner | None:
+        """A runner for ``node`` on a device of kind ``device_kind``; None when this device
+        has no kernel for the node's types or parameters."""
+        raise NotImplementedError
+
+
+_REGISTRY: dict[int, OpImpl] = {}
+
+
+def register(impl_cls):
+    """Class decorator: register an OpImpl subclass for each op in its ``ops``."""
+    impl = impl_cls()
+    for op in impl.ops:
+        if op in _REGISTRY:
+            raise RuntimeError(f"op {op_name(op)} registered twice")
+        _REGISTRY[op] = impl
+    return impl_cls
+
+
+def implementation(op: int) -> OpImpl | None:
+    """The registered implementation of ``op``, if any."""
+    return _REGISTRY.get(op)
+
+
+def registered_ops() -> list[Op]:
+    """Every op with an implementation."""
+    return sorted(Op(o) for o in _REGISTRY)
+
+
+def bind_node(node: Node, device_kind: str) -> Runner | None:
+    """Validate ``node`` and bind it; returns None for nodes that need no work (views)."""
+    impl = _REGISTRY.get(node.op)
+    if impl is None:
+        raise GraphInvalid(f"node {node.describe()}: op {op_name(node.op)} is not implemented "
+                           f"by this server")
+    impl.check(node)
+    runner = impl.bind(node, device_kind)
+    if runner is None and not getattr(impl, "no_work", False):
+        raise GraphInvalid(f"node {node.describe()}: no {device_kind} kernel for this type "
+                           f"combination ({describe_types(node)})")
+    return runner
+
+
+def describe_types(node: Node) -> str:
+    """``dst=f32 src0=q4_0 src1=f32`` for messages."""
+    parts = [f"dst={node.traits.name}"]
+    for i, s in enumerate(node.src):
+        if s is not None:
+            parts.append(f"src{i}={s.traits.name}")
+    return " ".join(parts)

@@ -1,0 +1,86 @@
+"""Typed numpy views of graph tensors in CPU memory, and float conversions at the edges.
+
+Numba has no half-precision type on the CPU, so kernels compute in float32: F16 and BF16
+tensors are converted when loaded (:func:`load_f32`) and when stored (:func:`store_f32`),
+with ggml's rounding (round-to-nearest-even for both).  Quantised tensors are seen as rows of
+raw bytes (:func:`rows_u8`).  Views are built with numpy's bounds-checked constructor over
+the buffer, on top of the placement check already made: a view can never reach outside its
+buffer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..graph.build import Node
+from ..protocol.ggml_types import GgmlType
+
+_NUMPY_TYPES = {
+    GgmlType.F32: np.float32, GgmlType.F16: np.float16, GgmlType.BF16: np.uint16,
+    GgmlType.I8: np.int8, GgmlType.I16: np.int16, GgmlType.I32: np.int32,
+    GgmlType.I64: np.int64, GgmlType.F64: np.float64,
+}
+
+
+def view(node: Node, dtype=None) -> np.ndarray:
+    """The tensor as a 4-D numpy array in ggml order reversed: shape (ne3, ne2, ne1, ne0).
+
+    ``dtype`` defaults to the tensor's own element type (BF16 appears as uint16 bits).
+    """
+    dt = np.dtype(dtype or _NUMPY_TYPES[node.type])
+    ne, nb = node.ne, node.nb
+    return np.ndarray((ne[3], ne[2], ne[1], ne[0]), dtype=dt, buffer=node.buffer.memory.array,
+                      offset=node.offset, strides=(nb[3], nb[2], nb[1], nb[0]))
+
+
+def rows_u8(node: Node) -> np.ndarray:
+    """The tensor as raw row bytes: shape (ne3, ne2, ne1, row_bytes)."""
+    tr = node.traits
+    ne, nb = node.ne, node.nb
+    row_bytes = ne[0] // tr.block_size * tr.type_size
+    return np.ndarray((ne[3], ne[2], ne[1], row_bytes), dtype=np.uint8,
+                      buffer=node.buffer.memory.array, offset=node.offset,
+                      strides=(nb[3], nb[2], nb[1], 1))
+
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    """BF16 bit patterns to float32 (exact)."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 to BF16 bit patterns, rounding to nearest even as ggml does (NaNs stay NaN)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    return np.where(nan, ((u >> 16) | 64).astype(np.uint16), rounded)
+
+
+def load_f32(node: Node) -> np.ndarray:
+    """The tensor's values as float32 (a view for F32 tensors, a converted copy otherwise)."""
+    if node.type == GgmlType.F32:
+        return view(node)
+    if node.type == GgmlType.F16:
+        return view(node).astype(np.float32)
+    if node.type == GgmlType.BF16:
+        return bf16_to_f32(view(node))
+    return view(node).astype(np.float32)
+
+
+def store_f32(node: Node, values: np.ndarray) -> None:
+    """Write float32 ``values`` (shape (ne3, ne2, ne1, ne0)) into the tensor, converting."""
+    dst = view(node)
+    if node.type == GgmlType.BF16:
+        dst[...] = f32_to_bf16(values).reshape(dst.shape)
+    else:
+        dst[...] = values
+
+
+def round_to(values: np.ndarray, type_: int) -> np.ndarray:
+    """``values`` rounded to the precision of ``type_`` and back to float32 (for emulating
+    what ggml's CPU backend does when it converts an operand)."""
+    if type_ == GgmlType.F16:
+        return values.astype(np.float16).astype(np.float32)
+    if type_ == GgmlType.BF16:
+        return bf16_to_f32(f32_to_bf16(values).reshape(values.shape))
+    return values

@@ -1,0 +1,129 @@
+"""Small random llama-architecture GGUF models for end-to-end tests.
+
+Weights are random (seeded), so a model's text is gibberish, but deterministic gibberish that
+any two correct implementations agree on.  The vocabulary holds printable pieces only, so
+outputs compare as text.  Quantised variants are made with the peer's own ``llama-quantize``
+(the same code users run), never by hand.
+
+    from refimpl.testing.models import LlamaSpec, write_llama_gguf
+    path = write_llama_gguf(tmp_path / "m.gguf", LlamaSpec(n_layer=2, n_head=4, n_head_kv=2))
+"""
+
+from __future__ import annotations
+
+import string
+import subprocess
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+#: ``llama-quantize`` type names for the formats the tests use.
+QUANT_NAMES = {"q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1": "Q5_1",
+               "q4_k": "Q4_K_S", "q6_k": "Q6_K", "bf16": "BF16", "f16": "F16"}
+
+
+@dataclass(frozen=True)
+class LlamaSpec:
+    """Hyper-parameters of a tiny llama model."""
+
+    n_embd: int = 64
+    n_layer: int = 2
+    n_head: int = 4
+    n_head_kv: int = 2
+    n_ff: int = 128
+    n_ctx_train: int = 512
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-5
+    seed: int = 0
+    weight_scale: float = 1.0  # multiplies the 1/sqrt(fan_in) initialisation
+
+    @property
+    def head_dim(self) -> int:
+        """Size of one attention head."""
+        return self.n_embd // self.n_head
+
+    def named(self, **kw) -> "LlamaSpec":
+        """A copy with some fields changed."""
+        return replace(self, **kw)
+
+
+def vocabulary() -> list[str]:
+    """The pieces: control tokens, then printable single characters and frequent pairs."""
+    specials = ["<unk>", "<s>", "</s>"]
+    chars = list(string.ascii_lowercase + string.ascii_uppercase + string.digits + ".,;:!?'-")
+    spaced = ["\u2581" + c for c in string.ascii_lowercase] + ["\u2581"]
+    pairs = ["th", "he", "in", "er", "an", "re", "on", "at", "en", "nd", "ti", "es", "or",
+             "te", "of", "ed", "is", "it", "al", "ar", "st", "to", "nt", "ng"]
+    return specials + chars + spaced + ["\u2581" + p for p in pairs] + pairs
+
+
+def write_llama_gguf(path: Path, spec: LlamaSpec = LlamaSpec()) -> Path:
+    """Write an F32 llama model with random weights to ``path``."""
+    import gguf  # imported here: only model-writing tests need it
+
+    path = Path(path)
+    rng = np.random.default_rng(spec.seed)
+    vocab = vocabulary()
+    n_vocab = len(vocab)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name(f"refimpl-test-{spec.n_layer}L-{spec.n_embd}d")
+    w.add_context_length(spec.n_ctx_train)
+    w.add_embedding_length(spec.n_embd)
+    w.add_block_count(spec.n_layer)
+    w.add_feed_forward_length(spec.n_ff)
+    w.add_head_count(spec.n_head)
+    w.add_head_count_kv(spec.n_head_kv)
+    w.add_rope_dimension_count(spec.head_dim)
+    w.add_rope_freq_base(spec.rope_theta)
+    w.add_layer_norm_rms_eps(spec.rms_eps)
+    w.add_vocab_size(n_vocab)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(vocab)
+    w.add_token_scores([0.0] * 3 + [-float(i) / n_vocab - len(p) * 0.0 for i, p in enumerate(vocab[3:])])
+    w.add_token_types([gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+                      + [gguf.TokenType.NORMAL] * (n_vocab - 3))
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+
+    def mat(rows: int, cols: int) -> np.ndarray:  # numpy (rows, cols) = ggml ne (cols, rows)
+        return (rng.standard_normal((rows, cols)) * spec.weight_scale / np.sqrt(cols)).astype(np.float32)
+
+    def norm(n: int) -> np.ndarray:
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    e, kv = spec.n_embd, spec.n_head_kv * spec.head_dim
+    w.add_tensor("token_embd.weight", rng.standard_normal((n_vocab, e)).astype(np.float32))
+    for i in range(spec.n_layer):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", norm(e))
+        w.add_tensor(f"blk.{i}.attn_q.weight", mat(e, e))
+        w.add_tensor(f"blk.{i}.attn_k.weight", mat(kv, e))
+        w.add_tensor(f"blk.{i}.attn_v.weight", mat(kv, e))
+        w.add_tensor(f"blk.{i}.attn_output.weight", mat(e, e))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", norm(e))
+        w.add_tensor(f"blk.{i}.ffn_gate.weight", mat(spec.n_ff, e))
+        w.add_tensor(f"blk.{i}.ffn_up.weight", mat(spec.n_ff, e))
+        w.add_tensor(f"blk.{i}.ffn_down.weight", mat(e, spec.n_ff))
+    w.add_tensor("output_norm.weight", norm(e))
+    w.add_tensor("output.weight", mat(n_vocab, e) * 4.0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def quantize(src: Path, dst: Path, kind: str, peer_bin: Path) -> Path:
+    """Convert ``src`` with the peer's ``llama-quantize`` to ``kind`` (a key of QUANT_NAMES)."""
+    from .peers import peer_env
+
+    proc = subprocess.run([str(Path(peer_bin) / "llama-quantize"), "--allow-requantize",
+                           str(src), str(dst), QUANT_NAMES[kind]],
+                          capture_output=True, text=True, env=peer_env(Path(peer_bin)))
+    if proc.returncode != 0:
+        raise RuntimeError(f"llama-quantize {kind} failed:\n{proc.stdout}\n{proc.stderr}")
+    return Path(dst)
