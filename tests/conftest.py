@@ -49,7 +49,9 @@ def any_server(request, tmp_path):
 
 def make_config(**kw) -> ServerConfig:
     """A ServerConfig for in-process tests: one CPU device, port 0."""
+    from refimpl.graph import make_executor
     devices = kw.pop("devices", None) or [CpuDevice(capacity=kw.pop("capacity", 256 << 20))]
+    kw.setdefault("graph_executor_factory", make_executor)
     return ServerConfig(devices=devices, host="127.0.0.1", port=0, **kw)
 
 

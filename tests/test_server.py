@@ -237,8 +237,8 @@ async def test_refuses_unknown_device(server):
     await assert_refused(server, frame(Command.GET_DEVICE_MEMORY, struct.pack("<I", 2**32 - 1)))
 
 
-async def test_refuses_graph_compute_until_the_engine_exists(server):
-    req = m.GraphComputeRequest.from_tensors(0, [1], [RpcTensor(id=1)])
+async def test_refuses_invalid_graphs_and_recompute_without_graph(server):
+    req = m.GraphComputeRequest.from_tensors(0, [1], [RpcTensor(id=1)])  # node without buffer
     await assert_refused(server, frame(Command.GRAPH_COMPUTE, req.encode_payload()))
     await assert_refused(server, frame(Command.GRAPH_RECOMPUTE, struct.pack("<I", 0)))
 

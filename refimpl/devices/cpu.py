@@ -86,8 +86,12 @@ class CpuDevice(Device):
         self.explicit_capacity = capacity is not None
         super().__init__(capacity if capacity is not None else total)
         self.name = "CPU"
+        self.kind = "cpu"
         self.description = cpu_model_name()
         self.threads = threads
+        if threads is not None:
+            import numba
+            numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
 
     def memory(self):
         """Free is what is neither reserved by buffers nor taken by the rest of the machine."""

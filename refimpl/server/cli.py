@@ -126,7 +126,9 @@ def make_config(args) -> tuple[ServerConfig, object]:
     if args.cache:
         cache_dir = default_cache_dir()
         cache = HashCache(cache_dir)
-    return ServerConfig(devices=devices, host=args.host, port=args.port, cache=cache), cache_dir
+    from ..graph import make_executor
+    return ServerConfig(devices=devices, host=args.host, port=args.port, cache=cache,
+                        graph_executor_factory=make_executor), cache_dir
 
 
 def main(argv=None) -> int:
