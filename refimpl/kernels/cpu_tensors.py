@@ -70,17 +70,19 @@ def load_f32(node: Node) -> np.ndarray:
 def store_f32(node: Node, values: np.ndarray) -> None:
     """Write float32 ``values`` (shape (ne3, ne2, ne1, ne0)) into the tensor, converting."""
     dst = view(node)
-    if node.type == GgmlType.BF16:
-        dst[...] = f32_to_bf16(values).reshape(dst.shape)
-    else:
-        dst[...] = values
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf is the right result
+        if node.type == GgmlType.BF16:
+            dst[...] = f32_to_bf16(values).reshape(dst.shape)
+        else:
+            dst[...] = values
 
 
 def round_to(values: np.ndarray, type_: int) -> np.ndarray:
     """``values`` rounded to the precision of ``type_`` and back to float32 (for emulating
     what ggml's CPU backend does when it converts an operand)."""
     if type_ == GgmlType.F16:
-        return values.astype(np.float16).astype(np.float32)
+        with np.errstate(over="ignore"):
+            return values.astype(np.float16).astype(np.float32)
     if type_ == GgmlType.BF16:
         return bf16_to_f32(f32_to_bf16(values).reshape(values.shape))
     return values

@@ -1,0 +1,345 @@
+"""UNARY, GLU and SCALE: elementwise activations (spec/ops/unary.md).
+
+Everything is computed in float32, like ggml's CPU backend, including its one shortcut:
+GELU and GELU_QUICK (alone or as the gate of GEGLU and GEGLU_QUICK) are looked up in a table
+indexed by the input rounded to F16, which also rounds the result to F16.  Rounding input and
+output to half precision reproduces the table exactly (:func:`.numeric.round_f16`).  For
+BF16 tensors ggml evaluates the exact formula, and so do we.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from ..graph.build import Node
+from ..graph.checks import (FLOAT_TYPES, elementwise_strides, no_src_beyond, require,
+                            same_shape, src, type_in)
+from ..graph.ops import GluOp, Op, UnaryOp
+from ..graph.registry import OpImpl, register
+from ..protocol.ggml_types import GgmlType
+from .cpu_tensors import load_f32, store_f32, view
+from .numeric import round_f16
+
+_SQRT_2_OVER_PI = 0.79788456080286535587989211986876
+_GELU_COEF_A = 0.044715
+_GELU_QUICK_COEF = -1.702
+_SQRT_2_INV = 0.70710678118654752440084436210484
+
+
+@njit(cache=True, inline="always")
+def _gelu(x):
+    return np.float32(0.5) * x * (np.float32(1.0) + math.tanh(
+        np.float32(_SQRT_2_OVER_PI) * x * (np.float32(1.0) + np.float32(_GELU_COEF_A) * x * x)))
+
+
+@njit(cache=True, inline="always")
+def _gelu_quick(x):
+    return x * (np.float32(1.0) / (np.float32(1.0) + math.exp(np.float32(_GELU_QUICK_COEF) * x)))
+
+
+@njit(cache=True, inline="always")
+def activation(code, x, table, p0, p1, p2, p3):
+    """One unary op (``UnaryOp`` code) on a float32 value.  ``table`` selects ggml's F16
+    lookup-table behaviour for GELU/GELU_QUICK; p0..p3 are XIELU's parameters."""
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    if code == 0:    # ABS
+        return abs(x)
+    if code == 1:    # SGN
+        return one if x > zero else (-one if x < zero else zero)
+    if code == 2:    # NEG
+        return -x
+    if code == 3:    # STEP
+        return one if x > zero else zero
+    if code == 4:    # TANH
+        return math.tanh(x)
+    if code == 5:    # ELU
+        return x if x > zero else np.float32(math.expm1(x))
+    if code == 6:    # RELU
+        return x if x > zero else zero
+    if code == 7:    # SIGMOID
+        return one / (one + math.exp(-x))
+    if code == 8:    # GELU
+        if table:
+            if x <= np.float32(-10.0):
+                return zero
+            if x >= np.float32(10.0):
+                return x
+            return round_f16(_gelu(round_f16(x)))
+        return _gelu(x)
+    if code == 9:    # GELU_QUICK
+        if table:
+            return round_f16(_gelu_quick(round_f16(x)))
+        return _gelu_quick(x)
+    if code == 10:   # SILU
+        return x / (one + math.exp(-x))
+    if code == 11:   # HARDSWISH
+        return x * min(one, max(zero, (x + np.float32(3.0)) / np.float32(6.0)))
+    if code == 12:   # HARDSIGMOID
+        return min(one, max(zero, (x + np.float32(3.0)) / np.float32(6.0)))
+    if code == 13:   # EXP
+        return math.exp(x)
+    if code == 14:   # EXPM1 (ggml computes exp(x) - 1)
+        return math.exp(x) - one
+    if code == 15:   # SOFTPLUS
+        return x if x > np.float32(20.0) else math.log(one + math.exp(x))
+    if code == 16:   # GELU_ERF
+        return np.float32(0.5) * x * (one + math.erf(x * np.float32(_SQRT_2_INV)))
+    if code == 17:   # XIELU: p0=alpha_n, p1=alpha_p, p2=beta, p3=eps
+        if x > zero:
+            return p1 * x * x + p2 * x
+        return (np.float32(math.expm1(min(x, p3))) - x) * p0 + p2 * x
+    if code == 18:   # FLOOR
+        return math.floor(x)
+    if code == 19:   # CEIL
+        return math.ceil(x)
+    if code == 20:   # ROUND: half away from zero, like C's roundf
+        return math.copysign(math.floor(abs(x) + np.float32(0.5)), x)
+    return math.trunc(x)  # 21 TRUNC
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def unary_f32(a, out, code, table, p0, p1, p2, p3):
+    """out = activation(a) over 4-D float32 arrays of one shape."""
+    n3, n2, n1, n0 = out.shape
+    for r in prange(n3 * n2 * n1):
+        i3, i2, i1 = r // (n2 * n1), (r // n1) % n2, r % n1
+        for i0 in range(n0):
+            out[i3, i2, i1, i0] = activation(code, a[i3, i2, i1, i0], table, p0, p1, p2, p3)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def glu_f32(x, g, out, code, table, alpha, limit):
+    """out = act(x) * g for the GLU ops (``GluOp`` code); x, g, out share one shape."""
+    n3, n2, n1, n0 = out.shape
+    one = np.float32(1.0)
+    for r in prange(n3 * n2 * n1):
+        i3, i2, i1 = r // (n2 * n1), (r // n1) % n2, r % n1
+        for i0 in range(n0):
+            a = x[i3, i2, i1, i0]
+            b = g[i3, i2, i1, i0]
+            if code == 0:      # REGLU
+                v = a * b if a > 0 else np.float32(0.0)
+            elif code == 1:    # GEGLU
+                v = activation(8, a, table, 0, 0, 0, 0) * b
+            elif code == 2:    # SWIGLU
+                v = a / (one + math.exp(-a)) * b
+            elif code == 3:    # SWIGLU_OAI
+                a = min(a, limit)
+                b = min(max(b, -limit), limit)
+                v = a / (one + math.exp(alpha * (-a))) * (b + one)
+            elif code == 4:    # GEGLU_ERF
+                v = activation(16, a, table, 0, 0, 0, 0) * b
+            elif code == 5:    # GEGLU_QUICK
+                v = activation(9, a, table, 0, 0, 0, 0) * b
+            else:              # SWIGLU_CLAMP
+                a = min(a, limit)
+                b = min(max(b, -limit), limit)
+                v = a / (one + math.exp(-a)) * b
+            out[i3, i2, i1, i0] = v
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def scale_f32(a, out, s, b):
+    """out = a * s + b, one rounding (as a fused multiply-add)."""
+    n3, n2, n1, n0 = out.shape
+    for r in prange(n3 * n2 * n1):
+        i3, i2, i1 = r // (n2 * n1), (r // n1) % n2, r % n1
+        for i0 in range(n0):
+            out[i3, i2, i1, i0] = np.float32(np.float64(a[i3, i2, i1, i0]) * s + b)
+
+
+# -- numpy oracles ----------------------------------------------------------------------------
+
+def _half(x):
+    return np.asarray(x, np.float32).astype(np.float16).astype(np.float64)
+
+
+def reference_unary(code: int, x: np.ndarray, table: bool, params=(0.0, 0.0, 0.0, 0.0)) -> np.ndarray:
+    """Numpy oracle of one unary op in float64 (with the F16 table rounding when ``table``)."""
+    erf = np.vectorize(math.erf, otypes=[np.float64])
+    x = np.asarray(x, np.float64)
+    gelu = lambda v: 0.5 * v * (1 + np.tanh(_SQRT_2_OVER_PI * v * (1 + _GELU_COEF_A * v * v)))
+    quick = lambda v: v / (1 + np.exp(_GELU_QUICK_COEF * v))
+    u = UnaryOp(code)
+    with np.errstate(all="ignore"):
+        if u is UnaryOp.GELU:
+            if table:
+                return np.where(x <= -10, 0.0, np.where(x >= 10, x, _half(gelu(_half(x)))))
+            return gelu(x)
+        if u is UnaryOp.GELU_QUICK:
+            return _half(quick(_half(x))) if table else quick(x)
+        an, ap, beta, eps = params
+        return {
+            UnaryOp.ABS: np.abs, UnaryOp.SGN: np.sign, UnaryOp.NEG: np.negative,
+            UnaryOp.STEP: lambda v: (v > 0).astype(np.float64), UnaryOp.TANH: np.tanh,
+            UnaryOp.ELU: lambda v: np.where(v > 0, v, np.expm1(v)),
+            UnaryOp.RELU: lambda v: np.maximum(v, 0), UnaryOp.SIGMOID: lambda v: 1 / (1 + np.exp(-v)),
+            UnaryOp.SILU: lambda v: v / (1 + np.exp(-v)),
+            UnaryOp.HARDSWISH: lambda v: v * np.clip((v + 3) / 6, 0, 1),
+            UnaryOp.HARDSIGMOID: lambda v: np.clip((v + 3) / 6, 0, 1), UnaryOp.EXP: np.exp,
+            UnaryOp.EXPM1: lambda v: np.exp(v) - 1,
+            UnaryOp.SOFTPLUS: lambda v: np.where(v > 20, v, np.log1p(np.exp(v))),
+            UnaryOp.GELU_ERF: lambda v: 0.5 * v * (1 + erf(v * _SQRT_2_INV)),
+            UnaryOp.XIELU: lambda v: np.where(v > 0, ap * v * v + beta * v,
+                                              (np.expm1(np.minimum(v, eps)) - v) * an + beta * v),
+            UnaryOp.FLOOR: np.floor, UnaryOp.CEIL: np.ceil,
+            UnaryOp.ROUND: lambda v: np.sign(v) * np.floor(np.abs(v) + 0.5),
+            UnaryOp.TRUNC: np.trunc,
+        }[u](x)
+
+
+def reference_glu(code: int, x: np.ndarray, g: np.ndarray, table: bool, alpha=0.0, limit=0.0):
+    """Numpy oracle of one GLU op in float64."""
+    x, g = np.asarray(x, np.float64), np.asarray(g, np.float64)
+    op = GluOp(code)
+    with np.errstate(all="ignore"):
+        if op is GluOp.REGLU:
+            return np.maximum(x, 0) * g
+        if op is GluOp.GEGLU:
+            return reference_unary(UnaryOp.GELU, x, table) * g
+        if op is GluOp.SWIGLU:
+            return x / (1 + np.exp(-x)) * g
+        if op is GluOp.GEGLU_ERF:
+            return reference_unary(UnaryOp.GELU_ERF, x, table) * g
+        if op is GluOp.GEGLU_QUICK:
+            return reference_unary(UnaryOp.GELU_QUICK, x, table) * g
+        x = np.minimum(x, limit)
+        g = np.clip(g, -limit, limit)
+        if op is GluOp.SWIGLU_OAI:
+            return x / (1 + np.exp(-alpha * x)) * (g + 1)
+        return x / (1 + np.exp(-x)) * g
+
+
+# -- op implementations -----------------------------------------------------------------------
+
+def _uses_table(t: int) -> bool:
+    return t in (GgmlType.F32, GgmlType.F16)
+
+
+def _run_into(node: Node, compute, *inputs) -> None:
+    """Call ``compute(out)`` writing straight into an F32 dst when nothing else aliases it."""
+    if node.type == GgmlType.F32 and not any(np.may_share_memory(view(node), i) for i in inputs[1:]):
+        compute(view(node))
+    else:
+        out = np.empty((node.ne[3], node.ne[2], node.ne[1], node.ne[0]), np.float32)
+        compute(out)
+        store_f32(node, out)
+
+
+def _float_operands(node: Node, *ts) -> None:
+    for t, what in ((node, "dst"), *ts):
+        type_in(t, FLOAT_TYPES, node, what)
+        elementwise_strides(t, node, what)
+
+
+@register
+class UnaryOps(OpImpl):
+    """UNARY: op_params[0] selects the function (``UnaryOp``)."""
+
+    ops = (Op.UNARY,)
+
+    def check(self, node: Node) -> None:
+        a = src(node, 0)
+        no_src_beyond(node, 1)
+        _float_operands(node, (a, "src0"))
+        same_shape(node, a, node, "dst and src0")
+        require(node.type == a.type, node, "dst must have src0's type")
+        code = node.param_i32(0)
+        require(0 <= code < len(UnaryOp), node, f"unknown unary op {code}")
+
+    def bind(self, node: Node, device_kind: str):
+        if device_kind != "cpu":
+            return None
+        a = node.src[0]
+        code = node.param_i32(0)
+        table = _uses_table(node.type)
+        ps = [node.param_f32(i) for i in (1, 2, 3, 4)] if code == UnaryOp.XIELU else [0.0] * 4
+
+        def run():
+            av = load_f32(a)
+            _run_into(node, lambda out: unary_f32(av, out, code, table, *[np.float32(p) for p in ps]), av)
+        return run
+
+
+@register
+class GluOps(OpImpl):
+    """GLU: ``act(x) * g`` with x and g the two halves of src0 (op_params[1] swaps them) or
+    src0 and src1."""
+
+    ops = (Op.GLU,)
+
+    def check(self, node: Node) -> None:
+        a = src(node, 0)
+        no_src_beyond(node, 2)
+        b = node.src[1]
+        _float_operands(node, (a, "src0"))
+        require(node.type == a.type, node, "dst must have src0's type")
+        code = node.param_i32(0)
+        require(0 <= code < len(GluOp), node, f"unknown GLU op {code}")
+        if b is not None:
+            src(node, 1)
+            _float_operands(node, (b, "src1"))
+            require(b.type == a.type, node, "src0 and src1 must share a type")
+            same_shape(a, b, node, "src0 and src1")
+            same_shape(node, a, node, "dst and src0")
+        else:
+            require(node.ne == (a.ne[0] // 2, *a.ne[1:]), node,
+                    f"dst {list(node.ne)} must be src0 {list(a.ne)} with ne[0] halved")
+
+    def bind(self, node: Node, device_kind: str):
+        if device_kind != "cpu":
+            return None
+        a, b = node.src[0], node.src[1]
+        code = node.param_i32(0)
+        swapped = node.param_i32(1) != 0
+        alpha, limit = np.float32(node.param_f32(2)), np.float32(node.param_f32(3))
+        table = _uses_table(node.type)
+        nc = node.ne[0]
+
+        def run():
+            av = load_f32(a)
+            if b is not None:
+                x, g = av, load_f32(b)
+            else:
+                lo, hi = av[..., :nc], av[..., nc:2 * nc]
+                x, g = (hi, lo) if swapped else (lo, hi)
+            _run_into(node, lambda out: glu_f32(x, g, out, code, table, alpha, limit), x, g)
+        return run
+
+
+@register
+class ScaleOp(OpImpl):
+    """SCALE: ``dst = src0 * s + b`` with s, b in op_params[0], [1] (floats)."""
+
+    ops = (Op.SCALE,)
+
+    def check(self, node: Node) -> None:
+        a = src(node, 0)
+        no_src_beyond(node, 1)
+        _float_operands(node, (a, "src0"))
+        same_shape(node, a, node, "dst and src0")
+        require(node.type == a.type, node, "dst must have src0's type")
+
+    def bind(self, node: Node, device_kind: str):
+        if device_kind != "cpu":
+            return None
+        a = node.src[0]
+        s, b = node.param_f32(0), node.param_f32(1)
+
+        def run():
+            av = load_f32(a)
+            _run_into(node, lambda out: scale_f32(av, out, s, b), av)
+        return run
+
+
+def reference_scale(x: np.ndarray, s: float, b: float) -> np.ndarray:
+    """Numpy oracle of SCALE in float64."""
+    return np.asarray(x, np.float64) * np.float32(s) + np.float32(b)
+
+
+__all__ = ["activation", "unary_f32", "glu_f32", "scale_f32", "reference_unary",
+           "reference_glu", "reference_scale"]
