@@ -385,3 +385,59 @@ async def test_server_without_cache_always_misses(server):
     async with await connect(server) as c:
         buf = await c.alloc_buffer(64)
         assert await c.set_tensor_hash(buf.tensor(GgmlType.I8, (64,)), 123) is False
+
+
+# -- limits -------------------------------------------------------------------------------------
+
+async def test_connection_limit(nursery):
+    server = await nursery.start(RpcServer(make_config(max_connections=2)).serve)
+    async with await connect(server), await connect(server):
+        with pytest.raises(ServerClosedConnection):
+            async with await connect(server) as third:
+                await third.ping()
+    async with await connect(server) as c:  # slots free again
+        assert await c.device_count() == 1
+
+
+async def test_idle_timeout_closes_quiet_connections(nursery):
+    server = await nursery.start(RpcServer(make_config(idle_timeout=0.3)).serve)
+    stream = await open_raw(addr(server))
+    with trio.fail_after(5):
+        assert await server_closes(stream)
+
+
+async def test_read_timeout_closes_stalled_messages(nursery):
+    server = await nursery.start(RpcServer(make_config(read_timeout=0.3, idle_timeout=100)).serve)
+    stream = await open_raw(addr(server))
+    await stream.send_all(frame(Command.ALLOC_BUFFER, bytes(12))[:5])  # half a header
+    with trio.fail_after(5):
+        assert await server_closes(stream)
+    async with await connect(server) as c:
+        assert await c.device_count() == 1
+
+
+async def test_slow_but_steady_uploads_are_fine(nursery):
+    server = await nursery.start(RpcServer(make_config(read_timeout=0.5)).serve)
+    async with await connect(server) as c:
+        buf = await c.alloc_buffer(64)
+        t = buf.tensor(GgmlType.I8, (64,))
+        header = c._conn.send_set_tensor_header(t, 0, 64)
+        await c._stream.send_all(header)
+        for i in range(4):  # 1.2 s in all, never 0.5 s without a byte
+            await trio.sleep(0.3)
+            await c._stream.send_all(bytes([i]) * 16)
+        assert await c.get_tensor(t, 0, 64) == b"".join(bytes([i]) * 16 for i in range(4))
+
+
+@pytest.mark.parametrize("networks,admitted", [(["10.0.0.0/8"], False),
+                                               (["10.0.0.0/8", "127.0.0.0/8"], True)])
+async def test_allow_list(nursery, networks, admitted):
+    import ipaddress
+    cfg = make_config(allow=[ipaddress.ip_network(n) for n in networks])
+    server = await nursery.start(RpcServer(cfg).serve)
+    if admitted:
+        async with await connect(server) as c:
+            assert await c.device_count() == 1
+    else:
+        with pytest.raises(ServerClosedConnection):
+            await connect(server)

@@ -207,6 +207,12 @@ class ServerConnection(_Connection):
         self._header: tuple[int, int] | None = None  # (command, length) of the message in hand
         self._owed: Command | None = None
 
+    @property
+    def at_boundary(self) -> bool:
+        """True between messages: nothing of a next message has arrived yet."""
+        return self._header is None and len(self._buf) == 0 and self.state in (
+            State.IDLE, State.AWAIT_HELLO)
+
     def next_event(self):
         """The next complete request, a SetTensorStart, NEED_DATA or ConnectionClosed.
 

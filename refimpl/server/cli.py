@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import signal
@@ -43,6 +44,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "~/.cache/llama.cpp/rpc")
     p.add_argument("-t", "--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                    help="compute threads for the CPU device (default: %(default)s)")
+    p.add_argument("--max-connections", type=int, default=64, metavar="N",
+                   help="clients served at once; more are refused (default: %(default)s)")
+    p.add_argument("--idle-timeout", type=float, default=3600.0, metavar="SECONDS",
+                   help="close a connection idle between messages this long "
+                        "(default: %(default)g; 0: never)")
+    p.add_argument("--read-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="close a connection when a started message stalls this long "
+                        "(default: %(default)g; 0: never)")
+    p.add_argument("--max-message-mib", type=int, default=256, metavar="MIB",
+                   help="largest GRAPH_COMPUTE payload accepted (default: %(default)s)")
+    p.add_argument("--max-graph-nodes", type=int, default=1 << 18, metavar="N",
+                   help="largest graph accepted, in nodes (default: %(default)s)")
+    p.add_argument("--allow", action="append", default=[], metavar="CIDR",
+                   help="only accept clients from this network (repeatable; default: anyone "
+                        "who can reach the address)")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"],
                    help="log verbosity (default: %(default)s); GGML_RPC_DEBUG=1 also logs "
@@ -126,9 +142,25 @@ def make_config(args) -> tuple[ServerConfig, object]:
     if args.cache:
         cache_dir = default_cache_dir()
         cache = HashCache(cache_dir)
-    from ..graph import make_executor
+    for name in ("max_connections", "max_message_mib", "max_graph_nodes"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    if args.idle_timeout < 0 or args.read_timeout < 0:
+        raise ValueError("timeouts must not be negative")
+    allow = []
+    for cidr in args.allow:
+        try:
+            allow.append(ipaddress.ip_network(cidr, strict=False))
+        except ValueError:
+            raise ValueError(f"--allow {cidr!r} is not a network (e.g. 10.0.0.0/8)") from None
+    from ..graph import GraphLimits, GraphExecutor
+    from .. import kernels  # noqa: F401  (registers the op implementations)
+    limits = GraphLimits(max_nodes=args.max_graph_nodes)
     return ServerConfig(devices=devices, host=args.host, port=args.port, cache=cache,
-                        graph_executor_factory=make_executor), cache_dir
+                        graph_executor_factory=lambda devs: GraphExecutor(devs, limits),
+                        max_connections=args.max_connections, idle_timeout=args.idle_timeout,
+                        read_timeout=args.read_timeout,
+                        max_message_size=args.max_message_mib << 20, allow=allow), cache_dir
 
 
 def main(argv=None) -> int:

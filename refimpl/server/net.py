@@ -7,6 +7,8 @@ server refuses is logged and closed; every other connection carries on (spec/err
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import logging
 import socket as stdsocket
 from dataclasses import dataclass, field
@@ -32,6 +34,10 @@ RECV_CHUNK = 256 * 1024
 _BLOCKING = (m.SetTensorHashRequest, m.GraphComputeRequest, m.GraphRecomputeRequest)
 
 
+class TimedOut(Exception):
+    """A client sent nothing for longer than the configured timeout."""
+
+
 @dataclass
 class ServerConfig:
     """Everything the server needs to run."""
@@ -42,7 +48,14 @@ class ServerConfig:
     cache: HashCache | None = None
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     graph_executor_factory: object = None  # callable(devices) -> executor, or None
-    extra: dict = field(default_factory=dict)
+    #: At most this many clients at once; further connections are closed at once.
+    max_connections: int = 64
+    #: Seconds a connection may sit between messages before it is closed (0: forever).
+    idle_timeout: float = 3600.0
+    #: Seconds a started message may go without receiving a byte before it is closed.
+    read_timeout: float = 60.0
+    #: Networks allowed to connect (``ipaddress`` networks); empty means everyone.
+    allow: list = field(default_factory=list)
 
 
 class RpcServer:
@@ -72,11 +85,33 @@ class RpcServer:
         task_status.started(self)
         await trio.serve_listeners(self._serve_connection, self.listeners)
 
+    def _refusal(self, address: str | None) -> str | None:
+        """Why a new connection from ``address`` may not be served, or None."""
+        if self.config.allow:
+            try:
+                ip = ipaddress.ip_address(address)
+            except (TypeError, ValueError):
+                return f"address {address!r} cannot be checked against --allow"
+            if ip.version == 6 and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped
+            if not any(ip in net for net in self.config.allow if net.version == ip.version):
+                return "not in the --allow list"
+        if self.connections >= self.config.max_connections:
+            return f"{self.connections} clients already connected (--max-connections)"
+        return None
+
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
         try:
+            address = stream.socket.getpeername()[0]
             peer = "{}:{}".format(*stream.socket.getpeername()[:2])
         except OSError:
-            peer = "?"
+            address, peer = None, "?"
+        refusal = self._refusal(address)
+        if refusal:
+            log.warning("refused connection from %s: %s", peer, refusal)
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            return
         try:
             stream.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, True)
         except OSError:
@@ -95,6 +130,8 @@ class RpcServer:
             log.warning("%s: request rejected: %s; closing the connection", peer, exc)
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as exc:
             log.info("%s: connection lost: %s", peer, exc)
+        except TimedOut as exc:
+            log.warning("%s: %s; closing the connection", peer, exc)
         except Exception:  # a bug of ours: this connection ends, the server goes on
             log.exception("%s: internal error while serving; closing the connection", peer)
         finally:
@@ -110,14 +147,14 @@ class RpcServer:
         while True:
             event = conn.next_event()
             if event is NEED_DATA:
-                conn.receive_data(await sock.recv(RECV_CHUNK))
+                conn.receive_data(await self._recv(sock, conn))
                 continue
             if isinstance(event, ConnectionClosed):
                 return
             if isinstance(event, SetTensorStart):
                 place = session.set_tensor_destination(event)
                 with place.buffer.memory.write_region(place.offset, place.nbytes) as view:
-                    await _receive_payload(sock, conn, view)
+                    await self._receive_payload(sock, conn, view)
                 if event.cache_flag and session.cache is not None:
                     await trio.to_thread.run_sync(session.set_tensor_landed, event, place)
                 continue
@@ -135,13 +172,33 @@ class RpcServer:
                 await stream.send_all(conn.send(reply))
 
 
-async def _receive_payload(sock, conn: ServerConnection, view: memoryview) -> None:
-    """Move a bulk payload into ``view``: buffered bytes first, then straight from the socket."""
-    filled = conn.readinto(view)
-    while filled < len(view):
-        n = await sock.recv_into(view[filled:])
-        if n == 0:
-            raise ProtocolError(
-                f"connection closed with {len(view) - filled} payload bytes still due")
-        conn.payload_received(n)
-        filled += n
+    @contextlib.contextmanager
+    def _deadline(self, conn: ServerConnection):
+        """Bound the next receive: the idle timeout between messages, the read timeout inside
+        one.  Raises TimedOut."""
+        if conn.at_boundary:
+            seconds, reason = self.config.idle_timeout, "idle for {:g}s"
+        else:
+            seconds, reason = self.config.read_timeout, "no byte of a started message for {:g}s"
+        try:
+            with trio.fail_after(seconds or float("inf")):
+                yield
+        except trio.TooSlowError:
+            raise TimedOut(reason.format(seconds)) from None
+
+    async def _recv(self, sock, conn: ServerConnection) -> bytes:
+        with self._deadline(conn):
+            return await sock.recv(RECV_CHUNK)
+
+    async def _receive_payload(self, sock, conn: ServerConnection, view: memoryview) -> None:
+        """Move a bulk payload into ``view``: buffered bytes first, then straight from the
+        socket."""
+        filled = conn.readinto(view)
+        while filled < len(view):
+            with self._deadline(conn):
+                n = await sock.recv_into(view[filled:])
+            if n == 0:
+                raise ProtocolError(
+                    f"connection closed with {len(view) - filled} payload bytes still due")
+            conn.payload_received(n)
+            filled += n
