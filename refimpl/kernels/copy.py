@@ -19,6 +19,7 @@ from ..graph.ops import Op
 from ..graph.registry import OpImpl, register
 from ..protocol.ggml_types import GgmlType
 from .cpu_tensors import load_f32, rows_u8, store_f32, view
+from .quants import QUANT_WEIGHT_TYPES, dequantize_rows
 
 _FLOATS = {GgmlType.F32, GgmlType.F16, GgmlType.BF16}
 _PLAIN = _FLOATS | {GgmlType.I32, GgmlType.I16, GgmlType.I8, GgmlType.I64, GgmlType.F64}
@@ -76,6 +77,10 @@ class CopyOps(OpImpl):
             block_rows(node, node, "dst")
             require(a.ne[0] == node.ne[0], node, "block copies need equal row lengths")
             return
+        if a.type in QUANT_WEIGHT_TYPES and node.type in _FLOATS:
+            block_rows(a, node, "src0")
+            elementwise_strides(node, node, "dst")
+            return
         for t, what in ((a, "src0"), (node, "dst")):
             if t.type not in _PLAIN:
                 fail(node, f"{what} type {t.traits.name}: conversions to or from block types "
@@ -102,6 +107,8 @@ class CopyOps(OpImpl):
                 else:
                     d[...] = s.reshape(d.shape)
             return run_blocks
+        if a.type in QUANT_WEIGHT_TYPES:
+            return lambda: store_f32(node, dequantize_rows(a.type, rows_u8(a), a.ne[0]).reshape(shape))
         if a.type == node.type:
             def run_same():
                 values = view(a).reshape(-1)  # copies only when src0 is strided

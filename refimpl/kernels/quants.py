@@ -35,7 +35,7 @@ Three groups of functions:
   separate exactly as ggml keeps it.
 
 Numba has no float16 on the CPU: half-precision scales are decoded through a 65536-entry
-table (:data:`F16_TABLE`) and rounded to half precision arithmetically (:func:`round_f16`).
+table (:data:`F16_TABLE`) and rounded to half precision arithmetically (:func:`.numeric.round_f16`).
 The plain-numpy ``reference_*`` functions are independent oracles for the tests.
 """
 
@@ -47,6 +47,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..protocol.ggml_types import GgmlType
+from .numeric import round_f16
 
 F32, F16, BF16, I32 = int(GgmlType.F32), int(GgmlType.F16), int(GgmlType.BF16), int(GgmlType.I32)
 Q4_0, Q4_1 = int(GgmlType.Q4_0), int(GgmlType.Q4_1)
@@ -85,27 +86,6 @@ def table_for(code: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------
 # scalar helpers
-
-
-@njit(cache=True, nogil=True)
-def round_f16(x):
-    """``x`` (float32) rounded to the nearest IEEE half, ties to even, returned as float32.
-
-    Values of magnitude 65520 and above become infinities, as the hardware conversion does;
-    NaN stays NaN.
-    """
-    ax = abs(np.float64(x))
-    if ax != ax:
-        return np.float32(x)
-    if ax >= 65520.0:
-        return np.float32(math.copysign(math.inf, x))
-    if ax < 6.103515625e-05:          # below 2**-14: half subnormals, quantum 2**-24
-        quantum = 5.960464477539063e-08
-    else:
-        _, e = math.frexp(ax)         # ax = m * 2**e with 0.5 <= m < 1
-        quantum = math.ldexp(1.0, e - 11)
-    r = np.rint(ax / quantum) * quantum
-    return np.float32(math.copysign(r, x))
 
 
 @njit(cache=True, nogil=True, inline="always")
