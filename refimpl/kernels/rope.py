@@ -1,0 +1,367 @@
+"""ROPE: rotary position embedding (spec/ops/rope.md).
+
+Each row of src0 (one head of one token) is rotated pairwise by angles that depend on the token's
+position (src1, I32) and on the pair's index: ``theta_i = p * base^(-2i/n_dims)``, optionally
+divided by per-pair frequency factors (src2) and blended by YaRN.  Normal mode rotates adjacent
+pairs, NeoX and the multi-section modes rotate element ``i`` with ``i + n_dims/2``, vision mode
+rotates ``i`` with ``i + n_dims`` across the whole row.
+
+The angle table is built exactly as ggml's CPU backend builds it: in float32, the angle of pair
+``i`` obtained by repeated multiplication with ``base^(-2/n_dims)``, then ``cosf``/``sinf``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from ..graph.build import Node
+from ..graph.checks import (F16, F32, I32, elementwise_strides, fail, no_src_beyond, require,
+                            same_shape, src, type_in)
+from ..graph.ops import Op
+from ..graph.registry import OpImpl, register
+from .cpu_tensors import load_f32, store_f32, view
+
+MODE_NORMAL, MODE_NEOX, MODE_MROPE, MODE_VISION, MODE_IMROPE = 0, 2, 8, 24, 40
+MODES = (MODE_NORMAL, MODE_NEOX, MODE_MROPE, MODE_VISION, MODE_IMROPE)
+
+
+class RopeParams:
+    """The op parameters of a ROPE node, decoded."""
+
+    def __init__(self, node: Node):
+        self.n_dims = node.param_i32(1)
+        self.mode = node.param_i32(2)
+        self.n_ctx_orig = node.param_i32(4)
+        (self.freq_base, self.freq_scale, self.ext_factor, self.attn_factor,
+         self.beta_fast, self.beta_slow) = (np.float32(node.param_f32(i)) for i in range(5, 11))
+        self.sections = tuple(node.param_i32(i) for i in range(11, 15))
+        self.n_offs = node.param_i32(15)
+
+    @property
+    def multi(self) -> bool:
+        """Multi-section modes (MROPE, VISION, IMROPE) take four positions per token."""
+        return bool(self.mode & MODE_MROPE)
+
+
+@njit(cache=True, nogil=True)
+def _fmax(a, b):
+    return a if a > b else b
+
+
+@njit(cache=True, nogil=True)
+def _fmin(a, b):
+    return a if a < b else b
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def yarn_corr_dims(n_dims, n_ctx_orig, freq_base, beta_fast, beta_slow):
+    """YaRN's first and last corrected dimension, in float32 as ggml computes them."""
+    f32 = np.float32
+    two_pi = f32(2.0) * f32(math.pi)
+    log_base = f32(2.0) * f32(math.log(freq_base))
+    d0 = f32(n_dims) * f32(math.log(f32(n_ctx_orig) / (beta_fast * two_pi))) / log_base
+    d1 = f32(n_dims) * f32(math.log(f32(n_ctx_orig) / (beta_slow * two_pi))) / log_base
+    start = f32(np.floor(d0))
+    end = f32(np.ceil(d1))
+    return _fmax(f32(0.0), start), _fmin(f32(n_dims - 1), end)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _yarn(theta_extrap, freq_scale, low, high, i0, ext_factor, mscale):
+    f32 = np.float32
+    one = f32(1.0)
+    theta_interp = freq_scale * theta_extrap
+    theta = theta_interp
+    if ext_factor != f32(0.0):
+        y = (f32(i0 // 2) - low) / _fmax(f32(0.001), high - low)
+        ramp = one - _fmin(one, _fmax(f32(0.0), y))
+        ramp_mix = ramp * ext_factor
+        theta = theta_interp * (one - ramp_mix) + theta_extrap * ramp_mix
+        mscale = mscale * (one + f32(0.1) * f32(math.log(one / freq_scale)))
+    return f32(math.cos(theta)) * mscale, f32(math.sin(theta)) * mscale
+
+
+@njit(parallel=True, cache=True, nogil=True, error_model="numpy")
+def rope_cache(pos, ff, use_ff, n, n2, mode, sections, freq_scale, ext_factor, attn_factor,
+               low, high, theta_scale):
+    """Angle table (n2, n): ``[cos, sin]`` of pair ``i0/2`` at ``[i0, i0+1]`` for each token.
+
+    ``pos`` holds n2 positions (n2*4 for the multi-section modes: time, height, width, extra).
+    """
+    f32 = np.float32
+    cache = np.empty((n2, n), np.float32)
+    is_multi = (mode & 8) != 0
+    is_imrope = mode == 40
+    indep = mode == 24
+    s0, s1, s2, s3 = sections[0], sections[1], sections[2], sections[3]
+    sect_dims = s0 + s1 + s2 + s3
+    sec_w = s0 + s1
+    sec_e = sec_w + s2
+    for i2 in prange(n2):
+        if not is_multi:
+            theta = f32(pos[i2])
+            for i0 in range(0, n, 2):
+                f = ff[i0 // 2] if use_ff else f32(1.0)
+                c, s = _yarn(theta / f, freq_scale, low, high, i0, ext_factor, attn_factor)
+                cache[i2, i0] = c
+                cache[i2, i0 + 1] = s
+                theta = theta * theta_scale
+        else:
+            base_t = f32(pos[i2])
+            base_h = f32(pos[i2 + n2])
+            base_w = f32(pos[i2 + 2 * n2])
+            base_e = f32(pos[i2 + 3 * n2])
+            tt, th, tw, te = base_t, base_h, base_w, base_e
+            for i0 in range(0, n, 2):
+                f = ff[i0 // 2] if use_ff else f32(1.0)
+                sector = (i0 // 2) % sect_dims
+                if indep:
+                    if sector == 0:
+                        tt = base_t
+                    elif sector == s0:
+                        th = base_h
+                    elif sector == sec_w:
+                        tw = base_w
+                    elif sector == sec_e:
+                        te = base_e
+                theta = tt
+                if is_imrope:
+                    if sector % 3 == 1 and sector < 3 * s1:
+                        theta = th
+                    elif sector % 3 == 2 and sector < 3 * s2:
+                        theta = tw
+                    elif sector % 3 == 0 and sector < 3 * s0:
+                        theta = tt
+                    else:
+                        theta = te
+                else:
+                    if sector >= s0 and sector < sec_w:
+                        theta = th
+                    elif sector >= sec_w and sector < sec_w + s2:
+                        theta = tw
+                    elif sector >= sec_w + s2:
+                        theta = te
+                c, s = _yarn(theta / f, freq_scale, low, high, i0, ext_factor, attn_factor)
+                cache[i2, i0] = c
+                cache[i2, i0 + 1] = s
+                tt = tt * theta_scale
+                th = th * theta_scale
+                tw = tw * theta_scale
+                te = te * theta_scale
+    return cache
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def rope_rows(x, out, cache, n_dims, n_offs, mode):
+    """Rotate every row of ``x`` (n3, n2, n1, n0) into ``out`` using ``cache`` (n2, ·).
+
+    Elements outside the rotated window are copied.  ``out`` may be ``x`` itself.
+    """
+    n3, n2, n1, n0 = x.shape
+    rows = n3 * n2 * n1
+    for r in prange(rows):
+        i3 = r // (n2 * n1)
+        i2 = (r // n1) % n2
+        i1 = r % n1
+        if mode == 24:
+            for i0 in range(0, n0, 2):
+                ic = i0 // 2
+                c = cache[i2, i0]
+                s = cache[i2, i0 + 1]
+                x0 = x[i3, i2, i1, ic]
+                x1 = x[i3, i2, i1, ic + n_dims]
+                out[i3, i2, i1, ic] = x0 * c - x1 * s
+                out[i3, i2, i1, ic + n_dims] = x0 * s + x1 * c
+            continue
+        for i0 in range(0, n_offs):
+            out[i3, i2, i1, i0] = x[i3, i2, i1, i0]
+        if mode == 0:
+            for i0 in range(0, n_dims, 2):
+                c = cache[i2, i0]
+                s = cache[i2, i0 + 1]
+                x0 = x[i3, i2, i1, n_offs + i0]
+                x1 = x[i3, i2, i1, n_offs + i0 + 1]
+                out[i3, i2, i1, n_offs + i0] = x0 * c - x1 * s
+                out[i3, i2, i1, n_offs + i0 + 1] = x0 * s + x1 * c
+        else:
+            half = n_dims // 2
+            for i0 in range(0, n_dims, 2):
+                ic = n_offs + i0 // 2
+                c = cache[i2, i0]
+                s = cache[i2, i0 + 1]
+                x0 = x[i3, i2, i1, ic]
+                x1 = x[i3, i2, i1, ic + half]
+                out[i3, i2, i1, ic] = x0 * c - x1 * s
+                out[i3, i2, i1, ic + half] = x0 * s + x1 * c
+        for i0 in range(n_offs + n_dims, n0):
+            out[i3, i2, i1, i0] = x[i3, i2, i1, i0]
+
+
+def _angles(p: RopeParams, pos: np.ndarray, ff: np.ndarray | None, n0: int, n2: int) -> np.ndarray:
+    f32 = np.float32
+    with np.errstate(all="ignore"):
+        theta_scale = np.power(f32(p.freq_base), f32(f32(-2.0) / f32(p.n_dims)))
+    low, high = yarn_corr_dims(p.n_dims, p.n_ctx_orig, p.freq_base, p.beta_fast, p.beta_slow)
+    n = n0 if p.mode == MODE_VISION else p.n_dims
+    use_ff = ff is not None
+    ffa = ff if use_ff else np.ones(1, np.float32)
+    return rope_cache(pos, ffa, use_ff, n, n2, p.mode, np.array(p.sections, np.int64),
+                      p.freq_scale, p.ext_factor, p.attn_factor, low, high, theta_scale)
+
+
+def reference(x: np.ndarray, pos: np.ndarray, n_dims: int, mode: int = MODE_NORMAL,
+              freq_base: float = 10000.0, freq_scale: float = 1.0, ext_factor: float = 0.0,
+              attn_factor: float = 1.0, beta_fast: float = 32.0, beta_slow: float = 1.0,
+              n_ctx_orig: int = 0, freq_factors: np.ndarray | None = None, sections=(0, 0, 0, 0),
+              n_offs: int = 0) -> np.ndarray:
+    """Numpy oracle in float64: ``x`` (ne3, ne2, ne1, ne0) rotated by the positions ``pos``.
+
+    Angles are computed in closed form (``p * base^(-2i/n_dims)``) rather than by repeated
+    multiplication; YaRN's correction range uses the same formula as ggml.
+    """
+    x = np.asarray(x, np.float64)
+    n3, n2, n1, n0 = x.shape
+    pos = np.asarray(pos, np.int64)
+    multi = bool(mode & MODE_MROPE)
+    vision = mode == MODE_VISION
+    n = n0 if vision else n_dims
+    i = np.arange(n // 2, dtype=np.float64)
+    ff = np.ones(n // 2) if freq_factors is None else np.asarray(freq_factors, np.float64)[:n // 2]
+    # YaRN correction dims
+    with np.errstate(all="ignore"):
+        def corr(beta):
+            return n_dims * np.log(np.float64(n_ctx_orig) / (beta * 2 * np.pi)) / (2 * np.log(freq_base))
+        low = max(0.0, float(np.floor(corr(beta_fast))))
+        high = min(n_dims - 1.0, float(np.ceil(corr(beta_slow))))
+    mscale = attn_factor
+    ramp_mix = np.zeros(n // 2)
+    if ext_factor != 0.0:
+        y = (i - low) / max(0.001, high - low)
+        ramp_mix = (1 - np.clip(y, 0, 1)) * ext_factor
+        mscale = attn_factor * (1.0 + 0.1 * math.log(1.0 / freq_scale))
+    out = x.copy()
+    s0, s1, s2, s3 = sections
+    sect_dims = max(s0 + s1 + s2 + s3, 1)
+    for i2 in range(n2):
+        if not multi:
+            theta_base = np.full(n // 2, float(pos[i2]))
+            expo = i
+        else:
+            p4 = [float(pos[i2 + k * n2]) for k in range(4)]
+            theta_base = np.empty(n // 2)
+            expo = np.empty(n // 2)
+            for k in range(n // 2):
+                sector = k % sect_dims
+                if mode == MODE_IMROPE:
+                    if sector % 3 == 1 and sector < 3 * s1:
+                        w = 1
+                    elif sector % 3 == 2 and sector < 3 * s2:
+                        w = 2
+                    elif sector % 3 == 0 and sector < 3 * s0:
+                        w = 0
+                    else:
+                        w = 3
+                else:
+                    w = 0 if sector < s0 else 1 if sector < s0 + s1 else 2 if sector < s0 + s1 + s2 else 3
+                theta_base[k] = p4[w]
+                if vision:
+                    start = [0, s0, s0 + s1, s0 + s1 + s2][w]
+                    expo[k] = sector - start
+                else:
+                    expo[k] = k
+        extrap = theta_base * float(freq_base) ** (-2.0 * expo / n_dims) / ff
+        interp = freq_scale * extrap
+        theta = interp * (1 - ramp_mix) + extrap * ramp_mix
+        c, s = np.cos(theta) * mscale, np.sin(theta) * mscale
+        row = x[:, i2]
+        if vision:
+            a, b = np.arange(n // 2), np.arange(n // 2) + n_dims
+        elif mode == MODE_NORMAL:
+            a = n_offs + 2 * np.arange(n // 2)
+            b = a + 1
+        else:
+            a = n_offs + np.arange(n // 2)
+            b = a + n_dims // 2
+        x0, x1 = row[..., a], row[..., b]
+        out[:, i2][..., a] = x0 * c - x1 * s
+        out[:, i2][..., b] = x0 * s + x1 * c
+    return out
+
+
+@register
+class Rope(OpImpl):
+    """ROPE (ggml_rope_ext, ggml_rope_multi) in normal, NeoX, MRoPE, IMRoPE and vision modes."""
+
+    ops = (Op.ROPE,)
+
+    def check(self, node: Node) -> None:
+        a = src(node, 0, "input")
+        pos = src(node, 1, "positions")
+        no_src_beyond(node, 3)
+        type_in(a, {F32, F16}, node, "src0")
+        require(node.type == a.type, node, "dst must have src0's type")
+        same_shape(node, a, node, "dst and src0")
+        for t, what in ((node, "dst"), (a, "src0")):
+            elementwise_strides(t, node, what)
+            require(t.nb[0] == t.traits.type_size, node, f"{what} rows must be packed (nb[0])")
+        p = RopeParams(node)
+        if p.mode not in MODES:
+            fail(node, f"rope mode {p.mode} is not one of {list(MODES)}")
+        n0 = a.ne[0]
+        require(n0 % 2 == 0, node, f"ne[0]={n0} must be even")
+        require(p.n_dims > 0 and p.n_dims % 2 == 0, node, f"n_dims={p.n_dims} must be even and positive")
+        require(p.n_offs >= 0 and p.n_offs % 2 == 0, node, f"n_offs={p.n_offs} must be even and >= 0")
+        require(p.n_offs + p.n_dims <= n0, node,
+                f"n_offs + n_dims = {p.n_offs + p.n_dims} exceeds ne[0]={n0}")
+        if p.multi:
+            secs = p.sections
+            require(all(s >= 0 for s in secs) and sum(secs) > 0, node,
+                    f"sections {list(secs)} must be >= 0 with a positive sum")
+            require(sum(secs) <= n0, node, f"sections {list(secs)} exceed ne[0]={n0}")
+        if p.mode == MODE_VISION:
+            require(p.n_dims * 2 == n0, node, f"vision mode needs n_dims = ne[0]/2 (n_dims={p.n_dims})")
+            require(p.n_offs == 0, node, "vision mode has no offset")
+        type_in(pos, {I32}, node, "src1")
+        elementwise_strides(pos, node, "src1")
+        require(pos.ne[1] == pos.ne[2] == pos.ne[3] == 1, node, "src1 must be a vector")
+        need = a.ne[2] * (4 if p.multi else 1)
+        require(pos.ne[0] == need, node, f"src1 holds {pos.ne[0]} positions, {need} needed")
+        ff = node.src[2] if len(node.src) > 2 else None
+        if ff is not None:
+            ff = src(node, 2, "frequency factors")
+            type_in(ff, {F32}, node, "src2")
+            elementwise_strides(ff, node, "src2")
+            need_ff = n0 // 2 if p.mode == MODE_VISION else p.n_dims // 2
+            require(ff.ne[0] >= need_ff, node, f"src2 holds {ff.ne[0]} frequency factors, "
+                                               f"{need_ff} needed")
+
+    def bind(self, node: Node, device_kind: str):
+        if device_kind != "cpu":
+            return None
+        a, pos_t = node.src[0], node.src[1]
+        ff_t = node.src[2] if len(node.src) > 2 else None
+        p = RopeParams(node)
+        n0, n2 = a.ne[0], a.ne[2]
+
+        def run():
+            if node.nelements == 0:
+                return
+            pos = np.ascontiguousarray(view(pos_t)[0, 0, 0, :], dtype=np.int32)
+            ff = None
+            if ff_t is not None:
+                ff = np.ascontiguousarray(view(ff_t)[0, 0, 0, :], dtype=np.float32)
+            cache = _angles(p, pos, ff, n0, n2)
+            x = load_f32(a)
+            out = view(node)
+            same = (out.__array_interface__["data"][0] == x.__array_interface__["data"][0]
+                    and out.strides == x.strides)
+            if node.type == F32 and (same or not np.may_share_memory(out, x)):
+                rope_rows(x, out, cache, p.n_dims, p.n_offs, p.mode)
+            else:
+                tmp = np.empty(x.shape, np.float32)
+                rope_rows(x, tmp, cache, p.n_dims, p.n_offs, p.mode)
+                store_f32(node, tmp)
+        return run

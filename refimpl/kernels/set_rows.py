@@ -1,0 +1,131 @@
+"""SET_ROWS: scatter rows of src0 into the destination at row indices from src1
+(spec/ops/set_rows.md).
+
+``dst[i3, i2, idx[i3 % n12, i2 % n11, i], :] = src0[i3, i2, i, :]``.  The destination is a view
+of src2 (the tensor being updated, typically a KV cache); rows that no index names keep their
+bytes.  Every index is checked against ``dst.ne[1]`` before anything is written, which closes the
+out-of-bounds write of llama.cpp issue #26912: an index out of range stops the graph.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ..graph.build import GraphInvalid, Node
+from ..graph.checks import (BF16, F16, F32, I32, I64, elementwise_strides, fail, no_src_beyond,
+                            require, src, type_in)
+from ..graph.ops import Op
+from ..graph.registry import OpImpl, register
+from ..protocol.ggml_types import GgmlType
+from .cpu_tensors import f32_to_bf16, view
+
+_DST_TYPES = {F32, F16, BF16}
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def scatter_rows(rows, idx, dst):
+    """``dst[i3, i2, idx[0, i3 % n12, i2 % n11, i], :] = rows[i3, i2, i, :]``.
+
+    ``rows`` and ``dst`` share a dtype (float32 or uint16 bit patterns); ``idx`` is int64 of
+    shape (1, n12, n11, nr) and every entry must already be known to be in range.  Within one
+    (i3, i2) plane rows are written in order, so a repeated index keeps the last row.
+    """
+    n3, n2, nr, nc = rows.shape
+    n12, n11 = idx.shape[1], idx.shape[2]
+    for p in prange(n3 * n2):
+        i3 = p // n2
+        i2 = p % n2
+        for i in range(nr):
+            j = idx[0, i3 % n12, i2 % n11, i]
+            for c in range(nc):
+                dst[i3, i2, j, c] = rows[i3, i2, i, c]
+
+
+def reference(dst: np.ndarray, rows: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Numpy oracle: a copy of ``dst`` (ne3, ne2, ne1, ne0) with rows replaced.
+
+    ``rows`` is (ne3, ne2, nr, ne0) and ``idx`` (1, n12, n11, nr) with the two head dimensions
+    repeating.  Values are stored as they are; the caller rounds to the destination type.
+    """
+    out = np.array(dst, copy=True)
+    n3, n2, nr, _ = rows.shape
+    for i3 in range(n3):
+        for i2 in range(n2):
+            for i in range(nr):
+                j = int(idx[0, i3 % idx.shape[1], i2 % idx.shape[2], i])
+                out[i3, i2, j, :] = rows[i3, i2, i, :]
+    return out
+
+
+def _payload(rows_node: Node, dst_type: int) -> np.ndarray:
+    """src0's rows in the destination's storage format (float32, or uint16 bits for F16/BF16)."""
+    rows = view(rows_node)
+    if dst_type == GgmlType.F32:
+        return rows.astype(np.float32)          # F16 -> F32 is exact
+    if dst_type == GgmlType.F16:
+        if rows_node.type == GgmlType.F16:
+            return np.array(rows, copy=True).view(np.uint16)
+        with np.errstate(over="ignore"):
+            return rows.astype(np.float16).view(np.uint16)
+    values = rows.astype(np.float32)             # BF16: via float32, round to nearest even
+    return f32_to_bf16(values).reshape(values.shape)
+
+
+@register
+class SetRows(OpImpl):
+    """SET_ROWS (ggml_set_rows)."""
+
+    ops = (Op.SET_ROWS,)
+
+    def check(self, node: Node) -> None:
+        b = src(node, 0, "rows")
+        c = src(node, 1, "indices")
+        no_src_beyond(node, 3)
+        type_in(node, _DST_TYPES, node, "dst")
+        type_in(b, {F32, F16}, node, "src0")
+        type_in(c, {I32, I64}, node, "src1")
+        for t, what in ((node, "dst"), (b, "src0"), (c, "src1")):
+            elementwise_strides(t, node, what)
+        require(node.nb[0] == node.traits.type_size, node, "dst rows must be packed (nb[0])")
+        require(b.nb[0] == b.traits.type_size, node, "src0 rows must be packed (nb[0])")
+        require(b.ne[0] == node.ne[0], node, f"src0 rows have {b.ne[0]} elements, dst rows {node.ne[0]}")
+        require(b.ne[2] == node.ne[2] and b.ne[3] == node.ne[3], node,
+                f"src0 {list(b.ne)} and dst {list(node.ne)} differ in dimensions 2 and 3")
+        require(c.ne[0] == b.ne[1], node, f"src1 has {c.ne[0]} indices per row group, src0 has "
+                                          f"{b.ne[1]} rows")
+        require(c.ne[1] > 0 and b.ne[2] % c.ne[1] == 0, node,
+                f"src1 ne[1]={c.ne[1]} does not divide src0 ne[2]={b.ne[2]}")
+        require(c.ne[2] > 0 and b.ne[3] % c.ne[2] == 0, node,
+                f"src1 ne[2]={c.ne[2]} does not divide src0 ne[3]={b.ne[3]}")
+        require(c.ne[3] == 1, node, f"src1 ne[3]={c.ne[3]} must be 1")
+        a = node.src[2] if len(node.src) > 2 else None
+        if a is not None:
+            a = src(node, 2, "destination")
+            if (a.type != node.type or a.ne != node.ne or a.nb != node.nb
+                    or a.buffer is not node.buffer or a.offset != node.offset):
+                fail(node, f"dst is not a view of src2 '{a.name}' (same type, shape, strides "
+                           f"and bytes)")
+
+    def bind(self, node: Node, device_kind: str):
+        if device_kind != "cpu":
+            return None
+        b, c = node.src[0], node.src[1]
+        n_rows = node.ne[1]
+        storage = np.float32 if node.type == GgmlType.F32 else np.uint16
+
+        def run():
+            if b.nelements == 0:
+                return
+            idx = view(c).astype(np.int64)
+            bad = (idx < 0) | (idx >= n_rows)
+            if bad.any():
+                where = tuple(int(x) for x in np.argwhere(bad)[0])
+                raise GraphInvalid(f"node {node.describe()}: row index {int(idx[where])} at "
+                                   f"src1{list(where[::-1])} is outside [0, {n_rows})")
+            rows = _payload(b, node.type)
+            dst = view(node, storage)
+            if np.may_share_memory(rows, dst):
+                rows = rows.copy()
+            scatter_rows(rows, idx, dst)
+        return run
