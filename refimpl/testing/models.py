@@ -37,6 +37,7 @@ class LlamaSpec:
     rms_eps: float = 1e-5
     seed: int = 0
     weight_scale: float = 1.0  # multiplies the 1/sqrt(fan_in) initialisation
+    output_scale: float = 1.0  # extra factor on the output projection (peakier logits)
 
     @property
     def head_dim(self) -> int:
@@ -109,7 +110,7 @@ def write_llama_gguf(path: Path, spec: LlamaSpec = LlamaSpec()) -> Path:
         w.add_tensor(f"blk.{i}.ffn_up.weight", mat(spec.n_ff, e))
         w.add_tensor(f"blk.{i}.ffn_down.weight", mat(e, spec.n_ff))
     w.add_tensor("output_norm.weight", norm(e))
-    w.add_tensor("output.weight", mat(n_vocab, e) * 4.0)
+    w.add_tensor("output.weight", mat(n_vocab, e) * spec.output_scale)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
