@@ -1,0 +1,240 @@
+"""What the conformance suite needs to drive a server: targets and a blocking wire client.
+
+A *target* is the server under test.  It is either **disposable** (a process the suite starts,
+one per destructive probe, so it may crash without spoiling the next probe) or **external**
+(``--server HOST:PORT``, started by you; destructive probes then run against it one after
+the other and the report says which one took it down).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import socket
+import struct
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from refimpl.protocol import messages as m
+from refimpl.protocol.connection import NEED_DATA, ClientConnection, GetTensorStart, hello_request
+from refimpl.protocol.constants import Command
+from refimpl.protocol.tensor import RpcTensor, contiguous_strides
+from refimpl.testing.processes import free_port, wait_for_port
+
+
+class Closed(Exception):
+    """The server closed the connection (or reset it)."""
+
+
+class NoAnswer(Exception):
+    """The server neither answered nor closed within the deadline."""
+
+
+class Wire:
+    """A blocking connection for probes: raw bytes when needed, typed calls otherwise."""
+
+    def __init__(self, address, timeout: float = 10.0, hello: bool = True):
+        self.sock = socket.create_connection(address, timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.timeout = timeout
+        self.conn = ClientConnection()
+        if hello:
+            self.call(hello_request())
+
+    def close(self):
+        """Close the socket."""
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- raw --------------------------------------------------------------------------------
+    def send_raw(self, data: bytes) -> None:
+        """Send bytes as they are; a reset peer raises Closed."""
+        try:
+            self.sock.sendall(data)
+        except OSError as exc:
+            raise Closed(str(exc)) from exc
+
+    def recv_some(self) -> bytes:
+        """One receive; b"" means closed; raises NoAnswer on timeout."""
+        try:
+            return self.sock.recv(1 << 16)
+        except socket.timeout:
+            raise NoAnswer(f"nothing within {self.timeout}s") from None
+        except OSError:
+            return b""
+
+    def closed_by_server(self, timeout: float | None = None) -> bool:
+        """Wait until the server closes; True if it did (False: it sent bytes instead)."""
+        self.sock.settimeout(timeout or self.timeout)
+        try:
+            return self.recv_some() == b""
+        finally:
+            self.sock.settimeout(self.timeout)
+
+    # -- typed ------------------------------------------------------------------------------
+    def call(self, req: m.Message):
+        """Send a request; return its reply (bytes for GET_TENSOR), or None if it has none."""
+        self.send_raw(self.conn.send(req))
+        if not m.has_response(req.COMMAND):
+            return None
+        return self._reply()
+
+    def set_tensor(self, tensor: RpcTensor, data: bytes, offset: int = 0, cache_flag: int = 0):
+        """SET_TENSOR (no reply)."""
+        self.send_raw(self.conn.send_set_tensor_header(tensor, offset, len(data), cache_flag) + data)
+
+    def _reply(self):
+        while True:
+            try:
+                ev = self.conn.next_event()
+            except Exception as exc:  # the server closed mid-reply or broke framing
+                raise Closed(str(exc)) from exc
+            if ev is not NEED_DATA:
+                break
+            data = self.recv_some()
+            self.conn.receive_data(data)
+        if isinstance(ev, GetTensorStart):
+            out = bytearray(ev.size)
+            got = self.conn.readinto(out)
+            while got < ev.size:
+                chunk = self.recv_some()
+                if not chunk:
+                    raise Closed("closed mid-reply")
+                out[got:got + len(chunk)] = chunk[:ev.size - got]
+                self.conn.payload_received(min(len(chunk), ev.size - got))
+                got += len(chunk)
+            return bytes(out)
+        return ev
+
+    def alloc(self, size: int) -> tuple[int, int]:
+        """ALLOC_BUFFER + BUFFER_GET_BASE: (handle, base)."""
+        reply = self.call(m.AllocBufferRequest(0, size))
+        if not reply.handle:
+            raise RuntimeError(f"allocation of {size} bytes failed")
+        return reply.handle, self.call(m.BufferGetBaseRequest(reply.handle)).base
+
+
+def tensor(handle: int, base: int, type_: int = 0, ne=(1, 1, 1, 1), offset: int = 0, nb=None,
+           **kw) -> RpcTensor:
+    """A tensor in a buffer, contiguous unless ``nb`` given; other fields as keywords."""
+    ne = tuple(ne) + (1,) * (4 - len(ne))
+    return RpcTensor(id=kw.pop("id", 1 + offset), type=type_, buffer=handle, ne=ne,
+                     nb=tuple(nb) if nb else contiguous_strides(type_, ne), data=base + offset,
+                     **kw)
+
+
+def frame(cmd: int, payload: bytes = b"") -> bytes:
+    """A raw request frame."""
+    return struct.pack("<BQ", int(cmd), len(payload)) + payload
+
+
+# ----------------------------------------------------------------------------------------------
+# targets
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Target:
+    """A server to probe.  ``proc`` is set when the suite started it."""
+
+    name: str
+    address: tuple
+    proc: subprocess.Popen | None = None
+    log_path: Path | None = None
+
+    @property
+    def disposable(self) -> bool:
+        """Whether the suite owns the process (and may let it die)."""
+        return self.proc is not None
+
+    def alive(self, timeout: float = 5.0) -> bool:
+        """The server still completes a HELLO on a fresh connection."""
+        if self.proc is not None and self.proc.poll() is not None:
+            return False
+        try:
+            with Wire(self.address, timeout=timeout) as w:
+                return w.call(m.DeviceCountRequest()).count >= 1
+        except (OSError, Closed, NoAnswer, Exception):
+            return False
+
+    def exit_description(self) -> str:
+        """How the process ended, for reports ("killed by SIGSEGV", "exit status 134")."""
+        if self.proc is None or self.proc.poll() is None:
+            return "running"
+        rc = self.proc.returncode
+        if rc < 0:
+            return f"killed by {signal.Signals(-rc).name}"
+        return f"exit status {rc}"
+
+    def rss_bytes(self) -> int | None:
+        """Resident memory of the process, when the suite owns it."""
+        if self.proc is None:
+            return None
+        try:
+            with open(f"/proc/{self.proc.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+        return None
+
+    def stop(self) -> None:
+        """Stop an owned process."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def log_text(self) -> str:
+        """What an owned server printed."""
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+
+class TargetFactory:
+    """Makes targets: a fresh process per call for commands, the same server for --server."""
+
+    def __init__(self, name: str, command: str | None = None, address=None, env=None):
+        self.name = name
+        self.command = command
+        self.address = address
+        self.env = env
+
+    @property
+    def disposable(self) -> bool:
+        """Whether each target is a fresh process."""
+        return self.command is not None
+
+    def start(self) -> Target:
+        """A target ready to be probed."""
+        if self.command is None:
+            return Target(self.name, self.address)
+        port = free_port()
+        log = tempfile.NamedTemporaryFile(prefix="conformance-", suffix=".log", delete=False)
+        cmd = shlex.split(self.command.format(port=port))
+        env = dict(os.environ)
+        env.update(self.env or {})
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+        target = Target(self.name, ("127.0.0.1", port), proc, Path(log.name))
+        try:
+            wait_for_port(port, proc, timeout=60)
+        except Exception:
+            target.stop()
+            raise
+        time.sleep(0.05)
+        return target
