@@ -45,7 +45,9 @@ LAYOUTS = tables_after(r"<!-- layout: (\w+) -->")
 
 
 def code_layouts():
-    out = {"rpc_tensor": (RPC_TENSOR, {}), "set_tensor_header": (m.SET_TENSOR_HEADER, {"tensor": "rpc_tensor"}),
+    from refimpl.capture.fileformat import HEADER_LAYOUT, RECORD_LAYOUT
+    out = {"capture_header": (HEADER_LAYOUT, {}), "capture_record": (RECORD_LAYOUT, {}),
+           "rpc_tensor": (RPC_TENSOR, {}), "set_tensor_header": (m.SET_TENSOR_HEADER, {"tensor": "rpc_tensor"}),
            "graph_header": (m.GRAPH_HEADER, {})}
     for cls in list(m.REQUESTS.values()) + list(m.RESPONSES.values()):
         if issubclass(cls, m.FixedMessage) and cls.FIELDS:

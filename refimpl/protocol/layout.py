@@ -16,6 +16,7 @@ import numpy as np
 # field kind -> (struct code, size in bytes, numpy scalar type)
 _KINDS: dict[str, tuple[str, int, str]] = {
     "u8": ("B", 1, "u1"),
+    "u16": ("H", 2, "<u2"),
     "u32": ("I", 4, "<u4"),
     "i32": ("i", 4, "<i4"),
     "u64": ("Q", 8, "<u8"),

@@ -1,0 +1,2 @@
+"""Capturing ggml RPC conversations (spec/captures.md): the file format, the recording proxy
+``refimpl-capture``, annotated traces, and replay."""
