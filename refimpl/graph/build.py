@@ -31,6 +31,12 @@ class GraphLimits:
     max_tensors: int = 1 << 20
 
 
+#: What one rebuilt tensor costs in server memory, about (a Node and its fields).  The
+#: network layer charges it against the server's memory budget while a graph is decoded,
+#: run and stored (docs/limits.md).
+NODE_COST = 1024
+
+
 @dataclass(eq=False)
 class Node:
     """One tensor of a graph, with its references resolved and its bytes located."""
@@ -187,6 +193,15 @@ def _check_node_references(node: Node) -> None:
                            f"function pointer of the client; such ops are never run")
     if node.buffer is None:
         raise GraphInvalid(f"node {node.describe()} has no buffer to hold its result")
+    if node.op not in VIEW_OPS:
+        # A computed node's elements occupy distinct bytes of its buffer: ggml never writes a
+        # result over itself, and the bound keeps a node's work proportional to the memory
+        # it was given (zero strides could otherwise fold 2^40 elements into 64 bytes).
+        tr = node.traits
+        payload = node.ne[0] // tr.block_size * tr.type_size * node.ne[1] * node.ne[2] * node.ne[3]
+        if payload > node.nbytes:
+            raise GraphInvalid(f"node {node.describe()} has {payload} bytes of elements in a span "
+                               f"of {node.nbytes} bytes (strides {list(node.nb)} overlap)")
     for s in [*node.src, node.view_src]:
         if s is None:
             continue

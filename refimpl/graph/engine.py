@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from ..devices import Device
 from ..protocol.messages import GraphComputeRequest
-from .build import Graph, GraphInvalid, GraphLimits, build_graph
+from ..protocol.tensor import RPC_TENSOR_SIZE
+from .build import NODE_COST, Graph, GraphInvalid, GraphLimits, build_graph
 from .ops import VIEW_OPS, op_name
 from .registry import Runner, bind_node
 
@@ -66,6 +67,15 @@ class GraphExecutor:
         self.devices = devices
         self.limits = limits
         self._stored: dict[int, Plan] = {}
+
+    def request_bytes(self, req: GraphComputeRequest) -> int:
+        """Memory a GRAPH_COMPUTE holds while it is decoded and run (its payload and the
+        rebuilt tensors), for the server's memory budget."""
+        return len(req.nodes) * 8 + len(req.tensors) * (RPC_TENSOR_SIZE + NODE_COST)
+
+    def stored_bytes(self) -> int:
+        """Memory held by the graphs kept for GRAPH_RECOMPUTE."""
+        return sum(len(p.graph.tensors) * NODE_COST for p in self._stored.values())
 
     def forget(self) -> None:
         """Drop stored graphs (a buffer they may use was freed, or the connection ended)."""

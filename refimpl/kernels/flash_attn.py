@@ -5,13 +5,16 @@ For every query row ``q[:, iq1, h, i3]`` the kernel computes
 head that ``h`` maps to (grouped-query broadcast), optionally with a per-head sink logit in the
 denominator, and writes it to ``dst[:, h, iq1, i3]`` (ggml's permuted output layout).
 
-Numerics follow the path ggml's CPU backend takes for the same node:
+The arithmetic is bit-exact with the path ggml's x86 AVX2 CPU backend takes for the same node:
 
-* with F32 or F16 K and V of one type and at least 64 query rows, ggml uses its tiled path,
-  which works in float32 throughout (Q as given, K and V widened exactly);
-* otherwise it uses its one-row path: Q is rounded to K's type before the dot product
-  (F16 or BF16), and with an F16 V the weighted sum of V rows is accumulated in half
-  precision, rounding after every scale and every multiply-add.
+* with F32 or F16 K and V of one type and at least 64 query rows, its tiled path: float32
+  throughout, scores as chains of fused multiply-adds, keys in tiles of 64 with ggml's vector
+  exp (:func:`_attend_tiled`);
+* otherwise its one-row path: Q rounded to K's type, ggml's vec_dot for that type
+  (:func:`key_dots`), ``expf`` per key, and with an F16 V a running sum rounded to half
+  precision after every update (:func:`_attend_rows`);
+* for one query row over at least 512 F32/F16 keys, its split decode, which depends on ggml's
+  thread count (:data:`SPLIT_THREADS`, :func:`_split_decode`).
 
 K, V, Q, the mask and the sinks are copied into packed float32 arrays before the kernel runs,
 so a destination that overlaps an input cannot change what the kernel reads.
@@ -31,20 +34,23 @@ from ..graph.checks import (BF16, F16, F32, elementwise_strides, fail, is_contig
 from ..graph.ops import Op
 from ..graph.registry import OpImpl, register
 from .cpu_tensors import bf16_to_f32, round_to, view
+from .numeric import fma32, hsum8_f32, vexp_f32
 from .softmax import alibi_slopes
 
 PREC_DEFAULT, PREC_F32 = 0, 10
 _KV_TYPES = {F32, F16, BF16}
 #: ggml's CPU backend switches to its tiled (all-float32) kernel from this many query rows.
 TILED_MIN_ROWS = 64
-
-
-@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def _dot(a, b, n):
-    s = np.float32(0.0)
-    for i in range(n):
-        s += a[i] * b[i]
-    return s
+#: ggml splits a one-query decode over its threads from this many keys (F32 or F16 K and V).
+SPLIT_MIN_KV = 512
+#: The ggml thread count whose split decode refimpl reproduces.  With one thread ggml's split
+#: decode is exactly its one-row path; set this to the thread count of the ggml run to compare
+#: with (ggml-rpc-server's ``-t``, llama.cpp's ``-t``).
+SPLIT_THREADS = 1
+#: ggml's tiled kernel works through the keys in tiles of this many.
+KV_TILE = 64
+#: Which of ggml's dot products the one-row path uses (by K's type).
+DOT_F32, DOT_F16, DOT_BF16 = 0, 1, 2
 
 
 @njit(cache=True, nogil=True)
@@ -102,121 +108,405 @@ def round_f16_finite(a):
         a[i] = f(math.copysign(r, y))
 
 
-@njit(cache=True, nogil=True, fastmath={"contract"})
+
+@njit(cache=True, nogil=True)
+def _load_tile(k, ik3, ik2, ic, nt, kt):
+    """Keys ``ic .. ic+nt`` of one K head, transposed into ``kt`` (DK, KV_TILE), so that the
+    loops over keys below run along contiguous memory and vectorise."""
+    for t in range(nt):
+        krow = k[ik3, ik2, ic + t]
+        for d in range(krow.shape[0]):
+            kt[d, t] = krow[d]
+
+
+@njit(cache=True, nogil=True)
+def key_dots(kind, kt, q, nt, lanes, wide, out):
+    """``out[t]`` = ggml's vec_dot of key ``t`` of the transposed tile ``kt`` with ``q``, for
+    ``t < nt``, bit-exact with ggml's AVX2 routine of ``kind``:
+
+    * all kinds accumulate the first multiple of 32 elements in 32 lanes (four registers of
+      eight) of fused multiply-adds, ``lanes`` (32, KV_TILE) holding them for every key;
+    * DOT_F32 (ggml_vec_dot_f32) folds the four registers as (1+3)+(2+4), then the upper four
+      lanes onto the lower four, then lanes pairwise ((0+1)+(2+3)), in float32, and adds the
+      leftovers to that float32 sum in order; the build vectorises that loop, so groups of
+      eight, then one of four, are added as rounded products, and only the last one to three
+      leftovers are fused multiply-adds;
+    * DOT_F16 (ggml_vec_dot_f16) folds the same way, then adds the leftovers' float32 products
+      in float64 (``wide``, KV_TILE float64);
+    * DOT_BF16 (ggml_vec_dot_bf16) folds as (1+3)+(2+4) and sums the register horizontally
+      (:func:`.numeric.hsum8_f32`), then adds the leftovers' products in float64.
+    """
+    dk = q.shape[0]
+    n32 = dk - dk % 32
+    for lane in range(32):
+        lr = lanes[lane]
+        for t in range(nt):
+            lr[t] = np.float32(0.0)
+    for i in range(0, n32, 32):
+        for lane in range(32):
+            qv = q[i + lane]
+            kr = kt[i + lane]
+            lr = lanes[lane]
+            for t in range(nt):
+                lr[t] = fma32(kr[t], qv, lr[t])
+    for t in range(nt):
+        f0 = (lanes[0, t] + lanes[16, t]) + (lanes[8, t] + lanes[24, t])
+        f1 = (lanes[1, t] + lanes[17, t]) + (lanes[9, t] + lanes[25, t])
+        f2 = (lanes[2, t] + lanes[18, t]) + (lanes[10, t] + lanes[26, t])
+        f3 = (lanes[3, t] + lanes[19, t]) + (lanes[11, t] + lanes[27, t])
+        f4 = (lanes[4, t] + lanes[20, t]) + (lanes[12, t] + lanes[28, t])
+        f5 = (lanes[5, t] + lanes[21, t]) + (lanes[13, t] + lanes[29, t])
+        f6 = (lanes[6, t] + lanes[22, t]) + (lanes[14, t] + lanes[30, t])
+        f7 = (lanes[7, t] + lanes[23, t]) + (lanes[15, t] + lanes[31, t])
+        if kind == DOT_BF16:
+            out[t] = hsum8_f32(f0, f1, f2, f3, f4, f5, f6, f7)
+        else:
+            out[t] = ((f0 + f4) + (f1 + f5)) + ((f2 + f6) + (f3 + f7))
+    if kind == DOT_F32:
+        left = dk - n32
+        plain = n32 + (left // 8) * 8 + (4 if left % 8 >= 4 else 0)
+        for i in range(n32, plain):
+            qv = q[i]
+            kr = kt[i]
+            for t in range(nt):
+                out[t] = out[t] + kr[t] * qv
+        for i in range(plain, dk):
+            qv = q[i]
+            kr = kt[i]
+            for t in range(nt):
+                out[t] = fma32(kr[t], qv, out[t])
+    elif n32 < dk:
+        for t in range(nt):
+            wide[t] = np.float64(out[t])
+        for i in range(n32, dk):
+            qv = q[i]
+            kr = kt[i]
+            for t in range(nt):
+                wide[t] += np.float64(kr[t] * qv)
+        for t in range(nt):
+            out[t] = np.float32(wide[t])
+
+
+@njit(cache=True, nogil=True)
 def _scale(a, x):
     for d in range(a.shape[0]):
         a[d] = a[d] * x
 
 
-@njit(cache=True, nogil=True, fastmath={"contract"})
+@njit(cache=True, nogil=True)
 def _mad(a, v, x):
     for d in range(a.shape[0]):
-        a[d] = a[d] + v[d] * x
+        a[d] = fma32(v[d], x, a[d])
 
 
-@njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
-def _attend_block(q, k, v, mask, sinks, slopes, out, scale, softcap, use_mask, use_sinks,
-                  v_f16, exact, iq3, ik2, ik3, iv2, iv3, h0, r0, nr):
-    """Rows ``r0 .. r0+nr`` (head-major, then query) of the head group starting at ``h0``.
+@njit(cache=True, nogil=True)
+def _row_ids(h0, r0, nr, nq1):
+    """Head and query index of rows ``r0 .. r0+nr`` (head-major) of the group starting at
+    head ``h0``."""
+    heads = np.empty(nr, np.int64)
+    qrows = np.empty(nr, np.int64)
+    for r in range(nr):
+        heads[r] = h0 + (r0 + r) // nq1
+        qrows[r] = (r0 + r) % nq1
+    return heads, qrows
 
-    Returns False, writing nothing, when ``v_f16`` and not ``exact`` and the half-precision
-    accumulator met a non-finite value; the caller then runs the block again with ``exact``.
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _attend_rows(q, k, v, mask, slopes, scale, softcap, use_mask, dot_kind, v_f16, exact,
+                 iq3, ik2, ik3, iv2, iv3, heads, qrows, kv0, kv1):
+    """ggml's one-row path for the given rows over keys ``kv0 .. kv1``: keys one at a time in
+    order, an online softmax with libm's ``expf``, V accumulated with fused multiply-adds in
+    float32, or (``v_f16``) rounded to half precision after every update.  Scores are computed
+    a tile of keys at a time (:func:`key_dots`); that changes no arithmetic.
+
+    Returns ``(ok, acc, mx, total)``: the unnormalised output rows, running maxima and sums.
+    ``ok`` is False when ``v_f16`` and not ``exact`` and the half-precision accumulator met a
+    non-finite value; the caller then runs the rows again with ``exact``.
+    """
+    nr = heads.shape[0]
+    dk = q.shape[3]
+    dv = v.shape[3]
+    m3, m2 = mask.shape[0], mask.shape[1]
+    neg_inf = np.float32(-np.inf)
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    acc = np.zeros((nr, dv), np.float32)
+    accu = acc.view(np.uint32)
+    tmp = np.empty(dv, np.float32)
+    tmpu = tmp.view(np.uint32)
+    kt = np.empty((dk, KV_TILE), np.float32)
+    lanes = np.empty((32, KV_TILE), np.float32)
+    wide = np.empty(KV_TILE, np.float64)
+    sc = np.empty((nr, KV_TILE), np.float32)
+    mx = np.full(nr, neg_inf, np.float32)
+    total = np.zeros(nr, np.float32)
+    for ic in range(kv0, kv1, KV_TILE):
+        nt = min(KV_TILE, kv1 - ic)
+        _load_tile(k, ik3, ik2, ic, nt, kt)
+        for r in range(nr):
+            key_dots(dot_kind, kt, q[iq3, heads[r], qrows[r]], nt, lanes, wide, sc[r])
+        for t in range(nt):
+            vrow = v[iv3, iv2, ic + t]
+            for r in range(nr):
+                mv = zero
+                if use_mask:
+                    mv = slopes[heads[r]] * mask[iq3 % m3, heads[r] % m2, qrows[r], ic + t]
+                    if mv == neg_inf:
+                        continue
+                # separately rounded: ggml's build fuses neither multiply here
+                if softcap != zero:
+                    s = softcap * np.float32(math.tanh(sc[r, t] * scale)) + mv
+                else:
+                    s = sc[r, t] * scale + mv
+                m_old = mx[r]
+                ms = one
+                vs = one
+                a = acc[r]
+                if s > m_old:
+                    mx[r] = s
+                    ms = np.float32(math.exp(m_old - s))
+                    _scale(a, ms)
+                    if v_f16:
+                        if exact:
+                            round_f16_inplace(a, accu[r], tmp, tmpu)
+                        else:
+                            round_f16_finite(a)
+                else:
+                    vs = np.float32(math.exp(s - m_old))
+                _mad(a, vrow, vs)
+                if v_f16:
+                    if exact:
+                        round_f16_inplace(a, accu[r], tmp, tmpu)
+                    else:
+                        round_f16_finite(a)
+                total[r] = fma32(total[r], ms, vs)
+    ok = True
+    if v_f16 and not exact:
+        for r in range(nr):
+            for d in range(dv):
+                if not math.isfinite(acc[r, d]):
+                    ok = False
+    return ok, acc, mx, total
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _one_row_block(q, k, v, mask, slopes, scale, softcap, use_mask, dot_kind, v_f16,
+                   iq3, ik2, ik3, iv2, iv3, heads, qrows, kv0, kv1):
+    """:func:`_attend_rows`, run again exactly when the fast half-precision rounding met a
+    non-finite value."""
+    ok, acc, mx, total = _attend_rows(q, k, v, mask, slopes, scale, softcap, use_mask,
+                                      dot_kind, v_f16, False, iq3, ik2, ik3, iv2, iv3, heads,
+                                      qrows, kv0, kv1)
+    if not ok:
+        ok, acc, mx, total = _attend_rows(q, k, v, mask, slopes, scale, softcap, use_mask,
+                                          dot_kind, v_f16, True, iq3, ik2, ik3, iv2, iv3,
+                                          heads, qrows, kv0, kv1)
+    return acc, mx, total
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _add_sinks(acc, mx, total, sinks, heads, fused):
+    """Fold each row's sink logit into its softmax after the last key, as ggml does (the
+    one-row path also moves the maximum; the update of the sum is fused on the tiled path
+    only)."""
+    one = np.float32(1.0)
+    for r in range(acc.shape[0]):
+        sk = sinks[heads[r]]
+        ms = one
+        vs = one
+        if sk > mx[r]:
+            ms = np.float32(math.exp(mx[r] - sk))
+            mx[r] = sk
+            _scale(acc[r], ms)
+        else:
+            vs = np.float32(math.exp(sk - mx[r]))
+        total[r] = fma32(total[r], ms, vs) if fused else total[r] * ms + vs
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _store(acc, total, out, iq3, heads, qrows):
+    """Normalise the rows by their sums (a zero sum gives zeros) and store them."""
+    one = np.float32(1.0)
+    for r in range(acc.shape[0]):
+        t = total[r]
+        inv = np.float32(0.0) if t == np.float32(0.0) else one / t
+        a = acc[r]
+        o = out[iq3, qrows[r], heads[r]]
+        for d in range(a.shape[0]):
+            o[d] = a[d] * inv
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _attend_tiled(q, k, v, mask, sinks, slopes, out, scale, softcap, use_mask, use_sinks,
+                  iq3, ik2, ik3, iv2, iv3, h0, r0, nr):
+    """ggml's tiled path (float32 throughout) for rows ``r0 .. r0+nr`` of the head group
+    starting at ``h0``.
+
+    Keys are taken :data:`KV_TILE` at a time.  Each score is a chain of fused multiply-adds
+    over the head dimension, then scaled, soft-capped and masked; the running maximum moves
+    once per tile; the tile's exponentials come from :func:`.numeric.vexp_f32` and are summed
+    eight at a time; V is accumulated with one fused multiply-add per key.
     """
     nq1, dk = q.shape[2], q.shape[3]
     nkv = k.shape[2]
     dv = v.shape[3]
     m3, m2 = mask.shape[0], mask.shape[1]
     neg_inf = np.float32(-np.inf)
-    one = np.float32(1.0)
-    heads = np.empty(nr, np.int64)
-    qrows = np.empty(nr, np.int64)
-    slope = np.empty(nr, np.float32)
-    qblk = np.empty((nr, dk), np.float32)
-    for r in range(nr):
-        heads[r] = h0 + (r0 + r) // nq1
-        qrows[r] = (r0 + r) % nq1
-        slope[r] = slopes[heads[r]]
-        qblk[r, :] = q[iq3, heads[r], qrows[r], :]
+    zero = np.float32(0.0)
+    heads, qrows = _row_ids(h0, r0, nr, nq1)
     acc = np.zeros((nr, dv), np.float32)
-    accu = acc.view(np.uint32)
-    tmp = np.empty(dv, np.float32)
-    tmpu = tmp.view(np.uint32)
     mx = np.full(nr, neg_inf, np.float32)
     total = np.zeros(nr, np.float32)
-    for ic in range(nkv):
-        krow = k[ik3, ik2, ic]
-        vrow = v[iv3, iv2, ic]
+    kt = np.empty((dk, KV_TILE), np.float32)
+    sc = np.empty(KV_TILE, np.float32)
+    for ic in range(0, nkv, KV_TILE):
+        nt = min(KV_TILE, nkv - ic)
+        _load_tile(k, ik3, ik2, ic, nt, kt)
         for r in range(nr):
-            mv = np.float32(0.0)
+            qrow = q[iq3, heads[r], qrows[r]]
+            for t in range(KV_TILE):
+                sc[t] = zero
+            for d in range(dk):
+                qd = qrow[d]
+                ktd = kt[d]
+                for t in range(nt):
+                    sc[t] = fma32(qd, ktd[t], sc[t])
+            for t in range(nt):
+                sc[t] = sc[t] * scale
+            if softcap != zero:
+                for t in range(nt):
+                    sc[t] = np.float32(math.tanh(sc[t])) * softcap
             if use_mask:
-                mv = slope[r] * mask[iq3 % m3, heads[r] % m2, qrows[r], ic]
-                if mv == neg_inf:
-                    continue
-            s = _dot(qblk[r], krow, dk) * scale
-            if softcap != np.float32(0.0):
-                s = softcap * np.float32(math.tanh(s))
-            s = s + mv
+                mrow = mask[iq3 % m3, heads[r] % m2, qrows[r]]
+                sl = slopes[heads[r]]
+                for t in range(nt):
+                    sc[t] = sc[t] + sl * mrow[ic + t]
+            for t in range(nt, KV_TILE):
+                sc[t] = neg_inf
+            tmax = neg_inf
+            for t in range(nt):
+                tmax = tmax if tmax > sc[t] else sc[t]
+            if tmax == neg_inf:
+                continue
             m_old = mx[r]
-            ms = one
-            vs = one
+            m_new = m_old if m_old > tmax else tmax
             a = acc[r]
-            if s > m_old:
-                mx[r] = s
-                ms = np.float32(math.exp(m_old - s))
+            if m_new > m_old:
+                ms = np.float32(math.exp(m_old - m_new))
                 _scale(a, ms)
-                if v_f16:
-                    if exact:
-                        round_f16_inplace(a, accu[r], tmp, tmpu)
-                    else:
-                        round_f16_finite(a)
-            else:
-                vs = np.float32(math.exp(s - m_old))
-            _mad(a, vrow, vs)
-            if v_f16:
-                if exact:
-                    round_f16_inplace(a, accu[r], tmp, tmpu)
-                else:
-                    round_f16_finite(a)
-            total[r] = total[r] * ms + vs
-    if v_f16 and not exact:
-        for r in range(nr):
-            for d in range(dv):
-                if not math.isfinite(acc[r, d]):
-                    return False
-    for r in range(nr):
-        a = acc[r]
-        if use_sinks:
-            sk = sinks[heads[r]]
-            ms = one
-            vs = one
-            if sk > mx[r]:
-                ms = np.float32(math.exp(mx[r] - sk))
-                _scale(a, ms)
-            else:
-                vs = np.float32(math.exp(sk - mx[r]))
-            total[r] = total[r] * ms + vs
-        inv = np.float32(0.0) if total[r] == np.float32(0.0) else one / total[r]
-        o = out[iq3, qrows[r], heads[r]]
+                total[r] = total[r] * ms
+            mx[r] = m_new
+            part = 0.0
+            for c in range(0, KV_TILE, 8):
+                e0 = vexp_f32(sc[c] - m_new)
+                e1 = vexp_f32(sc[c + 1] - m_new)
+                e2 = vexp_f32(sc[c + 2] - m_new)
+                e3 = vexp_f32(sc[c + 3] - m_new)
+                e4 = vexp_f32(sc[c + 4] - m_new)
+                e5 = vexp_f32(sc[c + 5] - m_new)
+                e6 = vexp_f32(sc[c + 6] - m_new)
+                e7 = vexp_f32(sc[c + 7] - m_new)
+                sc[c], sc[c + 1], sc[c + 2], sc[c + 3] = e0, e1, e2, e3
+                sc[c + 4], sc[c + 5], sc[c + 6], sc[c + 7] = e4, e5, e6, e7
+                part += np.float64(hsum8_f32(e0, e1, e2, e3, e4, e5, e6, e7))
+            total[r] = np.float32(np.float64(total[r]) + part)
+            for t in range(nt):
+                _mad(a, v[iv3, iv2, ic + t], sc[t])
+    if use_sinks:
+        _add_sinks(acc, mx, total, sinks, heads, True)
+    _store(acc, total, out, iq3, heads, qrows)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _merge_chunks(pm, ps, pacc, out, h):
+    """ggml's merge of the per-thread partial results of a split decode, for head ``h``:
+    chunks in order (empty ones skipped), the running and the new part each rescaled to the
+    larger maximum with ``expf`` and added with the first product fused, then normalised."""
+    dv = pacc.shape[2]
+    m_fin = np.float32(-np.inf)
+    s_fin = np.float32(0.0)
+    acc = np.zeros(dv, np.float32)
+    for c in range(pm.shape[0]):
+        s_c = ps[c, h]
+        if s_c == np.float32(0.0):
+            continue
+        m_c = pm[c, h]
+        m_new = m_fin if m_fin > m_c else m_c
+        so = np.float32(math.exp(m_fin - m_new))
+        sn = np.float32(math.exp(m_c - m_new))
+        part = pacc[c, h]
         for d in range(dv):
-            o[d] = a[d] * inv
-    return True
+            acc[d] = fma32(acc[d], so, part[d] * sn)
+        s_fin = fma32(s_fin, so, s_c * sn)
+        m_fin = m_new
+    o = out[0, 0, h]
+    if s_fin != np.float32(0.0):
+        inv = np.float32(1.0) / s_fin
+        for d in range(dv):
+            o[d] = acc[d] * inv
+    else:
+        for d in range(dv):
+            o[d] = acc[d]
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _split_decode(q, k, v, mask, sinks, slopes, out, scale, softcap, use_mask, use_sinks,
+                  dot_kind, v_f16, group, n_split):
+    """ggml's split decode (one query row, n_kv >= 512, K and V both F32 or both F16): the keys
+    are cut into ``n_split`` chunks (ggml's thread count), each attended on the one-row path
+    (the sinks with the first chunk only), and the partial results merged in chunk order."""
+    nq2 = q.shape[1]
+    nkv, dv = k.shape[2], v.shape[3]
+    rk2, rv2 = nq2 // k.shape[1], nq2 // v.shape[1]
+    chunk = (nkv + n_split - 1) // n_split
+    pm = np.full((n_split, nq2), -np.inf, np.float32)
+    ps = np.zeros((n_split, nq2), np.float32)
+    pacc = np.zeros((n_split, nq2, dv), np.float32)
+    n_groups = nq2 // group
+    for item in prange(n_split * n_groups):
+        c = item // n_groups
+        h0 = (item % n_groups) * group
+        kv0 = c * chunk
+        if kv0 >= nkv:
+            continue
+        kv1 = min(kv0 + chunk, nkv)
+        heads, qrows = _row_ids(h0, 0, group, 1)
+        acc, mx, total = _one_row_block(q, k, v, mask, slopes, scale, softcap, use_mask,
+                                        dot_kind, v_f16, 0, h0 // rk2, 0, h0 // rv2, 0,
+                                        heads, qrows, kv0, kv1)
+        if use_sinks and c == 0:
+            _add_sinks(acc, mx, total, sinks, heads, False)
+        for r in range(group):
+            pm[c, heads[r]] = mx[r]
+            ps[c, heads[r]] = total[r]
+            pacc[c, heads[r], :] = acc[r]
+    for h in prange(nq2):
+        _merge_chunks(pm, ps, pacc, out, h)
 
 
 @njit(parallel=True, cache=True, nogil=True)
 def flash_attn_f32(q, k, v, mask, sinks, slopes, out, scale, softcap, use_mask, use_sinks,
-                   v_f16, group, qb):
-    """Attention over packed float32 arrays.
+                   tiled, dot_kind, v_f16, group, qb, n_split):
+    """Attention over packed float32 arrays, bit-exact with ggml's CPU backend.
 
     q (nq3, nq2, nq1, DK), k (nk3, nk2, nkv, DK), v (nv3, nv2, nkv, DV), mask (m3, m2, m1, m0)
     with m1 >= nq1 and m0 >= nkv, sinks and slopes (nq2,), out (nq3, nq1, nq2, DV).
+    ``tiled`` selects ggml's tiled path (:func:`_attend_tiled`), ``n_split`` > 1 its split
+    decode (:func:`_split_decode`), otherwise the one-row path (:func:`_attend_rows`) with the
+    dot product ``dot_kind`` (DOT_F32, DOT_F16, DOT_BF16; Q already rounded to K's type) and,
+    with ``v_f16``, a half-precision V accumulator.
     ``group`` query heads that share one K head and one V head are processed together, ``qb``
     rows (head, query) at a time, so that each K and V row is reused from cache.
-    ``scale`` is already divided by ``softcap`` when soft-capping is on.  With ``v_f16`` the
-    accumulator is rounded to half precision after every update (ggml's F16 V path).
+    ``scale`` is already divided by ``softcap`` when soft-capping is on.
     """
+    if n_split > 1:
+        _split_decode(q, k, v, mask, sinks, slopes, out, scale, softcap, use_mask, use_sinks,
+                      dot_kind, v_f16, group, n_split)
+        return
     nq3, nq2, nq1 = q.shape[0], q.shape[1], q.shape[2]
     nk3, nk2 = k.shape[0], k.shape[1]
     nv3, nv2 = v.shape[0], v.shape[1]
+    nkv = k.shape[2]
     rk2, rk3 = nq2 // nk2, nq3 // nk3
     rv2, rv3 = nq2 // nv2, nq3 // nv3
     n_groups = nq2 // group
@@ -230,11 +520,17 @@ def flash_attn_f32(q, k, v, mask, sinks, slopes, out, scale, softcap, use_mask, 
         nr = min(qb, rows_per_group - r0)
         ik2, ik3 = h0 // rk2, iq3 // rk3
         iv2, iv3 = h0 // rv2, iq3 // rv3
-        done = _attend_block(q, k, v, mask, sinks, slopes, out, scale, softcap, use_mask,
-                             use_sinks, v_f16, False, iq3, ik2, ik3, iv2, iv3, h0, r0, nr)
-        if not done:
-            _attend_block(q, k, v, mask, sinks, slopes, out, scale, softcap, use_mask,
-                          use_sinks, v_f16, True, iq3, ik2, ik3, iv2, iv3, h0, r0, nr)
+        if tiled:
+            _attend_tiled(q, k, v, mask, sinks, slopes, out, scale, softcap, use_mask,
+                          use_sinks, iq3, ik2, ik3, iv2, iv3, h0, r0, nr)
+            continue
+        heads, qrows = _row_ids(h0, r0, nr, nq1)
+        acc, mx, total = _one_row_block(q, k, v, mask, slopes, scale, softcap, use_mask,
+                                        dot_kind, v_f16, iq3, ik2, ik3, iv2, iv3, heads, qrows,
+                                        0, nkv)
+        if use_sinks:
+            _add_sinks(acc, mx, total, sinks, heads, False)
+        _store(acc, total, out, iq3, heads, qrows)
 
 
 def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None = None,
@@ -357,8 +653,12 @@ class FlashAttnExt(OpImpl):
         slopes = alibi_slopes(nq2, node.param_f32(1))
         tiled = k_t.type == v_t.type and k_t.type in (F32, F16) and nq1 >= TILED_MIN_ROWS
         v_f16 = (not tiled) and v_t.type == F16
+        dot_kind = {F16: DOT_F16, BF16: DOT_BF16}.get(k_t.type, DOT_F32)
         group = math.gcd(nq2 // k_t.ne[2], nq2 // v_t.ne[2]) if nq2 else 1
         qb = _row_block(nq3 * (nq2 // group if nq2 else 0), group * nq1)
+        split = (nq1 == 1 and nq3 == 1 and k_t.type == v_t.type and k_t.type in (F32, F16)
+                 and k_t.ne[1] >= SPLIT_MIN_KV)
+        n_split = SPLIT_THREADS if split else 1
 
         def run():
             if node.nelements == 0:
@@ -376,5 +676,6 @@ class FlashAttnExt(OpImpl):
             else:
                 sinks = np.zeros(1, np.float32)
             flash_attn_f32(q, k, v, mask, sinks, slopes, view(node), scale, softcap,
-                           mask_t is not None, sinks_t is not None, v_f16, group, qb)
+                           mask_t is not None, sinks_t is not None, tiled, dot_kind, v_f16,
+                           group, qb, n_split)
         return run

@@ -25,6 +25,20 @@ from .quants import BF16, F16, F16_TABLE, F32, I32, QUANT_WEIGHT_TYPES, dequanti
 SRC_TYPES = frozenset({F32, F16, BF16, I32}) | QUANT_WEIGHT_TYPES
 
 
+def _quiet_f16_table() -> np.ndarray:
+    """F16 bit pattern -> float32 as the F16C conversion ggml widens with: like
+    :data:`~.quants.F16_TABLE`, except that signalling NaNs come out quiet (the top mantissa
+    bit set, the rest of the payload kept)."""
+    table = F16_TABLE.copy()
+    bits = table.view(np.uint32)
+    bits[np.isnan(table)] |= 0x00400000
+    return table
+
+
+#: The table :func:`gather_f16` widens through.
+F16_QUIET_TABLE = _quiet_f16_table()
+
+
 @njit(parallel=True, cache=True, nogil=True)
 def gather_plain(src, idx, out):
     """Rows of a plain-typed ``src`` (A3, A2, R, ne0) picked by ``idx`` (A3, A2, n) into
@@ -41,7 +55,8 @@ def gather_plain(src, idx, out):
 
 @njit(parallel=True, cache=True, nogil=True)
 def gather_f16(src, idx, out, table):
-    """Like :func:`gather_plain` for F16 bit patterns (uint16), widened to float32."""
+    """Like :func:`gather_plain` for F16 bit patterns (uint16), widened to float32 through
+    ``table`` (:data:`F16_QUIET_TABLE`)."""
     a3, a2, n = idx.shape
     for j in prange(a3 * a2 * n):
         i3 = j // (a2 * n)
@@ -69,7 +84,9 @@ def gather_bf16(src, idx, out_bits):
 @njit(parallel=True, cache=True, nogil=True)
 def gather_quant(code, src, idx, out, table):
     """Rows of a block-format ``src`` (uint8 (A3, A2, R, row_bytes)) picked by ``idx``,
-    dequantised into ``out`` (A3, A2, n, ne0)."""
+    dequantised into ``out`` (A3, A2, n, ne0).  (Numba's cache does not see changes to
+    :func:`~.quants.dequantize_row`, which is compiled into this kernel: a new block format
+    there needs an edit here too.)"""
     a3, a2, n = idx.shape
     for j in prange(a3 * a2 * n):
         i3 = j // (a2 * n)
@@ -114,7 +131,7 @@ def _run(node: Node, a: Node, b: Node) -> None:
     out = np.empty(shape, np.float32)
     if out.size:
         if a.type == F16:
-            gather_f16(view(a, np.uint16), idx, out, F16_TABLE)
+            gather_f16(view(a, np.uint16), idx, out, F16_QUIET_TABLE)
         elif a.type == BF16:
             gather_bf16(view(a, np.uint16), idx, out.view(np.uint32))
         else:
@@ -124,7 +141,8 @@ def _run(node: Node, a: Node, b: Node) -> None:
 
 @register
 class GetRows(OpImpl):
-    """GET_ROWS from F32, F16, BF16, I32 and Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K rows."""
+    """GET_ROWS from F32, F16, BF16, I32 and Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K,
+    Q5_K, Q6_K rows."""
 
     ops = (Op.GET_ROWS,)
 

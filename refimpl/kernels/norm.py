@@ -1,8 +1,10 @@
 """RMS_NORM and NORM over rows (spec/ops/norm.md).
 
-Like ggml's CPU backend: squares (RMS_NORM) or deviations (NORM) are summed in double
-precision, the mean and the scale ``1/sqrt(mean + eps)`` are rounded to float32, and each
-element is multiplied by that scale in float32.
+Bit-exact with ggml's CPU backend.  RMS_NORM sums the float32 squares in float64, in order;
+NORM sums the row in float64 for its mean, and the squared deviations eight at a time in
+float32 (ggml's AVX2 horizontal sum) and the groups in float64.  The mean of squares or the
+variance and the scale ``1/sqrt(. + eps)`` are rounded to float32, and each element is
+multiplied by that scale in float32.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from ..graph.ops import Op
 from ..graph.registry import OpImpl, register
 from ..protocol.ggml_types import GgmlType
 from .cpu_tensors import view
+from .numeric import hsum8_f32
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -38,22 +41,37 @@ def rms_norm_f32(x, out, eps):
 
 @njit(parallel=True, cache=True, nogil=True)
 def norm_f32(x, out, eps):
-    """out[row] = (x[row] - mean) / sqrt(var + eps) for every row of 4-D float32 arrays."""
+    """out[row] = (x[row] - mean) / sqrt(var + eps) for every row of 4-D float32 arrays.
+
+    As ggml's AVX2 kernel: the mean is the float64 sum rounded to float32, then divided by n in
+    float32; the squared deviations are summed eight at a time in float32
+    (:func:`.numeric.hsum8_f32`), the groups and the leftovers in float64.
+    """
     n3, n2, n1, n0 = x.shape
+    n8 = n0 - n0 % 8
     for r in prange(n3 * n2 * n1):
         i3, i2, i1 = r // (n2 * n1), (r // n1) % n2, r % n1
+        xr = x[i3, i2, i1]
         s = 0.0
         for i0 in range(n0):
-            s += np.float64(x[i3, i2, i1, i0])
-        mean = np.float32(s / n0)
-        v = 0.0
+            s += np.float64(xr[i0])
+        mean = np.float32(s) / np.float32(n0)
+        d = np.empty(n0, np.float32)
         for i0 in range(n0):
-            d = x[i3, i2, i1, i0] - mean
-            v += np.float64(d * d)
+            d[i0] = xr[i0] - mean
+        v = 0.0
+        for c in range(0, n8, 8):
+            v += np.float64(hsum8_f32(d[c] * d[c], d[c + 1] * d[c + 1], d[c + 2] * d[c + 2],
+                                      d[c + 3] * d[c + 3], d[c + 4] * d[c + 4],
+                                      d[c + 5] * d[c + 5], d[c + 6] * d[c + 6],
+                                      d[c + 7] * d[c + 7]))
+        for i0 in range(n8, n0):
+            v += np.float64(d[i0] * d[i0])
         var = np.float32(v / n0)
         scale = np.float32(1.0) / np.float32(math.sqrt(np.float32(var + eps)))
+        orow = out[i3, i2, i1]
         for i0 in range(n0):
-            out[i3, i2, i1, i0] = (x[i3, i2, i1, i0] - mean) * scale
+            orow[i0] = d[i0] * scale
 
 
 def reference_rms_norm(x: np.ndarray, eps: float) -> np.ndarray:

@@ -13,7 +13,10 @@ Q5_0       32     22     d:f16, qh:u32 (bit j is the fifth bit of value j), qs[1
 Q5_1       32     24     d:f16, m:f16, qh:u32, qs[16]
 Q8_0       32     34     d:f16, qs:i8[32]
 Q8_1       32     36     d:f16, s:f16 (d times the sum of qs), qs:i8[32]
+Q2_K       256    84     scales[16] (low nibble scale, high nibble min), qs[64], d:f16, dmin:f16
+Q3_K       256    110    hmask[32], qs[64], scales[12] (sixteen 6-bit scales), d:f16
 Q4_K       256    144    d:f16, dmin:f16, scales[12] (eight 6-bit scales and mins), qs[128]
+Q5_K       256    176    d:f16, dmin:f16, scales[12], qh[32], qs[128]
 Q6_K       256    210    ql[128], qh[64], scales:i8[16], d:f16
 Q8_K       256    292    d:f32, qs:i8[256], bsums:i16[16] (sums of 16 consecutive qs)
 =========  =====  =====  =====================================================================
@@ -26,13 +29,9 @@ Three groups of functions:
   activations (src1) of a matrix product before the integer dot products: Q8_0, Q8_1 or Q8_K
   with the x86 rounding (round half to even, scales rounded to f16 where the format stores
   f16);
-* dot products (:func:`dot_f32`, :func:`min_dot`) of dequantised weight rows with
-  dequantised activations.  ggml sums integer products inside a block and scales the sum;
-  with block scales of at most 11 significant bits and small integers, every product is
-  exact or within one float32 rounding of ggml's, so the results differ from ggml's only in
-  float32 summation order.  The one term that is not a plain product, Q8_1's ``s`` (the
-  block sum rounded to f16, which Q4_1 and Q5_1 multiply with their minimum), is kept
-  separate exactly as ggml keeps it.
+* row unpacking for the matrix product (:func:`unpack_q32_row`, :func:`unpack_k_row`): a
+  weight row as the small integers, per-group scales and minimums that ggml's x86 integer dot
+  products work on (refimpl.kernels.matmul reproduces those dot products bit for bit).
 
 Numba has no float16 on the CPU: half-precision scales are decoded through a 65536-entry
 table (:data:`F16_TABLE`) and rounded to half precision arithmetically (:func:`.numeric.round_f16`).
@@ -54,19 +53,24 @@ Q4_0, Q4_1 = int(GgmlType.Q4_0), int(GgmlType.Q4_1)
 Q5_0, Q5_1 = int(GgmlType.Q5_0), int(GgmlType.Q5_1)
 Q8_0, Q8_1, Q4_K, Q6_K, Q8_K = (int(GgmlType.Q8_0), int(GgmlType.Q8_1), int(GgmlType.Q4_K),
                                 int(GgmlType.Q6_K), int(GgmlType.Q8_K))
+Q2_K, Q3_K, Q5_K = int(GgmlType.Q2_K), int(GgmlType.Q3_K), int(GgmlType.Q5_K)
 
 #: Block formats refimpl can dequantise (weights of MUL_MAT and sources of GET_ROWS).
-QUANT_WEIGHT_TYPES = frozenset({Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K})
+QUANT_WEIGHT_TYPES = frozenset({Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K})
+
+#: The k-quant weight formats (256-value super-blocks, Q8_K activations).
+K_QUANT_TYPES = frozenset({Q2_K, Q3_K, Q4_K, Q5_K, Q6_K})
 
 #: The activation format ggml's CPU backend pairs with each weight type (``vec_dot_type``).
 VEC_DOT_TYPE = {F32: F32, F16: F16, BF16: BF16,
                 Q4_0: Q8_0, Q5_0: Q8_0, Q8_0: Q8_0,
                 Q4_1: Q8_1, Q5_1: Q8_1,
-                Q4_K: Q8_K, Q6_K: Q8_K}
+                Q2_K: Q8_K, Q3_K: Q8_K, Q4_K: Q8_K, Q5_K: Q8_K, Q6_K: Q8_K}
 
 #: (values per block, bytes per block) of every format this module reads or writes.
 BLOCK = {Q4_0: (32, 18), Q4_1: (32, 20), Q5_0: (32, 22), Q5_1: (32, 24), Q8_0: (32, 34),
-         Q8_1: (32, 36), Q4_K: (256, 144), Q6_K: (256, 210), Q8_K: (256, 292)}
+         Q8_1: (32, 36), Q2_K: (256, 84), Q3_K: (256, 110), Q4_K: (256, 144),
+         Q5_K: (256, 176), Q6_K: (256, 210), Q8_K: (256, 292)}
 
 #: IEEE half bit pattern -> float32 value, for every one of the 65536 patterns.
 F16_TABLE = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
@@ -177,6 +181,55 @@ def _unpack_q6_k(row, o, q):
             q[e + l + 96] = ((lo_b >> 4) | (((h >> 6) & 3) << 4)) - 32
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _unpack_q5_k(row, o, q):
+    """The 256 5-bit values of the Q5_K block at ``row[o:]`` into q[0:256] (0..31): nibbles
+    as in Q4_K (from ``qs`` at offset 48), fifth bits from ``qh`` (offset 16), where bit
+    ``2j`` of ``qh[l]`` belongs to value ``64j + l`` and bit ``2j+1`` to ``64j + 32 + l``."""
+    for j in range(4):
+        for l in range(32):
+            v = np.int32(row[o + 48 + 32 * j + l])
+            h = np.int32(row[o + 16 + l])
+            q[64 * j + l] = (v & 15) | (((h >> (2 * j)) & 1) << 4)
+            q[64 * j + 32 + l] = (v >> 4) | (((h >> (2 * j + 1)) & 1) << 4)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _unpack_q2_k(row, o, q):
+    """The 256 2-bit values of the Q2_K block at ``row[o:]`` into q[0:256] (0..3): in each
+    128-value half ``n``, value ``32j + l`` is bits ``2j, 2j+1`` of ``qs[32n + l]``."""
+    for n in range(2):
+        for j in range(4):
+            for l in range(32):
+                q[128 * n + 32 * j + l] = (np.int32(row[o + 16 + 32 * n + l]) >> (2 * j)) & 3
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _unpack_q3_k(row, o, q):
+    """The 256 3-bit values of the Q3_K block at ``row[o:]`` into q[0:256] (-4..3): two low
+    bits laid out as in Q2_K (``qs`` at offset 32), and value ``128n + 32j + l`` is 4 lower
+    unless bit ``4n + j`` of ``hmask[l]`` is set."""
+    for n in range(2):
+        for j in range(4):
+            for l in range(32):
+                low = (np.int32(row[o + 32 + 32 * n + l]) >> (2 * j)) & 3
+                high = (np.int32(row[o + l]) >> (4 * n + j)) & 1
+                q[128 * n + 32 * j + l] = low + 4 * high - 4
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _k3_scale(sb, s):
+    """The signed scale (6 bits minus 32) of 16-value group ``s`` (0..15) from Q3_K's 12
+    packed bytes ``sb``: four low bits from byte ``s`` (low nibble) or ``s - 8`` (high
+    nibble), two high bits from byte ``8 + s % 4`` at bit ``2 * (s // 4)``."""
+    if s < 8:
+        low = np.int32(sb[s]) & 15
+    else:
+        low = np.int32(sb[s - 8]) >> 4
+    high = (np.int32(sb[8 + s % 4]) >> (2 * (s // 4))) & 3
+    return (low | (high << 4)) - 32
+
+
 # ------------------------------------------------------------------------------------------
 # dequantisation
 
@@ -188,7 +241,7 @@ def dequantize_row(code, row, out, table, with_min, q):
 
     ``table`` is :data:`F16_TABLE`, or :data:`BF16_TABLE` for BF16 rows (F16 and BF16 rows
     are widened through it).  ``with_min=False`` leaves out the additive minimum of Q4_1 and
-    Q5_1 (the matrix product adds it separately, as ggml does); other formats ignore it.
+    Q5_1 (for a caller that adds it separately); other formats ignore it.
     """
     n = out.shape[0]
     if code == F16 or code == BF16:
@@ -231,6 +284,39 @@ def dequantize_row(code, row, out, table, with_min, q):
                 m1 = dmin * np.float32(mn)
                 for l in range(32):
                     out[b * 256 + 32 * j + l] = d1 * np.float32(q[32 * j + l]) - m1
+    elif code == Q5_K:
+        for b in range(n // 256):
+            o = b * 176
+            d = _f16_at(row, o, table)
+            dmin = _f16_at(row, o + 2, table)
+            _unpack_q5_k(row, o, q)
+            for j in range(8):
+                sc, mn = _k4_scale_min(row[o + 4:o + 16], j)
+                d1 = d * np.float32(sc)
+                m1 = dmin * np.float32(mn)
+                for l in range(32):
+                    out[b * 256 + 32 * j + l] = d1 * np.float32(q[32 * j + l]) - m1
+    elif code == Q2_K:
+        for b in range(n // 256):
+            o = b * 84
+            d = _f16_at(row, o + 80, table)
+            dmin = _f16_at(row, o + 82, table)
+            _unpack_q2_k(row, o, q)
+            for g in range(16):
+                sb = np.int32(row[o + g])
+                dl = d * np.float32(sb & 15)
+                ml = dmin * np.float32(sb >> 4)
+                for l in range(16):
+                    out[b * 256 + 16 * g + l] = dl * np.float32(q[16 * g + l]) - ml
+    elif code == Q3_K:
+        for b in range(n // 256):
+            o = b * 110
+            d = _f16_at(row, o + 108, table)
+            _unpack_q3_k(row, o, q)
+            for g in range(16):
+                dl = d * np.float32(_k3_scale(row[o + 96:o + 108], g))
+                for l in range(16):
+                    out[b * 256 + 16 * g + l] = dl * np.float32(q[16 * g + l])
     elif code == Q6_K:
         for b in range(n // 256):
             o = b * 210
@@ -240,6 +326,83 @@ def dequantize_row(code, row, out, table, with_min, q):
                 dg = d * np.float32(np.int8(row[o + 192 + g]))
                 for l in range(16):
                     out[b * 256 + 16 * g + l] = dg * np.float32(q[16 * g + l])
+
+
+@njit(cache=True, nogil=True)
+def unpack_q32_row(code, row, codes, dw, mw, table):
+    """One packed row of a 32-value format (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) as the integers
+    ggml's x86 dot products multiply: ``codes`` (int32, one per value: signed for Q4_0,
+    Q5_0 and Q8_0, the unsigned 0..15 / 0..31 for Q4_1 and Q5_1), the scale ``d`` of every
+    block into ``dw`` and, for Q4_1 and Q5_1, the minimum ``m`` into ``mw`` (float32)."""
+    nbytes = _block_bytes_32(code)
+    for b in range(codes.shape[0] // 32):
+        o = b * nbytes
+        dw[b] = _f16_at(row, o, table)
+        if code == Q4_0:
+            _unpack_q4(row, o + 2, codes, 32 * b, 8)
+        elif code == Q4_1:
+            mw[b] = _f16_at(row, o + 2, table)
+            _unpack_q4(row, o + 4, codes, 32 * b, 0)
+        elif code == Q5_0:
+            _unpack_q5(row, o + 2, o + 6, codes, 32 * b, 16)
+        elif code == Q5_1:
+            mw[b] = _f16_at(row, o + 2, table)
+            _unpack_q5(row, o + 4, o + 8, codes, 32 * b, 0)
+        else:
+            for i in range(32):
+                codes[32 * b + i] = np.int32(np.int8(row[o + 2 + i]))
+
+
+@njit(cache=True, nogil=True)
+def unpack_k_row(code, row, codes, sc16, mn16, dw, dmw, table):
+    """One packed k-quant row (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) as integers: ``codes`` (int32
+    per value: 0..3, -4..3, 0..15, 0..31 and 0..63 respectively; Q6_K's offset of 32 is left
+    to the dot product), the scale and minimum of every 16 values ``sc16`` / ``mn16`` (int32;
+    formats with 32-value sub-blocks repeat them; Q3_K's scales are signed, minimums are 0
+    where the format has none) and the super-block's ``d`` / ``dmin`` in ``dw`` / ``dmw``."""
+    for b in range(codes.shape[0] // 256):
+        q = codes[256 * b:256 * b + 256]
+        s0 = 16 * b
+        if code == Q4_K or code == Q5_K:
+            o = b * (144 if code == Q4_K else 176)
+            dw[b] = _f16_at(row, o, table)
+            dmw[b] = _f16_at(row, o + 2, table)
+            if code == Q4_K:
+                _unpack_q4_k(row, o, q)
+            else:
+                _unpack_q5_k(row, o, q)
+            for j in range(8):
+                sc, mn = _k4_scale_min(row[o + 4:o + 16], j)
+                sc16[s0 + 2 * j] = sc
+                sc16[s0 + 2 * j + 1] = sc
+                mn16[s0 + 2 * j] = mn
+                mn16[s0 + 2 * j + 1] = mn
+        elif code == Q6_K:
+            o = b * 210
+            dw[b] = _f16_at(row, o + 208, table)
+            dmw[b] = 0
+            _unpack_q6_k(row, o, q)
+            for i in range(256):
+                q[i] += 32
+            for g in range(16):
+                sc16[s0 + g] = np.int32(np.int8(row[o + 192 + g]))
+                mn16[s0 + g] = 0
+        elif code == Q2_K:
+            o = b * 84
+            dw[b] = _f16_at(row, o + 80, table)
+            dmw[b] = _f16_at(row, o + 82, table)
+            _unpack_q2_k(row, o, q)
+            for g in range(16):
+                sc16[s0 + g] = np.int32(row[o + g]) & 15
+                mn16[s0 + g] = np.int32(row[o + g]) >> 4
+        else:
+            o = b * 110
+            dw[b] = _f16_at(row, o + 108, table)
+            dmw[b] = 0
+            _unpack_q3_k(row, o, q)
+            for g in range(16):
+                sc16[s0 + g] = _k3_scale(row[o + 96:o + 108], g)
+                mn16[s0 + g] = 0
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -400,39 +563,6 @@ def unpack_activations(rows: np.ndarray, vec_type: int, k: int) -> Activations:
         return Activations(Q8_0, blocks[:, :, 2:34].copy().view(np.int8).reshape(m, k), d)
     s = blocks[:, :, 2:4].copy().view(np.float16)[:, :, 0].astype(np.float32)
     return Activations(Q8_1, blocks[:, :, 4:36].copy().view(np.int8).reshape(m, k), d, s)
-
-
-# ------------------------------------------------------------------------------------------
-# dot products
-
-
-@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def dot_f32(a, b):
-    """float32 dot product of two equally long vectors, summed in float32 in any order
-    (vectorised).  Used on dequantised block rows, where every product is already exact or
-    within one rounding of ggml's, so only the summation order differs from ggml's."""
-    s = np.float32(0.0)
-    for i in range(a.shape[0]):
-        s += a[i] * b[i]
-    return s
-
-
-@njit(cache=True, nogil=True)
-def block_mins_row(code, row, out, table):
-    """The f16 minimum ``m`` of every block of one Q4_1 / Q5_1 row, as float32."""
-    nbytes = 20 if code == Q4_1 else 24
-    for b in range(out.shape[0]):
-        out[b] = _f16_at(row, b * nbytes + 2, table)
-
-
-@njit(cache=True, nogil=True)
-def min_dot(mins, s):
-    """Sum over blocks of weight minimum x activation ``s`` (Q4_1/Q5_1 against Q8_1), in
-    block order as ggml's scalar accumulator does."""
-    acc = np.float32(0.0)
-    for b in range(mins.shape[0]):
-        acc += mins[b] * s[b]
-    return acc
 
 
 # ------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ rotates ``i`` with ``i + n_dims`` across the whole row.
 
 The angle table is built exactly as ggml's CPU backend builds it: in float32, the angle of pair
 ``i`` obtained by repeated multiplication with ``base^(-2/n_dims)``, then ``cosf``/``sinf``.
+The rotation and YaRN's blend use fused multiply-adds where ggml's build does, so the result is
+bit-exact.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ..graph.checks import (F16, F32, I32, elementwise_strides, fail, no_src_bey
 from ..graph.ops import Op
 from ..graph.registry import OpImpl, register
 from .cpu_tensors import load_f32, store_f32, view
+from .numeric import fma32
 
 MODE_NORMAL, MODE_NEOX, MODE_MROPE, MODE_VISION, MODE_IMROPE = 0, 2, 8, 24, 40
 MODES = (MODE_NORMAL, MODE_NEOX, MODE_MROPE, MODE_VISION, MODE_IMROPE)
@@ -71,6 +74,9 @@ def yarn_corr_dims(n_dims, n_ctx_orig, freq_base, beta_fast, beta_slow):
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _yarn(theta_extrap, freq_scale, low, high, i0, ext_factor, mscale):
+    """``cos`` and ``sin`` of one pair's angle, times the magnitude scale; float32 throughout
+    (a float64 intermediate would make numba call ``cos`` instead of ``cosf``), with the two
+    multiply-adds ggml's build fuses."""
     f32 = np.float32
     one = f32(1.0)
     theta_interp = freq_scale * theta_extrap
@@ -79,8 +85,8 @@ def _yarn(theta_extrap, freq_scale, low, high, i0, ext_factor, mscale):
         y = (f32(i0 // 2) - low) / _fmax(f32(0.001), high - low)
         ramp = one - _fmin(one, _fmax(f32(0.0), y))
         ramp_mix = ramp * ext_factor
-        theta = theta_interp * (one - ramp_mix) + theta_extrap * ramp_mix
-        mscale = mscale * (one + f32(0.1) * f32(math.log(one / freq_scale)))
+        theta = fma32(theta_interp, one - ramp_mix, theta_extrap * ramp_mix)
+        mscale = mscale * fma32(f32(0.1), f32(math.log(one / freq_scale)), one)
     return f32(math.cos(theta)) * mscale, f32(math.sin(theta)) * mscale
 
 
@@ -173,8 +179,8 @@ def rope_rows(x, out, cache, n_dims, n_offs, mode):
                 s = cache[i2, i0 + 1]
                 x0 = x[i3, i2, i1, ic]
                 x1 = x[i3, i2, i1, ic + n_dims]
-                out[i3, i2, i1, ic] = x0 * c - x1 * s
-                out[i3, i2, i1, ic + n_dims] = x0 * s + x1 * c
+                out[i3, i2, i1, ic] = fma32(x0, c, -(x1 * s))
+                out[i3, i2, i1, ic + n_dims] = fma32(x0, s, x1 * c)
             continue
         for i0 in range(0, n_offs):
             out[i3, i2, i1, i0] = x[i3, i2, i1, i0]
@@ -184,8 +190,8 @@ def rope_rows(x, out, cache, n_dims, n_offs, mode):
                 s = cache[i2, i0 + 1]
                 x0 = x[i3, i2, i1, n_offs + i0]
                 x1 = x[i3, i2, i1, n_offs + i0 + 1]
-                out[i3, i2, i1, n_offs + i0] = x0 * c - x1 * s
-                out[i3, i2, i1, n_offs + i0 + 1] = x0 * s + x1 * c
+                out[i3, i2, i1, n_offs + i0] = fma32(x0, c, -(x1 * s))
+                out[i3, i2, i1, n_offs + i0 + 1] = fma32(x0, s, x1 * c)
         else:
             half = n_dims // 2
             for i0 in range(0, n_dims, 2):
@@ -194,8 +200,8 @@ def rope_rows(x, out, cache, n_dims, n_offs, mode):
                 s = cache[i2, i0 + 1]
                 x0 = x[i3, i2, i1, ic]
                 x1 = x[i3, i2, i1, ic + half]
-                out[i3, i2, i1, ic] = x0 * c - x1 * s
-                out[i3, i2, i1, ic + half] = x0 * s + x1 * c
+                out[i3, i2, i1, ic] = fma32(x0, c, -(x1 * s))
+                out[i3, i2, i1, ic + half] = fma32(x0, s, x1 * c)
         for i0 in range(n_offs + n_dims, n0):
             out[i3, i2, i1, i0] = x[i3, i2, i1, i0]
 
@@ -205,6 +211,7 @@ def _angles(p: RopeParams, pos: np.ndarray, ff: np.ndarray | None, n0: int, n2: 
     with np.errstate(all="ignore"):
         theta_scale = np.power(f32(p.freq_base), f32(f32(-2.0) / f32(p.n_dims)))
     low, high = yarn_corr_dims(p.n_dims, p.n_ctx_orig, p.freq_base, p.beta_fast, p.beta_slow)
+    low, high = f32(low), f32(high)
     n = n0 if p.mode == MODE_VISION else p.n_dims
     use_ff = ff is not None
     ffa = ff if use_ff else np.ones(1, np.float32)

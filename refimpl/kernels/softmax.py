@@ -3,8 +3,10 @@
 
 ``dst[r] = softmax(scale * src0[r] + slope(h) * mask[r'])``, where the softmax may include one
 extra logit per head (the sink) that takes probability mass without producing an output.
-Arithmetic follows ggml's CPU backend: the scaled and masked row is formed in float32, ``exp`` is
-taken in float32, the normaliser is summed in float64 and its reciprocal applied in float32.
+Bit-exact with ggml's x86 AVX2 CPU backend: the masked term is added with a fused multiply-add,
+``exp`` is ggml's 8-lane approximation (:func:`.numeric.vexp_f32`) on whole groups of eight and
+libm's ``expf`` on the rest, each group is summed in float32 and the normaliser in float64, and
+its reciprocal is applied in float32.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from ..graph.checks import (F16, F32, elementwise_strides, fail, is_contiguous, 
 from ..graph.ops import Op
 from ..graph.registry import OpImpl, register
 from .cpu_tensors import load_f32, view
+from .numeric import fma32, hsum8_f32, vexp_f32
 
 
 def alibi_slopes(n_head: int, max_bias: float) -> np.ndarray:
@@ -48,36 +51,59 @@ def softmax_f32(x, mask, sinks, out, scale, slopes, use_mask, use_sinks):
 
     ``mask`` (m3, m2, >=n1, n0) is indexed by row and by the head dims modulo its size;
     ``slopes`` (n2,) multiplies it; ``sinks`` (n2,) holds one extra logit per head.
+    Bit-exact with ggml's AVX2 kernel: ``scale*x`` plus ``slope*mask`` in one fused
+    multiply-add, ``exp`` by :func:`.numeric.vexp_f32` on whole groups of eight and by libm's
+    ``expf`` on the rest of the row, each group summed in float32 (:func:`.numeric.hsum8_f32`)
+    and the groups and leftovers in float64.
     """
     n3, n2, n1, n0 = x.shape
     m3, m2 = mask.shape[0], mask.shape[1]
     rows = n3 * n2 * n1
+    n8 = n0 - n0 % 8
     for r in prange(rows):
         i3 = r // (n2 * n1)
         i2 = (r // n1) % n2
         i1 = r % n1
         w = np.empty(n0, np.float32)
         slope = slopes[i2]
+        xr = x[i3, i2, i1]
+        if use_mask:
+            mr = mask[i3 % m3, i2 % m2, i1]
+            for i0 in range(n0):
+                w[i0] = fma32(slope, mr[i0], xr[i0] * scale)
+        else:
+            for i0 in range(n0):
+                w[i0] = xr[i0] * scale
         mx = np.float32(-np.inf)
         for i0 in range(n0):
-            v = x[i3, i2, i1, i0] * scale
-            if use_mask:
-                v = v + slope * mask[i3 % m3, i2 % m2, i1, i0]
-            w[i0] = v
+            v = w[i0]
             mx = mx if mx > v else v
         if use_sinks:
             sk = sinks[i2]
             mx = mx if mx > sk else sk
         total = 0.0
-        for i0 in range(n0):
-            e = math.exp(w[i0] - mx)
+        for c in range(0, n8, 8):
+            e0 = vexp_f32(w[c] - mx)
+            e1 = vexp_f32(w[c + 1] - mx)
+            e2 = vexp_f32(w[c + 2] - mx)
+            e3 = vexp_f32(w[c + 3] - mx)
+            e4 = vexp_f32(w[c + 4] - mx)
+            e5 = vexp_f32(w[c + 5] - mx)
+            e6 = vexp_f32(w[c + 6] - mx)
+            e7 = vexp_f32(w[c + 7] - mx)
+            w[c], w[c + 1], w[c + 2], w[c + 3] = e0, e1, e2, e3
+            w[c + 4], w[c + 5], w[c + 6], w[c + 7] = e4, e5, e6, e7
+            total += np.float64(hsum8_f32(e0, e1, e2, e3, e4, e5, e6, e7))
+        for i0 in range(n8, n0):
+            e = np.float32(math.exp(w[i0] - mx))
             w[i0] = e
-            total += e
+            total += np.float64(e)
         if use_sinks:
-            total += math.exp(sinks[i2] - mx)
+            total += np.float64(np.float32(math.exp(sinks[i2] - mx)))
         inv = np.float32(1.0 / total)
+        orow = out[i3, i2, i1]
         for i0 in range(n0):
-            out[i3, i2, i1, i0] = w[i0] * inv
+            orow[i0] = w[i0] * inv
 
 
 def reference(x: np.ndarray, mask: np.ndarray | None = None, scale: float = 1.0,

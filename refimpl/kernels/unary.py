@@ -1,10 +1,13 @@
 """UNARY, GLU and SCALE: elementwise activations (spec/ops/unary.md).
 
-Everything is computed in float32, like ggml's CPU backend, including its one shortcut:
-GELU and GELU_QUICK (alone or as the gate of GEGLU and GEGLU_QUICK) are looked up in a table
-indexed by the input rounded to F16, which also rounds the result to F16.  Rounding input and
-output to half precision reproduces the table exactly (:func:`.numeric.round_f16`).  For
-BF16 tensors ggml evaluates the exact formula, and so do we.
+Everything is computed in float32, bit-exact with ggml's x86 AVX2 CPU backend, including its
+shortcuts: GELU and GELU_QUICK (alone or as the gate of GEGLU and GEGLU_QUICK) are looked up in
+a table indexed by the input rounded to F16, which also rounds the result to F16.  Rounding
+input and output to half precision reproduces the table exactly (:func:`.numeric.round_f16`).
+For BF16 tensors ggml evaluates the exact formula, and so do we.  SILU and SWIGLU on F32 rows
+use ggml's 8-lane exp on whole groups of eight (:func:`.numeric.vsilu_f32`) and libm on the
+rest; products that ggml's compiler fuses into an addition are fused here too
+(:func:`.numeric.fma32`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from ..graph.ops import GluOp, Op, UnaryOp
 from ..graph.registry import OpImpl, register
 from ..protocol.ggml_types import GgmlType
 from .cpu_tensors import load_f32, store_f32, view
-from .numeric import round_f16
+from .numeric import fma32, round_f16, vsilu_f32
 
 _SQRT_2_OVER_PI = 0.79788456080286535587989211986876
 _GELU_COEF_A = 0.044715
@@ -31,8 +34,10 @@ _SQRT_2_INV = 0.70710678118654752440084436210484
 
 @njit(cache=True, inline="always")
 def _gelu(x):
-    return np.float32(0.5) * x * (np.float32(1.0) + math.tanh(
-        np.float32(_SQRT_2_OVER_PI) * x * (np.float32(1.0) + np.float32(_GELU_COEF_A) * x * x)))
+    # ggml's compiler fuses ``1 + A*x*x`` into fma(A*x, x, 1); the rest has no multiply-add
+    inner = fma32(np.float32(_GELU_COEF_A) * x, x, np.float32(1.0))
+    t = math.tanh(np.float32(_SQRT_2_OVER_PI) * x * inner)
+    return np.float32(0.5) * x * (np.float32(1.0) + t)
 
 
 @njit(cache=True, inline="always")
@@ -42,8 +47,12 @@ def _gelu_quick(x):
 
 @njit(cache=True, inline="always")
 def activation(code, x, table, p0, p1, p2, p3):
-    """One unary op (``UnaryOp`` code) on a float32 value.  ``table`` selects ggml's F16
-    lookup-table behaviour for GELU/GELU_QUICK; p0..p3 are XIELU's parameters."""
+    """One unary op (``UnaryOp`` code) on a float32 value; p0..p3 are XIELU's parameters.
+
+    ``table`` selects ggml's F16 lookup-table behaviour for GELU/GELU_QUICK: 0 evaluates the
+    formula (BF16 tensors), 1 looks every value up (F16 tensors), 2 looks up only inputs in
+    (-10, 10) and returns 0 below and the input above (F32 tensors).
+    """
     one = np.float32(1.0)
     zero = np.float32(0.0)
     if code == 0:    # ABS
@@ -64,9 +73,9 @@ def activation(code, x, table, p0, p1, p2, p3):
         return one / (one + math.exp(-x))
     if code == 8:    # GELU
         if table:
-            if x <= np.float32(-10.0):
+            if table == 2 and x <= np.float32(-10.0):
                 return zero
-            if x >= np.float32(10.0):
+            if table == 2 and x >= np.float32(10.0):
                 return x
             return round_f16(_gelu(round_f16(x)))
         return _gelu(x)
@@ -88,43 +97,60 @@ def activation(code, x, table, p0, p1, p2, p3):
         return x if x > np.float32(20.0) else math.log(one + math.exp(x))
     if code == 16:   # GELU_ERF
         return np.float32(0.5) * x * (one + math.erf(x * np.float32(_SQRT_2_INV)))
-    if code == 17:   # XIELU: p0=alpha_n, p1=alpha_p, p2=beta, p3=eps
+    if code == 17:   # XIELU: p0=alpha_n, p1=alpha_p, p2=beta, p3=eps; one product fused as in ggml
         if x > zero:
-            return p1 * x * x + p2 * x
-        return (np.float32(math.expm1(min(x, p3))) - x) * p0 + p2 * x
-    if code == 18:   # FLOOR
-        return math.floor(x)
+            return fma32(p1 * x, x, p2 * x)
+        return fma32(np.float32(math.expm1(min(x, p3))) - x, p0, p2 * x)
+    if code == 18:   # FLOOR (np.floor keeps a float, and the sign of a zero)
+        return np.floor(x)
     if code == 19:   # CEIL
-        return math.ceil(x)
+        return np.ceil(x)
     if code == 20:   # ROUND: half away from zero, like C's roundf
         return math.copysign(math.floor(abs(x) + np.float32(0.5)), x)
-    return math.trunc(x)  # 21 TRUNC
+    return np.trunc(x)    # 21 TRUNC
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def unary_f32(a, out, code, table, p0, p1, p2, p3):
-    """out = activation(a) over 4-D float32 arrays of one shape."""
+def unary_f32(a, out, code, table, simd, p0, p1, p2, p3):
+    """out = activation(a) over 4-D float32 arrays of one shape.
+
+    With ``simd`` (F32 tensors), SILU takes ggml's AVX2 path: whole groups of eight from the
+    start of each row through :func:`.numeric.vsilu_f32`, the rest of the row through libm.
+    """
     n3, n2, n1, n0 = out.shape
+    n8 = n0 - n0 % 8 if simd and code == 10 else 0
     for r in prange(n3 * n2 * n1):
         i3, i2, i1 = r // (n2 * n1), (r // n1) % n2, r % n1
-        for i0 in range(n0):
+        for i0 in range(n8):
+            out[i3, i2, i1, i0] = vsilu_f32(a[i3, i2, i1, i0])
+        for i0 in range(n8, n0):
             out[i3, i2, i1, i0] = activation(code, a[i3, i2, i1, i0], table, p0, p1, p2, p3)
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def glu_f32(x, g, out, code, table, alpha, limit):
-    """out = act(x) * g for the GLU ops (``GluOp`` code); x, g, out share one shape."""
+def glu_f32(x, g, out, code, table, simd, alpha, limit):
+    """out = act(x) * g for the GLU ops (``GluOp`` code); x, g, out share one shape.
+
+    With ``simd`` (F32 tensors), SWIGLU takes ggml's AVX2 path: groups of eight from the start
+    of each row through :func:`.numeric.vsilu_f32`, the rest of the row through libm.
+    """
     n3, n2, n1, n0 = out.shape
     one = np.float32(1.0)
+    n8 = n0 - n0 % 8 if simd and code == 2 else 0
     for r in prange(n3 * n2 * n1):
         i3, i2, i1 = r // (n2 * n1), (r // n1) % n2, r % n1
-        for i0 in range(n0):
+        for i0 in range(n8):
+            out[i3, i2, i1, i0] = vsilu_f32(x[i3, i2, i1, i0]) * g[i3, i2, i1, i0]
+        for i0 in range(n8, n0):
             a = x[i3, i2, i1, i0]
             b = g[i3, i2, i1, i0]
             if code == 0:      # REGLU
                 v = a * b if a > 0 else np.float32(0.0)
-            elif code == 1:    # GEGLU
-                v = activation(8, a, table, 0, 0, 0, 0) * b
+            elif code == 1:    # GEGLU (F32: exactly +0 below -10, x*g above 10)
+                if table == 2 and a <= np.float32(-10.0):
+                    v = np.float32(0.0)
+                else:
+                    v = activation(8, a, table, 0, 0, 0, 0) * b
             elif code == 2:    # SWIGLU
                 v = a / (one + math.exp(-a)) * b
             elif code == 3:    # SWIGLU_OAI
@@ -144,12 +170,19 @@ def glu_f32(x, g, out, code, table, alpha, limit):
 
 @njit(parallel=True, cache=True, nogil=True)
 def scale_f32(a, out, s, b):
-    """out = a * s + b, one rounding (as a fused multiply-add)."""
+    """out = a * s + b in one rounding (a fused multiply-add); with b == 0, ggml multiplies
+    only, which keeps the sign of a zero product."""
     n3, n2, n1, n0 = out.shape
+    s = np.float32(s)
+    b = np.float32(b)
     for r in prange(n3 * n2 * n1):
         i3, i2, i1 = r // (n2 * n1), (r // n1) % n2, r % n1
-        for i0 in range(n0):
-            out[i3, i2, i1, i0] = np.float32(np.float64(a[i3, i2, i1, i0]) * s + b)
+        if b == np.float32(0.0):
+            for i0 in range(n0):
+                out[i3, i2, i1, i0] = a[i3, i2, i1, i0] * s
+        else:
+            for i0 in range(n0):
+                out[i3, i2, i1, i0] = fma32(a[i3, i2, i1, i0], s, b)
 
 
 # -- numpy oracles ----------------------------------------------------------------------------
@@ -216,8 +249,9 @@ def reference_glu(code: int, x: np.ndarray, g: np.ndarray, table: bool, alpha=0.
 
 # -- op implementations -----------------------------------------------------------------------
 
-def _uses_table(t: int) -> bool:
-    return t in (GgmlType.F32, GgmlType.F16)
+def _uses_table(t: int) -> int:
+    """``activation``'s table mode for a tensor type."""
+    return {GgmlType.F32: 2, GgmlType.F16: 1}.get(t, 0)
 
 
 def _run_into(node: Node, compute, *inputs) -> None:
@@ -261,7 +295,9 @@ class UnaryOps(OpImpl):
 
         def run():
             av = load_f32(a)
-            _run_into(node, lambda out: unary_f32(av, out, code, table, *[np.float32(p) for p in ps]), av)
+            simd = node.type == GgmlType.F32
+            _run_into(node, lambda out: unary_f32(av, out, code, table, simd,
+                                                  *[np.float32(p) for p in ps]), av)
         return run
 
 
@@ -307,7 +343,8 @@ class GluOps(OpImpl):
             else:
                 lo, hi = av[..., :nc], av[..., nc:2 * nc]
                 x, g = (hi, lo) if swapped else (lo, hi)
-            _run_into(node, lambda out: glu_f32(x, g, out, code, table, alpha, limit), x, g)
+            simd = node.type == GgmlType.F32
+            _run_into(node, lambda out: glu_f32(x, g, out, code, table, simd, alpha, limit), x, g)
         return run
 
 

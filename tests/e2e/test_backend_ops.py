@@ -29,8 +29,8 @@ def _param(case: str, name: str) -> str | None:
 def required(case: str) -> bool:
     """Whether refimpl must pass this case (the ops and types of the graph-engine issue)."""
     op = case.split("(", 1)[0]
-    if op == "MUL_MAT":
-        return _param(case, "type_a") in WEIGHTS
+    if op == "MUL_MAT":  # activations (src1) as llama.cpp sends them: F32
+        return _param(case, "type_a") in WEIGHTS and _param(case, "type_b") == "f32"
     if op == "GET_ROWS":
         return _param(case, "type") in WEIGHTS | {"i32"}
     if op == "FLASH_ATTN_EXT":
@@ -39,7 +39,7 @@ def required(case: str) -> bool:
         return _param(case, "type") in FLOAT
     if op == "CPY":
         src, dst = _param(case, "type_src"), _param(case, "type_dst")
-        return src == dst or (src in FLOAT and dst in FLOAT)
+        return (src == dst and src in WEIGHTS) or (src in FLOAT and dst in FLOAT)
     return True
 
 

@@ -1,10 +1,9 @@
 """MUL_MAT against a float64 oracle on gguf-dequantised weights and oracle-quantised
 activations: every weight type, src0 broadcast over dims 2 and 3, permuted and padded views,
-F16/BF16/quantised src1, both the fused and the BLAS path; and refusal of invalid nodes."""
+F16/BF16/quantised src1, each of ggml's kernels (the choice, and agreement between them);
+and refusal of invalid nodes.  Bit-exactness against ggml itself is in test_matmul_exact."""
 
 from __future__ import annotations
-
-import contextlib
 
 import numpy as np
 import pytest
@@ -23,18 +22,7 @@ from refimpl.testing.graphs import GraphBuilder
 from .test_quants import GGUF_TYPE, pack_activations, random_rows
 
 FLOAT = [T.F32, T.F16, T.BF16]
-QUANT = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q6_K]
-
-
-@contextlib.contextmanager
-def fused_limit(n: int):
-    """Temporarily move the fused/BLAS switch-over."""
-    old = matmul.FUSED_MAX_ROWS
-    matmul.FUSED_MAX_ROWS = n
-    try:
-        yield
-    finally:
-        matmul.FUSED_MAX_ROWS = old
+QUANT = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
 
 
 def bf16_round(x: np.ndarray) -> np.ndarray:
@@ -137,7 +125,7 @@ def cases(draw):
         btype=draw(st.sampled_from(btypes)),
         order=draw(st.sampled_from([(0, 1, 2, 3), (0, 2, 1, 3), (0, 1, 3, 2), (0, 3, 2, 1)])),
         pad_cols=draw(st.integers(0, 1)), pad_rows=draw(st.integers(0, 1)),
-        blas=draw(st.booleans()), seed=draw(st.integers(0, 2**32 - 1)))
+        seed=draw(st.integers(0, 2**32 - 1)))
 
 
 @settings(max_examples=50, deadline=None)
@@ -159,8 +147,7 @@ def test_matches_oracle(c):
     else:
         b = permuted_input(g, btype, x, c["order"])
     out = g.node(Op.MUL_MAT, T.F32, (n, nt, b2, b3), [w, b])
-    with fused_limit(0 if c["blas"] else 64):
-        g.run()
+    g.run()
     want, scale = expected(wtype, wvals, mins, x, btype)
     got = g.read(out).astype(np.float64)
     assert np.all(np.abs(got - want) <= 2e-6 * scale + 1e-30), np.abs(got - want).max()
@@ -186,27 +173,55 @@ def test_attention_shapes():
     np.testing.assert_allclose(g.read(kq)[0], want, rtol=1e-5, atol=1e-5)
 
 
-def test_large_rows_switch_paths_agree():
-    """The fused and BLAS paths give the same result to float32 rounding."""
+@pytest.mark.parametrize("wtype", FLOAT + QUANT, ids=lambda t: t.name)
+def test_kernels_agree(wtype, monkeypatch):
+    """Each kernel refimpl can run (ggml's dot products, llamafile's GEMM, the k-quant tile
+    kernel) gives the same result to float32 rounding."""
     rng = np.random.default_rng(11)
-    k = 512
-    for wtype in QUANT + [T.F16, T.BF16]:
-        if wtype in QUANT:
-            data = random_rows(rng, int(wtype), 40, k)
-        else:
-            data = rng.standard_normal((40, k)).astype(np.float32)
-        x = rng.standard_normal((24, k)).astype(np.float32)
-        results = []
-        for limit in (0, 64):
-            g = GraphBuilder(4 << 20)
-            w = g.input(wtype, (k, 40), data)
-            b = g.input(T.F32, (k, 24), x)
-            out = g.node(Op.MUL_MAT, T.F32, (40, 24), [w, b])
-            with fused_limit(limit):
-                g.run()
-            results.append(g.read(out))
-        tol = 1e-5 * np.abs(results[1]).max()
-        np.testing.assert_allclose(results[0], results[1], rtol=0, atol=tol, err_msg=wtype.name)
+    k, n, nt = 512, 40, 24
+    if wtype in QUANT:
+        data = random_rows(rng, int(wtype), n, k)
+    else:
+        data = rng.standard_normal((n, k)).astype(np.float32)
+    x = rng.standard_normal((nt, k)).astype(np.float32)
+    paths = [matmul.VEC_DOT]
+    if wtype in FLOAT or wtype in (T.Q8_0, T.Q4_0, T.Q5_0):
+        paths.append(matmul.LLAMAFILE)
+    if Q.BLOCK.get(int(wtype), (0,))[0] == 256:
+        paths.append(matmul.TILED)
+    results = []
+    for path in paths:
+        monkeypatch.setattr(matmul, "ggml_path", lambda *args, p=path: p)
+        g = GraphBuilder(4 << 20)
+        w = g.input(wtype, (k, n), data)
+        b = g.input(T.F32, (k, nt), x)
+        out = g.node(Op.MUL_MAT, T.F32, (n, nt), [w, b])
+        g.run()
+        results.append(g.read(out))
+    tol = 1e-5 * np.abs(results[0]).max()
+    for r in results[1:]:
+        np.testing.assert_allclose(r, results[0], rtol=0, atol=tol, err_msg=wtype.name)
+
+
+@pytest.mark.parametrize("args, path", [
+    ((T.F32, T.F32, True, 64, 8, 1), matmul.VEC_DOT),        # one activation row
+    ((T.F32, T.F32, True, 64, 8, 2), matmul.LLAMAFILE),
+    ((T.F32, T.F32, False, 64, 8, 2), matmul.VEC_DOT),       # F32 src1 must be contiguous
+    ((T.F32, T.F32, True, 60, 8, 5), matmul.VEC_DOT),        # K % 8
+    ((T.F32, T.F32, True, 64, 6, 5), matmul.VEC_DOT),        # rows % 4
+    ((T.F16, T.F32, False, 64, 8, 2), matmul.LLAMAFILE),     # converted copy is contiguous
+    ((T.F16, T.F16, False, 64, 8, 2), matmul.VEC_DOT),
+    ((T.BF16, T.F32, True, 64, 8, 3), matmul.LLAMAFILE),
+    ((T.Q8_0, T.F32, False, 64, 3, 2), matmul.LLAMAFILE),
+    ((T.Q4_0, T.Q8_0, False, 64, 3, 2), matmul.VEC_DOT),
+    ((T.Q4_1, T.F32, True, 64, 8, 9), matmul.VEC_DOT),
+    ((T.Q4_K, T.F32, True, 256, 8, 7), matmul.VEC_DOT),
+    ((T.Q4_K, T.F32, False, 256, 8, 8), matmul.TILED),
+    ((T.Q6_K, T.Q8_K, True, 256, 3, 300), matmul.TILED),
+])
+def test_ggml_path(args, path):
+    wtype, btype, contiguous, k, m, n = args
+    assert matmul.ggml_path(int(wtype), int(btype), contiguous, k, m, n) == path
 
 
 @pytest.mark.parametrize("wtype", [T.F32, T.Q4_0])

@@ -12,12 +12,14 @@ from hypothesis import strategies as st
 from refimpl.kernels import quants as Q
 
 GGUF_TYPE = {Q.Q4_0: QT.Q4_0, Q.Q4_1: QT.Q4_1, Q.Q5_0: QT.Q5_0, Q.Q5_1: QT.Q5_1,
-             Q.Q8_0: QT.Q8_0, Q.Q4_K: QT.Q4_K, Q.Q6_K: QT.Q6_K}
+             Q.Q8_0: QT.Q8_0, Q.Q2_K: QT.Q2_K, Q.Q3_K: QT.Q3_K, Q.Q4_K: QT.Q4_K,
+             Q.Q5_K: QT.Q5_K, Q.Q6_K: QT.Q6_K}
 WEIGHTS = sorted(GGUF_TYPE)
 
 #: Byte offsets of the f16 scales (d, then m/dmin where the format has one) inside a block.
 SCALE_OFFSETS = {Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q8_0: (0,),
-                 Q.Q4_K: (0, 2), Q.Q6_K: (208,)}
+                 Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2),
+                 Q.Q6_K: (208,)}
 
 
 def random_rows(rng: np.random.Generator, code: int, nrows: int, k: int,
@@ -29,7 +31,7 @@ def random_rows(rng: np.random.Generator, code: int, nrows: int, k: int,
     raw = rng.integers(0, 256, (nrows, nb, size), dtype=np.uint8)
     for off in SCALE_OFFSETS[code]:
         vals = rng.uniform(-scale, scale, (nrows, nb))
-        if code == Q.Q4_K:
+        if code in (Q.Q2_K, Q.Q4_K, Q.Q5_K):
             vals = np.abs(vals)
         raw[:, :, off:off + 2] = vals.astype(np.float16).view(np.uint8).reshape(nrows, nb, 2)
     return raw.reshape(nrows, nb * size)
@@ -166,19 +168,6 @@ def test_packed_activations_round_trip(vec, data):
     if vec == Q.Q8_K:
         np.testing.assert_array_equal(acts.bsums, extra)
         assert packed.shape[1] == 292 * (x.shape[1] // 256)
-
-
-def test_dot_helpers():
-    rng = np.random.default_rng(3)
-    a = rng.standard_normal(1000).astype(np.float32)
-    b = rng.standard_normal(1000).astype(np.float32)
-    assert abs(Q.dot_f32(a, b) - float(a.astype(np.float64) @ b)) < 1e-4
-    m = rng.standard_normal(5).astype(np.float32)
-    s = rng.standard_normal(5).astype(np.float32)
-    acc = np.float32(0)
-    for i in range(5):
-        acc = np.float32(acc + m[i] * s[i])
-    assert Q.min_dot(m, s) == acc
 
 
 def test_half_rows_widen_exactly():
