@@ -417,16 +417,42 @@ async def test_read_timeout_closes_stalled_messages(nursery):
 
 
 async def test_slow_but_steady_uploads_are_fine(nursery):
+    # 256 KiB in 8 pieces 0.3 s apart: never 0.5 s without a byte, and well above the
+    # minimum average rate, so the whole message may take longer than the read timeout.
     server = await nursery.start(RpcServer(make_config(read_timeout=0.5)).serve)
     async with await connect(server) as c:
-        buf = await c.alloc_buffer(64)
-        t = buf.tensor(GgmlType.I8, (64,))
-        header = c._conn.send_set_tensor_header(t, 0, 64)
+        size = 256 << 10
+        buf = await c.alloc_buffer(size)
+        t = buf.tensor(GgmlType.I8, (size,))
+        header = c._conn.send_set_tensor_header(t, 0, size)
         await c._stream.send_all(header)
-        for i in range(4):  # 1.2 s in all, never 0.5 s without a byte
+        for i in range(8):  # 2.4 s in all
             await trio.sleep(0.3)
-            await c._stream.send_all(bytes([i]) * 16)
-        assert await c.get_tensor(t, 0, 64) == b"".join(bytes([i]) * 16 for i in range(4))
+            await c._stream.send_all(bytes([i]) * (size // 8))
+        assert await c.get_tensor(t, 0, size) == b"".join(bytes([i]) * (size // 8) for i in range(8))
+
+
+async def test_slow_drip_is_closed(nursery):
+    # A byte every 0.2 s never trips the per-receive read timeout, but the message as a whole
+    # must arrive within the read timeout plus its size at MIN_TRANSFER_RATE.
+    server = await nursery.start(RpcServer(make_config(read_timeout=0.5, idle_timeout=100)).serve)
+    stream = await open_raw(addr(server))
+    request = frame(Command.ALLOC_BUFFER, bytes(12))
+    closed = False
+    with trio.fail_after(5):
+        for byte in request:
+            try:
+                await stream.send_all(bytes([byte]))
+            except trio.BrokenResourceError:
+                closed = True
+                break
+            with trio.move_on_after(0.2):
+                if await stream.receive_some(64) == b"":
+                    closed = True
+                    break
+    assert closed
+    async with await connect(server) as c:  # everyone else is still served
+        assert await c.device_count() == 1
 
 
 @pytest.mark.parametrize("networks,admitted", [(["10.0.0.0/8"], False),

@@ -198,14 +198,24 @@ class ServerConnection(_Connection):
     """The server's view of one connection: bytes in, requests out, replies framed.
 
     ``max_message_size`` bounds every payload the connection buffers (all but SET_TENSOR data,
-    which is streamed to its destination and bounded by it).
+    which is streamed to its destination and bounded by it).  ``max_tensor_data``, when
+    given, bounds SET_TENSOR data from the length prefix alone: no destination can take more
+    than the largest buffer the server can allocate.
     """
 
-    def __init__(self, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE):
+    def __init__(self, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+                 max_tensor_data: int | None = None):
         super().__init__()
         self.max_message_size = max_message_size
+        self.max_tensor_data = max_tensor_data
         self._header: tuple[int, int] | None = None  # (command, length) of the message in hand
         self._owed: Command | None = None
+
+    @property
+    def message_length(self) -> int | None:
+        """Payload length of the request whose header has arrived and whose payload has not
+        yet been delivered (None between messages or before a whole header is in)."""
+        return None if self._header is None else self._header[1]
 
     @property
     def at_boundary(self) -> bool:
@@ -285,6 +295,11 @@ class ServerConnection(_Connection):
                 self._fail(MalformedMessage(
                     f"SET_TENSOR payload must be at least {SET_TENSOR_HEADER_SIZE} bytes, "
                     f"got {length}"))
+            if self.max_tensor_data is not None and \
+                    length - SET_TENSOR_HEADER_SIZE > self.max_tensor_data:
+                self._fail(OversizeMessage(
+                    f"SET_TENSOR announces {length - SET_TENSOR_HEADER_SIZE} data bytes, more "
+                    f"than any buffer of this server holds ({self.max_tensor_data})"))
         elif cmd is Command.GRAPH_COMPUTE:
             if length < graph_payload_size(0, 0):
                 self._fail(MalformedMessage(f"GRAPH_COMPUTE payload too short ({length} bytes)"))

@@ -16,7 +16,7 @@ from .. import __version__
 from ..devices import DeviceUnavailable, open_device
 from ..protocol.constants import PROTOCOL_VERSION
 from .hash_cache import HashCache, default_cache_dir
-from .net import RpcServer, ServerConfig
+from .net import DEFAULT_MAX_BUFFERED, RpcServer, ServerConfig
 
 log = logging.getLogger("refimpl.server")
 
@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--cache", action="store_true",
                    help="enable the local tensor cache in $LLAMA_CACHE/rpc or "
                         "~/.cache/llama.cpp/rpc")
+    p.add_argument("--cache-max-mib", type=int, default=None, metavar="MIB",
+                   help="bound on the cache's size; least recently used entries are evicted "
+                        "(default: half the disk space free at start)")
     p.add_argument("-t", "--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                    help="compute threads for the CPU device (default: %(default)s)")
     p.add_argument("--max-connections", type=int, default=64, metavar="N",
@@ -56,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest GRAPH_COMPUTE payload accepted (default: %(default)s)")
     p.add_argument("--max-graph-nodes", type=int, default=1 << 18, metavar="N",
                    help="largest graph accepted, in nodes (default: %(default)s)")
+    p.add_argument("--max-buffered-mib", type=int, default=DEFAULT_MAX_BUFFERED >> 20,
+                   metavar="MIB",
+                   help="memory that requests may hold while they arrive, are decoded and "
+                        "run (graphs kept for recompute included), all clients together; a "
+                        "connection that would go beyond it is closed (default: %(default)s)")
+    p.add_argument("--max-buffers", type=int, default=4096, metavar="N",
+                   help="buffers one connection may hold at once (default: %(default)s)")
     p.add_argument("--allow", action="append", default=[], metavar="CIDR",
                    help="only accept clients from this network (repeatable; default: anyone "
                         "who can reach the address)")
@@ -97,6 +107,14 @@ def banner(server: RpcServer, cache_dir) -> str:
         lines.append("  %s: %s (%d MiB, %d MiB free)" % (dev.name, dev.description,
                                                       total // MIB, free // MIB))
     lines.append("  transport      : TCP")
+    lines.append("  limits         : %d clients, idle %gs, read %gs, message %d MiB, requests "
+                 "%d MiB, %d buffers per client" % (
+                     cfg.max_connections, cfg.idle_timeout, cfg.read_timeout,
+                     cfg.max_message_size // MIB, cfg.max_buffered // MIB, cfg.max_buffers))
+    if cfg.cache is not None:
+        lines.append("  cache bound    : %d MiB" % (cfg.cache.max_bytes // MIB))
+    if cfg.allow:
+        lines.append("  allowed        : %s" % ", ".join(str(n) for n in cfg.allow))
     return "\n".join(lines)
 
 
@@ -139,10 +157,14 @@ def make_config(args) -> tuple[ServerConfig, object]:
     devices = [open_device(n, capacity=capacity, threads=args.threads) for n in names]
     cache = None
     cache_dir = None
+    if args.cache_max_mib is not None and args.cache_max_mib < 0:
+        raise ValueError("--cache-max-mib must not be negative")
     if args.cache:
         cache_dir = default_cache_dir()
-        cache = HashCache(cache_dir)
-    for name in ("max_connections", "max_message_mib", "max_graph_nodes"):
+        cache = HashCache(cache_dir, None if args.cache_max_mib is None
+                          else args.cache_max_mib * MIB)
+    for name in ("max_connections", "max_message_mib", "max_graph_nodes", "max_buffered_mib",
+                 "max_buffers"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
     if args.idle_timeout < 0 or args.read_timeout < 0:
@@ -160,7 +182,9 @@ def make_config(args) -> tuple[ServerConfig, object]:
                         graph_executor_factory=lambda devs: GraphExecutor(devs, limits),
                         max_connections=args.max_connections, idle_timeout=args.idle_timeout,
                         read_timeout=args.read_timeout,
-                        max_message_size=args.max_message_mib << 20, allow=allow), cache_dir
+                        max_message_size=args.max_message_mib << 20, allow=allow,
+                        max_buffered=args.max_buffered_mib << 20,
+                        max_buffers=args.max_buffers), cache_dir
 
 
 def main(argv=None) -> int:

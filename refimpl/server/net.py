@@ -11,6 +11,7 @@ import contextlib
 import ipaddress
 import logging
 import socket as stdsocket
+import threading
 from dataclasses import dataclass, field
 
 import trio
@@ -20,6 +21,7 @@ from ..protocol import messages as m
 from ..protocol.connection import (DEFAULT_MAX_MESSAGE_SIZE, NEED_DATA, ConnectionClosed,
                                    ServerConnection, SetTensorStart)
 from ..protocol.errors import ProtocolError
+from ..protocol.messages import SET_TENSOR_HEADER_SIZE
 from .buffers import AddressSpace, Rejected
 from .hash_cache import HashCache
 from .session import Session
@@ -33,9 +35,62 @@ RECV_CHUNK = 256 * 1024
 #: worker thread so that other connections keep being served meanwhile.
 _BLOCKING = (m.SetTensorHashRequest, m.GraphComputeRequest, m.GraphRecomputeRequest)
 
+#: Once the read timeout has passed, a started message must keep arriving at this average
+#: rate at least (bytes per second), so that a client dripping a byte now and then cannot
+#: hold a connection forever (docs/limits.md).
+MIN_TRANSFER_RATE = 64 * 1024
+
+#: Default of ServerConfig.max_buffered: request bytes held in memory, all connections.
+DEFAULT_MAX_BUFFERED = 2048 * 1024 * 1024
+
 
 class TimedOut(Exception):
     """A client sent nothing for longer than the configured timeout."""
+
+
+class MemoryBudget:
+    """Memory that requests hold while they arrive, are decoded, run and (graphs) are kept
+    for GRAPH_RECOMPUTE, all connections together.
+
+    Each connection has one charge that it sets as its holdings change.  A charge that would
+    take the total over the capacity is refused with :class:`Rejected`, and that connection
+    is closed: one client, or many together, cannot exhaust the server's memory by sending
+    large messages.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.used = 0
+        self._charges: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def charge(self, key: int, amount: int) -> None:
+        """Set connection ``key``'s charge to ``amount`` bytes (lowering never fails)."""
+        with self._lock:
+            old = self._charges.get(key, 0)
+            if amount > old and self.used - old + amount > self.capacity:
+                raise Rejected(
+                    f"request memory limit reached: this connection would hold {amount} bytes, "
+                    f"{self.used - old} are held by others, the limit is {self.capacity} "
+                    f"(--max-buffered-mib)")
+            self.used += amount - old
+            if amount:
+                self._charges[key] = amount
+            else:
+                self._charges.pop(key, None)
+
+    def release(self, key: int) -> None:
+        """Drop connection ``key``'s charge."""
+        self.charge(key, 0)
+
+
+@dataclass
+class _Progress:
+    """Per-connection bookkeeping of the network layer."""
+
+    key: int
+    message_started: float | None = None   # trio.current_time() of a started message's first byte
+    message_size: int = 0                  # its announced size, once known
 
 
 @dataclass
@@ -56,6 +111,10 @@ class ServerConfig:
     read_timeout: float = 60.0
     #: Networks allowed to connect (``ipaddress`` networks); empty means everyone.
     allow: list = field(default_factory=list)
+    #: Bytes of requests held in memory at once, all connections together (MemoryBudget).
+    max_buffered: int = DEFAULT_MAX_BUFFERED
+    #: Buffers one connection may hold at once; ALLOC_BUFFER beyond it fails softly.
+    max_buffers: int = 4096
 
 
 class RpcServer:
@@ -66,6 +125,8 @@ class RpcServer:
         self.connections = 0  # currently open
         self.space = AddressSpace()
         self.listeners: list[trio.SocketListener] = []
+        self.budget = MemoryBudget(config.max_buffered)
+        self._next_key = 0
 
     @property
     def port(self) -> int:
@@ -120,10 +181,15 @@ class RpcServer:
         log.info("accepted client connection from %s", peer)
         executor = (self.config.graph_executor_factory(self.config.devices)
                     if self.config.graph_executor_factory else None)
-        session = Session(self.config.devices, self.config.cache, executor, peer, self.space)
-        conn = ServerConnection(max_message_size=self.config.max_message_size)
+        session = Session(self.config.devices, self.config.cache, executor, peer, self.space,
+                          max_buffers=self.config.max_buffers)
+        largest = max((d.max_buffer_size() for d in self.config.devices), default=0)
+        conn = ServerConnection(max_message_size=self.config.max_message_size,
+                                max_tensor_data=largest)
+        self._next_key += 1
+        progress = _Progress(self._next_key)
         try:
-            await self._run(stream, conn, session)
+            await self._run(stream, conn, session, progress)
         except ProtocolError as exc:
             log.warning("%s: protocol error: %s; closing the connection", peer, exc)
         except Rejected as exc:
@@ -136,28 +202,34 @@ class RpcServer:
             log.exception("%s: internal error while serving; closing the connection", peer)
         finally:
             self.connections -= 1
+            self.budget.release(progress.key)
             session.close()
             with trio.CancelScope(shield=True):
                 await stream.aclose()
             log.info("client connection from %s closed", peer)
 
     async def _run(self, stream: trio.SocketStream, conn: ServerConnection,
-                   session: Session) -> None:
+                   session: Session, progress: _Progress) -> None:
         sock = stream.socket
         while True:
             event = conn.next_event()
             if event is NEED_DATA:
-                conn.receive_data(await self._recv(sock, conn))
+                data = await self._recv(sock, conn, progress)
+                conn.receive_data(data)
+                self._charge(conn, session, progress)
                 continue
             if isinstance(event, ConnectionClosed):
                 return
             if isinstance(event, SetTensorStart):
                 place = session.set_tensor_destination(event)
+                progress.message_size = SET_TENSOR_HEADER_SIZE + event.size
                 with place.buffer.memory.write_region(place.offset, place.nbytes) as view:
-                    await self._receive_payload(sock, conn, view)
+                    await self._receive_payload(sock, conn, view, progress)
+                progress.message_started, progress.message_size = None, 0
                 if event.cache_flag and session.cache is not None:
                     await trio.to_thread.run_sync(session.set_tensor_landed, event, place)
                 continue
+            progress.message_started, progress.message_size = None, 0
             if isinstance(event, m.GetTensorRequest):
                 view = session.get_tensor_source(event)
                 await stream.send_all(conn.send_data_header(len(view)))
@@ -165,37 +237,73 @@ class RpcServer:
                     await stream.send_all(view)
                 continue
             if isinstance(event, _BLOCKING):
-                reply = await trio.to_thread.run_sync(session.handle, event)
+                extra = 0
+                if isinstance(event, m.GraphComputeRequest) and session.graph_executor is not None:
+                    extra = session.graph_executor.request_bytes(event)
+                self._charge(conn, session, progress, extra)
+                try:
+                    reply = await trio.to_thread.run_sync(session.handle, event)
+                finally:
+                    del event
+                    self._charge(conn, session, progress)
             else:
                 reply = session.handle(event)
+                self._charge(conn, session, progress)
             if reply is not None:
                 await stream.send_all(conn.send(reply))
 
+    def _charge(self, conn: ServerConnection, session: Session, progress: _Progress,
+                extra: int = 0) -> None:
+        """Charge what this connection holds: received bytes not yet consumed, stored
+        graphs, and ``extra`` (a request being decoded and run)."""
+        held = conn.buffered + extra
+        if session.graph_executor is not None:
+            held += session.graph_executor.stored_bytes()
+        self.budget.charge(progress.key, held)
 
     @contextlib.contextmanager
-    def _deadline(self, conn: ServerConnection):
-        """Bound the next receive: the idle timeout between messages, the read timeout inside
-        one.  Raises TimedOut."""
-        if conn.at_boundary:
-            seconds, reason = self.config.idle_timeout, "idle for {:g}s"
+    def _deadline(self, conn: ServerConnection, progress: _Progress):
+        """Bound the next receive: the idle timeout between messages; inside one, the read
+        timeout per receive and a deadline for the whole message (read timeout plus its size
+        at MIN_TRANSFER_RATE).  Raises TimedOut."""
+        now = trio.current_time()
+        if conn.at_boundary and progress.message_started is None:
+            seconds = self.config.idle_timeout
+            reason = f"idle for {seconds:g}s"
+            deadline = now + seconds if seconds else float("inf")
         else:
-            seconds, reason = self.config.read_timeout, "no byte of a started message for {:g}s"
+            if progress.message_started is None:
+                progress.message_started = now
+            seconds = self.config.read_timeout
+            reason = f"no byte of a started message for {seconds:g}s"
+            deadline = now + seconds if seconds else float("inf")
+            if seconds:
+                size = progress.message_size or conn.message_length or 0
+                whole = progress.message_started + seconds + size / MIN_TRANSFER_RATE
+                if whole < deadline:
+                    deadline = whole
+                    reason = (f"a started message ({size or 'header'} bytes) took longer than "
+                              f"{whole - progress.message_started:.1f}s to arrive")
         try:
-            with trio.fail_after(seconds or float("inf")):
+            with trio.fail_at(deadline):
                 yield
         except trio.TooSlowError:
-            raise TimedOut(reason.format(seconds)) from None
+            raise TimedOut(reason) from None
 
-    async def _recv(self, sock, conn: ServerConnection) -> bytes:
-        with self._deadline(conn):
-            return await sock.recv(RECV_CHUNK)
+    async def _recv(self, sock, conn: ServerConnection, progress: _Progress) -> bytes:
+        with self._deadline(conn, progress):
+            data = await sock.recv(RECV_CHUNK)
+        if data and progress.message_started is None:
+            progress.message_started = trio.current_time()
+        return data
 
-    async def _receive_payload(self, sock, conn: ServerConnection, view: memoryview) -> None:
+    async def _receive_payload(self, sock, conn: ServerConnection, view: memoryview,
+                               progress: _Progress) -> None:
         """Move a bulk payload into ``view``: buffered bytes first, then straight from the
         socket."""
         filled = conn.readinto(view)
         while filled < len(view):
-            with self._deadline(conn):
+            with self._deadline(conn, progress):
                 n = await sock.recv_into(view[filled:])
             if n == 0:
                 raise ProtocolError(

@@ -27,8 +27,11 @@ class Session:
     """State of one connection: its buffers and what it may touch."""
 
     def __init__(self, devices: list[Device], cache: HashCache | None = None,
-                 graph_executor=None, peer: str = "?", space: AddressSpace | None = None):
+                 graph_executor=None, peer: str = "?", space: AddressSpace | None = None,
+                 max_buffers: int | None = None):
         self.devices = devices
+        #: Buffers this connection may hold at once (None: no limit).
+        self.max_buffers = max_buffers
         self.cache = cache
         self.buffers = BufferTable(devices, space)
         self.graph_executor = graph_executor
@@ -82,6 +85,12 @@ class Session:
     # -- buffers -------------------------------------------------------------------------------
     def _on_alloc_buffer(self, req: m.AllocBufferRequest):
         dev = self._device(req.device)
+        if self.max_buffers is not None and len(self.buffers) >= self.max_buffers:
+            # Even empty buffers cost server memory: their number is bounded too, and the
+            # refusal is the ordinary failed-allocation reply.
+            log.warning("%s: refusing a buffer: the connection already holds %d (--max-buffers)",
+                        self.peer, len(self.buffers))
+            return m.AllocBufferResponse(0, 0)
         memory = dev.allocate(req.size)
         if memory is None:
             log.warning("%s: cannot allocate %d bytes on device %d (%s): %d bytes free",
@@ -152,8 +161,9 @@ class Session:
         """
         if start.cache_flag and self.cache is not None and p.nbytes:
             path = self.cache.store(p.buffer.memory.read_region(p.offset, p.nbytes))
-            log.info("%s: saved %d bytes of '%s' to %s", self.peer, p.nbytes,
-                     start.tensor.label, path)
+            if path is not None:
+                log.info("%s: saved %d bytes of '%s' to %s", self.peer, p.nbytes,
+                         start.tensor.label, path)
 
     def _on_set_tensor_hash(self, req: m.SetTensorHashRequest):
         """May block on disk I/O; the network layer runs it in a worker thread."""
