@@ -12,14 +12,17 @@ the server; against ``--server`` they only run when selected with ``-m hazard``.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
 
+from servers import factory_for, hazard_target_kinds
 from support import TargetFactory
 
 
 def pytest_addoption(parser):
+    """--server, --server-cmd, --peer and --hazard-report."""
     g = parser.getgroup("conformance")
     g.addoption("--server", default=None, metavar="HOST:PORT",
                 help="judge a running server (not restarted between probes)")
@@ -27,9 +30,12 @@ def pytest_addoption(parser):
                 help="command that starts the server under test; {port} is replaced")
     g.addoption("--peer", default=None, choices=["llama.cpp"],
                 help="judge llama.cpp's ggml-rpc-server built from the registry sdist")
+    g.addoption("--hazard-report", default="build/hazard-table.md", metavar="PATH",
+                help="also write the hazard table as Markdown to PATH (default: %(default)s)")
 
 
 def pytest_configure(config):
+    """Register the hazard marker; make the suite's modules importable."""
     config.addinivalue_line("markers", "hazard: destructive probe of a known hazard")
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 
@@ -37,25 +43,12 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def target_factory(request) -> TargetFactory:
     """How to get the server under test."""
-    opt = request.config.getoption
-    if opt("--server"):
-        host, _, port = opt("--server").rpartition(":")
-        return TargetFactory(f"external {opt('--server')}", address=(host or "127.0.0.1", int(port)))
-    if opt("--server-cmd"):
-        return TargetFactory("custom", command=opt("--server-cmd"))
-    if opt("--peer") == "llama.cpp":
-        from refimpl.testing.peers import PeerUnavailable, ensure_peers, peer_env
-        try:
-            bin_dir = ensure_peers()
-        except PeerUnavailable as exc:
-            pytest.fail(f"llama.cpp peer unavailable: {exc}", pytrace=False)
-        return TargetFactory("llama.cpp 0.3.36", command=f"{bin_dir}/ggml-rpc-server -p {{port}}",
-                             env={"LD_LIBRARY_PATH": peer_env(bin_dir)["LD_LIBRARY_PATH"]})
-    return TargetFactory("refimpl", command=f"{sys.executable} -m refimpl.server -p {{port}} "
-                                            f"-m 1024 --log-level warning")
+    kinds = hazard_target_kinds(request.config)
+    return factory_for(request.config, kinds[0])
 
 
 def pytest_collection_modifyitems(config, items):
+    """Against an external server, run destructive probes only when asked with -m hazard."""
     external = config.getoption("--server") is not None
     markexpr = config.getoption("-m") or ""
     if external and "hazard" not in markexpr:
@@ -64,3 +57,25 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "hazard" in item.keywords:
                 item.add_marker(skip)
+
+
+# -- the hazard table ----------------------------------------------------------------------------
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Print the hazard table (probe, title, outcome, expected) after a run that probed."""
+    results = getattr(config, "_hazard_results", None)
+    if not results:
+        return
+    from hazard_report import markdown_table, text_table
+    terminalreporter.section("hazard probes")
+    for line in text_table(results).splitlines():
+        terminalreporter.write_line(line)
+    path = config.getoption("--hazard-report")
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(markdown_table(results))
+        with open(os.path.splitext(path)[0] + ".json", "w") as f:
+            import json
+            json.dump(results, f, indent=1)
+        terminalreporter.write_line(f"hazard table written to {path}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import socket
 import struct
@@ -45,9 +46,12 @@ class Wire:
         if hello:
             self.call(hello_request())
 
-    def close(self):
-        """Close the socket."""
+    def close(self, reset: bool = False):
+        """Close the socket; ``reset`` sends a TCP RST instead of a FIN (the server then sees
+        an error at once instead of a clean end of stream)."""
         try:
+            if reset:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.sock.close()
         except OSError:
             pass
@@ -118,6 +122,21 @@ class Wire:
             return bytes(out)
         return ev
 
+    def graph_compute(self, nodes, tensors, device: int = 0) -> None:
+        """GRAPH_COMPUTE (no reply) of node ids and RpcTensors, encoded as given."""
+        payload = (struct.pack("<II", device, len(nodes))
+                   + b"".join(struct.pack("<Q", n) for n in nodes)
+                   + struct.pack("<I", len(tensors)) + b"".join(t.encode() for t in tensors))
+        self.send_raw(frame(Command.GRAPH_COMPUTE, payload))
+
+    def answers(self) -> bool:
+        """A DEVICE_COUNT round trip on this connection: True if answered, False if the
+        server closed it; raises NoAnswer when neither happens within the timeout."""
+        try:
+            return self.call(m.DeviceCountRequest()).count >= 0
+        except Closed:
+            return False
+
     def alloc(self, size: int) -> tuple[int, int]:
         """ALLOC_BUFFER + BUFFER_GET_BASE: (handle, base)."""
         reply = self.call(m.AllocBufferRequest(0, size))
@@ -152,6 +171,10 @@ class Target:
     address: tuple
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
+    #: The server's hash-cache directory when the suite chose it (LLAMA_CACHE/rpc).
+    cache_dir: Path | None = None
+    #: What the suite knows of the server: "refimpl", "llama.cpp", "custom" or "external".
+    kind: str = "external"
 
     @property
     def disposable(self) -> bool:
@@ -179,19 +202,40 @@ class Target:
 
     def rss_bytes(self) -> int | None:
         """Resident memory of the process, when the suite owns it."""
+        return self._status_bytes("VmRSS")
+
+    def peak_rss_bytes(self) -> int | None:
+        """Peak resident memory (VmHWM) of the process, when the suite owns it."""
+        return self._status_bytes("VmHWM")
+
+    def _status_bytes(self, key: str) -> int | None:
         if self.proc is None:
             return None
         try:
             with open(f"/proc/{self.proc.pid}/status") as f:
                 for line in f:
-                    if line.startswith("VmRSS:"):
+                    if line.startswith(key + ":"):
                         return int(line.split()[1]) * 1024
         except OSError:
             return None
         return None
 
+    def is_mapped(self, address: int) -> bool | None:
+        """Whether ``address`` lies in a mapping of the process (None: not observable)."""
+        if self.proc is None:
+            return None
+        try:
+            with open(f"/proc/{self.proc.pid}/maps") as f:
+                for line in f:
+                    lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+                    if lo <= address < hi:
+                        return True
+        except OSError:
+            return None
+        return False
+
     def stop(self) -> None:
-        """Stop an owned process."""
+        """Stop an owned process and remove the cache directory the suite made for it."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -199,6 +243,8 @@ class Target:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.cache_dir is not None:
+            shutil.rmtree(self.cache_dir.parent, ignore_errors=True)
 
     def log_text(self) -> str:
         """What an owned server printed."""
@@ -206,31 +252,51 @@ class Target:
 
 
 class TargetFactory:
-    """Makes targets: a fresh process per call for commands, the same server for --server."""
+    """Makes targets: a fresh process per call for commands, the same server for --server.
 
-    def __init__(self, name: str, command: str | None = None, address=None, env=None):
+    ``kind`` says which server it is ("refimpl", "llama.cpp", "custom", "external"), so that a
+    probe needing a feature (``cache``: the hash cache on, in a directory the suite chose;
+    ``timeouts``: short idle and read timeouts) gets the right flags from ``feature_args``.
+    """
+
+    def __init__(self, name: str, command: str | None = None, address=None, env=None,
+                 kind: str | None = None, feature_args: dict | None = None):
         self.name = name
         self.command = command
         self.address = address
         self.env = env
+        self.kind = kind or ("external" if command is None else "custom")
+        self.feature_args = feature_args or {}
 
     @property
     def disposable(self) -> bool:
         """Whether each target is a fresh process."""
         return self.command is not None
 
-    def start(self) -> Target:
-        """A target ready to be probed."""
+    def supports(self, feature: str) -> bool:
+        """Whether a target can be started with ``feature`` (see the class docstring)."""
+        return self.disposable and feature in self.feature_args
+
+    def start(self, features=()) -> Target:
+        """A target ready to be probed, started with the flags ``features`` need."""
         if self.command is None:
-            return Target(self.name, self.address)
+            return Target(self.name, self.address, kind=self.kind)
         port = free_port()
         log = tempfile.NamedTemporaryFile(prefix="conformance-", suffix=".log", delete=False)
         cmd = shlex.split(self.command.format(port=port))
         env = dict(os.environ)
         env.update(self.env or {})
+        cache_dir = None
+        for feature in features:
+            cmd += shlex.split(self.feature_args.get(feature, ""))
+            if feature == "cache":
+                root = Path(tempfile.mkdtemp(prefix="conformance-cache-"))
+                env["LLAMA_CACHE"] = str(root)
+                cache_dir = root / "rpc"
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
-        target = Target(self.name, ("127.0.0.1", port), proc, Path(log.name))
+        target = Target(self.name, ("127.0.0.1", port), proc, Path(log.name), cache_dir,
+                        self.kind)
         try:
             wait_for_port(port, proc, timeout=60)
         except Exception:
