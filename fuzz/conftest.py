@@ -21,7 +21,8 @@ import traceback
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, Phase, settings
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 from hypothesis.database import DirectoryBasedExampleDatabase
 
 HERE = Path(__file__).parent
@@ -121,7 +122,8 @@ class Campaign:
             if target == "stateful":
                 fn(settings=s)
             else:
-                s(fn)()
+                # a @given test takes settings only once; each round wraps its body afresh
+                s(given(st.data())(fn.hypothesis.inner_test))()
         except KeyboardInterrupt:
             raise
         except BaseException as exc:  # noqa: BLE001 - every failure is a finding
