@@ -35,7 +35,7 @@ from refimpl.protocol.constants import Command
 from refimpl.protocol.ggml_types import GgmlType
 from refimpl.protocol.tensor import RpcTensor, contiguous_strides
 from refimpl.testing.hostile import Arena, Frame, frame_of
-from refimpl.testing.processes import free_port, wait_for_port
+from refimpl.testing.processes import die_with_parent, free_port, wait_for_port
 
 MIB = 1 << 20
 #: The fuzzed server's limits: small, so that the caps are reached and checked.
@@ -125,7 +125,7 @@ class FuzzServer:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "refimpl.server", "-p", str(self.port),
                                       *SERVER_ARGS], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=die_with_parent)
         wait_for_port(self.port, self.proc, timeout=60)
         warm_up(self.address)
         self.baseline_rss = self.rss()

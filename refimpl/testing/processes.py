@@ -14,6 +14,17 @@ from pathlib import Path
 from .peers import peer_env
 
 
+def die_with_parent() -> None:
+    """``preexec_fn`` for test servers: on Linux the child gets SIGTERM when the test process
+    dies, so a killed pytest leaves no server behind (a no-op elsewhere)."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:
@@ -63,7 +74,8 @@ class ServerProcess:
             raise ValueError(f"unknown server kind {kind!r}")
         self.cmd = cmd
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=base_env, start_new_session=True)
+                                     env=base_env, start_new_session=True,
+                                     preexec_fn=die_with_parent)
 
     def __enter__(self):
         try:
