@@ -41,8 +41,18 @@ def test_cache_dir_not_shown_without_c():
     assert "local cache    : n/a" in srv.log_text()
 
 
-def test_cuda_device_fails_cleanly_for_now():
-    proc = run_cli("--device", "cuda0")
+def test_cuda_device_fails_cleanly_without_a_gpu():
+    # (tests/cuda/test_cuda_server.py covers the GPU and simulator cases)
+    import ctypes
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        pytest.skip("this machine has a CUDA driver")
+    except OSError:
+        pass
+    import os
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    proc = subprocess.run([sys.executable, "-m", "refimpl.server", "--device", "cuda0"],
+                          capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode != 0
     assert "CUDA" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

@@ -7,7 +7,7 @@ from .cpu import CpuDevice
 
 
 def open_device(spec: str, *, capacity: int | None = None, threads: int | None = None) -> Device:
-    """Open the device named ``spec`` (``cpu``; ``cudaN`` arrives in a later release).
+    """Open the device named ``spec``: ``cpu``, or ``cudaN`` (GPU N through numba.cuda).
 
     Raises :class:`DeviceUnavailable` with a one-line explanation when it cannot.
     """
@@ -15,10 +15,9 @@ def open_device(spec: str, *, capacity: int | None = None, threads: int | None =
     if key == "cpu":
         return CpuDevice(capacity=capacity, threads=threads)
     if key.startswith("cuda"):
-        raise DeviceUnavailable(
-            f"device '{spec}': CUDA devices are not implemented in this version of refimpl "
-            f"yet; use --device cpu")
-    raise DeviceUnavailable(f"unknown device '{spec}' (available: cpu)")
+        from .cuda import open_cuda   # imports numba.cuda only when a GPU is asked for
+        return open_cuda(spec, capacity=capacity)
+    raise DeviceUnavailable(f"unknown device '{spec}' (available: cpu, cuda0, cuda1, ...)")
 
 
 __all__ = ["Device", "DeviceBuffer", "DeviceUnavailable", "MemoryPool", "CpuDevice",

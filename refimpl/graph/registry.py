@@ -34,6 +34,11 @@ class OpImpl:
 
 _REGISTRY: dict[int, OpImpl] = {}
 
+#: Kernels of devices other than the CPU, by (op, device kind): each takes an already
+#: validated node and returns a runner, or None when that device has no kernel for the node's
+#: types or parameters.  Validation stays with the op's OpImpl, so it is shared by every device.
+_DEVICE_KERNELS: dict[tuple[int, str], Callable[[Node], "Runner | None"]] = {}
+
 
 def register(impl_cls):
     """Class decorator: register an OpImpl subclass for each op in its ``ops``."""
@@ -43,6 +48,24 @@ def register(impl_cls):
             raise RuntimeError(f"op {op_name(op)} registered twice")
         _REGISTRY[op] = impl
     return impl_cls
+
+
+def register_kernel(device_kind: str, *ops):
+    """Decorator: ``fn(node) -> Runner | None`` binds validated nodes of ``ops`` on devices of
+    kind ``device_kind`` (the CPU's kernels are bound by the OpImpl itself)."""
+    def deco(fn):
+        for op in ops:
+            key = (int(op), device_kind)
+            if key in _DEVICE_KERNELS:
+                raise RuntimeError(f"{device_kind} kernel for {op_name(op)} registered twice")
+            _DEVICE_KERNELS[key] = fn
+        return fn
+    return deco
+
+
+def device_kernel_ops(device_kind: str) -> list[Op]:
+    """Ops with a registered kernel for ``device_kind`` (besides the no-work view ops)."""
+    return sorted(Op(op) for op, kind in _DEVICE_KERNELS if kind == device_kind)
 
 
 def implementation(op: int) -> OpImpl | None:
@@ -62,7 +85,8 @@ def bind_node(node: Node, device_kind: str) -> Runner | None:
         raise GraphInvalid(f"node {node.describe()}: op {op_name(node.op)} is not implemented "
                            f"by this server")
     impl.check(node)
-    runner = impl.bind(node, device_kind)
+    kernel = _DEVICE_KERNELS.get((node.op, device_kind))
+    runner = kernel(node) if kernel is not None else impl.bind(node, device_kind)
     if runner is None and not getattr(impl, "no_work", False):
         raise GraphInvalid(f"node {node.describe()}: no {device_kind} kernel for this type "
                            f"combination ({describe_types(node)})")

@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--port", type=int, default=50052,
                    help="TCP port (default: %(default)s; 0 picks a free one)")
     p.add_argument("-d", "--device", default="cpu",
-                   help="comma-separated devices to expose, in index order (default: cpu)")
+                   help="comma-separated devices to expose, in index order: cpu, cudaN "
+                        "(default: cpu; e.g. cpu,cuda0)")
     p.add_argument("-m", "--mem", type=int, default=None, metavar="MIB",
                    help="memory each device reports and enforces, in MiB "
                         "(default: the machine's physical memory)")

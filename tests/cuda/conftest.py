@@ -1,0 +1,62 @@
+"""The CUDA tests run on numba's CUDA simulator wherever there is no CUDA driver.
+
+NUMBA_ENABLE_CUDASIM must be in effect when numba.cuda is first imported, which nothing in
+refimpl does before a CUDA device opens.  This file runs when pytest collects tests/cuda, so
+it switches the simulator on here, for this process only: the variable is removed again
+afterwards (numba.cuda stays the simulator), so server processes that other tests start do
+not inherit it.  Servers that the CUDA tests start get it explicitly (``SIM_ENV``).
+
+On a machine with a CUDA driver the tests run on the real GPU instead, unless
+REFIMPL_CUDA_TESTS=sim asks for the simulator.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+import pytest
+
+
+def _driver_present() -> bool:
+    for name in ("libcuda.so.1", "libcuda.so"):
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def _select_backend() -> bool:
+    """Import numba.cuda, as the simulator unless a GPU should be used; True if simulated."""
+    if "numba.cuda" not in sys.modules:
+        want_sim = (os.environ.get("REFIMPL_CUDA_TESTS") == "sim"
+                    or os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" or not _driver_present())
+        if want_sim:
+            had = os.environ.get("NUMBA_ENABLE_CUDASIM")
+            os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+            try:
+                from numba.core import config
+                config.reload_config()
+                from numba import cuda  # noqa: F401  (now the simulator, for good)
+            finally:
+                if had is None:
+                    del os.environ["NUMBA_ENABLE_CUDASIM"]
+                else:
+                    os.environ["NUMBA_ENABLE_CUDASIM"] = had
+    from refimpl.devices.cuda import simulated
+    return simulated()
+
+
+SIMULATED = _select_backend()
+#: Environment for server processes the CUDA tests start.
+SIM_ENV = {"NUMBA_ENABLE_CUDASIM": "1"} if SIMULATED else {}
+
+
+@pytest.fixture(scope="session")
+def cuda_device():
+    """One CUDA device (GPU 0, or the simulator) for the whole session."""
+    from refimpl.devices import open_device
+    return open_device("cuda0", capacity=512 << 20)
