@@ -60,3 +60,40 @@ def cuda_device():
     """One CUDA device (GPU 0, or the simulator) for the whole session."""
     from refimpl.devices import open_device
     return open_device("cuda0", capacity=512 << 20)
+
+
+#: Kernel signatures launched under the simulator: {(module, name): {argument types}}, for
+#: test_ptx.py, which compiles each for a real GPU (numba's NVVM, no driver needed).
+LAUNCHED: dict = {}
+
+
+def _type_of(arg) -> str:
+    import numpy as np
+    if hasattr(arg, "_ary"):        # the simulator's device arrays
+        arg = arg._ary
+    if isinstance(arg, np.ndarray):
+        layout = "::1" if arg.flags.c_contiguous else ":"
+        return f"{arg.dtype.name}[{', '.join([':'] * (arg.ndim - 1) + [layout])}]"
+    if isinstance(arg, (bool, np.bool_)):
+        return "boolean"
+    if isinstance(arg, (int, np.integer)):
+        return "int64" if isinstance(arg, int) else np.dtype(type(arg)).name
+    if isinstance(arg, np.floating):
+        return np.dtype(type(arg)).name
+    if isinstance(arg, float):
+        return "float64"
+    raise TypeError(f"unexpected kernel argument {arg!r}")
+
+
+if SIMULATED:
+    from numba.cuda.simulator.kernel import FakeCUDAKernel
+
+    _call = FakeCUDAKernel.__call__
+
+    def _recording_call(self, *args):
+        if not self._device:
+            key = (self.fn.__module__, self.fn.__name__)
+            LAUNCHED.setdefault(key, set()).add(tuple(_type_of(a) for a in args))
+        return _call(self, *args)
+
+    FakeCUDAKernel.__call__ = _recording_call

@@ -159,6 +159,18 @@ def runner(node: Node, fn):
 
 
 @cuda.jit(device=True)
+def lo(a, b):
+    """The smaller of two numbers (numba's CUDA target does not compile builtin min)."""
+    return a if a < b else b
+
+
+@cuda.jit(device=True)
+def hi(a, b):
+    """The larger of two numbers."""
+    return a if a > b else b
+
+
+@cuda.jit(device=True)
 def unravel(i, n0, n1, n2):
     """Flat row-major index -> (i0, i1, i2, i3)."""
     i0 = i % n0

@@ -14,7 +14,8 @@ from numba import cuda
 
 from ...graph.ops import Op, UnaryOp
 from ...graph.registry import register_kernel
-from ._common import is_bf16, launch, ld, reads_safely, runner, st, tables, targ, unravel
+from ._common import (hi, is_bf16, launch, ld, lo, reads_safely, runner, st, tables, targ,
+                      unravel)
 
 _SQRT_2_OVER_PI = 0.79788456080286535587989211986876
 _GELU_COEF_A = 0.044715
@@ -70,9 +71,9 @@ def activation(code, x, p0, p1, p2, p3):
     if code == 10:
         return x / (one + np.float32(math.exp(-x)))
     if code == 11:
-        return x * min(one, max(zero, (x + np.float32(3.0)) / np.float32(6.0)))
+        return x * lo(one, hi(zero, (x + np.float32(3.0)) / np.float32(6.0)))
     if code == 12:
-        return min(one, max(zero, (x + np.float32(3.0)) / np.float32(6.0)))
+        return lo(one, hi(zero, (x + np.float32(3.0)) / np.float32(6.0)))
     if code == 13:
         return np.float32(math.exp(x))
     if code == 14:
@@ -84,7 +85,7 @@ def activation(code, x, p0, p1, p2, p3):
     if code == 17:
         if x > zero:
             return p1 * x * x + p2 * x
-        return (np.float32(math.expm1(min(x, p3))) - x) * p0 + p2 * x
+        return (np.float32(math.expm1(lo(x, p3))) - x) * p0 + p2 * x
     if code == 18:
         return _floor(x)
     if code == 19:
@@ -124,16 +125,16 @@ def glu_kernel(code, n0, n1, n2, n3, x, xo, xs0, xs1, xs2, xs3,
         elif code == 2:
             v = a / (one + np.float32(math.exp(-a))) * b
         elif code == 3:
-            a = min(a, limit)
-            b = min(max(b, -limit), limit)
+            a = lo(a, limit)
+            b = lo(hi(b, -limit), limit)
             v = a / (one + np.float32(math.exp(alpha * (-a)))) * (b + one)
         elif code == 4:
             v = activation(16, a, 0.0, 0.0, 0.0, 0.0) * b
         elif code == 5:
             v = _gelu_quick(a) * b
         else:
-            a = min(a, limit)
-            b = min(max(b, -limit), limit)
+            a = lo(a, limit)
+            b = lo(hi(b, -limit), limit)
             v = a / (one + np.float32(math.exp(-a))) * b
         st(d, do + i0 * ds0 + i1 * ds1 + i2 * ds2 + i3 * ds3, v, bf)
 
