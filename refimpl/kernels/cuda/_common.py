@@ -47,6 +47,14 @@ STORAGE = {GgmlType.F32: np.float32, GgmlType.F16: np.float16, GgmlType.BF16: np
 DEQUANT_TYPES = frozenset({Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K})
 
 
+def device(fn):
+    """``cuda.jit(device=True)`` for the GPU.  Under the simulator a device function is plain
+    Python called from the kernel's Python; the simulator's own wrapper would swap module
+    globals on every call, which makes small helpers (element loads, dequantisation) the
+    bulk of the run time.  Helpers that use ``cuda.`` themselves keep the wrapper."""
+    return fn if SIM else cuda.jit(device=True)(fn)
+
+
 def launch(n: int) -> tuple[int, int]:
     """(blocks, threads) for a grid-stride loop over ``n`` items."""
     return max(1, min(-(-n // TPB), _MAX_BLOCKS)), TPB
@@ -158,19 +166,19 @@ def runner(node: Node, fn):
 # device functions
 
 
-@cuda.jit(device=True)
+@device
 def lo(a, b):
     """The smaller of two numbers (numba's CUDA target does not compile builtin min)."""
     return a if a < b else b
 
 
-@cuda.jit(device=True)
+@device
 def hi(a, b):
     """The larger of two numbers."""
     return a if a > b else b
 
 
-@cuda.jit(device=True)
+@device
 def unravel(i, n0, n1, n2):
     """Flat row-major index -> (i0, i1, i2, i3)."""
     i0 = i % n0
@@ -182,7 +190,7 @@ def unravel(i, n0, n1, n2):
     return i0, i1, i2, i3
 
 
-@cuda.jit(device=True)
+@device
 def ld(a, i, bf, bft):
     """Element ``i`` of ``a`` as float32; ``bf``: ``a`` holds BF16 bits, widened by ``bft``."""
     v = a[i]
@@ -191,7 +199,7 @@ def ld(a, i, bf, bft):
     return np.float32(v)
 
 
-@cuda.jit(device=True)
+@device
 def bf16_bits(v):
     """float32 -> BF16 bits, rounding to nearest even (NaN stays a quiet NaN, its sign kept)."""
     sign = 0
@@ -217,7 +225,7 @@ def bf16_bits(v):
     return sign | round(math.ldexp(a, 133))
 
 
-@cuda.jit(device=True)
+@device
 def st(a, i, v, bf):
     """Store float32 ``v`` as element ``i`` of ``a`` (F16 by the native conversion, BF16 bits
     rounded to nearest even)."""
@@ -227,17 +235,17 @@ def st(a, i, v, bf):
         a[i] = v
 
 
-@cuda.jit(device=True)
+@device
 def _f16_at(b, o, f16t):
     return f16t[np.int32(b[o]) | (np.int32(b[o + 1]) << 8)]
 
 
-@cuda.jit(device=True)
+@device
 def _u8(b, o):
     return np.int32(b[o])
 
 
-@cuda.jit(device=True)
+@device
 def _k4_scale_min(b, sb, j):
     if j < 4:
         return _u8(b, sb + j) & 63, _u8(b, sb + j + 4) & 63
@@ -246,7 +254,7 @@ def _k4_scale_min(b, sb, j):
     return sc, mn
 
 
-@cuda.jit(device=True)
+@device
 def _k3_scale(b, sb, s):
     if s < 8:
         low = _u8(b, sb + s) & 15
@@ -256,7 +264,7 @@ def _k3_scale(b, sb, s):
     return (low | (high << 4)) - 32
 
 
-@cuda.jit(device=True)
+@device
 def dequant(code, b, ro, i, f16t):
     """Element ``i`` of the block-format row that starts at byte ``ro`` of ``b`` (uint8), as
     float32, exactly as ggml's ``dequantize_row_*`` computes it."""

@@ -17,11 +17,11 @@ from numba import cuda
 from ...graph.ops import Op
 from ...graph.registry import register_kernel
 from ..rope import MODE_IMROPE, MODE_NORMAL, MODE_VISION, RopeParams, yarn_corr_dims
-from ._common import (hi, is_bf16, launch, ld, lo, reads_safely, runner, st, tables, targ,
-                      unravel)
+from ._common import (device, hi, is_bf16, launch, ld, lo, reads_safely, runner, st,
+                      tables, targ, unravel)
 
 
-@cuda.jit(device=True)
+@device
 def _angle(k, i2, n2, pos, po, ps, multi, mode, s0, s1, s2, s3):
     """(position, exponent) of pair ``k`` of token ``i2``."""
     if not multi:

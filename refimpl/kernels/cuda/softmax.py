@@ -12,11 +12,11 @@ from numba import cuda
 from ...graph.ops import Op
 from ...graph.registry import register_kernel
 from ..softmax import alibi_slopes
-from ._common import (SMEM, block_max, block_sum, launch_rows, ld, reads_safely, runner,
-                      tables, targ, unravel)
+from ._common import (SMEM, block_max, block_sum, device, launch_rows, ld, reads_safely,
+                      runner, tables, targ, unravel)
 
 
-@cuda.jit(device=True)
+@device
 def _logit(x, xi, scale, use_mask, m, mi, slope, bft):
     v = x[xi] * scale
     if use_mask:

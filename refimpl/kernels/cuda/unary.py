@@ -14,8 +14,8 @@ from numba import cuda
 
 from ...graph.ops import Op, UnaryOp
 from ...graph.registry import register_kernel
-from ._common import (hi, is_bf16, launch, ld, lo, reads_safely, runner, st, tables, targ,
-                      unravel)
+from ._common import (device, hi, is_bf16, launch, ld, lo, reads_safely, runner, st,
+                      tables, targ, unravel)
 
 _SQRT_2_OVER_PI = 0.79788456080286535587989211986876
 _GELU_COEF_A = 0.044715
@@ -24,7 +24,7 @@ _SQRT_2_INV = 0.70710678118654752440084436210484
 _BIG = 8388608.0  # 2**23: float32 values this large are integers
 
 
-@cuda.jit(device=True)
+@device
 def _floor(x):
     if not abs(x) < _BIG:           # large, infinite or NaN: already its own floor
         return x
@@ -32,18 +32,18 @@ def _floor(x):
     return math.copysign(r, x) if r == 0 else r
 
 
-@cuda.jit(device=True)
+@device
 def _gelu(x):
     return np.float32(0.5) * x * (np.float32(1.0) + math.tanh(
         np.float32(_SQRT_2_OVER_PI) * x * (np.float32(1.0) + np.float32(_GELU_COEF_A) * x * x)))
 
 
-@cuda.jit(device=True)
+@device
 def _gelu_quick(x):
     return x * (np.float32(1.0) / (np.float32(1.0) + math.exp(np.float32(_GELU_QUICK_COEF) * x)))
 
 
-@cuda.jit(device=True)
+@device
 def activation(code, x, p0, p1, p2, p3):
     """One unary op (``UnaryOp`` code) on a float32 value; p0..p3 are XIELU's parameters."""
     one = np.float32(1.0)

