@@ -22,7 +22,7 @@ from support import TargetFactory
 
 
 def pytest_addoption(parser):
-    """--server, --server-cmd, --peer and --hazard-report."""
+    """--server, --server-cmd, --peer, --hazard-report and --conformance-report."""
     g = parser.getgroup("conformance")
     g.addoption("--server", default=None, metavar="HOST:PORT",
                 help="judge a running server (not restarted between probes)")
@@ -32,6 +32,9 @@ def pytest_addoption(parser):
                 help="judge llama.cpp's ggml-rpc-server built from the registry sdist")
     g.addoption("--hazard-report", default="build/hazard-table.md", metavar="PATH",
                 help="also write the hazard table as Markdown to PATH (default: %(default)s)")
+    g.addoption("--conformance-report", default="build/conformance-report.md", metavar="PATH",
+                help="also write the command and session results as Markdown to PATH "
+                     "(default: %(default)s)")
 
 
 def pytest_configure(config):
@@ -59,23 +62,33 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
-# -- the hazard table ----------------------------------------------------------------------------
+# -- the report ---------------------------------------------------------------------------------
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    """Print the hazard table (probe, title, outcome, expected) after a run that probed."""
-    results = getattr(config, "_hazard_results", None)
-    if not results:
+    """Print the conformance report: per command, per captured session (pass / deviation, with
+    the spec sections broken), then the hazard table (probe, title, outcome, expected)."""
+    results = getattr(config, "_conformance_results", None) or []
+    hazards = getattr(config, "_hazard_results", None) or []
+    if not results and not hazards:
         return
-    from hazard_report import markdown_table, text_table
-    terminalreporter.section("hazard probes")
-    for line in text_table(results).splitlines():
+    from report import markdown_report, text_report
+    terminalreporter.section("conformance report")
+    for line in text_report(results, hazards).splitlines():
         terminalreporter.write_line(line)
-    path = config.getoption("--hazard-report")
-    if path:
+    if hazards:
+        path = config.getoption("--hazard-report")
+        if path:
+            from hazard_report import markdown_table
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "w") as f:
+                f.write(markdown_table(hazards))
+            with open(os.path.splitext(path)[0] + ".json", "w") as f:
+                import json
+                json.dump(hazards, f, indent=1)
+            terminalreporter.write_line(f"hazard table written to {path}")
+    path = config.getoption("--conformance-report")
+    if results and path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
-            f.write(markdown_table(results))
-        with open(os.path.splitext(path)[0] + ".json", "w") as f:
-            import json
-            json.dump(results, f, indent=1)
-        terminalreporter.write_line(f"hazard table written to {path}")
+            f.write("# Conformance report\n\n" + markdown_report(results))
+        terminalreporter.write_line(f"conformance report written to {path}")

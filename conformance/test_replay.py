@@ -1,0 +1,118 @@
+"""Every committed capture (conformance/captures/) replayed against the server under test.
+
+The rules are spec/replay.md: requests sent in recorded order with handles and addresses
+remapped, every reply judged (exact where bytes were uploaded, within a tolerance where a
+graph computed them, memory figures for sanity).  By default the suite replays against
+refimpl and against llama.cpp 0.3.36; ``--server``/``--server-cmd``/``--peer`` pick one.
+
+Replays are not destructive: they share one server process per target, which the suite
+restarts if a replay took it down.  A capture that relies on the hash cache gets a fresh
+process with an empty cache when the suite starts the server, so that its misses and hits
+must match the recording exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import report
+from replay import Inconclusive, load, Replayer
+from servers import factory_for, hazard_target_kinds
+
+CAPTURES = sorted((Path(__file__).parent / "captures").glob("*.cap*"))
+
+
+def pytest_generate_tests(metafunc):
+    """Parametrise over (server, capture); the llama.cpp server's cases are marked ``peer``."""
+    if "replay_case" not in metafunc.fixturenames:
+        return
+    params = []
+    for kind in hazard_target_kinds(metafunc.config):
+        marks = [pytest.mark.peer] if kind == "llama.cpp" else []
+        for path in CAPTURES:
+            name = path.name.split(".cap")[0]
+            params.append(pytest.param((kind, path), id=f"{kind}-{name}", marks=marks))
+    metafunc.parametrize("replay_case", params)
+
+
+class _Pool:
+    """One running server per target kind, restarted when it died."""
+
+    def __init__(self, config):
+        self.config = config
+        self.factories: dict = {}
+        self.targets: dict = {}
+
+    def factory(self, kind):
+        if kind not in self.factories:
+            f = factory_for(self.config, kind)
+            if f.kind == "refimpl":
+                # The suite's cache bound (4 MiB, for the hazard probes) is below the 10 MiB
+                # weights of the cache capture; a later --cache-max-mib wins.
+                f.feature_args = {**f.feature_args, "cache-room": "--cache-max-mib 64"}
+            self.factories[kind] = f
+        return self.factories[kind]
+
+    def shared(self, kind):
+        t = self.targets.get(kind)
+        if t is None or (t.disposable and t.proc.poll() is not None):
+            if t is not None:
+                t.stop()
+            t = self.targets[kind] = self.factory(kind).start()
+        return t
+
+    def close(self):
+        for t in self.targets.values():
+            t.stop()
+
+
+@pytest.fixture(scope="session")
+def replay_pool(request):
+    pool = _Pool(request.config)
+    yield pool
+    pool.close()
+
+
+def test_replay(replay_case, replay_pool, request):
+    kind, path = replay_case
+    session = load(path)
+    factory = replay_pool.factory(kind)
+    own = None
+    if session.uses_cache and factory.supports("cache"):
+        target = own = factory.start(("cache", "cache-room") if factory.supports("cache-room")
+                                     else ("cache",))
+        cache = "fresh"
+    else:
+        target = replay_pool.shared(kind)
+        cache = "none" if factory.kind in ("refimpl", "llama.cpp") else "unknown"
+    try:
+        result = Replayer(session, target.address, cache=cache, target_name=factory.name).run()
+        alive = target.alive()
+        log = target.log_text()
+    finally:
+        if own is not None:
+            own.stop()
+    deviations = list(result.deviations)
+    if not alive:
+        deviations.append(f"the server stopped serving after the replay "
+                          f"({target.exit_description()}) [spec/errors.md#the-rule]")
+    if result.inconclusive:
+        verdict = report.INCONCLUSIVE
+    else:
+        verdict = report.DEVIATION if deviations else report.PASS
+    sections = sorted({d.section for d in result.deviations}
+                      | ({"spec/errors.md#the-rule"} if not alive else set()))
+    compared = (f"{result.requests} requests, {result.replies} replies, "
+                f"{result.exact_compared} uploaded + {result.computed_compared} computed reads "
+                f"({result.computed_identical} bit-identical)")
+    report.record(request.config, "session", factory.name, session.name, "replay", verdict,
+                  sections, "; ".join(str(d) for d in deviations[:5]) or result.inconclusive
+                  or "", summary=compared)
+    if result.inconclusive:
+        pytest.skip(f"inconclusive: {result.inconclusive} (listed in the conformance report)")
+    assert not deviations, (
+        f"replay of {session.name} against {factory.name}: {result.summary()}\n"
+        + "\n".join(str(d) for d in deviations)
+        + (f"\n--- server log (tail) ---\n{log[-3000:]}" if log else ""))
