@@ -49,10 +49,24 @@ DEQUANT_TYPES = frozenset({Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K,
 
 def device(fn):
     """``cuda.jit(device=True)`` for the GPU.  Under the simulator a device function is plain
-    Python called from the kernel's Python; the simulator's own wrapper would swap module
-    globals on every call, which makes small helpers (element loads, dequantisation) the
-    bulk of the run time.  Helpers that use ``cuda.`` themselves keep the wrapper."""
+    Python called from the kernel's Python: the simulator's own wrapper swaps module globals
+    around every call, which is slow and, with many threads inside one device function,
+    racy.  Device functions reach thread indices and barriers through :data:`kc`."""
     return fn if SIM else cuda.jit(device=True)(fn)
+
+
+class _SimulatedThread:
+    """The simulator's per-launch ``cuda`` module, found at each use (``threadIdx``,
+    ``syncthreads``, ... of the calling simulated thread)."""
+
+    def __getattr__(self, name):
+        from numba.cuda.simulator.kernel import _get_kernel_context
+        return getattr(_get_kernel_context(), name)
+
+
+#: What device functions use for ``threadIdx``, ``blockDim``, ``syncthreads``: numba.cuda on
+#: the GPU, the launch's simulated module under the simulator.
+kc = _SimulatedThread() if SIM else cuda
 
 
 def launch(n: int) -> tuple[int, int]:
@@ -357,38 +371,38 @@ def dequant(code, b, ro, i, f16t):
     return (_f16_at(b, o + 108, f16t) * f32(_k3_scale(b, o + 96, g))) * f32(q)
 
 
-@cuda.jit(device=True)
+@device
 def block_sum(sh, v):
     """Sum of ``v`` over the block's threads (every thread gets it); ``sh`` is shared scratch
     of at least blockDim.x entries.  Must be reached by every thread of the block."""
-    t = cuda.threadIdx.x
+    t = kc.threadIdx.x
     sh[t] = v
-    cuda.syncthreads()
-    s = cuda.blockDim.x // 2
+    kc.syncthreads()
+    s = kc.blockDim.x // 2
     while s > 0:
         if t < s:
             sh[t] = sh[t] + sh[t + s]
-        cuda.syncthreads()
+        kc.syncthreads()
         s //= 2
     total = sh[0]
-    cuda.syncthreads()
+    kc.syncthreads()
     return total
 
 
-@cuda.jit(device=True)
+@device
 def block_max(sh, v):
     """Maximum of ``v`` over the block's threads (like :func:`block_sum`)."""
-    t = cuda.threadIdx.x
+    t = kc.threadIdx.x
     sh[t] = v
-    cuda.syncthreads()
-    s = cuda.blockDim.x // 2
+    kc.syncthreads()
+    s = kc.blockDim.x // 2
     while s > 0:
         if t < s:
             a = sh[t]
             b = sh[t + s]
             sh[t] = a if a > b else b
-        cuda.syncthreads()
+        kc.syncthreads()
         s //= 2
     total = sh[0]
-    cuda.syncthreads()
+    kc.syncthreads()
     return total
