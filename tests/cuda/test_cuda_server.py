@@ -24,9 +24,9 @@ MIB = 1 << 20
 
 
 @pytest.fixture(scope="module")
-def gpu_server():
-    with ServerProcess("refimpl", args=["--device", "cpu,cuda0", "-m", "256"],
-                       env=SIM_ENV) as srv:
+def gpu_server(tmp_path_factory):
+    with ServerProcess("refimpl", args=["--device", "cpu,cuda0", "-m", "256", "-c"],
+                       env=SIM_ENV, cache_dir=tmp_path_factory.mktemp("cache")) as srv:
         yield srv
 
 
@@ -69,6 +69,23 @@ def test_buffer_commands_on_device_memory(gpu_server):
             assert mem.free <= 256 * MIB - 5120
             await c.free_buffer(buf.handle)
             assert (await c.get_device_memory(1)).free >= mem.free + 4096 or True
+    trio.run(main)
+
+
+def test_hash_cache_writes_to_device_memory_and_m_caps_it(gpu_server):
+    data = np.random.default_rng(30).standard_normal(1024).astype(np.float32)
+
+    async def main():
+        async with await RpcClient.connect(*gpu_server.address) as c:
+            first = await c.alloc_buffer(4096, device=1)
+            second = await c.alloc_buffer(4096, device=1)
+            assert not await c.upload(first.tensor(T.F32, (1024,)), data)   # miss: stored
+            assert await c.upload(second.tensor(T.F32, (1024,)), data)      # hit: from disk
+            got = await c.get_tensor(second.tensor(T.F32, (1024,)), 0, 4096)
+            assert bytes(got) == data.tobytes()
+            reply = await c.alloc_buffer_raw(300 * MIB, device=1)           # beyond -m 256
+            assert reply.handle == 0
+            assert await c.device_count() == 2
     trio.run(main)
 
 
