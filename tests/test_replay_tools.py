@@ -179,3 +179,18 @@ async def test_fake_server_catches_a_deviating_client():
         await trio.to_thread.run_sync(fake.join, 10)
     assert any("not a value this server gave the client" in d.what for d in fake.deviations), \
         [str(d) for d in fake.deviations]
+
+
+# -- the direct command checks cover the protocol ------------------------------------------------
+
+def test_every_command_has_success_and_failure_checks():
+    from commands import CHECKS
+    from refimpl.protocol.constants import Command
+    by_command: dict = {}
+    for c in CHECKS:
+        by_command.setdefault(c.command, set()).add(c.expect)
+    for cmd in Command:
+        assert by_command.get(cmd.name) == {"ok", "refused"}, cmd.name
+    assert by_command["framing"] >= {"refused"}
+    ids = [c.id for c in CHECKS]
+    assert len(ids) == len(set(ids))
