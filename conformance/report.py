@@ -17,6 +17,14 @@ import collections
 PASS, DEVIATION, KNOWN, INCONCLUSIVE = "pass", "deviation", "known upstream deviation", "inconclusive"
 
 
+LEGEND = """\
+Verdicts: pass = what the spec demands; known upstream deviation = llama.cpp 0.3.36 does what
+spec/errors.md and spec/hazards.md record for it (the link says where it is documented);
+deviation = the server broke the spec section named (the test failed); inconclusive = the
+check could not be judged on this server (the reason is given). Details of everything that is
+not a plain pass follow the tables."""
+
+
 def record(config, part: str, target: str, name: str, check: str, verdict: str,
            sections=(), detail: str = "", link: str = "", summary: str = "") -> None:
     """Add one result to the run's report (``summary``: what the checks column shows when
@@ -83,7 +91,7 @@ def _details(results) -> list[str]:
 
 def text_report(results: list[dict], hazards: list[dict] | None = None) -> str:
     """The whole report as plain text: per command, per session, then the hazard table."""
-    lines = []
+    lines = [LEGEND, ""]
     head = ("target", "command", "verdict", "checks", "spec sections broken")
     cmd_rows = _rows(results, "command")
     if cmd_rows:
@@ -102,7 +110,11 @@ def text_report(results: list[dict], hazards: list[dict] | None = None) -> str:
         lines += ["Everything that is not a plain pass:", ""] + details + [""]
     verdicts = collections.Counter(r["verdict"] for r in results)
     if results:
-        lines.append("Totals: " + ", ".join(f"{n} {v}" for v, n in verdicts.most_common()))
+        lines.append("Commands and sessions: "
+                     + ", ".join(f"{n} {v}" for v, n in verdicts.most_common()))
+    if hazards:
+        hv = collections.Counter(h["verdict"] for h in hazards)
+        lines.append("Hazard probes: " + ", ".join(f"{n} {v}" for v, n in hv.most_common()))
     return "\n".join(lines).rstrip() + "\n"
 
 
