@@ -2,7 +2,8 @@
 directly against the server under test (``commands.py``; spec/commands.md, spec/errors.md).
 
 By default every check runs against refimpl and against llama.cpp 0.3.36.  A check must give
-the outcome the spec demands; against llama.cpp, a check with a catalogued upstream deviation
+the outcome the spec demands; against llama.cpp (also a server you started, named with
+``--server HOST:PORT --peer llama.cpp``), a check with a catalogued upstream deviation
 must give exactly that deviation instead: it then passes as a *known upstream deviation* and
 the conformance report lists it with its issue or advisory link.  Nothing is skipped silently.
 
@@ -68,6 +69,12 @@ def command_targets(request):
     targets.close()
 
 
+def is_llama_cpp(config, kind: str) -> bool:
+    """Whether the target is llama.cpp 0.3.36: the one the suite starts (``--peer llama.cpp``,
+    or by default), or a server you started and named so (``--server H:P --peer llama.cpp``)."""
+    return kind == "llama.cpp" or (kind == "external" and config.getoption("--peer") == "llama.cpp")
+
+
 def test_command(command_case, command_targets, request):
     kind, c = command_case
     factory = command_targets.factory(kind)
@@ -86,7 +93,7 @@ def test_command(command_case, command_targets, request):
     finally:
         if own:
             target.stop()
-    upstream = c.upstream if kind == "llama.cpp" else None
+    upstream = c.upstream if is_llama_cpp(request.config, kind) else None
     if same_outcome(result.outcome, c.expect):
         verdict, link = report.PASS, ""
     elif upstream and same_outcome(result.outcome, upstream.outcome):
