@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import socket
 import struct
 import sys
@@ -528,12 +527,14 @@ class _Conn:
         self.timeout = timeout
 
     def send(self, data: bytes) -> None:
+        """Send everything; a closed or reset connection raises _TargetClosed."""
         try:
             self.sock.sendall(data)
         except OSError as exc:
             raise _TargetClosed(f"send failed: {exc}") from exc
 
     def recv_exact(self, n: int) -> bytes:
+        """Exactly ``n`` bytes (TimeoutError when they do not come, _TargetClosed on close)."""
         out = bytearray()
         while len(out) < n:
             try:
@@ -569,6 +570,7 @@ class _Conn:
         return "closed" if not data else "data"
 
     def close(self) -> None:
+        """Close the socket."""
         try:
             self.sock.close()
         except OSError:

@@ -45,11 +45,13 @@ class _Targets:
         self.shared: dict = {}
 
     def factory(self, kind):
+        """The factory of a target kind (made once)."""
         if kind not in self.factories:
             self.factories[kind] = factory_for(self.config, kind)
         return self.factories[kind]
 
     def get(self, kind):
+        """The shared running server of a kind, (re)started when needed."""
         t = self.shared.get(kind)
         if t is None or (t.disposable and t.proc.poll() is not None):
             if t is not None:
@@ -58,12 +60,14 @@ class _Targets:
         return t
 
     def close(self):
+        """Stop the shared servers."""
         for t in self.shared.values():
             t.stop()
 
 
 @pytest.fixture(scope="session")
 def command_targets(request):
+    """The targets of the command checks, for the whole session."""
     targets = _Targets(request.config)
     yield targets
     targets.close()

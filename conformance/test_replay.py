@@ -46,6 +46,7 @@ class _Pool:
         self.targets: dict = {}
 
     def factory(self, kind):
+        """The factory of a target kind (made once)."""
         if kind not in self.factories:
             f = factory_for(self.config, kind)
             if f.kind == "refimpl":
@@ -56,6 +57,7 @@ class _Pool:
         return self.factories[kind]
 
     def shared(self, kind):
+        """The shared running server of a kind, (re)started when needed."""
         t = self.targets.get(kind)
         if t is None or (t.disposable and t.proc.poll() is not None):
             if t is not None:
@@ -64,12 +66,14 @@ class _Pool:
         return t
 
     def close(self):
+        """Stop the shared servers."""
         for t in self.targets.values():
             t.stop()
 
 
 @pytest.fixture(scope="session")
 def replay_pool(request):
+    """The servers replays run against, for the whole session."""
     pool = _Pool(request.config)
     yield pool
     pool.close()

@@ -18,14 +18,12 @@ import argparse
 import datetime
 import hashlib
 import json
-import os
 import shlex
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -60,16 +58,6 @@ BACKEND_OPS_CASES = [
     "MUL_MAT(type_a=q8_0,type_b=f32,m=16,n=8,k=256,bs=[1,1],nr=[1,1],per=[0,1,2,3],k_v=0,o=1,"
     "src_overlap=0,m_v=0,pad=0)",
 ]
-
-
-@dataclass
-class Job:
-    """One capture to make: a name, and what it runs."""
-
-    name: str
-    description: str
-    run: callable
-    files: list = field(default_factory=list)
 
 
 class Recorder:
