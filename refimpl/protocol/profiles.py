@@ -1,0 +1,163 @@
+"""Protocol versions 3.0.0 … 7.0.0 as data (spec/versions.md).
+
+A :class:`Profile` says everything that tells one protocol version apart from another on the
+wire: the HELLO shape, the ``rpc_tensor`` variant, fixed request sizes that changed, which
+command numbers exist, which commands are answered (and which with an empty reply), and which
+op table numbers ``rpc_tensor.op``.  The op tables themselves are data read from the real
+``ggml.h`` of each version (``op_tables.json``, written by ``python -m
+refimpl.testing.op_tables``).
+
+Only :data:`PROFILES` ``[(7, 0, 0)]`` is what the rest of the package speaks today;
+``tests/test_profiles.py`` holds it equal to :mod:`.constants` and :mod:`refimpl.graph.ops`.
+The other profiles are groundwork: nothing selects them yet.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Mapping
+
+Version = tuple[int, int, int]
+
+_OP_TABLES = Path(__file__).with_name("op_tables.json")
+
+#: Command numbers.  No command was ever renumbered from 1.0.0 on; versions differ only in
+#: how many of these exist.  (Number 18 is a client-internal marker from 6.0.0 on and never
+#: goes on the wire.)
+_COMMAND_IDS = {
+    "ALLOC_BUFFER": 0, "GET_ALIGNMENT": 1, "GET_MAX_SIZE": 2, "BUFFER_GET_BASE": 3,
+    "FREE_BUFFER": 4, "BUFFER_CLEAR": 5, "SET_TENSOR": 6, "SET_TENSOR_HASH": 7,
+    "GET_TENSOR": 8, "COPY_TENSOR": 9, "GRAPH_COMPUTE": 10, "GET_DEVICE_MEMORY": 11,
+    "INIT_TENSOR": 12, "GET_ALLOC_SIZE": 13, "HELLO": 14, "DEVICE_COUNT": 15,
+    "GRAPH_RECOMPUTE": 16, "MEMSET_TENSOR": 17,
+}
+
+
+def _commands(last: str) -> Mapping[str, int]:
+    n = _COMMAND_IDS[last] + 1
+    return MappingProxyType({k: v for k, v in _COMMAND_IDS.items() if v < n})
+
+
+@functools.cache
+def op_tables() -> Mapping[str, Mapping[str, Mapping[str, int]]]:
+    """{table key: {"ops" | "unary" | "glu": {name: number}}} from op_tables.json."""
+    raw = json.loads(_OP_TABLES.read_text())
+    return MappingProxyType({v: MappingProxyType({k: MappingProxyType(t[k]) for k in ("ops", "unary", "glu")})
+                             for v, t in raw.items()})
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One protocol version, as it differs on the wire from the others."""
+
+    version: Version
+    #: HELLO payload sizes: request (0, or the 24-byte capability block from 4.0.0) and reply
+    #: (3: major, minor, patch; 28 from 4.0.0: those, a padding byte and the block).
+    hello_request_size: int
+    hello_response_size: int
+    #: The last 4 bytes of ``rpc_tensor``: ``"padding"`` (zero, ignored) or ``"use_count"``
+    #: (5.1.0 on: the node's consumer count in graphs, 0 elsewhere).  296 bytes either way.
+    rpc_tensor_tail: str
+    #: Fixed part of SET_TENSOR: rpc_tensor + offset (304), or rpc_tensor + cache flag +
+    #: offset (305, 7.0.0).
+    set_tensor_header_size: int
+    #: GET_ALLOC_SIZE request: device + tensor (300), or device + tensor + its 10 sources
+    #: (3260, 3.6.0 on).
+    get_alloc_size_request_size: int
+    #: Command name → number of every command a server of this version accepts.
+    commands: Mapping[str, int]
+    #: Commands the server never answers.
+    no_reply: frozenset[str]
+    #: Commands answered with a reply of length 0 (only the 8-byte size).
+    empty_reply: frozenset[str]
+    #: Key of the op table in op_tables.json; None where the version did not fix one.
+    op_table: str | None
+    #: How this profile is known: "release" (read in a llama-cpp-python sdist), "ggml"
+    #: (read in the ggml repository's history, no release carries it) or "inferred".
+    source: str
+    #: llama-cpp-python releases that vendor this version (spec/versions.md).
+    releases: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return "%d.%d.%d" % self.version
+
+    @property
+    def command_limit(self) -> int:
+        """Every command number at or above this is unknown."""
+        return max(self.commands.values()) + 1
+
+    def _table(self, kind: str) -> Mapping[str, int] | None:
+        return None if self.op_table is None else op_tables()[self.op_table][kind]
+
+    @property
+    def ops(self) -> Mapping[str, int] | None:
+        """``enum ggml_op``: name → number (None: not fixed by this version)."""
+        return self._table("ops")
+
+    @property
+    def unary_ops(self) -> Mapping[str, int] | None:
+        return self._table("unary")
+
+    @property
+    def glu_ops(self) -> Mapping[str, int] | None:
+        return self._table("glu")
+
+
+_V3_EMPTY = frozenset({"FREE_BUFFER", "BUFFER_CLEAR", "INIT_TENSOR"})
+_V35_NO_REPLY = frozenset({"SET_TENSOR", "GRAPH_COMPUTE", "GRAPH_RECOMPUTE"})
+_V6_NO_REPLY = _V35_NO_REPLY | {"FREE_BUFFER", "BUFFER_CLEAR", "INIT_TENSOR", "MEMSET_TENSOR"}
+
+
+def _p(version, *, hello=(0, 3), tail="padding", set_tensor=304, alloc_size=3260,
+       last="GRAPH_RECOMPUTE", no_reply=_V35_NO_REPLY, empty=_V3_EMPTY, ops=None,
+       source="release", releases=()):
+    return Profile(version=version, hello_request_size=hello[0], hello_response_size=hello[1],
+                   rpc_tensor_tail=tail, set_tensor_header_size=set_tensor,
+                   get_alloc_size_request_size=alloc_size, commands=_commands(last),
+                   no_reply=frozenset(no_reply), empty_reply=frozenset(empty), op_table=ops,
+                   source=source, releases=tuple(releases))
+
+
+_V4_HELLO = (24, 28)
+_V5_EMPTY = _V3_EMPTY | {"MEMSET_TENSOR"}
+
+#: Every supported version, oldest first.
+PROFILES: Mapping[Version, Profile] = MappingProxyType({p.version: p for p in (
+    _p((3, 0, 0), alloc_size=300, last="DEVICE_COUNT", no_reply={"SET_TENSOR"}, source="ggml"),
+    _p((3, 5, 0), alloc_size=300, source="ggml"),
+    _p((3, 6, 0), source="ggml"),
+    _p((3, 6, 1), ops="3.6.1", releases=("0.3.17", "0.3.18", "0.3.19", "0.3.20")),
+    _p((4, 0, 0), hello=_V4_HELLO, ops="4.0.0",
+       releases=tuple(f"0.3.{n}" for n in range(21, 29))),
+    _p((4, 0, 1), hello=_V4_HELLO, ops="4.0.1",
+       releases=tuple(f"0.3.{n}" for n in range(29, 34))),
+    _p((4, 0, 2), hello=_V4_HELLO, ops="4.0.2", releases=("0.3.34",)),
+    # 4.0.3 inserted the three DSV4 ops that 5.0.0 has; 5.0.0 changed no op.
+    _p((4, 0, 3), hello=_V4_HELLO, ops="5.0.0", source="ggml"),
+    _p((5, 0, 0), hello=_V4_HELLO, last="MEMSET_TENSOR", empty=_V5_EMPTY, ops="5.0.0",
+       releases=("0.3.35",)),
+    _p((5, 1, 0), hello=_V4_HELLO, tail="use_count", last="MEMSET_TENSOR", empty=_V5_EMPTY,
+       ops="5.0.0", source="ggml"),
+    _p((6, 0, 0), hello=_V4_HELLO, tail="use_count", last="MEMSET_TENSOR",
+       no_reply=_V6_NO_REPLY, empty=(), ops="7.0.0", source="inferred"),
+    _p((7, 0, 0), hello=_V4_HELLO, tail="use_count", set_tensor=305, last="MEMSET_TENSOR",
+       no_reply=_V6_NO_REPLY, empty=(), ops="7.0.0", releases=("0.3.36",)),
+)})
+
+#: The newest version: what refimpl speaks today.
+LATEST: Profile = PROFILES[max(PROFILES)]
+
+
+def profile(version: str | Version) -> Profile:
+    """The profile of ``"X.Y.Z"`` or ``(X, Y, Z)``; KeyError names the supported ones."""
+    key = tuple(int(x) for x in version.split(".")) if isinstance(version, str) else tuple(version)
+    try:
+        return PROFILES[key]
+    except KeyError:
+        raise KeyError(f"unsupported protocol version {version}; supported: "
+                       + ", ".join(p.name for p in PROFILES.values())) from None
