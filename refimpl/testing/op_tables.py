@@ -38,12 +38,17 @@ SPEC_PATH = REPO / "spec" / "op-tables.md"
 #: Every release mapped so far, with the protocol version its vendored ggml-rpc.h declares.
 #: Neighbouring entries bracket each version change (spec/versions.md, "Releases").
 RELEASES = {
+    "0.3.8": None,  # no handshake, no version
+    "0.3.9": (2, 0, 0),
     "0.3.16": (2, 0, 0),
     "0.3.17": (3, 6, 1),
+    "0.3.19": (3, 6, 1),
     "0.3.20": (3, 6, 1),
     "0.3.21": (4, 0, 0),
+    "0.3.24": (4, 0, 0),
     "0.3.28": (4, 0, 0),
     "0.3.29": (4, 0, 1),
+    "0.3.31": (4, 0, 1),
     "0.3.33": (4, 0, 1),
     "0.3.34": (4, 0, 2),
     "0.3.35": (5, 0, 0),
@@ -142,10 +147,12 @@ def parse_enum(header: str, enum_name: str, prefix: str) -> dict[str, int]:
     return out
 
 
-def protocol_version(rpc_h: str) -> tuple[int, int, int]:
-    """RPC_PROTO_MAJOR/MINOR/PATCH_VERSION of a ggml-rpc.h."""
-    return tuple(int(re.search(rf"RPC_PROTO_{p}_VERSION\s+(\d+)", rpc_h).group(1))
-                 for p in ("MAJOR", "MINOR", "PATCH"))
+def protocol_version(rpc_h: str) -> tuple[int, int, int] | None:
+    """RPC_PROTO_MAJOR/MINOR/PATCH_VERSION of a ggml-rpc.h (None before versions existed)."""
+    found = [re.search(rf"RPC_PROTO_{p}_VERSION\s+(\d+)", rpc_h) for p in ("MAJOR", "MINOR", "PATCH")]
+    if not any(found):
+        return None
+    return tuple(int(m.group(1)) for m in found)
 
 
 def asserted_op_count(rpc_h: str) -> int | None:
@@ -246,22 +253,24 @@ def read_release(release: str, *, fetch: bool = True, log=sys.stderr) -> dict:
     """Everything this module reads from one release's sources."""
     files = vendor_files(release, fetch=fetch, log=log)
     text = {k: p.read_text(errors="replace") for k, p in files.items()}
+    version = protocol_version(text["ggml-rpc.h"])
+    has_glu = re.search(r"enum\s+ggml_glu_op\b", text["ggml.h"]) is not None
     return {
         "release": release,
-        "protocol": protocol_version(text["ggml-rpc.h"]),
+        "protocol": version,
         "asserted_op_count": asserted_op_count(text["ggml-rpc.h"]),
         "commands": rpc_commands(text["ggml-rpc.cpp"]),
         "ops": parse_enum(text["ggml.h"], "ggml_op", "GGML_OP_"),
         "unary": parse_enum(text["ggml.h"], "ggml_unary_op", "GGML_UNARY_OP_"),
-        "glu": parse_enum(text["ggml.h"], "ggml_glu_op", "GGML_GLU_OP_"),
+        "glu": parse_enum(text["ggml.h"], "ggml_glu_op", "GGML_GLU_OP_") if has_glu else None,
         "commit": vendored_commit(text["CHANGELOG.md"], release),
         "ggml_version": ggml_version(text["ggml-CMakeLists.txt"]),
-        "wire": wire_facts(text["ggml-rpc.cpp"]) if protocol_version(text["ggml-rpc.h"]) >= (3, 0, 0) else None,
+        "wire": wire_facts(text["ggml-rpc.cpp"]) if version and version >= (3, 0, 0) else None,
     }
 
 
-def vkey(version: tuple[int, int, int]) -> str:
-    return "%d.%d.%d" % version
+def vkey(version: tuple[int, int, int] | None) -> str:
+    return "none" if version is None else "%d.%d.%d" % version
 
 
 def build_tables(*, fetch: bool = True, log=sys.stderr) -> dict:
@@ -272,7 +281,7 @@ def build_tables(*, fetch: bool = True, log=sys.stderr) -> dict:
         info = read_release(release, fetch=fetch, log=log)
         if info["protocol"] != expected:
             raise ValueError(f"{release} declares {vkey(info['protocol'])}, RELEASES says {vkey(expected)}")
-        if expected < FIRST_PINNED:
+        if expected is None or expected < FIRST_PINNED:
             continue
         entry = {"ops": info["ops"], "unary": info["unary"], "glu": info["glu"]}
         key = vkey(expected)
