@@ -6,15 +6,64 @@ and settings once on llama.cpp's own CPU backend and once with every layer on an
 
 from __future__ import annotations
 
+import hashlib
+import os
 import random
 import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from .peers import peer_env
+from .peers import cache_root, peer_env
 
 _PPL = re.compile(r"Final estimate: PPL = ([0-9.]+)")
+#: The last line llama-completion logs (its performance summary).
+_COMPLETION_END = re.compile(r"common_perf_print:\s+total time")
+#: llama.cpp's tools log through a background thread that is not drained at exit (upstream
+#: https://github.com/ggml-org/llama.cpp/issues/22142): on a loaded machine a run that exits
+#: with status 0 can lose its last lines, generated text and final estimate included.  The
+#: tools run with a preload shim that drains the log at exit (log_flush_preload.c); a run that
+#: still ends without its final line is repeated, at most this many times in all.
+ATTEMPTS = 3
+
+
+def build_log_shim(bin_dir: Path) -> Path:
+    """Compile log_flush_preload.c (cached by the hash of its source)."""
+    src = Path(__file__).with_name("log_flush_preload.c")
+    key = hashlib.sha256(src.read_bytes()).hexdigest()[:12]
+    out = cache_root() / f"log_flush_preload-{key}.so"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".{os.getpid()}.tmp.so")
+        subprocess.run(["cc", "-shared", "-fPIC", "-O1", "-o", str(tmp), str(src), "-ldl"],
+                       check=True)
+        tmp.replace(out)
+    return out
+
+
+def tool_env(bin_dir: Path) -> dict:
+    """Environment for a llama.cpp tool: the peer's libraries and the log-draining shim."""
+    env = peer_env(bin_dir)
+    shim = str(build_log_shim(bin_dir))
+    env["LD_PRELOAD"] = shim + (":" + env["LD_PRELOAD"] if env.get("LD_PRELOAD") else "")
+    return env
+
+
+def _run_tool(cmd: list[str], bin_dir: Path, complete: re.Pattern, what: str,
+              timeout: float) -> subprocess.CompletedProcess:
+    """Run ``cmd`` until its output reaches the line ``complete`` matches (see ATTEMPTS)."""
+    env = tool_env(bin_dir)
+    for _ in range(ATTEMPTS):
+        proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=env,
+                              timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{what} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        if complete.search(proc.stdout + proc.stderr):
+            return proc
+    raise RuntimeError(f"{what} exited {ATTEMPTS} times without its final log line:\n"
+                       f"{proc.stderr[-3000:]}")
+
+
 _WORDS = ["the", "cat", "sat", "on", "mat", "and", "dog", "ran", "to", "tree", "in", "park",
           "with", "red", "ball", "she", "he", "it", "is", "at", "of", "an", "end", "stone"]
 
@@ -50,10 +99,7 @@ def completion(bin_dir: Path, model: Path, prompt: str, n_predict: int, settings
     """Greedy generation (``--temp 0 --ignore-eos``); returns the generated text only."""
     cmd = [str(bin_dir / "llama-completion"), "-m", str(model), "-p", prompt, "-n", str(n_predict),
            "--temp", "0", "--ignore-eos", "-no-cnv", *_common(settings, rpc)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=peer_env(bin_dir),
-                          timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"llama-completion failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    proc = _run_tool(cmd, bin_dir, _COMPLETION_END, "llama-completion", timeout)
     out = proc.stdout
     stripped = out.lstrip()
     if stripped.startswith(prompt):
@@ -66,12 +112,8 @@ def perplexity(bin_dir: Path, model: Path, text_file: Path, settings: RunSetting
     """``llama-perplexity`` over ``text_file``; returns the final estimate."""
     cmd = [str(bin_dir / "llama-perplexity"), "-m", str(model), "-f", str(text_file),
            "--chunks", str(chunks), *_common(settings, rpc)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=peer_env(bin_dir),
-                          timeout=timeout)
-    m = _PPL.search(proc.stdout + proc.stderr)
-    if proc.returncode != 0 or not m:
-        raise RuntimeError(f"llama-perplexity failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return float(m.group(1))
+    proc = _run_tool(cmd, bin_dir, _PPL, "llama-perplexity", timeout)
+    return float(_PPL.search(proc.stdout + proc.stderr).group(1))
 
 
 def agreement(reference: str, other: str) -> float:
