@@ -82,11 +82,17 @@ class RunSettings:
     threads: int = 1
     ctx: int = 256
     seed: int = 1
+    #: llama.cpp's CPU backend repacks Q4_0/Q4_K (and IQ4_NL) weights into interleaved
+    #: layouts whose dot products round differently; False runs it with ``--no-repack``, the
+    #: arithmetic every RPC server is measured against (spec/ops/matmul.md)
+    repack: bool = True
 
 
 def _common(settings: RunSettings, rpc: str | None) -> list[str]:
     args = ["-t", str(settings.threads), "-c", str(settings.ctx), "--seed", str(settings.seed),
             "-fa", "on" if settings.flash_attn else "off"]
+    if not settings.repack:
+        args.append("--no-repack")
     if rpc:
         args += ["-ngl", "99", "--rpc", rpc]
     else:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -74,8 +75,13 @@ def test_perplexity_matches_cpu(peer_bin, models, text_file, refimpl_server, nam
     s = RunSettings(flash_attn=fa, threads=1)
     local = perplexity(peer_bin, models[name], text_file, s)
     remote = perplexity(peer_bin, models[name], text_file, s, rpc=refimpl_server.endpoint)
-    _results.setdefault("perplexity", {})[f"{name}/{'fa' if fa else 'nofa'}"] = [local, remote]
+    plain = perplexity(peer_bin, models[name], text_file, replace(s, repack=False))
+    _results.setdefault("perplexity", {})[f"{name}/{'fa' if fa else 'nofa'}"] = [local, remote,
+                                                                                 plain]
     assert abs(remote - local) / local < 1e-3, f"PPL {remote} through refimpl vs {local} on CPU"
+    # the kernels compute what ggml's CPU backend computes, to the last printed digit, once
+    # its Q4_0/Q4_K weight repacking (a CPU-only layout) is off
+    assert remote == plain, f"PPL {remote} through refimpl vs {plain} on CPU with --no-repack"
     assert refimpl_server.alive()
 
 
