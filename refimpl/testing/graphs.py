@@ -161,14 +161,20 @@ class GraphBuilder:
 
     def read(self, t: RpcTensor) -> np.ndarray:
         """A contiguous tensor's values, shape (ne3, ne2, ne1, ne0); floats as float32."""
-        raw = self._raw(t)
-        shape = (t.ne[3], t.ne[2], t.ne[1], t.ne[0])
-        if t.type == GgmlType.F32:
-            return raw.view(np.float32).reshape(shape).copy()
-        if t.type == GgmlType.F16:
-            return raw.view(np.float16).astype(np.float32).reshape(shape)
-        if t.type == GgmlType.BF16:
-            return bf16_to_f32(raw.view(np.uint16)).reshape(shape)
-        if t.type == GgmlType.I32:
-            return raw.view(np.int32).reshape(shape).copy()
-        return raw.copy()
+        return tensor_values(t, self._raw(t))
+
+
+def tensor_values(t: RpcTensor, raw: np.ndarray) -> np.ndarray:
+    """The values of contiguous tensor ``t`` from its bytes ``raw`` (uint8), shape (ne3, ne2,
+    ne1, ne0): F32, F16 and BF16 as float32, I32 as int32, block formats as a copy of the
+    bytes."""
+    shape = (t.ne[3], t.ne[2], t.ne[1], t.ne[0])
+    if t.type == GgmlType.F32:
+        return raw.view(np.float32).reshape(shape).copy()
+    if t.type == GgmlType.F16:
+        return raw.view(np.float16).astype(np.float32).reshape(shape)
+    if t.type == GgmlType.BF16:
+        return bf16_to_f32(raw.view(np.uint16)).reshape(shape)
+    if t.type == GgmlType.I32:
+        return raw.view(np.int32).reshape(shape).copy()
+    return raw.copy()

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from refimpl.kernels.cpu_tensors import bf16_to_f32, f32_to_bf16
+from refimpl.kernels.cpu_tensors import f32_to_bf16
 from refimpl.protocol.ggml_types import GgmlType, type_traits
 from refimpl.protocol.tensor import tensor_nbytes
-from refimpl.testing.graphs import GraphBuilder
+from refimpl.testing.graphs import GraphBuilder, tensor_values
 
 
 class CudaGraphBuilder(GraphBuilder):
@@ -49,14 +49,5 @@ class CudaGraphBuilder(GraphBuilder):
         return np.frombuffer(bytes(self.buf.memory.read_region(at, n)), np.uint8).copy()
 
     def read(self, t) -> np.ndarray:
-        raw = self.raw(t)
-        shape = (t.ne[3], t.ne[2], t.ne[1], t.ne[0])
-        if t.type == GgmlType.F32:
-            return raw.view(np.float32).reshape(shape).copy()
-        if t.type == GgmlType.F16:
-            return raw.view(np.float16).astype(np.float32).reshape(shape)
-        if t.type == GgmlType.BF16:
-            return bf16_to_f32(raw.view(np.uint16)).reshape(shape)
-        if t.type == GgmlType.I32:
-            return raw.view(np.int32).reshape(shape).copy()
-        return raw
+        """A contiguous tensor's values (see :func:`refimpl.testing.graphs.tensor_values`)."""
+        return tensor_values(t, self.raw(t))
