@@ -1,4 +1,5 @@
-"""A trio client for any server speaking ggml RPC 7.0.0: one async method per command.
+"""A trio client for ggml RPC servers of every version refimpl serves (3.6.1 … 7.0.0; the
+newest by default): one async method per command.
 
     async with await RpcClient.connect("127.0.0.1", 50052) as client:
         buf = await client.alloc_buffer(1 << 20)
@@ -9,6 +10,11 @@
 Commands without a reply (SET_TENSOR, FREE_BUFFER, ...) cannot report failure: a server
 that rejects one closes the connection, and the next call raises :class:`ServerClosedConnection`.
 Call :meth:`RpcClient.ping` to find out at once.
+
+``connect(..., protocol="5.0.0")`` speaks that version.  ``protocol="auto"`` learns the
+server's version from its HELLO reply and reconnects speaking it; that works between versions
+whose HELLO has the same shape (4.0.0 on, spec/handshake.md).  A 3.x server closes on a 4.x
+HELLO before answering, so its version must be given.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from .protocol import messages as m
 from .protocol.connection import (NEED_DATA, ClientConnection, ConnectionClosed,
                                   GetTensorStart, hello_request)
 from .protocol.constants import MAX_SRC, PROTOCOL_VERSION
+from .protocol.profiles import LATEST, SERVED, Profile, served_profile
 from .protocol.errors import HandshakeError, ProtocolError
 from .protocol.fnv import fnv1a_64
 from .protocol.ggml_types import type_traits
@@ -42,6 +49,9 @@ class ServerClosedConnection(RpcError):
 
 class VersionMismatch(RpcError):
     """The server's protocol version is not compatible with this client's."""
+
+    #: The version the server announced (None when it closed before answering).
+    server_version: tuple[int, int, int] | None = None
 
 
 class ProtocolViolation(RpcError):
@@ -83,22 +93,45 @@ class RemoteBuffer:
 class RpcClient:
     """One connection to a ggml RPC server.  Create with :meth:`connect`."""
 
-    def __init__(self, stream: trio.SocketStream, version=PROTOCOL_VERSION):
+    def __init__(self, stream: trio.SocketStream, version=PROTOCOL_VERSION, *,
+                 profile: Profile | None = None):
         self._stream = stream
-        self._conn = ClientConnection(version)
+        self._conn = ClientConnection(version if profile is None else profile.version,
+                                      profile=profile)
+        #: The protocol version this client speaks.
+        self.profile = self._conn.profile
         self._lock = trio.StrictFIFOLock()
         self.server_version: tuple[int, int, int] | None = None
 
     # -- connection ----------------------------------------------------------------------------
     @classmethod
-    async def connect(cls, host: str, port: int) -> "RpcClient":
-        """Open a TCP connection and perform HELLO; raises VersionMismatch if incompatible."""
+    async def connect(cls, host: str, port: int,
+                      protocol: str | Profile | None = None) -> "RpcClient":
+        """Open a TCP connection and perform HELLO; raises VersionMismatch if incompatible.
+
+        ``protocol``: the version to speak (``"X.Y.Z"`` or a Profile; default the newest),
+        or ``"auto"``: speak the newest, and if the server answers with another served
+        version, reconnect speaking that one.
+        """
+        if protocol == "auto":
+            try:
+                return await cls.connect(host, port)
+            except VersionMismatch as exc:
+                theirs = exc.server_version
+                if theirs is None or theirs not in SERVED:
+                    raise
+            return await cls.connect(host, port, SERVED[theirs])
+        if isinstance(protocol, str):
+            try:
+                protocol = served_profile(protocol)
+            except (KeyError, ValueError) as exc:
+                raise ValueError(str(exc.args[0] if exc.args else exc)) from None
         try:
             stream = await trio.open_tcp_stream(host, port)
         except OSError as exc:
             raise ServerClosedConnection(f"cannot connect to {host}:{port}: {exc}") from exc
         stream.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, True)
-        client = cls(stream)
+        client = cls(stream, profile=protocol or LATEST)
         try:
             await client.hello()
         except BaseException:
@@ -130,7 +163,9 @@ class RpcClient:
             try:
                 event = self._conn.next_event()
             except HandshakeError as exc:
-                raise VersionMismatch(str(exc)) from exc
+                err = VersionMismatch(str(exc))
+                err.server_version = self._conn.server_version
+                raise err from exc
             except ProtocolError as exc:
                 if self._conn.buffered == 0 and "closed" in str(exc):
                     raise ServerClosedConnection(str(exc)) from exc
@@ -148,7 +183,7 @@ class RpcClient:
     async def _call(self, request: m.Message):
         async with self._lock:
             await self._send(self._conn.send(request))
-            if not m.has_response(request.COMMAND):
+            if not m.has_response(request.COMMAND, self.profile):
                 return None
             return await self._next_event()
 

@@ -16,7 +16,8 @@ from ..protocol.ggml_types import type_traits
 from ..protocol.messages import GraphComputeRequest
 from ..protocol.tensor import tensor_nbytes, tensor_problem
 from ..server.buffers import BufferTable, Rejected, RemoteBuffer
-from .ops import FUNCTION_POINTER_OPS, OP_COUNT, VIEW_OPS, op_name
+from ..protocol.profiles import LATEST, Profile
+from .ops import FUNCTION_POINTER_OPS, OP_COUNT, VIEW_OPS, Op, WireOps, op_name, wire_ops
 
 
 class GraphInvalid(Rejected):
@@ -97,8 +98,13 @@ class Graph:
 
 
 def build_graph(req: GraphComputeRequest, buffers: BufferTable,
-                limits: GraphLimits = GraphLimits()) -> Graph:
-    """Decode, resolve and place a graph; raises GraphInvalid on anything wrong."""
+                limits: GraphLimits = GraphLimits(), profile: Profile = LATEST) -> Graph:
+    """Decode, resolve and place a graph; raises GraphInvalid on anything wrong.
+
+    Op numbers are read with ``profile``'s op table (spec/versions.md, "Op numbering") and
+    held as this package's :class:`Op` values from then on.
+    """
+    mapping = wire_ops(profile)
     n_nodes, n_tensors = len(req.nodes), len(req.tensors)
     if n_nodes == 0:
         raise GraphInvalid("graph has no nodes")
@@ -115,6 +121,8 @@ def build_graph(req: GraphComputeRequest, buffers: BufferTable,
     tensors: dict[int, Node] = {}
     for i in range(n_tensors):
         node = _make_node(rec[i], buffers, req.device)
+        if mapping is not None:
+            _map_op(node, mapping)
         tensors[node.id] = node
 
     # Second pass: link references (no recursion, whatever the depth).
@@ -183,6 +191,24 @@ def _make_node(r, buffers: BufferTable, device: int) -> Node:
                 name=name, buffer=buf, offset=offset, nbytes=nbytes,
                 view_offs=int(r["view_offs"]), src_ids=tuple(int(s) for s in r["src"][:MAX_SRC]),
                 view_src_id=int(r["view_src"]))
+
+
+def _map_op(node: Node, mapping: WireOps) -> None:
+    """Translate a node's wire op (and UNARY/GLU sub-op) numbers into :class:`Op` values."""
+    wire = node.op
+    op = mapping.ops[wire] if wire < len(mapping.ops) else -1
+    if op < 0:
+        raise GraphInvalid(f"graph tensor '{node.name}' has op {wire}, which protocol "
+                           f"{mapping.version} does not define or this server does not know")
+    node.op = op
+    sub_table = mapping.unary if op == Op.UNARY else mapping.glu if op == Op.GLU else None
+    if sub_table is not None:
+        sub = int(node.op_params[0])
+        mapped = sub_table[sub] if 0 <= sub < len(sub_table) else -1
+        if mapped < 0:
+            raise GraphInvalid(f"node '{node.name}' has {Op(op).name} sub-op {sub}, which "
+                               f"protocol {mapping.version} does not define")
+        node.op_params[0] = mapped
 
 
 def _check_node_references(node: Node) -> None:

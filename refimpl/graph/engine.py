@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from ..devices import Device
 from ..protocol.messages import GraphComputeRequest
+from ..protocol.profiles import LATEST
 from ..protocol.tensor import RPC_TENSOR_SIZE
 from .build import NODE_COST, Graph, GraphInvalid, GraphLimits, build_graph
 from .ops import VIEW_OPS, op_name
@@ -85,7 +86,8 @@ class GraphExecutor:
         """GRAPH_COMPUTE: build, validate, bind, run, store."""
         self._stored.pop(req.device, None)
         t0 = time.perf_counter()
-        graph = build_graph(req, session.buffers, self.limits)
+        graph = build_graph(req, session.buffers, self.limits,
+                            getattr(session, "profile", LATEST))
         device = self.devices[req.device]
         plan = compile_graph(graph, device)
         t1 = time.perf_counter()

@@ -10,6 +10,9 @@ peer's header.
 from __future__ import annotations
 
 import enum
+import functools
+from dataclasses import dataclass
+from typing import Mapping
 
 
 class Op(enum.IntEnum):
@@ -167,6 +170,53 @@ VIEW_OPS = frozenset({Op.NONE, Op.VIEW, Op.RESHAPE, Op.PERMUTE, Op.TRANSPOSE})
 #: Ops whose parameters carry a function pointer of the client's process.  A server can
 #: never run them; they are refused outright (spec/graph.md).
 FUNCTION_POINTER_OPS = frozenset({Op.MAP_CUSTOM1, Op.MAP_CUSTOM2, Op.MAP_CUSTOM3, Op.CUSTOM})
+
+
+@dataclass(frozen=True)
+class WireOps:
+    """How one protocol version numbers ops on the wire, as maps to this module's enums.
+
+    ``ops[n]`` is the :class:`Op` that wire number ``n`` names (-1: an op this package does
+    not know), likewise ``unary`` and ``glu`` for the sub-op in ``op_params[0]``.
+    """
+
+    version: str
+    ops: tuple[int, ...]
+    unary: tuple[int, ...]
+    glu: tuple[int, ...]
+
+
+def _table(wire: Mapping[str, int], enum_cls) -> tuple[int, ...]:
+    out = [-1] * (max(wire.values()) + 1 if wire else 0)
+    for name, number in wire.items():
+        member = enum_cls.__members__.get(name)
+        out[number] = int(member) if member is not None else -1
+    return tuple(out)
+
+
+def wire_ops(profile) -> WireOps | None:
+    """The wire → op maps of ``profile`` (a :class:`refimpl.protocol.profiles.Profile`);
+    None where the wire numbers are this module's own (7.0.0) and nothing needs mapping."""
+    if profile.op_table is None:
+        raise ValueError(f"protocol {profile.name} does not fix an op table")
+    return _wire_ops(profile.op_table)
+
+
+@functools.cache
+def _wire_ops(table: str) -> WireOps | None:
+    from ..protocol.profiles import op_tables
+    t = op_tables()[table]
+    maps = WireOps(table, _table(t["ops"], Op), _table(t["unary"], UnaryOp),
+                   _table(t["glu"], GluOp))
+    if maps.ops == tuple(range(OP_COUNT)) and maps.unary == tuple(range(len(UnaryOp))) and \
+            maps.glu == tuple(range(len(GluOp))):
+        return None
+    return maps
+
+
+def wire_number(profile, op: Op) -> int | None:
+    """The number ``profile`` gives ``op`` on the wire (None: the version lacks the op)."""
+    return profile.ops.get(Op(op).name)
 
 
 def op_name(number: int) -> str:

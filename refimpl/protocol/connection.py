@@ -19,12 +19,14 @@ import enum
 import struct
 from dataclasses import dataclass
 
-from .constants import COMMAND_LIMIT, CONN_CAPS_SIZE, PROTOCOL_VERSION, Command
+from .constants import CONN_CAPS_SIZE, PROTOCOL_VERSION, Command
 from .errors import (HandshakeError, LocalProtocolError, MalformedMessage, OversizeMessage,
                      ProtocolError, UnknownCommand)
-from .messages import (REQUESTS, RESPONSES, SET_TENSOR_HEADER_SIZE, FixedMessage,
-                       GetTensorRequest, GraphComputeRequest, HelloRequest, HelloResponse,
-                       Message, SetTensorRequest, graph_payload_size)
+from .messages import (REQUESTS, RESPONSES, EmptyReply, FixedMessage, GetTensorRequest,
+                       GraphComputeRequest, HelloRequest, HelloResponse, Message,
+                       SetTensorRequest, decode, encode, graph_payload_size, payload_size,
+                       set_tensor_header)
+from .profiles import LATEST, PROFILES, Profile
 from .tensor import RpcTensor
 
 _U64 = struct.Struct("<Q")
@@ -204,8 +206,11 @@ class ServerConnection(_Connection):
     """
 
     def __init__(self, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
-                 max_tensor_data: int | None = None):
+                 max_tensor_data: int | None = None, profile: Profile = LATEST):
         super().__init__()
+        #: The protocol version this server speaks (spec/versions.md).
+        self.profile = profile
+        self._set_tensor_header = set_tensor_header(profile)
         self.max_message_size = max_message_size
         self.max_tensor_data = max_tensor_data
         self._header: tuple[int, int] | None = None  # (command, length) of the message in hand
@@ -245,12 +250,13 @@ class ServerConnection(_Connection):
         cmd = Command(command)
 
         if cmd is Command.SET_TENSOR:
-            if len(self._buf) < SET_TENSOR_HEADER_SIZE:
+            header_size = self._set_tensor_header.size
+            if len(self._buf) < header_size:
                 return self._at_eof(mid_message=True)
             tensor, flag, offset = SetTensorRequest.decode_header(
-                self._buf.take(SET_TENSOR_HEADER_SIZE))
+                self._buf.take(header_size), self.profile)
             self._header = None
-            size = length - SET_TENSOR_HEADER_SIZE
+            size = length - header_size
             self._start_payload(size, State.IDLE)
             return SetTensorStart(tensor, flag, offset, size)
 
@@ -259,12 +265,12 @@ class ServerConnection(_Connection):
         payload = self._buf.take(length)
         self._header = None
         try:
-            request = REQUESTS[cmd].decode_payload(payload)
+            request = decode(REQUESTS[cmd], payload, self.profile)
         except MalformedMessage as exc:
             self._fail(exc)
         if cmd is Command.HELLO:
             self.state = State.IDLE
-        if cmd in RESPONSES:
+        if cmd.name not in self.profile.no_reply:
             self._owed = cmd
             self.state = State.RESPOND
         return request
@@ -275,30 +281,34 @@ class ServerConnection(_Connection):
             if command != Command.HELLO:
                 self._fail(HandshakeError(
                     f"first command must be HELLO ({int(Command.HELLO)}), got {command}"))
-            if length != CONN_CAPS_SIZE:
+            expected = self.profile.hello_request_size
+            if length != expected:
                 self._fail(HandshakeError(
-                    f"HELLO payload must be {CONN_CAPS_SIZE} bytes, got {length} "
-                    f"(a client of an older protocol version?)"))
+                    f"HELLO payload must be {expected} bytes, got {length} "
+                    f"(a client of {'an older' if length < expected else 'a newer'} "
+                    f"protocol version?)"))
             return command, length
-        if command >= COMMAND_LIMIT:
+        if command >= self.profile.command_limit:
             self._fail(UnknownCommand(f"unknown command {command}"))
         cmd = Command(command)
         if cmd is Command.HELLO:
             self._fail(HandshakeError("HELLO sent twice on one connection"))
         cls = REQUESTS[cmd]
         if issubclass(cls, FixedMessage):
-            if length != cls.payload_size():
+            size = payload_size(cls, self.profile)
+            if length != size:
                 self._fail(MalformedMessage(
-                    f"{cmd.name} payload must be {cls.payload_size()} bytes, got {length}"))
+                    f"{cmd.name} payload must be {size} bytes, got {length}"))
         elif cmd is Command.SET_TENSOR:
-            if length < SET_TENSOR_HEADER_SIZE:
+            header_size = self._set_tensor_header.size
+            if length < header_size:
                 self._fail(MalformedMessage(
-                    f"SET_TENSOR payload must be at least {SET_TENSOR_HEADER_SIZE} bytes, "
+                    f"SET_TENSOR payload must be at least {header_size} bytes, "
                     f"got {length}"))
             if self.max_tensor_data is not None and \
-                    length - SET_TENSOR_HEADER_SIZE > self.max_tensor_data:
+                    length - header_size > self.max_tensor_data:
                 self._fail(OversizeMessage(
-                    f"SET_TENSOR announces {length - SET_TENSOR_HEADER_SIZE} data bytes, more "
+                    f"SET_TENSOR announces {length - header_size} data bytes, more "
                     f"than any buffer of this server holds ({self.max_tensor_data})"))
         elif cmd is Command.GRAPH_COMPUTE:
             if length < graph_payload_size(0, 0):
@@ -314,7 +324,7 @@ class ServerConnection(_Connection):
         self._require(State.RESPOND)
         if response.COMMAND is not self._owed:
             raise LocalProtocolError(f"{type(response).__name__} does not answer {self._owed.name}")
-        payload = response.encode_payload()
+        payload = encode(response, self.profile)
         self._replied()
         return _U64.pack(len(payload)) + payload
 
@@ -342,9 +352,16 @@ class ClientConnection(_Connection):
     HELLO reply is checked against ours (spec/handshake.md, "Version rule").
     """
 
-    def __init__(self, version: tuple[int, int, int] = PROTOCOL_VERSION):
+    def __init__(self, version: tuple[int, int, int] | None = None, *,
+                 profile: Profile | None = None):
         super().__init__()
-        self.version = version
+        if profile is None:
+            # A version refimpl has no profile of (tests of the version rule use such ones)
+            # is framed as the newest.
+            profile = PROFILES.get(tuple(version), LATEST) if version is not None else LATEST
+        self.version = tuple(version) if version is not None else profile.version
+        #: The wire rules this client frames and decodes with.
+        self.profile = profile
         self.server_version: tuple[int, int, int] | None = None
         self._pending: collections.deque[tuple[Command, int]] = collections.deque()
         self._reply_size: int | None = None
@@ -357,14 +374,14 @@ class ClientConnection(_Connection):
 
     def send(self, request: Message) -> bytes:
         """Frame a whole request (header and payload)."""
-        payload = request.encode_payload()
+        payload = encode(request, self.profile)
         return self._frame(request, len(payload)) + payload
 
     def send_set_tensor_header(self, tensor: RpcTensor, offset: int, size: int,
                                cache_flag: int = 0) -> bytes:
         """Frame a SET_TENSOR up to its data; the caller sends the ``size`` data bytes next."""
         req = SetTensorRequest(tensor, offset, b"", cache_flag)
-        header = req.encode_header()
+        header = req.encode_header(self.profile)
         return self._frame(req, len(header) + size) + header
 
     def _frame(self, request: Message, length: int) -> bytes:
@@ -377,10 +394,16 @@ class ClientConnection(_Connection):
             raise LocalProtocolError("HELLO may be sent only once")
         if not 0 <= length < 2**64:
             raise LocalProtocolError(f"{cmd.name} payload of {length} bytes cannot be framed")
+        if cmd.name not in self.profile.commands:
+            raise LocalProtocolError(f"{cmd.name} is not a command of protocol {self.profile.name}")
         self._hello_sent = True
-        if cmd in RESPONSES:
-            expected = request.size if isinstance(request, GetTensorRequest) else \
-                RESPONSES[cmd].payload_size()
+        if cmd.name not in self.profile.no_reply:
+            if isinstance(request, GetTensorRequest):
+                expected = request.size
+            elif cmd.name in self.profile.empty_reply:
+                expected = 0
+            else:
+                expected = payload_size(RESPONSES[cmd], self.profile)
             self._pending.append((cmd, expected))
         return _REQUEST_HEADER.pack(int(cmd), length)
 
@@ -412,7 +435,10 @@ class ClientConnection(_Connection):
         payload = self._buf.take(size)
         self._pending.popleft()
         self._reply_size = None
-        reply = RESPONSES[cmd].decode_payload(payload)
+        if cmd.name in self.profile.empty_reply:
+            reply = EmptyReply(cmd)
+        else:
+            reply = decode(RESPONSES[cmd], payload, self.profile)
         if cmd is Command.HELLO:
             self._check_version(reply)
         self.state = State.IDLE

@@ -16,6 +16,7 @@ import numpy as np
 from .constants import CONN_CAPS_SIZE, MAX_SRC, Command
 from .errors import MalformedMessage
 from .layout import Layout
+from .profiles import LATEST, Profile
 from .tensor import RPC_TENSOR, RPC_TENSOR_SIZE, RpcTensor
 
 _TENSOR_FIELD = "tensor"
@@ -256,6 +257,15 @@ class MemsetTensorRequest(FixedMessage):
 SET_TENSOR_HEADER = Layout("set_tensor_header", [
     ("tensor", "char", RPC_TENSOR_SIZE), ("cache_flag", "u8"), ("offset", "u64")])
 SET_TENSOR_HEADER_SIZE = SET_TENSOR_HEADER.size
+#: The same before 7.0.0: tensor, offset (u64); no cache flag (spec/versions.md, 6.0.0).
+SET_TENSOR_HEADER_NO_FLAG = Layout("set_tensor_header_no_flag", [
+    ("tensor", "char", RPC_TENSOR_SIZE), ("offset", "u64")])
+_SET_TENSOR_HEADERS = {L.size: L for L in (SET_TENSOR_HEADER, SET_TENSOR_HEADER_NO_FLAG)}
+
+
+def set_tensor_header(profile: Profile | None = None) -> Layout:
+    """The SET_TENSOR header layout of ``profile`` (default: the newest)."""
+    return _SET_TENSOR_HEADERS[(profile or LATEST).set_tensor_header_size]
 
 
 @dataclass(frozen=True)
@@ -271,30 +281,30 @@ class SetTensorRequest(Message):
     data: bytes = b""
     cache_flag: int = 0
 
-    def encode_header(self) -> bytes:
-        """The payload bytes that precede the data."""
-        return SET_TENSOR_HEADER.pack(
+    def encode_header(self, profile: Profile | None = None) -> bytes:
+        """The payload bytes that precede the data (a profile without the flag drops it)."""
+        return set_tensor_header(profile).pack(
             {"tensor": self.tensor.encode(), "cache_flag": self.cache_flag, "offset": self.offset})
 
-    def encode_payload(self) -> bytes:
+    def encode_payload(self, profile: Profile | None = None) -> bytes:
         """Header followed by the data."""
-        return self.encode_header() + bytes(self.data)
+        return self.encode_header(profile) + bytes(self.data)
 
     @classmethod
-    def decode_header(cls, header) -> tuple[RpcTensor, int, int]:
-        """Decode the fixed part: ``(tensor, cache_flag, offset)``."""
-        v = SET_TENSOR_HEADER.unpack(header)
-        return RpcTensor.decode(v["tensor"]), v["cache_flag"], v["offset"]
+    def decode_header(cls, header, profile: Profile | None = None) -> tuple[RpcTensor, int, int]:
+        """Decode the fixed part: ``(tensor, cache_flag, offset)`` (flag 0 where it is absent)."""
+        v = set_tensor_header(profile).unpack(header)
+        return RpcTensor.decode(v["tensor"]), v.get("cache_flag", 0), v["offset"]
 
     @classmethod
-    def decode_payload(cls, payload):
+    def decode_payload(cls, payload, profile: Profile | None = None):
         """Decode a complete SET_TENSOR payload."""
-        if len(payload) < SET_TENSOR_HEADER_SIZE:
+        size = set_tensor_header(profile).size
+        if len(payload) < size:
             raise MalformedMessage(
-                f"SET_TENSOR payload must be at least {SET_TENSOR_HEADER_SIZE} bytes, "
-                f"got {len(payload)}")
-        tensor, flag, offset = cls.decode_header(payload)
-        return cls(tensor, offset, bytes(payload[SET_TENSOR_HEADER_SIZE:]), flag)
+                f"SET_TENSOR payload must be at least {size} bytes, got {len(payload)}")
+        tensor, flag, offset = cls.decode_header(payload, profile)
+        return cls(tensor, offset, bytes(payload[size:]), flag)
 
 
 #: The fixed part at the start of a GRAPH_COMPUTE payload: device (u32), n_nodes (u32).
@@ -512,6 +522,79 @@ RESPONSES: dict[Command, type[Message]] = {
 }
 
 
-def has_response(command: Command) -> bool:
-    """Whether the server answers ``command`` (spec/commands.md, "Which commands answer")."""
-    return command in RESPONSES
+def has_response(command: Command, profile: Profile | None = None) -> bool:
+    """Whether the server answers ``command`` (spec/commands.md, "Which commands answer");
+    with an empty reply counts (``profile``'s ``empty_reply``, before 6.0.0)."""
+    if profile is None or profile is LATEST:
+        return command in RESPONSES
+    return command.name in profile.commands and command.name not in profile.no_reply
+
+
+@dataclass(frozen=True)
+class EmptyReply(Message):
+    """The reply of length 0 that versions before 6.0.0 send to FREE_BUFFER, BUFFER_CLEAR,
+    INIT_TENSOR (and MEMSET_TENSOR in 5.x): the 8-byte size and no payload."""
+
+    command: Command = Command.FREE_BUFFER
+
+    @property
+    def COMMAND(self):  # noqa: N802 - the attribute every message has
+        return self.command
+
+    def encode_payload(self) -> bytes:
+        return b""
+
+    @classmethod
+    def decode_payload(cls, payload):  # pragma: no cover - decode_reply builds it
+        if len(payload):
+            raise MalformedMessage(f"an empty reply has {len(payload)} bytes")
+        return cls()
+
+
+# ------------------------------------------------------------------------------------------
+# Per-profile codecs: what differs between versions is data in the Profile
+# ------------------------------------------------------------------------------------------
+#
+# Where an older version's fixed payload is shorter, the missing part is always a suffix of
+# the 7.0.0 layout that the old version does not have (HELLO's capability block, the sources
+# of GET_ALLOC_SIZE before 3.6.0): encoding truncates, decoding pads it with zeros.
+
+def _profile_size(cls: type[Message], profile: Profile | None) -> int | None:
+    """The fixed payload size of ``cls`` under ``profile`` (None: not a fixed message)."""
+    if not issubclass(cls, FixedMessage):
+        return None
+    if profile is not None and profile is not LATEST:
+        if cls is HelloRequest:
+            return profile.hello_request_size
+        if cls is HelloResponse:
+            return profile.hello_response_size
+        if cls is GetAllocSizeRequest:
+            return profile.get_alloc_size_request_size
+    return cls.payload_size()
+
+
+def payload_size(cls: type[Message], profile: Profile | None = None) -> int | None:
+    """Exact payload size of a fixed message under ``profile`` (None for variable ones)."""
+    return _profile_size(cls, profile)
+
+
+def encode(message: Message, profile: Profile | None = None) -> bytes:
+    """The payload of ``message`` as ``profile`` (default: the newest) lays it out."""
+    if isinstance(message, SetTensorRequest):
+        return message.encode_payload(profile)
+    payload = message.encode_payload()
+    size = _profile_size(type(message), profile)
+    return payload if size is None or size == len(payload) else payload[:size]
+
+
+def decode(cls: type[Message], payload, profile: Profile | None = None) -> Message:
+    """Decode a complete payload of ``cls`` as ``profile`` lays it out."""
+    if cls is SetTensorRequest:
+        return cls.decode_payload(payload, profile)
+    size = _profile_size(cls, profile)
+    if size is not None and size != cls.payload_size():
+        if len(payload) != size:
+            raise MalformedMessage(
+                f"{cls.__name__} payload must be {size} bytes, got {len(payload)}")
+        payload = bytes(payload) + bytes(cls.payload_size() - size)
+    return cls.decode_payload(payload)

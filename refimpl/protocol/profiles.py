@@ -7,9 +7,11 @@ op table numbers ``rpc_tensor.op``.  The op tables themselves are data read from
 ``ggml.h`` of each version (``op_tables.json``, written by ``python -m
 refimpl.testing.op_tables``).
 
-Only :data:`PROFILES` ``[(7, 0, 0)]`` is what the rest of the package speaks today;
+The connections (:mod:`.connection`), the per-profile codecs (:func:`.messages.encode`,
+:func:`.messages.decode`), the server (``refimpl-server --protocol``), the graph engine (its
+wire → op mapping) and the client take a profile; :data:`LATEST` (7.0.0) is the default, and
 ``tests/test_profiles.py`` holds it equal to :mod:`.constants` and :mod:`refimpl.graph.ops`.
-The other profiles are groundwork: nothing selects them yet.
+:data:`SERVED` lists the versions that can be selected.
 """
 
 from __future__ import annotations
@@ -149,8 +151,22 @@ PROFILES: Mapping[Version, Profile] = MappingProxyType({p.version: p for p in (
        no_reply=_V6_NO_REPLY, empty=(), ops="7.0.0", releases=("0.3.36",)),
 )})
 
-#: The newest version: what refimpl speaks today.
+#: The newest version: what refimpl speaks by default.
 LATEST: Profile = PROFILES[max(PROFILES)]
+
+#: The versions refimpl serves and speaks (``refimpl-server --protocol``): those a release
+#: carries, with the op table read from that release's ``ggml.h``.
+SERVED: Mapping[Version, Profile] = MappingProxyType({
+    v: p for v, p in PROFILES.items() if p.source == "release" and p.op_table is not None})
+
+
+def served_profile(version: str | Version) -> Profile:
+    """The profile of a served version; KeyError names the served ones."""
+    p = profile(version)
+    if p.version not in SERVED:
+        raise KeyError(f"protocol version {p.name} is not served by refimpl; served: "
+                       + ", ".join(q.name for q in SERVED.values()))
+    return p
 
 
 def profile(version: str | Version) -> Profile:

@@ -15,6 +15,7 @@ import trio
 from .. import __version__
 from ..devices import DeviceUnavailable, open_device
 from ..protocol.constants import PROTOCOL_VERSION
+from ..protocol.profiles import LATEST, SERVED, served_profile
 from .hash_cache import HashCache, default_cache_dir
 from .net import DEFAULT_MAX_BUFFERED, RpcServer, ServerConfig
 
@@ -70,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow", action="append", default=[], metavar="CIDR",
                    help="only accept clients from this network (repeatable; default: anyone "
                         "who can reach the address)")
+    p.add_argument("--protocol", default=LATEST.name, metavar="X.Y.Z",
+                   help="protocol version to speak: %s (default: %%(default)s)"
+                        % ", ".join(v.name for v in SERVED.values()))
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"],
                    help="log verbosity (default: %(default)s); GGML_RPC_DEBUG=1 also logs "
@@ -98,7 +102,7 @@ def banner(server: RpcServer, cache_dir) -> str:
     cfg = server.config
     lines = [
         "refimpl-server %s" % __version__,
-        "Starting RPC server v%d.%d.%d" % PROTOCOL_VERSION,
+        "Starting RPC server v%s" % cfg.profile.name,
         "  endpoint       : %s:%d" % (cfg.host, server.port),
         "  local cache    : %s" % (cache_dir if cache_dir else "n/a"),
         "Devices:",
@@ -145,6 +149,11 @@ async def run_server(config: ServerConfig, cache_dir=None) -> None:
 
 def make_config(args) -> tuple[ServerConfig, object]:
     """Turn parsed arguments into a ServerConfig (opens devices; may raise DeviceUnavailable)."""
+    try:
+        profile = served_profile(getattr(args, "protocol", None) or LATEST.name)
+    except (KeyError, ValueError):
+        raise ValueError(f"unsupported protocol version {args.protocol!r}; supported: "
+                         + ", ".join(p.name for p in SERVED.values())) from None
     if args.threads <= 0:
         raise ValueError(f"invalid number of threads: {args.threads}")
     if args.mem is not None and args.mem <= 0:
@@ -185,7 +194,7 @@ def make_config(args) -> tuple[ServerConfig, object]:
                         read_timeout=args.read_timeout,
                         max_message_size=args.max_message_mib << 20, allow=allow,
                         max_buffered=args.max_buffered_mib << 20,
-                        max_buffers=args.max_buffers), cache_dir
+                        max_buffers=args.max_buffers, profile=profile), cache_dir
 
 
 def main(argv=None) -> int:

@@ -21,7 +21,8 @@ from ..protocol import messages as m
 from ..protocol.connection import (DEFAULT_MAX_MESSAGE_SIZE, NEED_DATA, ConnectionClosed,
                                    ServerConnection, SetTensorStart)
 from ..protocol.errors import ProtocolError
-from ..protocol.messages import SET_TENSOR_HEADER_SIZE
+from ..protocol.messages import set_tensor_header
+from ..protocol.profiles import LATEST, Profile
 from .buffers import AddressSpace, Rejected
 from .hash_cache import HashCache
 from .session import Session
@@ -115,6 +116,8 @@ class ServerConfig:
     max_buffered: int = DEFAULT_MAX_BUFFERED
     #: Buffers one connection may hold at once; ALLOC_BUFFER beyond it fails softly.
     max_buffers: int = 4096
+    #: The protocol version served (spec/versions.md); default: the newest.
+    profile: Profile = LATEST
 
 
 class RpcServer:
@@ -182,10 +185,10 @@ class RpcServer:
         executor = (self.config.graph_executor_factory(self.config.devices)
                     if self.config.graph_executor_factory else None)
         session = Session(self.config.devices, self.config.cache, executor, peer, self.space,
-                          max_buffers=self.config.max_buffers)
+                          max_buffers=self.config.max_buffers, profile=self.config.profile)
         largest = max((d.max_buffer_size() for d in self.config.devices), default=0)
         conn = ServerConnection(max_message_size=self.config.max_message_size,
-                                max_tensor_data=largest)
+                                max_tensor_data=largest, profile=self.config.profile)
         self._next_key += 1
         progress = _Progress(self._next_key)
         try:
@@ -222,7 +225,7 @@ class RpcServer:
                 return
             if isinstance(event, SetTensorStart):
                 place = session.set_tensor_destination(event)
-                progress.message_size = SET_TENSOR_HEADER_SIZE + event.size
+                progress.message_size = set_tensor_header(conn.profile).size + event.size
                 with place.buffer.memory.write_region(place.offset, place.nbytes) as view:
                     await self._receive_payload(sock, conn, view, progress)
                 progress.message_started, progress.message_size = None, 0

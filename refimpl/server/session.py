@@ -13,8 +13,9 @@ import logging
 from ..devices import Device
 from ..protocol import messages as m
 from ..protocol.connection import SetTensorStart
-from ..protocol.constants import MAX_SRC, PROTOCOL_VERSION
+from ..protocol.constants import MAX_SRC
 from ..protocol.connection import hello_response
+from ..protocol.profiles import LATEST, Profile
 from ..protocol.tensor import tensor_nbytes_of
 from .buffers import AddressSpace, BufferTable, Placement, Rejected
 from .hash_cache import HashCache
@@ -28,8 +29,10 @@ class Session:
 
     def __init__(self, devices: list[Device], cache: HashCache | None = None,
                  graph_executor=None, peer: str = "?", space: AddressSpace | None = None,
-                 max_buffers: int | None = None):
+                 max_buffers: int | None = None, profile: Profile = LATEST):
         self.devices = devices
+        #: The protocol version this connection is served in (spec/versions.md).
+        self.profile = profile
         #: Buffers this connection may hold at once (None: no limit).
         self.max_buffers = max_buffers
         self.cache = cache
@@ -41,7 +44,10 @@ class Session:
     def handle(self, request: m.Message) -> m.Message | None:
         """Carry out a request (other than SET_TENSOR data) and return its reply, if any."""
         handler = getattr(self, "_on_" + request.COMMAND.name.lower())
-        return handler(request)
+        reply = handler(request)
+        if reply is None and request.COMMAND.name in self.profile.empty_reply:
+            reply = m.EmptyReply(request.COMMAND)
+        return reply
 
     def close(self) -> None:
         """Free everything this connection allocated."""
@@ -59,8 +65,8 @@ class Session:
 
     # -- handshake and devices -----------------------------------------------------------------
     def _on_hello(self, req: m.HelloRequest):
-        cmdlog.debug("hello: caps %s -> version %d.%d.%d", req.conn_caps.hex(), *PROTOCOL_VERSION)
-        return hello_response()
+        cmdlog.debug("hello: caps %s -> version %s", req.conn_caps.hex(), self.profile.name)
+        return hello_response(self.profile.version)
 
     def _on_device_count(self, req):
         cmdlog.debug("device_count -> %d", len(self.devices))
