@@ -28,8 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used to document the flags in README and docs)."""
     p = argparse.ArgumentParser(
         prog="refimpl-server",
-        description="A ggml RPC server (protocol %d.%d.%d): llama.cpp clients offload model "
-                    "layers to it with --rpc HOST:PORT." % PROTOCOL_VERSION)
+        description="A ggml RPC server (protocol %d.%d.%d by default; --protocol selects one of "
+                    "%s): llama.cpp clients offload model layers to it with --rpc HOST:PORT."
+                    % (*PROTOCOL_VERSION, ", ".join(q.name for q in SERVED.values())))
     p.add_argument("-H", "--host", default="127.0.0.1",
                    help="address to bind (default: %(default)s; anything else exposes the "
                         "server to the network, which the protocol does not protect)")
@@ -79,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log verbosity (default: %(default)s); GGML_RPC_DEBUG=1 also logs "
                         "every command")
     p.add_argument("--version", action="version",
-                   version="refimpl-server %s (protocol %d.%d.%d)" % (__version__, *PROTOCOL_VERSION))
+                   version="refimpl-server %s (protocols %s)"
+                   % (__version__, ", ".join(q.name for q in SERVED.values())))
     return p
 
 
