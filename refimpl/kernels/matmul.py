@@ -102,6 +102,19 @@ def _bf16_reduce(acc):
     return hsum8(s)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _job_slice(job, nchunks, n, b2, r2, r3):
+    """The work of parallel job ``job`` of a matmul kernel: weight rows ``r0:r1`` (a slice of
+    ROW_CHUNK rows), for activation batch ``g`` = (i13, i12), whose weights are batch
+    (i03, i02) (broadcast by the ratios r3, r2)."""
+    g = job // nchunks
+    r0 = (job - g * nchunks) * ROW_CHUNK
+    r1 = min(n, r0 + ROW_CHUNK)
+    i13 = g // b2
+    i12 = g - i13 * b2
+    return g, r0, r1, i13, i12, i13 // r3, i12 // r2
+
+
 @njit(cache=True, nogil=True)
 def _load_float_row(code, wrow, out, out_bits, table):
     """One weight row of F32 (``wrow`` uint32 bit patterns; ``out_bits`` is ``out`` seen as
@@ -172,13 +185,7 @@ def mm_float(code, path, w, x, out, table):
     r2 = b2 // a2
     nchunks = (n + ROW_CHUNK - 1) // ROW_CHUNK
     for job in prange(b3 * b2 * nchunks):
-        g = job // nchunks
-        r0 = (job - g * nchunks) * ROW_CHUNK
-        r1 = min(n, r0 + ROW_CHUNK)
-        i13 = g // b2
-        i12 = g - i13 * b2
-        i03 = i13 // r3
-        i02 = i12 // r2
+        g, r0, r1, i13, i12, i03, i02 = _job_slice(job, nchunks, n, b2, r2, r3)
         bits = np.empty((ROW_CHUNK, k), np.uint32)
         rows = bits.view(np.float32)
         for r in range(r0, r1):
@@ -268,13 +275,7 @@ def mm_q32(code, w, aq, ad, asum, out, table):
     has_min = code == Q4_1 or code == Q5_1
     nchunks = (n + ROW_CHUNK - 1) // ROW_CHUNK
     for job in prange(b3 * b2 * nchunks):
-        g = job // nchunks
-        r0 = (job - g * nchunks) * ROW_CHUNK
-        r1 = min(n, r0 + ROW_CHUNK)
-        i13 = g // b2
-        i12 = g - i13 * b2
-        i03 = i13 // r3
-        i02 = i12 // r2
+        g, r0, r1, i13, i12, i03, i02 = _job_slice(job, nchunks, n, b2, r2, r3)
         wq = np.empty((ROW_CHUNK, k), np.int32)
         wd = np.empty((ROW_CHUNK, nb), np.float32)
         wm = np.zeros((ROW_CHUNK, nb), np.float32)
@@ -386,13 +387,7 @@ def mm_kquant(code, path, w, aq, ad, bsums, out, table):
     r2 = b2 // a2
     nchunks = (n + ROW_CHUNK - 1) // ROW_CHUNK
     for job in prange(b3 * b2 * nchunks):
-        g = job // nchunks
-        r0 = (job - g * nchunks) * ROW_CHUNK
-        r1 = min(n, r0 + ROW_CHUNK)
-        i13 = g // b2
-        i12 = g - i13 * b2
-        i03 = i13 // r3
-        i02 = i12 // r2
+        g, r0, r1, i13, i12, i03, i02 = _job_slice(job, nchunks, n, b2, r2, r3)
         wq = np.empty((ROW_CHUNK, k), np.int32)
         sc = np.empty((ROW_CHUNK, k // 16), np.int32)
         mn = np.empty((ROW_CHUNK, k // 16), np.int32)
