@@ -34,7 +34,7 @@ from ..graph.checks import (BF16, F16, F32, elementwise_strides, fail, is_contig
 from ..graph.ops import Op
 from ..graph.registry import OpImpl, register
 from .cpu_tensors import bf16_to_f32, round_to, view
-from .numeric import fma32, hsum8_f32, vexp_f32
+from .numeric import fma32, hsum8_f32, vexp8_sub_f32
 from .softmax import alibi_slopes
 
 PREC_DEFAULT, PREC_F32 = 0, 10
@@ -398,17 +398,7 @@ def _attend_tiled(q, k, v, mask, sinks, slopes, out, scale, softcap, use_mask, u
             mx[r] = m_new
             part = 0.0
             for c in range(0, KV_TILE, 8):
-                e0 = vexp_f32(sc[c] - m_new)
-                e1 = vexp_f32(sc[c + 1] - m_new)
-                e2 = vexp_f32(sc[c + 2] - m_new)
-                e3 = vexp_f32(sc[c + 3] - m_new)
-                e4 = vexp_f32(sc[c + 4] - m_new)
-                e5 = vexp_f32(sc[c + 5] - m_new)
-                e6 = vexp_f32(sc[c + 6] - m_new)
-                e7 = vexp_f32(sc[c + 7] - m_new)
-                sc[c], sc[c + 1], sc[c + 2], sc[c + 3] = e0, e1, e2, e3
-                sc[c + 4], sc[c + 5], sc[c + 6], sc[c + 7] = e4, e5, e6, e7
-                part += np.float64(hsum8_f32(e0, e1, e2, e3, e4, e5, e6, e7))
+                part += np.float64(vexp8_sub_f32(sc, c, m_new))
             total[r] = np.float32(np.float64(total[r]) + part)
             for t in range(nt):
                 _mad(a, v[iv3, iv2, ic + t], sc[t])

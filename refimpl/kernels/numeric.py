@@ -153,3 +153,20 @@ def hsum8_f32(v0, v1, v2, v3, v4, v5, v6, v7):
     a2 = v2 + v6
     a3 = v3 + v7
     return (a0 + a2) + (a1 + a3)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def vexp8_sub_f32(buf, c, m):
+    """One 8-lane step of ggml's AVX2 ``exp(x - max)`` loop (soft_max, flash attention):
+    ``buf[c:c+8]`` becomes ``vexp(buf - m)`` in place; returns the lanes' :func:`hsum8_f32`."""
+    e0 = vexp_f32(buf[c] - m)
+    e1 = vexp_f32(buf[c + 1] - m)
+    e2 = vexp_f32(buf[c + 2] - m)
+    e3 = vexp_f32(buf[c + 3] - m)
+    e4 = vexp_f32(buf[c + 4] - m)
+    e5 = vexp_f32(buf[c + 5] - m)
+    e6 = vexp_f32(buf[c + 6] - m)
+    e7 = vexp_f32(buf[c + 7] - m)
+    buf[c], buf[c + 1], buf[c + 2], buf[c + 3] = e0, e1, e2, e3
+    buf[c + 4], buf[c + 5], buf[c + 6], buf[c + 7] = e4, e5, e6, e7
+    return hsum8_f32(e0, e1, e2, e3, e4, e5, e6, e7)

@@ -22,7 +22,7 @@ from ..graph.checks import (F16, F32, elementwise_strides, fail, is_contiguous, 
 from ..graph.ops import Op
 from ..graph.registry import OpImpl, register
 from .cpu_tensors import load_f32, view
-from .numeric import fma32, hsum8_f32, vexp_f32
+from .numeric import fma32, vexp8_sub_f32
 
 
 def alibi_slopes(n_head: int, max_bias: float) -> np.ndarray:
@@ -83,17 +83,7 @@ def softmax_f32(x, mask, sinks, out, scale, slopes, use_mask, use_sinks):
             mx = mx if mx > sk else sk
         total = 0.0
         for c in range(0, n8, 8):
-            e0 = vexp_f32(w[c] - mx)
-            e1 = vexp_f32(w[c + 1] - mx)
-            e2 = vexp_f32(w[c + 2] - mx)
-            e3 = vexp_f32(w[c + 3] - mx)
-            e4 = vexp_f32(w[c + 4] - mx)
-            e5 = vexp_f32(w[c + 5] - mx)
-            e6 = vexp_f32(w[c + 6] - mx)
-            e7 = vexp_f32(w[c + 7] - mx)
-            w[c], w[c + 1], w[c + 2], w[c + 3] = e0, e1, e2, e3
-            w[c + 4], w[c + 5], w[c + 6], w[c + 7] = e4, e5, e6, e7
-            total += np.float64(hsum8_f32(e0, e1, e2, e3, e4, e5, e6, e7))
+            total += np.float64(vexp8_sub_f32(w, c, mx))
         for i0 in range(n8, n0):
             e = np.float32(math.exp(w[i0] - mx))
             w[i0] = e
