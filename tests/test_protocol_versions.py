@@ -278,3 +278,39 @@ async def test_graph_refuses_ops_the_version_lacks(nursery):
         with pytest.raises(ServerClosedConnection):
             await _unary_graph(c, wire_number(V5, Op.GLU), int(GluOp.SWIGLU_CLAMP), glu=True)
             await c.ping()
+
+
+def _malformed_for(p) -> dict[str, bytes]:
+    """Requests a server of profile ``p`` must refuse by closing (spec/errors.md), built from
+    the profile's own sizes and command numbers."""
+    cmds = p.commands
+    cases = {
+        "unknown command": frame(p.command_limit, b""),
+        "SET_TENSOR shorter than its header": frame(cmds["SET_TENSOR"],
+                                                    bytes(p.set_tensor_header_size - 1)),
+        "GET_ALLOC_SIZE of the wrong size": frame(cmds["GET_ALLOC_SIZE"],
+                                                  bytes(p.get_alloc_size_request_size + 1)),
+        "length prefix of 2^64-1": struct.pack("<BQ", cmds["SET_TENSOR"], 2**64 - 1),
+        "second HELLO": frame(cmds["HELLO"], bytes(p.hello_request_size)),
+    }
+    if "MEMSET_TENSOR" not in cmds:  # a 7.0.0 command this version lacks
+        cases["MEMSET_TENSOR of 7.0.0"] = frame(LATEST.commands["MEMSET_TENSOR"], bytes(312))
+    return cases
+
+
+@pytest.mark.parametrize("name", SERVED_NAMES)
+async def test_malformed_requests_per_version_close_only_that_connection(nursery, name):
+    """Every served version refuses bad input by closing the one connection, per its own
+    layouts, and goes on serving (the 7.0.0 cases in test_server.py, for each profile)."""
+    p = served_profile(name)
+    server = await _serve(nursery, name)
+    for what, data in _malformed_for(p).items():
+        stream = await trio.open_tcp_stream(*_addr(server))
+        await stream.send_all(frame(p.commands["HELLO"], bytes(p.hello_request_size)))
+        reply = await read_exactly(stream, 8 + p.hello_response_size)
+        assert reply[8:11] == bytes(p.version), what
+        await stream.send_all(data)
+        assert await server_closes(stream), f"{name}: {what} did not close the connection"
+        await stream.aclose()
+        async with await RpcClient.connect(*_addr(server), protocol=name) as c:
+            assert await c.device_count() == 1, what
