@@ -18,6 +18,10 @@ test, and reports one *outcome*:
 ``expect`` is what the spec demands; ``upstream`` records what llama.cpp 0.3.36 does where it
 deviates, with the issue or advisory that documents it.  ``destructive`` checks may take a
 non-conforming server down: the suite gives them a fresh server process.
+
+Every check speaks the protocol version of the server under test (``target.profile``,
+spec/versions.md); ``versions`` limits a check to the versions where what it tests exists
+(MEMSET_TENSOR from 5.0.0, the cache flag in 7.0.0, the HELLO capability block from 4.0.0).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import Callable
 from refimpl.protocol import messages as m
 from refimpl.protocol.connection import hello_request
 from refimpl.protocol.constants import CONN_CAPS_SIZE, Command
+from refimpl.protocol.profiles import LATEST, SERVED, Profile
 from refimpl.protocol.tensor import RpcTensor, contiguous_strides, tensor_nbytes
 
 from support import Closed, NoAnswer, Target, Wire, frame
@@ -50,11 +55,19 @@ class Wrong(Exception):
 
 @dataclass(frozen=True)
 class Upstream:
-    """A known deviation of llama.cpp 0.3.36: the outcome it shows and where it is documented."""
+    """A known deviation of llama.cpp: the outcome it shows and where it is documented."""
 
     outcome: str
     link: str
     note: str = ""
+    #: The llama-cpp-python releases whose llama.cpp shows it (None: every release the suite
+    #: runs, 0.3.36 and the older ones of spec/versions.md).
+    releases: tuple[str, ...] | None = None
+
+
+#: The releases the suite runs for the versions before 7.0.0 (the newest release of each,
+#: as servers.peer_release picks them).
+OLDER_RELEASES = tuple(p.releases[-1] for p in SERVED.values() if p is not LATEST)
 
 
 @dataclass(frozen=True)
@@ -67,12 +80,45 @@ class Check:
     section: str          # the spec section that says what must happen
     run: Callable
     expect: str = "ok"    # "ok" or "refused"
-    upstream: Upstream | None = None
+    #: llama.cpp's known deviations: one, or several for different releases.
+    upstream: Upstream | tuple[Upstream, ...] | None = None
     destructive: bool = False
     needs: tuple = ()     # target features ("cache")
+    #: The protocol versions the check applies to (None: all).
+    versions: Callable[[Profile], bool] | None = None
+
+    def applies(self, profile: Profile) -> bool:
+        """Whether what the check tests exists in ``profile``'s version."""
+        return self.versions is None or self.versions(profile)
+
+    def upstream_of(self, release: str) -> Upstream | None:
+        """The known deviation of llama.cpp of ``release`` (a llama-cpp-python release)."""
+        found = self.upstream if isinstance(self.upstream, tuple) else (self.upstream,)
+        return next((u for u in found if u is not None
+                     and (u.releases is None or release in u.releases)), None)
 
 
 CHECKS: list[Check] = []
+
+
+def has_command(name: str) -> Callable[[Profile], bool]:
+    """A ``versions`` predicate: the version has that command."""
+    return lambda p: name in p.commands
+
+
+def lacks_command(name: str) -> Callable[[Profile], bool]:
+    """A ``versions`` predicate: the version does not have that command."""
+    return lambda p: name not in p.commands
+
+
+def caps_hello(p: Profile) -> bool:
+    """HELLO carries the 24-byte capability block (4.0.0 on)."""
+    return p.hello_request_size == CONN_CAPS_SIZE
+
+
+def cache_flag(p: Profile) -> bool:
+    """SET_TENSOR carries the cache flag (7.0.0)."""
+    return p.set_tensor_header_size == 305
 
 
 def check(id, command, title, section, expect="ok", **kw):
@@ -99,7 +145,8 @@ class Context:
 
     def connect(self, hello: bool = True) -> Wire:
         """A new connection, HELLO done unless ``hello=False``."""
-        w = Wire(self.target.address, timeout=self.timeout, hello=False)
+        w = Wire(self.target.address, timeout=self.timeout, hello=False,
+                 profile=self.target.profile)
         self._wires.append(w)
         if hello:
             w.call(hello_request())
@@ -195,7 +242,7 @@ def refusal(w: Wire, req) -> str:
         reply = w.call(req)
     except Closed:
         return "refused"
-    if m.has_response(req.COMMAND):
+    if m.has_response(req.COMMAND, w.profile):
         return f"answered {_short(reply)}"
     return after_no_reply(w)
 
@@ -236,12 +283,14 @@ def buffer(ctx: Context, size: int = 256):
 # HELLO (spec/handshake.md)
 # ----------------------------------------------------------------------------------------------
 
-@check("hello-reply", "HELLO", "HELLO is answered with version 7.0.0 and zero capabilities",
-       "spec/handshake.md#reply")
+@check("hello-reply", "HELLO", "HELLO is answered with the server's version (and, from 4.0.0, "
+       "zero capabilities)", "spec/handshake.md#reply")
 def _(ctx):
     w = ctx.connect(hello=False)
     r = w.call(hello_request())
-    require((r.major, r.minor, r.patch) == (7, 0, 0), f"version {r.major}.{r.minor}.{r.patch}")
+    want = ctx.target.profile.version
+    require((r.major, r.minor, r.patch) == want, f"version {r.major}.{r.minor}.{r.patch}, "
+                                                 f"the suite judges %d.%d.%d" % want)
     require(r.padding == 0, f"padding {r.padding}")
     require(r.conn_caps == bytes(CONN_CAPS_SIZE), "non-zero capabilities answered to a TCP-only client")
     require(w.call(m.DeviceCountRequest()).count >= 1, "no device after HELLO")
@@ -249,11 +298,12 @@ def _(ctx):
 
 
 @check("hello-caps-declined", "HELLO", "a client offering capabilities is kept on TCP",
-       "spec/handshake.md#request")
+       "spec/handshake.md#request", versions=caps_hello)
 def _(ctx):
     w = ctx.connect(hello=False)
     r = w.call(m.HelloRequest(b"\x01" * CONN_CAPS_SIZE))
-    require((r.major, r.minor) == (7, 0), f"version {r.major}.{r.minor}.{r.patch}")
+    want = ctx.target.profile.version
+    require((r.major, r.minor) == want[:2], f"version {r.major}.{r.minor}.{r.patch}")
     require(w.call(m.DeviceCountRequest()).count >= 1, "the connection left TCP")
     return "ok"
 
@@ -267,10 +317,18 @@ def _(ctx):
 
 
 @check("hello-old-length", "HELLO", "HELLO of length 0 (a client before 4.0.0) is refused",
-       "spec/handshake.md#server-rules", "refused")
+       "spec/handshake.md#server-rules", "refused", versions=caps_hello)
 def _(ctx):
     w = ctx.connect(hello=False)
     w.send_raw(frame(Command.HELLO))
+    return "refused" if w.closed_by_server() else "answered"
+
+
+@check("hello-new-length", "HELLO", "HELLO of length 24 (a client of 4.0.0 on) is refused",
+       "spec/versions.md#361", "refused", versions=lambda p: not caps_hello(p))
+def _(ctx):
+    w = ctx.connect(hello=False)
+    w.send_raw(frame(Command.HELLO, bytes(CONN_CAPS_SIZE)))
     return "refused" if w.closed_by_server() else "answered"
 
 
@@ -278,7 +336,7 @@ def _(ctx):
        "spec/handshake.md#server-rules", "refused")
 def _(ctx):
     w = ctx.connect()
-    w.send_raw(frame(Command.HELLO, bytes(CONN_CAPS_SIZE)))
+    w.send_raw(frame(Command.HELLO, bytes(ctx.target.profile.hello_request_size)))
     return "refused" if w.closed_by_server() else "answered"
 
 
@@ -292,6 +350,14 @@ def _(ctx):
     w = ctx.connect()
     w.send_raw(frame(18))
     return "refused" if w.closed_by_server() else "answered"
+
+
+@check("unknown-command-17", "framing", "command 17 (MEMSET_TENSOR from 5.0.0 on) is refused",
+       "spec/versions.md#403", "refused", versions=lacks_command("MEMSET_TENSOR"))
+def _(ctx):
+    w, h, base = buffer(ctx, 64)
+    payload = m.MemsetTensorRequest(T(h, base, (64,), I8), 0, 16, 1).encode_payload()
+    return refusal(w, frame(17, payload))
 
 
 @check("unknown-command-255", "framing", "command 255 is refused", "spec/commands.md#commands",
@@ -496,8 +562,8 @@ def _(ctx):
     return refusal(w, m.BufferGetBaseRequest(h ^ 0x5A5A0000))
 
 
-@check("free-buffer", "FREE_BUFFER", "a live buffer is freed without a reply; the connection "
-       "goes on", "spec/commands.md#free_buffer-4")
+@check("free-buffer", "FREE_BUFFER", "a live buffer is freed without a reply (an empty one "
+       "before 6.0.0); the connection goes on", "spec/commands.md#free_buffer-4")
 def _(ctx):
     w, h, base = buffer(ctx)
     h2, _ = w.alloc(64)
@@ -652,7 +718,7 @@ def _(ctx):
 
 @check("set-tensor-hash-hit", "SET_TENSOR_HASH", "bytes uploaded with cache_flag 1 are written "
        "again from the cache by their hash", "spec/hash-cache.md#server-behaviour",
-       needs=("cache",))
+       needs=("cache",), versions=cache_flag)
 def _(ctx):
     from refimpl.protocol.fnv import fnv1a_64
     w, h, base = buffer(ctx, 256)
@@ -699,7 +765,8 @@ def _(ctx):
 
 
 @check("memset-tensor", "MEMSET_TENSOR", "the region becomes the value, nothing else changes",
-       "spec/commands.md#memset_tensor-17")
+       "spec/commands.md#memset_tensor-17",
+       versions=has_command("MEMSET_TENSOR"))
 def _(ctx):
     w, h, base = buffer(ctx, 64)
     t = T(h, base, (64,), I8)
@@ -711,7 +778,7 @@ def _(ctx):
 
 
 @check("memset-tensor-beyond-tensor", "MEMSET_TENSOR", "a region beyond the tensor is refused",
-       "spec/tensor.md#placement", "refused")
+       "spec/tensor.md#placement", "refused", versions=has_command("MEMSET_TENSOR"))
 def _(ctx):
     w, h, base = buffer(ctx, 256)
     return refusal(w, m.MemsetTensorRequest(T(h, base, (16,), I8), 8, 64, 1))
@@ -835,7 +902,10 @@ def _(ctx):
 
 
 @check("graph-recompute-after-free", "GRAPH_RECOMPUTE", "FREE_BUFFER discards the stored graph",
-       "spec/graph.md#storing-and-recomputing", "refused")
+       "spec/graph.md#storing-and-recomputing", "refused",
+       upstream=Upstream("accepted", GHSA + "GHSA-2phh-px2f-2qmx",
+                         "the stored graph outlives FREE_BUFFER and is recomputed on freed "
+                         "memory (H16, fixed in 0.3.36)", releases=OLDER_RELEASES))
 def _(ctx):
     w = ctx.connect()
     (a, b, out), h = _add_graph(w)

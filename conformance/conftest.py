@@ -5,6 +5,13 @@
     pytest conformance/ --server-cmd "CMD -p {port}" # any server the suite can start
     pytest conformance/ --server HOST:PORT           # a server you started (non-destructive
                                                      # tests; add -m hazard for the probes)
+    pytest conformance/ --protocol 4.0.2             # an older protocol version: refimpl-server
+                                                     # --protocol 4.0.2 and llama.cpp 0.3.34
+
+The suite judges one protocol version per run (spec/versions.md): the one ``--protocol``
+names (default 7.0.0), or against ``--server`` the one the server names in its HELLO reply.
+Checks that do not exist in that version are not collected, and only the captures recorded
+in it are replayed.
 
 Destructive probes (``hazard`` marker) get a fresh server process each when the suite starts
 the server; against ``--server`` they only run when selected with ``-m hazard``.
@@ -30,6 +37,8 @@ def pytest_addoption(parser):
                 help="command that starts the server under test; {port} is replaced")
     g.addoption("--peer", default=None, choices=["llama.cpp"],
                 help="judge llama.cpp's ggml-rpc-server built from the registry sdist")
+    g.addoption("--protocol", default=None, metavar="X.Y.Z",
+                help="protocol version to judge (default: 7.0.0, or what --server speaks)")
     g.addoption("--hazard-report", default="build/hazard-table.md", metavar="PATH",
                 help="also write the hazard table as Markdown to PATH (default: %(default)s)")
     g.addoption("--conformance-report", default="build/conformance-report.md", metavar="PATH",

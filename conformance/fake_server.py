@@ -173,8 +173,8 @@ class FakeServer:
                     self.deviation(e, "the client closed before reading its reply",
                                    "spec/transport.md#replies")
                     return
-            elif isinstance(e.message, m.FreeBufferRequest):
-                amap.free(e.message.handle)
+            if isinstance(e.message, m.FreeBufferRequest):
+                amap.free(e.message.handle)  # answered (empty) before 6.0.0, unanswered since
         if rc.closed_by == "server":
             return
         # the recorded client closed after its last request: so must this one
@@ -192,10 +192,10 @@ class FakeServer:
         if e.message is None:
             return None if raw == e.raw else "request differs from the recorded (undecodable) one"
         try:
-            msg = m.REQUESTS[Command(e.command)].decode_payload(raw[9:])
+            msg = m.decode(m.REQUESTS[Command(e.command)], raw[9:], e.profile)
         except (ProtocolError, ValueError) as exc:
             return f"request does not decode: {exc}"
-        mapped = amap.request(msg, raw, to_new=False)
+        mapped = amap.request(msg, raw, to_new=False, profile=e.profile)
         if mapped == e.raw:
             return None
         return _difference(e.message, amap.message(msg, to_new=False))
@@ -284,7 +284,7 @@ async def drive_client(session: Session, host: str, port: int) -> list[str]:
             continue
         amap = AddressMap()
         try:
-            client = await RpcClient.connect(host, port)
+            client = await RpcClient.connect(host, port, protocol=session.profile.name)
         except ServerClosedConnection as exc:
             problems.append(f"c{rc.number}: connect failed: {exc}")
             return problems

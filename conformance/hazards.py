@@ -134,7 +134,8 @@ class ProbeContext:
     # -- connections ----------------------------------------------------------------------------
     def connect(self, hello: bool = True, timeout: float | None = None) -> Wire:
         """A new connection (HELLO done unless ``hello=False``), closed with RST at the end."""
-        w = Wire(self.target.address, timeout=timeout or self.answer_timeout, hello=False)
+        w = Wire(self.target.address, timeout=timeout or self.answer_timeout, hello=False,
+                 profile=self.target.profile)
         self._wires.append(w)  # registered first: even a failed HELLO ends in a reset
         if hello:
             w.call(hello_request())

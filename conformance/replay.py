@@ -32,6 +32,7 @@ from refimpl.protocol import messages as m
 from refimpl.protocol.constants import Command
 from refimpl.protocol.fnv import fnv1a_64
 from refimpl.protocol.observer import Observer
+from refimpl.protocol.profiles import LATEST, Profile
 from refimpl.protocol.tensor import RpcTensor, tensor_nbytes
 
 #: Tolerance for bytes a graph computed (spec/replay.md, "Tensor bytes"): normalised mean
@@ -78,6 +79,8 @@ class Exchange:
     message: object       # decoded request, or None when it could not be decoded
     reply_raw: bytes | None = None
     reply: object = None  # decoded reply
+    #: The protocol version the connection spoke (learned from its HELLO reply).
+    profile: Profile = LATEST
 
     @property
     def name(self) -> str:
@@ -87,7 +90,7 @@ class Exchange:
     @property
     def expects_reply(self) -> bool:
         """Whether the server answers this request (spec/transport.md, "Replies")."""
-        return self.message is not None and m.has_response(self.message.COMMAND)
+        return self.message is not None and m.has_response(self.message.COMMAND, self.profile)
 
     def where(self) -> str:
         """``c12 #46 GRAPH_COMPUTE``: where in the capture this is."""
@@ -113,6 +116,8 @@ class Session:
     path: Path
     meta: dict
     connections: list
+    #: The protocol version the capture speaks (its HELLO replies; spec/versions.md).
+    profile: Profile = LATEST
 
     @property
     def name(self) -> str:
@@ -169,7 +174,8 @@ def load(path) -> Session:
         queue = waiting.setdefault(r.connection, collections.deque())
         if r.direction == ff.CLIENT_TO_SERVER:
             for o in obs.from_client(r.data):
-                e = Exchange(r.connection, len(c.exchanges) + 1, o.command, o.raw, o.message)
+                e = Exchange(r.connection, len(c.exchanges) + 1, o.command, o.raw, o.message,
+                             profile=obs.profile)
                 c.exchanges.append(e)
                 if e.expects_reply:
                     queue.append(e)
@@ -180,7 +186,12 @@ def load(path) -> Session:
                     e.reply_raw, e.reply = o.raw, o.message
     for n, q in waiting.items():
         conns[n].unanswered = len(q)
-    return Session(Path(path), cap.meta, [conns[n] for n in sorted(conns)])
+    versions = {o.profile.version: o.profile for o in observers.values() if o.hello_done}
+    if len(versions) > 1:
+        raise ValueError(f"{path}: connections speak different protocol versions: "
+                         + ", ".join(sorted(p.name for p in versions.values())))
+    return Session(Path(path), cap.meta, [conns[n] for n in sorted(conns)],
+                   next(iter(versions.values()), LATEST))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,20 +309,21 @@ class AddressMap:
         return out
 
     # -- requests ----------------------------------------------------------------------------
-    def request(self, msg, raw: bytes, to_new: bool = True) -> bytes:
-        """The framed request ``msg`` (recorded as ``raw``) with handles and addresses mapped."""
+    def request(self, msg, raw: bytes, to_new: bool = True, profile: Profile = LATEST) -> bytes:
+        """The framed request ``msg`` (recorded as ``raw`` in protocol ``profile``) with
+        handles and addresses mapped."""
         if msg is None:
             return raw
         if isinstance(msg, m.SetTensorRequest):
             t = self.tensor(msg.tensor, to_new)
             if t == msg.tensor:
                 return raw
-            head = m.SetTensorRequest(t, msg.offset, b"", msg.cache_flag).encode_header()
-            return raw[:9] + head + raw[9 + m.SET_TENSOR_HEADER_SIZE:]
+            head = m.SetTensorRequest(t, msg.offset, b"", msg.cache_flag).encode_header(profile)
+            return raw[:9] + head + raw[9 + profile.set_tensor_header_size:]
         mapped = self.message(msg, to_new)
         if mapped is msg:
             return raw
-        payload = mapped.encode_payload()
+        payload = m.encode(mapped, profile)
         return struct.pack("<BQ", int(msg.COMMAND), len(payload)) + payload
 
     def message(self, msg, to_new: bool = True):
@@ -644,7 +656,7 @@ class Replayer:
         for e in rc.exchanges:
             recorded_refused = (rc.closed_by == "server" and e is rc.exchanges[-1]
                                 and (not e.expects_reply or e.reply_raw is None))
-            raw = amap.request(e.message, e.raw, to_new=True)
+            raw = amap.request(e.message, e.raw, to_new=True, profile=e.profile)
             pending.append(e)
             try:
                 conn.send(raw)
@@ -724,8 +736,10 @@ class Replayer:
     def _compare(self, e: Exchange, reply_raw: bytes, amap: AddressMap, prov: Provenance,
                  conn: _Conn) -> None:
         msg, rec = e.message, e.reply
+        if isinstance(rec, m.EmptyReply):
+            return  # before 6.0.0: its length (0) was all there was to compare
         try:
-            got = m.RESPONSES[Command(e.command)].decode_payload(reply_raw[8:])
+            got = m.decode(m.RESPONSES[Command(e.command)], reply_raw[8:], e.profile)
         except Exception as exc:  # a fixed-size reply of the right length always decodes
             self.deviation(e, f"reply does not decode: {exc}", "spec/transport.md#replies")
             return
@@ -823,7 +837,7 @@ class Replayer:
             if data is None:
                 raise Inconclusive(f"{e.where()}: cache miss and the capture lacks the bytes")
             t = amap.tensor(msg.tensor)
-            head = m.SetTensorRequest(t, msg.offset, b"", 1).encode_header()
+            head = m.SetTensorRequest(t, msg.offset, b"", 1).encode_header(e.profile)
             conn.send(struct.pack("<BQ", int(Command.SET_TENSOR), len(head) + len(data))
                       + head + data)
             prov.mark(amap, msg.tensor, msg.offset, len(data), EXACT)

@@ -18,8 +18,8 @@ PASS, DEVIATION, KNOWN, INCONCLUSIVE = "pass", "deviation", "known upstream devi
 
 
 LEGEND = """\
-Verdicts: pass = what the spec demands; known upstream deviation = llama.cpp 0.3.36 does what
-spec/errors.md and spec/hazards.md record for it (the link says where it is documented);
+Verdicts: pass = what the spec demands; known upstream deviation = llama.cpp (of the release
+named) does what spec/errors.md and spec/hazards.md record for it (the link says where);
 deviation = the server broke the spec section named (the test failed); inconclusive = the
 check could not be judged on this server (the reason is given). Details of everything that is
 not a plain pass follow the tables."""

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from support import TargetFactory
+from refimpl.protocol.profiles import LATEST, PROFILES, SERVED, Profile, served_profile
+from support import TargetFactory, detect_version
 
 
 #: Flags that give a probe what it needs ("features", see support.TargetFactory).
@@ -18,41 +19,93 @@ REFIMPL_FEATURES = {
 LLAMA_FEATURES = {"cache": "-c", "timeouts": "", "small-messages": ""}
 
 
-def refimpl_factory() -> TargetFactory:
-    """refimpl-server as the suite starts it (1 GiB memory cap)."""
-    return TargetFactory("refimpl", command=f"{sys.executable} -m refimpl.server -p {{port}} "
-                                            f"-m 1024 --log-level warning",
-                         kind="refimpl", feature_args=REFIMPL_FEATURES)
+def peer_release(profile: Profile) -> str:
+    """The llama-cpp-python release whose llama.cpp the suite runs as the real server of a
+    protocol version: the newest release that carries it (spec/versions.md, "Releases")."""
+    return profile.releases[-1]
 
 
-def llama_factory() -> TargetFactory:
-    """llama.cpp 0.3.36's ggml-rpc-server, built on first use (fails if it cannot be)."""
+def refimpl_factory(profile: Profile = LATEST) -> TargetFactory:
+    """refimpl-server as the suite starts it (1 GiB memory cap), speaking ``profile``."""
+    return TargetFactory("refimpl" + ("" if profile is LATEST else f" --protocol {profile.name}"),
+                         command=f"{sys.executable} -m refimpl.server -p {{port}} "
+                                 f"-m 1024 --log-level warning --protocol {profile.name}",
+                         kind="refimpl", feature_args=REFIMPL_FEATURES, profile=profile)
+
+
+def llama_factory(profile: Profile = LATEST) -> TargetFactory:
+    """The ggml-rpc-server of the llama.cpp release that speaks ``profile`` (0.3.36 for
+    7.0.0), built on first use (fails if it cannot be)."""
     from refimpl.testing.peers import PeerUnavailable, ensure_peers, peer_env
+    release = peer_release(profile)
     try:
-        bin_dir = ensure_peers()
+        bin_dir = ensure_peers(release)
     except PeerUnavailable as exc:
         pytest.fail(f"llama.cpp peer unavailable: {exc}", pytrace=False)
-    return TargetFactory("llama.cpp 0.3.36", command=f"{bin_dir}/ggml-rpc-server -p {{port}}",
+    return TargetFactory(f"llama.cpp {release}", command=f"{bin_dir}/ggml-rpc-server -p {{port}}",
                          env={"LD_LIBRARY_PATH": peer_env(bin_dir)["LD_LIBRARY_PATH"]},
-                         kind="llama.cpp", feature_args=LLAMA_FEATURES)
+                         kind="llama.cpp", feature_args=LLAMA_FEATURES, profile=profile,
+                         release=release)
+
+
+def external_address(config) -> tuple[str, int]:
+    """The address of ``--server HOST:PORT``."""
+    host, _, port = config.getoption("--server").rpartition(":")
+    return host or "127.0.0.1", int(port)
+
+
+def suite_profile(config) -> Profile:
+    """The protocol version the suite judges (spec/versions.md).
+
+    ``--server``: the version the server names in its HELLO reply (``--protocol``, if also
+    given, must agree).  Otherwise ``--protocol`` (default 7.0.0): the servers the suite starts
+    are refimpl-server speaking it and the llama.cpp release that carries it.
+    """
+    cached = getattr(config, "_conformance_profile", None)
+    if cached is not None:
+        return cached
+    wanted = config.getoption("--protocol")
+    try:
+        chosen = served_profile(wanted) if wanted else LATEST
+    except (KeyError, ValueError) as exc:
+        raise pytest.UsageError(f"--protocol {wanted}: {exc.args[0]}") from None
+    if config.getoption("--server"):
+        address = external_address(config)
+        try:
+            version = detect_version(address)
+        except (OSError, ValueError) as exc:
+            raise pytest.UsageError(f"--server {config.getoption('--server')}: cannot learn its "
+                                    f"protocol version: {exc}") from None
+        name = "%d.%d.%d" % version
+        if version not in SERVED:
+            known = "described in spec/versions.md" if version in PROFILES else "unknown"
+            raise pytest.UsageError(
+                f"--server {config.getoption('--server')} speaks protocol {name} ({known}); the "
+                f"suite judges " + ", ".join(p.name for p in SERVED.values()))
+        if wanted and chosen.version != version:
+            raise pytest.UsageError(f"--protocol {wanted}, but the server speaks {name}")
+        chosen = SERVED[version]
+    config._conformance_profile = chosen
+    return chosen
 
 
 def factory_for(config, kind: str) -> TargetFactory:
     """The factory for one of the names ``hazard_target_kinds`` returns."""
     opt = config.getoption
+    profile = suite_profile(config)
     if kind == "external":
-        host, _, port = opt("--server").rpartition(":")
-        return TargetFactory(f"external {opt('--server')}", address=(host or "127.0.0.1", int(port)))
+        return TargetFactory(f"external {opt('--server')} ({profile.name})",
+                             address=external_address(config), profile=profile)
     if kind == "custom":
-        return TargetFactory("custom", command=opt("--server-cmd"))
+        return TargetFactory("custom", command=opt("--server-cmd"), profile=profile)
     if kind == "llama.cpp":
-        return llama_factory()
-    return refimpl_factory()
+        return llama_factory(profile)
+    return refimpl_factory(profile)
 
 
 def hazard_target_kinds(config) -> list[str]:
     """Which servers the hazard probes judge: the one named by the options, or by default
-    refimpl and llama.cpp 0.3.36 (the latter marked ``peer``)."""
+    refimpl and the llama.cpp release of the suite's version (the latter marked ``peer``)."""
     opt = config.getoption
     if opt("--server"):
         return ["external"]

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from refimpl.protocol import messages as m
 from refimpl.protocol.connection import NEED_DATA, ClientConnection, GetTensorStart, hello_request
-from refimpl.protocol.constants import Command
+from refimpl.protocol.constants import CONN_CAPS_SIZE, Command
+from refimpl.protocol.profiles import LATEST, Profile
 from refimpl.protocol.tensor import RpcTensor, contiguous_strides
 from refimpl.testing.processes import free_port, wait_for_port
 
@@ -36,13 +37,16 @@ class NoAnswer(Exception):
 
 
 class Wire:
-    """A blocking connection for probes: raw bytes when needed, typed calls otherwise."""
+    """A blocking connection for probes: raw bytes when needed, typed calls otherwise, in the
+    protocol version of ``profile`` (spec/versions.md)."""
 
-    def __init__(self, address, timeout: float = 10.0, hello: bool = True):
+    def __init__(self, address, timeout: float = 10.0, hello: bool = True,
+                 profile: Profile = LATEST):
         self.sock = socket.create_connection(address, timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.timeout = timeout
-        self.conn = ClientConnection()
+        self.profile = profile
+        self.conn = ClientConnection(profile=profile)
         if hello:
             self.call(hello_request())
 
@@ -91,7 +95,7 @@ class Wire:
     def call(self, req: m.Message):
         """Send a request; return its reply (bytes for GET_TENSOR), or None if it has none."""
         self.send_raw(self.conn.send(req))
-        if not m.has_response(req.COMMAND):
+        if not m.has_response(req.COMMAND, self.profile):
             return None
         return self._reply()
 
@@ -159,6 +163,47 @@ def frame(cmd: int, payload: bytes = b"") -> bytes:
     return struct.pack("<BQ", int(cmd), len(payload)) + payload
 
 
+def _hello_reply(address, payload_size: int, timeout: float) -> bytes | None:
+    """Send a HELLO with ``payload_size`` zero bytes; the reply's payload, or None if the
+    server closed instead."""
+    with socket.create_connection(address, timeout=timeout) as sock:
+        try:
+            sock.sendall(frame(Command.HELLO, bytes(payload_size)))
+            head = b""
+            while len(head) < 8:
+                chunk = sock.recv(8 - len(head))
+                if not chunk:
+                    return None
+                head += chunk
+            (length,) = struct.unpack("<Q", head)
+            if length > 64:
+                raise ValueError(f"a HELLO reply of {length} bytes")
+            body = b""
+            while len(body) < length:
+                chunk = sock.recv(length - len(body))
+                if not chunk:
+                    return None
+                body += chunk
+            return body
+        except ConnectionResetError:
+            return None
+        finally:
+            # a reset: llama.cpp's server never writes to a closed socket (spec/hazards.md H25)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def detect_version(address, timeout: float = 10.0) -> tuple[int, int, int]:
+    """The protocol version a server speaks, from its HELLO reply (spec/versions.md,
+    "Compatibility"): a 24-byte HELLO first (4.0.0 on), then an empty one (3.x), each on a
+    fresh connection, since a server closes on the other family's HELLO length.  Raises
+    ValueError when neither is answered."""
+    for size, reply_size in ((CONN_CAPS_SIZE, 4 + CONN_CAPS_SIZE), (0, 3)):
+        body = _hello_reply(address, size, timeout)
+        if body is not None and len(body) == reply_size:
+            return tuple(body[:3])
+    raise ValueError(f"{address[0]}:{address[1]} answers neither a 24-byte nor an empty HELLO")
+
+
 # ----------------------------------------------------------------------------------------------
 # targets
 # ----------------------------------------------------------------------------------------------
@@ -175,6 +220,8 @@ class Target:
     cache_dir: Path | None = None
     #: What the suite knows of the server: "refimpl", "llama.cpp", "custom" or "external".
     kind: str = "external"
+    #: The protocol version it speaks.
+    profile: Profile = LATEST
 
     @property
     def disposable(self) -> bool:
@@ -186,7 +233,7 @@ class Target:
         if self.proc is not None and self.proc.poll() is not None:
             return False
         try:
-            with Wire(self.address, timeout=timeout) as w:
+            with Wire(self.address, timeout=timeout, profile=self.profile) as w:
                 return w.call(m.DeviceCountRequest()).count >= 1
         except (OSError, Closed, NoAnswer, Exception):
             return False
@@ -260,13 +307,19 @@ class TargetFactory:
     """
 
     def __init__(self, name: str, command: str | None = None, address=None, env=None,
-                 kind: str | None = None, feature_args: dict | None = None):
+                 kind: str | None = None, feature_args: dict | None = None,
+                 profile: Profile = LATEST, release: str | None = None):
         self.name = name
         self.command = command
         self.address = address
         self.env = env
         self.kind = kind or ("external" if command is None else "custom")
         self.feature_args = feature_args or {}
+        #: The protocol version the server speaks (spec/versions.md).
+        self.profile = profile
+        #: For llama.cpp: the llama-cpp-python release it comes from (known deviations differ
+        #: between releases); by default the one the suite runs for ``profile``.
+        self.release = release or (profile.releases[-1] if profile.releases else None)
 
     @property
     def disposable(self) -> bool:
@@ -280,7 +333,7 @@ class TargetFactory:
     def start(self, features=()) -> Target:
         """A target ready to be probed, started with the flags ``features`` need."""
         if self.command is None:
-            return Target(self.name, self.address, kind=self.kind)
+            return Target(self.name, self.address, kind=self.kind, profile=self.profile)
         port = free_port()
         log = tempfile.NamedTemporaryFile(prefix="conformance-", suffix=".log", delete=False)
         cmd = shlex.split(self.command.format(port=port))
@@ -296,7 +349,7 @@ class TargetFactory:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
         target = Target(self.name, ("127.0.0.1", port), proc, Path(log.name), cache_dir,
-                        self.kind)
+                        self.kind, self.profile)
         try:
             wait_for_port(port, proc, timeout=60)
         except Exception:

@@ -1,7 +1,9 @@
 """Each command's success and failure behaviour, the HELLO rules and framing edge cases, tested
 directly against the server under test (``commands.py``; spec/commands.md, spec/errors.md).
 
-By default every check runs against refimpl and against llama.cpp 0.3.36.  A check must give
+By default every check runs against refimpl and against llama.cpp 0.3.36 (with ``--protocol
+X.Y.Z``: refimpl-server speaking X.Y.Z and the llama.cpp release that carries it; only the
+checks that exist in that version are collected).  A check must give
 the outcome the spec demands; against llama.cpp (also a server you started, named with
 ``--server HOST:PORT --peer llama.cpp``), a check with a catalogued upstream deviation
 must give exactly that deviation instead: it then passes as a *known upstream deviation* and
@@ -18,7 +20,7 @@ import pytest
 
 import report
 from commands import CHECKS, execute, same_outcome
-from servers import factory_for, hazard_target_kinds
+from servers import factory_for, hazard_target_kinds, suite_profile
 
 
 def pytest_generate_tests(metafunc):
@@ -27,8 +29,11 @@ def pytest_generate_tests(metafunc):
     if "command_case" not in metafunc.fixturenames:
         return
     params = []
+    profile = suite_profile(metafunc.config)
     for kind in hazard_target_kinds(metafunc.config):
         for c in CHECKS:
+            if not c.applies(profile):
+                continue
             marks = [pytest.mark.peer] if kind == "llama.cpp" else []
             if c.destructive:
                 marks.append(pytest.mark.hazard)
@@ -74,7 +79,7 @@ def command_targets(request):
 
 
 def is_llama_cpp(config, kind: str) -> bool:
-    """Whether the target is llama.cpp 0.3.36: the one the suite starts (``--peer llama.cpp``,
+    """Whether the target is llama.cpp: the one the suite starts (``--peer llama.cpp``,
     or by default), or a server you started and named so (``--server H:P --peer llama.cpp``)."""
     return kind == "llama.cpp" or (kind == "external" and config.getoption("--peer") == "llama.cpp")
 
@@ -97,7 +102,7 @@ def test_command(command_case, command_targets, request):
     finally:
         if own:
             target.stop()
-    upstream = c.upstream if is_llama_cpp(request.config, kind) else None
+    upstream = c.upstream_of(factory.release) if is_llama_cpp(request.config, kind) else None
     if same_outcome(result.outcome, c.expect):
         verdict, link = report.PASS, ""
     elif upstream and same_outcome(result.outcome, upstream.outcome):
@@ -113,5 +118,5 @@ def test_command(command_case, command_targets, request):
     assert verdict != report.DEVIATION, (
         f"{c.id} ({c.title}) against {factory.name}: {result.outcome}; the spec ({c.section}) "
         f"demands {c.expect}"
-        + (f"; catalogued for llama.cpp 0.3.36: {upstream.outcome}" if upstream else "")
+        + (f"; catalogued for llama.cpp: {upstream.outcome}" if upstream else "")
         + (f"\n--- server log (tail) ---\n{log[-3000:]}" if log else ""))

@@ -9,13 +9,18 @@ connection, and classifies the outcome (see ``hazards.py``):
 * llama.cpp 0.3.36 (``--peer llama.cpp``, and by default next to refimpl): the outcome must
   equal the catalogued upstream outcome.  Unsafe ones pass as known upstream deviations and
   appear, with their links, in the table printed at the end of the run.
+
+The catalogue is of protocol 7.0.0 (its probes are 7.0.0 byte sequences and its upstream
+outcomes were verified against 0.3.36): when the suite judges an older version
+(``--protocol``, or a ``--server`` that speaks one) no probe is collected.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from servers import factory_for, hazard_target_kinds
+from refimpl.protocol.profiles import LATEST
+from servers import factory_for, hazard_target_kinds, suite_profile
 from hazards import PROBES, Outcome, Unobservable, execute
 
 pytestmark = pytest.mark.hazard
@@ -26,6 +31,13 @@ def pytest_generate_tests(metafunc):
     if "hazard_case" not in metafunc.fixturenames:
         return
     params = []
+    judged = suite_profile(metafunc.config)
+    if judged is not LATEST:
+        reason = (f"the hazard catalogue is of protocol {LATEST.name} (spec/hazards.md); this run "
+                  f"judges {judged.name}")
+        metafunc.parametrize("hazard_case", [pytest.param(None, id="not-collected",
+                                                          marks=pytest.mark.skip(reason=reason))])
+        return
     for kind in hazard_target_kinds(metafunc.config):
         marks = [pytest.mark.peer] if kind == "llama.cpp" else []
         for p in PROBES:

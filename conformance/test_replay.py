@@ -5,6 +5,10 @@ remapped, every reply judged (exact where bytes were uploaded, within a toleranc
 graph computed them, memory figures for sanity).  By default the suite replays against
 refimpl and against llama.cpp 0.3.36; ``--server``/``--server-cmd``/``--peer`` pick one.
 
+Only the captures of the suite's protocol version are replayed (``--protocol``, or what
+``--server`` speaks): a capture's version is in its name (``…-v4.0.2``; none: 7.0.0), and the
+replay checks that its HELLO replies say the same.
+
 Replays are not destructive: they share one server process per target, which the suite
 restarts if a replay took it down.  A capture that relies on the hash cache gets a fresh
 process with an empty cache when the suite starts the server, so that its misses and hits
@@ -13,15 +17,23 @@ must match the recording exactly.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
 import report
 from replay import Inconclusive, load, Replayer
-from servers import factory_for, hazard_target_kinds
+from refimpl.protocol.profiles import LATEST
+from servers import factory_for, hazard_target_kinds, suite_profile
 
 CAPTURES = sorted((Path(__file__).parent / "captures").glob("*.cap*"))
+
+
+def capture_protocol(path: Path) -> str:
+    """The protocol version a committed capture was recorded in, from its name."""
+    _, sep, version = path.name.split(".cap")[0].rpartition("-v")
+    return version if sep and re.fullmatch(r"\d+\.\d+\.\d+", version) else LATEST.name
 
 
 def pytest_generate_tests(metafunc):
@@ -29,9 +41,12 @@ def pytest_generate_tests(metafunc):
     if "replay_case" not in metafunc.fixturenames:
         return
     params = []
+    version = suite_profile(metafunc.config).name
     for kind in hazard_target_kinds(metafunc.config):
         marks = [pytest.mark.peer] if kind == "llama.cpp" else []
         for path in CAPTURES:
+            if capture_protocol(path) != version:
+                continue
             name = path.name.split(".cap")[0]
             params.append(pytest.param((kind, path), id=f"{kind}-{name}", marks=marks))
     metafunc.parametrize("replay_case", params)
@@ -82,6 +97,9 @@ def replay_pool(request):
 def test_replay(replay_case, replay_pool, request):
     kind, path = replay_case
     session = load(path)
+    assert session.profile.name == capture_protocol(path), (
+        f"{path.name} is named for protocol {capture_protocol(path)} but its HELLO replies say "
+        f"{session.profile.name}")
     factory = replay_pool.factory(kind)
     own = None
     if session.uses_cache and factory.supports("cache"):

@@ -82,3 +82,36 @@ def test_trace_lists_graph_nodes():
     text = render(cap)
     assert "GRAPH_COMPUTE device 0: 1 nodes, 2 tensors" in text
     assert "RMS_NORM" in text and "<- 'x'" in text
+
+
+def test_observer_learns_the_protocol_version_from_hello():
+    # A 3.6.1 conversation (spec/versions.md): empty HELLO, 3-byte reply, FREE_BUFFER answered
+    # with an empty reply, the 304-byte SET_TENSOR header.  The observer must frame and decode
+    # all of it with the 3.6.1 profile that the HELLO reply names.
+    import struct
+    from refimpl.protocol import messages as m
+    from refimpl.protocol.profiles import profile
+    from refimpl.protocol.tensor import RpcTensor
+    p361 = profile("3.6.1")
+    frame = lambda cmd, payload=b"": struct.pack("<BQ", cmd, len(payload)) + payload
+    reply = lambda payload=b"": struct.pack("<Q", len(payload)) + payload
+    t = RpcTensor(id=1, type=0, buffer=7, ne=(4, 1, 1, 1), nb=(4, 16, 16, 16), data=4096)
+    obs = Observer()
+    seen = []
+    for direction, data in [
+            (0, frame(14)), (1, reply(bytes([3, 6, 1]))),
+            (0, frame(4, struct.pack("<Q", 7))), (1, reply()),
+            (0, frame(6, m.SetTensorRequest(t, 0, bytes(16)).encode_payload(p361))),
+            (0, frame(8, m.GetTensorRequest(t, 0, 16).encode_payload())), (1, reply(bytes(16)))]:
+        parsed = obs.from_client(data) if direction == 0 else obs.from_server(data)
+        seen += [(type(o.message).__name__, o.error) for o in parsed]
+    assert obs.profile.name == "3.6.1" and obs.profile_note is None
+    assert seen == [("HelloRequest", None), ("HelloResponse", None), ("FreeBufferRequest", None),
+                    ("EmptyReply", None), ("SetTensorRequest", None), ("GetTensorRequest", None),
+                    ("GetTensorResponse", None)]
+    # Without the version switch the empty reply would be taken for nothing and every later
+    # reply misread: the default (7.0.0) profile pinned by hand shows the failure.
+    pinned = Observer(profile("7.0.0"))
+    out = [o for d, data in [(0, frame(14)), (1, reply(bytes([3, 6, 1])))]
+           for o in (pinned.from_client(data) if d == 0 else pinned.from_server(data))]
+    assert out[0].error is not None and out[1].error is not None

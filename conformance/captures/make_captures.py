@@ -1,7 +1,9 @@
-"""Regenerate the committed captures: real llama.cpp 0.3.36 traffic, recorded with refimpl-capture.
+"""Regenerate the committed captures: real llama.cpp traffic, recorded with refimpl-capture.
 
-    python -m conformance.captures.make_captures                 # all of them, into this folder
+    python -m conformance.captures.make_captures                 # all 7.0.0 ones, into this folder
     python -m conformance.captures.make_captures --only cache-miss-hit --out /tmp/caps
+    python -m conformance.captures.make_captures --release 0.3.34  # the 4.0.2 ones
+    python -m conformance.captures.make_captures --older          # those of every older release
 
 Every capture is taken from llama.cpp's own programs talking to llama.cpp's own
 ``ggml-rpc-server``, both built from the ``llama-cpp-python`` 0.3.36 sdist
@@ -10,6 +12,11 @@ The models are tiny random llama models written on the spot (``refimpl.testing.m
 each capture is small; nothing of the models is needed later, because a capture holds every
 byte that went over the wire.  ``MANIFEST.json`` records what was run for each file; the
 README in this folder explains it.
+
+Older protocol versions (spec/versions.md) get two sessions each, Q8_0 with flash attention
+off and on, from the release of :data:`OLDER_RELEASES` that carries the version; their names
+end in ``-v<protocol>`` (``completion-q8_0-fa-on-v4.0.2``).  Only their RPC server and
+``llama-completion`` are built; the Q8_0 model is quantised with 0.3.36's ``llama-quantize``.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from refimpl.testing.models import LlamaSpec, quantize, write_llama_gguf
+from refimpl.protocol.profiles import SERVED
 from refimpl.testing.peers import DEFAULT_VERSION, ensure_peers, peer_env
 from refimpl.testing.processes import ServerProcess, free_port
 
@@ -121,13 +129,31 @@ def write_cache_model(path: Path) -> Path:
     return path
 
 
+#: One release per older served protocol version: the newest release that carries it.
+OLDER_RELEASES = {p.releases[-1]: p.name for p in SERVED.values() if DEFAULT_VERSION not in p.releases}
+
+#: The captures taken of each older version.
+OLDER_JOBS = ("completion-q8_0-fa-off", "completion-q8_0-fa-on")
+
+
+def protocol_of(release: str) -> str:
+    """The protocol version a release's llama.cpp speaks (spec/versions.md)."""
+    for p in SERVED.values():
+        if release in p.releases:
+            return p.name
+    raise KeyError(f"llama-cpp-python {release} carries no served protocol version")
+
+
 class Maker:
     """Builds models once and makes each capture."""
 
-    def __init__(self, out: Path, work: Path):
+    def __init__(self, out: Path, work: Path, release: str = DEFAULT_VERSION):
         self.out = out
         self.work = work
-        self.bin = ensure_peers()
+        self.release = release
+        self.bin = ensure_peers(release)
+        #: llama-quantize comes from the newest release (older builds have only server and client).
+        self.tools_bin = ensure_peers()
         self.env = peer_env(self.bin)
         self._models: dict = {}
 
@@ -141,7 +167,7 @@ class Maker:
             else:
                 path = write_llama_gguf(self.work / "f32.gguf", SPEC)
                 if kind != "f32":
-                    path = quantize(path, self.work / f"{kind}.gguf", kind, self.bin)
+                    path = quantize(path, self.work / f"{kind}.gguf", kind, self.tools_bin)
             self._models[kind] = path
         return self._models[kind]
 
@@ -262,19 +288,37 @@ def main(argv=None) -> int:
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=HERE, help="folder to write (default: %(default)s)")
     p.add_argument("--only", action="append", choices=list(JOBS), help="make only these")
+    p.add_argument("--release", action="append", default=None,
+                   help=f"llama-cpp-python release of the peers (default {DEFAULT_VERSION}); "
+                        f"older ones make {', '.join(OLDER_JOBS)} (or --only) named -v<protocol>")
+    p.add_argument("--older", action="store_true",
+                   help="every release of OLDER_RELEASES: " + ", ".join(OLDER_RELEASES))
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     manifest_path = args.out / "MANIFEST.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    releases = (list(OLDER_RELEASES) if args.older else []) + (args.release or [])
+    for release in releases or [DEFAULT_VERSION]:
+        _make(args, release, manifest)
+    manifest_path.write_text(json.dumps(dict(sorted(manifest.items())), indent=1) + "\n")
+    return 0
+
+
+def _make(args, release: str, manifest: dict) -> None:
+    protocol = protocol_of(release)
+    newest = release == DEFAULT_VERSION
+    jobs = args.only or (list(JOBS) if newest else list(OLDER_JOBS))
     with tempfile.TemporaryDirectory(prefix="make-captures-") as work:
-        maker = Maker(args.out, Path(work))
-        for name in args.only or list(JOBS):
+        maker = Maker(args.out, Path(work), release)
+        for job in jobs:
+            name = job if newest else f"{job}-v{protocol}"
             print(f"capturing {name} ...", flush=True)
-            entry = JOBS[name](maker, name)
+            entry = JOBS[job](maker, name)
             for cmd_i, cmd in enumerate(entry["commands"]):
                 entry["commands"][cmd_i] = cmd.replace(str(maker.bin) + "/", "").replace(
                     work + "/", "")
-            entry.update(peer=f"llama.cpp from llama-cpp-python {DEFAULT_VERSION} (protocol 7.0.0)",
+            entry.update(peer=f"llama.cpp from llama-cpp-python {release} (protocol {protocol})",
+                         protocol=protocol,
                          cpu=_cpu_model(),
                          date=datetime.date.today().isoformat(),
                          sizes={f: (args.out / f).stat().st_size for f in entry["files"]},
@@ -283,8 +327,6 @@ def main(argv=None) -> int:
             manifest[name] = entry
             print(f"  {', '.join(f'{f} ({s} bytes)' for f, s in entry['sizes'].items())}",
                   flush=True)
-    manifest_path.write_text(json.dumps(dict(sorted(manifest.items())), indent=1) + "\n")
-    return 0
 
 
 if __name__ == "__main__":

@@ -228,10 +228,15 @@ def _check_node_references(node: Node) -> None:
         if payload > node.nbytes:
             raise GraphInvalid(f"node {node.describe()} has {payload} bytes of elements in a span "
                                f"of {node.nbytes} bytes (strides {list(node.nb)} overlap)")
-    for s in [*node.src, node.view_src]:
+    for i, s in enumerate([*node.src, node.view_src]):
         if s is None:
             continue
         if s is node:
+            # ggml_cast() makes a CPY whose destination operand src[1] is the node itself (a
+            # fresh tensor, not a view); that is the one self-reference ggml builds
+            # (spec/graph.md, "Rebuilding the graph").
+            if node.op == Op.CPY and i == 1:
+                continue
             raise GraphInvalid(f"node '{node.name}' uses itself as a source")
         if s.is_node and s.order >= node.order:
             raise GraphInvalid(f"node '{node.name}' uses '{s.name}', which is computed later "

@@ -5,6 +5,13 @@ framed messages: requests (client to server) and replies (server to client), eac
 exact wire bytes and a decoded object.  It never produces bytes of its own.  Replies are
 matched to requests the way a client matches them: in order, only for commands that have a
 reply, and with GET_TENSOR's size taken from its request (spec/transport.md).
+
+Which protocol version the connection speaks is learned from the handshake (spec/versions.md):
+the observer starts with the newest profile (or the one it is given), and the HELLO reply's
+version selects the profile every later message is framed and decoded with: which commands
+are answered, with an empty reply or not at all, and the SET_TENSOR and GET_ALLOC_SIZE layouts.
+A HELLO with an empty payload (3.x) is answered with 3 bytes; a version without a profile keeps
+the newest one and says so in :attr:`Observer.profile_note`.
 """
 
 from __future__ import annotations
@@ -15,7 +22,9 @@ from dataclasses import dataclass
 
 from .constants import Command
 from .errors import ProtocolError
-from .messages import REQUESTS, RESPONSES, has_response
+from .messages import (REQUESTS, RESPONSES, EmptyReply, HelloResponse, decode, has_response,
+                       payload_size)
+from .profiles import LATEST, PROFILES, Profile
 
 _REQ_HEADER = struct.Struct("<BQ")
 _U64 = struct.Struct("<Q")
@@ -53,11 +62,16 @@ class Observer:
     """Frames both directions of one connection (whole messages are buffered: it is meant
     for captures, which keep every byte anyway)."""
 
-    def __init__(self):
+    def __init__(self, profile: Profile | None = None):
         self._c2s = _Stream()
         self._s2c = _Stream()
         self._expect: collections.deque[tuple[int, int | None]] = collections.deque()
         self.hello_done = False
+        #: The profile messages are decoded with; set from the HELLO reply unless given.
+        self.profile: Profile = profile or LATEST
+        self._fixed = profile is not None
+        #: Why the profile could not follow the HELLO reply (None when it could).
+        self.profile_note: str | None = None
 
     # -- client to server -------------------------------------------------------------------
     def from_client(self, data: bytes) -> list[Observed]:
@@ -75,15 +89,37 @@ class Observer:
     def _request(self, cmd: int, raw: bytes) -> Observed:
         payload = raw[_REQ_HEADER.size:]
         msg, err = None, None
+        if cmd == Command.HELLO and not self.hello_done and not self._fixed:
+            # The HELLO request's length tells the 3.x family (empty) from 4.0.0 on (24 bytes);
+            # the reply's version then picks the exact profile.
+            if len(payload) == 0 and self.profile.hello_request_size != 0:
+                self.profile = PROFILES[(3, 6, 1)]
         try:
             command = Command(cmd)
-            msg = REQUESTS[command].decode_payload(payload)
+            msg = decode(REQUESTS[command], payload, self.profile)
         except (ValueError, ProtocolError, KeyError) as exc:
             err = str(exc) or type(exc).__name__
-        if msg is not None and has_response(msg.COMMAND):
-            size = msg.size if msg.COMMAND is Command.GET_TENSOR else RESPONSES[msg.COMMAND].payload_size()
+        if msg is not None and has_response(msg.COMMAND, self.profile):
+            if msg.COMMAND is Command.GET_TENSOR:
+                size = msg.size
+            elif msg.COMMAND.name in self.profile.empty_reply:
+                size = 0
+            else:
+                size = payload_size(RESPONSES[msg.COMMAND], self.profile)
             self._expect.append((cmd, size))
         return Observed(CLIENT_TO_SERVER, cmd, raw, msg, err)
+
+    def _learn_version(self, reply: HelloResponse) -> None:
+        self.hello_done = True
+        if self._fixed:
+            return
+        version = (reply.major, reply.minor, reply.patch)
+        found = PROFILES.get(version)
+        if found is None:
+            self.profile_note = ("protocol %d.%d.%d has no profile; decoding as %s"
+                                 % (*version, self.profile.name))
+        else:
+            self.profile = found
 
     # -- server to client -------------------------------------------------------------------
     def from_server(self, data: bytes) -> list[Observed]:
@@ -103,9 +139,16 @@ class Observer:
                 err = f"reply of {length} bytes, {expected} expected"
             else:
                 try:
-                    msg = RESPONSES[Command(cmd)].decode_payload(raw[_U64.size:])
+                    command = Command(cmd)
+                    if command.name in self.profile.empty_reply:
+                        msg = EmptyReply(command) if length == 0 else None
+                        err = None if length == 0 else f"{length} bytes in an empty reply"
+                    else:
+                        msg = decode(RESPONSES[command], raw[_U64.size:], self.profile)
                 except (ValueError, ProtocolError) as exc:
                     err = str(exc)
+                if isinstance(msg, HelloResponse):
+                    self._learn_version(msg)
             out.append(Observed(SERVER_TO_CLIENT, cmd, raw, msg, err))
         return out
 

@@ -7,6 +7,7 @@ copied into the repository.
 
     python -m refimpl.testing.peers            # build 0.3.36 (protocol 7.0.0), print bin dir
     python -m refimpl.testing.peers --version 0.3.36 --source   # print the source dir
+    python -m refimpl.testing.peers --older    # the peers of every older served protocol
 
 ``$REFIMPL_PEER_BIN`` overrides the whole thing with a directory of ready binaries.
 """
@@ -25,9 +26,37 @@ from pathlib import Path
 #: The llama-cpp-python release whose vendored llama.cpp speaks protocol 7.0.0.
 DEFAULT_VERSION = "0.3.36"
 
-#: Programs every test run needs.
+#: Programs every test run needs (of :data:`DEFAULT_VERSION`).
 TARGETS = ("ggml-rpc-server", "llama-completion", "llama-perplexity", "llama-tokenize",
            "llama-quantize", "test-backend-ops")
+
+#: Programs of an older release: its RPC server and its stock client (version tests and
+#: conformance of older protocol versions need no more, and each saves minutes of building).
+OLD_RELEASE_TARGETS = ("ggml-rpc-server", "llama-completion")
+
+#: The RPC server's CMake target was ``rpc-server`` until llama.cpp renamed it (between
+#: llama-cpp-python 0.3.20 and 0.3.21).  Builds of older releases get a ``ggml-rpc-server``
+#: link beside it so that every caller can use one name.
+SERVER = "ggml-rpc-server"
+
+
+def targets_of(version: str) -> tuple:
+    """The programs :func:`ensure_peers` provides for that release."""
+    return TARGETS if version == DEFAULT_VERSION else OLD_RELEASE_TARGETS
+
+
+def _cmake_target(src: Path, program: str) -> str:
+    """The CMake target that builds *program* in the source tree *src*."""
+    if program != SERVER:
+        return program
+    lists = src / "tools" / "rpc" / "CMakeLists.txt"
+    try:
+        for line in lists.read_text().splitlines():
+            if line.strip().startswith("set(TARGET "):
+                return line.strip()[len("set(TARGET "):].rstrip(")").strip()
+    except OSError:
+        pass
+    return program
 
 
 class PeerUnavailable(Exception):
@@ -79,31 +108,34 @@ def build_dir(version: str = DEFAULT_VERSION) -> Path:
     return cache_root() / f"build-{version}-{_cpu_key()}"
 
 
-def _complete(bin_dir: Path, stamp: Path) -> bool:
-    return stamp.is_file() and all(os.access(bin_dir / t, os.X_OK) for t in TARGETS)
+def _complete(bin_dir: Path, stamp: Path, targets) -> bool:
+    return stamp.is_file() and all(os.access(bin_dir / t, os.X_OK) for t in targets)
 
 
 def ensure_peers(version: str = DEFAULT_VERSION, *, log=sys.stderr) -> Path:
-    """Return the bin directory holding every program of :data:`TARGETS`, building if needed.
+    """Return the bin directory holding every program of :func:`targets_of` that release,
+    building if needed.
 
     Raises :class:`PeerUnavailable` when that is impossible (never returns a partial build).
     """
+    targets = targets_of(version)
     override = os.environ.get("REFIMPL_PEER_BIN")
     if override:
         bin_dir = Path(override)
-        missing = [t for t in TARGETS if not os.access(bin_dir / t, os.X_OK)]
+        missing = [t for t in targets if not os.access(bin_dir / t, os.X_OK)]
         if missing:
             raise PeerUnavailable(f"REFIMPL_PEER_BIN={bin_dir} lacks {', '.join(missing)}")
         return bin_dir
     build = build_dir(version)
     bin_dir, stamp = build / "bin", build / ".complete"
-    if _complete(bin_dir, stamp):
+    if _complete(bin_dir, stamp, targets):
         return bin_dir
     for tool in ("cmake", "c++"):
         if shutil.which(tool) is None:
             raise PeerUnavailable(f"building the llama.cpp peers needs '{tool}' on PATH")
     src = source_dir(version, log=log)
-    print(f"peers: building {' '.join(TARGETS)} of llama.cpp (llama-cpp-python {version}) in "
+    cmake_targets = [_cmake_target(src, t) for t in targets]
+    print(f"peers: building {' '.join(cmake_targets)} of llama.cpp (llama-cpp-python {version}) in "
           f"{build}; the first build takes several minutes", file=log, flush=True)
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     configure = [
@@ -116,11 +148,14 @@ def ensure_peers(version: str = DEFAULT_VERSION, *, log=sys.stderr) -> Path:
         f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={bin_dir}",
     ]
     jobs = os.environ.get("REFIMPL_PEERS_JOBS", str(os.cpu_count() or 2))
-    for cmd in (configure, ["cmake", "--build", str(build), "-j", jobs, "--target", *TARGETS]):
+    for cmd in (configure, ["cmake", "--build", str(build), "-j", jobs, "--target", *cmake_targets]):
         proc = subprocess.run(cmd, stdout=log, stderr=log)
         if proc.returncode != 0:
             raise PeerUnavailable(f"peer build step failed ({proc.returncode}): {' '.join(cmd[:4])} ...")
-    missing = [t for t in TARGETS if not os.access(bin_dir / t, os.X_OK)]
+    for program, target in zip(targets, cmake_targets):
+        if program != target and not (bin_dir / program).exists():
+            (bin_dir / program).symlink_to(target)
+    missing = [t for t in targets if not os.access(bin_dir / t, os.X_OK)]
     if missing:
         raise PeerUnavailable(f"peer build finished without {', '.join(missing)}")
     stamp.touch()
@@ -141,14 +176,27 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", default=DEFAULT_VERSION, help="llama-cpp-python release")
     p.add_argument("--source", action="store_true", help="print the source tree instead")
+    p.add_argument("--older", action="store_true",
+                   help="build the newest release of every served protocol version before "
+                        "the default's (" + ", ".join(older_releases()) + ")")
     args = p.parse_args(argv)
-    try:
-        path = source_dir(args.version) if args.source else ensure_peers(args.version)
-    except PeerUnavailable as exc:
-        print(f"peers: error: {exc}", file=sys.stderr)
-        return 1
-    print(path)
+    versions = older_releases() if args.older else [args.version]
+    for version in versions:
+        try:
+            path = source_dir(version) if args.source else ensure_peers(version)
+        except PeerUnavailable as exc:
+            print(f"peers: error: {exc}", file=sys.stderr)
+            return 1
+        print(path)
     return 0
+
+
+def older_releases() -> list[str]:
+    """The release the tests run for each served protocol version older than the default
+    release's: the newest release that carries it (spec/versions.md), newest first."""
+    from refimpl.protocol.profiles import SERVED
+    out = [p.releases[-1] for p in SERVED.values() if DEFAULT_VERSION not in p.releases]
+    return sorted(out, key=lambda r: tuple(int(x) for x in r.split(".")), reverse=True)
 
 
 if __name__ == "__main__":

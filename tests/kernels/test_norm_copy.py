@@ -87,3 +87,33 @@ def test_copy_refusals(case):
         g.node(Op.CONT, T.F16, (32, 2), [a])
     with pytest.raises(GraphInvalid):
         g.compile()
+
+
+def _self_source(g: GraphBuilder, t, slot: int):
+    """``t`` with src[slot] pointing at itself, replaced in the builder's graph."""
+    from dataclasses import replace
+    src = list(t.src)
+    src[slot] = t.id
+    new = replace(t, src=tuple(src))
+    g.tensors[g.tensors.index(t)] = new
+    return new
+
+
+def test_cast_names_itself_as_destination():
+    # ggml_cast(): a CPY whose src[1] is the node itself (llama.cpp 0.3.20 casts the attention
+    # mask to F16 so; spec/graph.md, Checks).  It computes like any CPY into a fresh tensor.
+    x = np.random.default_rng(3).standard_normal((2, 3, 8)).astype(np.float32)
+    g = GraphBuilder(1 << 20)
+    a = g.input(T.F32, (8, 3, 2), x)
+    out = _self_source(g, g.node(Op.CPY, T.F16, (8, 3, 2), [a, a]), 1)
+    g.run()
+    np.testing.assert_array_equal(g.read(out).reshape(x.shape), x.astype(np.float16).astype(np.float32))
+
+
+@pytest.mark.parametrize("op, slot", [(Op.CPY, 0), (Op.ADD, 1), (Op.CONT, 0)])
+def test_other_self_references_are_cycles(op, slot):
+    g = GraphBuilder(1 << 20)
+    a = g.input(T.F32, (8,))
+    _self_source(g, g.node(op, T.F32, (8,), [a, a] if op != Op.CONT else [a]), slot)
+    with pytest.raises(GraphInvalid, match="itself"):
+        g.compile()
