@@ -50,6 +50,9 @@ def pytest_configure(config):
     """Register the hazard marker; make the suite's modules importable."""
     config.addinivalue_line("markers", "hazard: destructive probe of a known hazard")
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    if config.getoption("--server") or config.getoption("--protocol"):
+        from servers import suite_profile
+        suite_profile(config)  # the version to judge, or a usage error before collection
 
 
 @pytest.fixture(scope="session")

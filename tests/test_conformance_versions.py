@@ -47,3 +47,40 @@ def test_conformance_suite_passes_for_version(profile):
         name = cap.name.split(".cap")[0]
         rows = [line for line in text.splitlines() if f"| {name} |" in line]
         assert len(rows) == 2 and all(f"| {name} | pass |" in r for r in rows), (name, rows)
+
+
+def _conformance(*args, timeout=600):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "pytest", "conformance", "-q",
+                           "-p", "no:cacheprovider", "--conformance-report", "", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("release", [p.releases[-1] for p in SERVED.values()])
+def test_version_detection_against_real_servers(release):
+    """``--server`` learns the version from llama.cpp's own HELLO replies (a 3.x server closes
+    on the 24-byte HELLO, a 4.x and later one on the empty HELLO)."""
+    sys.path.insert(0, str(ROOT / "conformance"))
+    from support import detect_version
+    from refimpl.testing.peers import ensure_peers
+    from refimpl.testing.processes import ServerProcess
+    want = next(p for p in SERVED.values() if release in p.releases).version
+    with ServerProcess("llama.cpp", bin_dir=ensure_peers(release)) as srv:
+        assert detect_version(("127.0.0.1", srv.port)) == want
+        assert srv.alive()
+
+
+@pytest.mark.parametrize("version", ["3.6.1", "4.0.2"])
+def test_suite_judges_a_running_server_in_its_version(version):
+    from refimpl.testing.processes import ServerProcess
+    with ServerProcess("refimpl", args=["--protocol", version, "-m", "1024"]) as srv:
+        proc = _conformance("--server", srv.endpoint)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out[-4000:]
+        # only the captures of that version were replayed, and the commands judged
+        assert f"-v{version}" in out and "completion-q8_0-fa-on " not in out, out[-4000:]
+        assert f"external {srv.endpoint} ({version})" in out
+        other = "4.0.2" if version == "3.6.1" else "3.6.1"
+        wrong = _conformance("--server", srv.endpoint, "--protocol", other)
+        assert wrong.returncode == 4, wrong.stdout + wrong.stderr   # pytest's usage error
+        assert f"--protocol {other}, but the server speaks {version}" in wrong.stderr

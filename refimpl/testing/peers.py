@@ -15,6 +15,7 @@ copied into the repository.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import os
 import shutil
@@ -130,6 +131,18 @@ def ensure_peers(version: str = DEFAULT_VERSION, *, log=sys.stderr) -> Path:
     bin_dir, stamp = build / "bin", build / ".complete"
     if _complete(bin_dir, stamp, targets):
         return bin_dir
+    # One build per release at a time: a second process (another test run, a parallel
+    # worker) waits here for the first and then finds the build complete.
+    cache_root().mkdir(parents=True, exist_ok=True)
+    with open(cache_root() / f"build-{version}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _complete(bin_dir, stamp, targets):
+            return bin_dir
+        _build(version, build, bin_dir, stamp, targets, log)
+    return bin_dir
+
+
+def _build(version: str, build: Path, bin_dir: Path, stamp: Path, targets, log) -> None:
     for tool in ("cmake", "c++"):
         if shutil.which(tool) is None:
             raise PeerUnavailable(f"building the llama.cpp peers needs '{tool}' on PATH")
@@ -159,7 +172,6 @@ def ensure_peers(version: str = DEFAULT_VERSION, *, log=sys.stderr) -> Path:
     if missing:
         raise PeerUnavailable(f"peer build finished without {', '.join(missing)}")
     stamp.touch()
-    return bin_dir
 
 
 def peer_env(bin_dir: Path) -> dict:
