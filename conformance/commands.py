@@ -67,7 +67,7 @@ class Upstream:
 
 #: The releases the suite runs for the versions before 7.0.0 (the newest release of each,
 #: as servers.peer_release picks them).
-OLDER_RELEASES = tuple(p.releases[-1] for p in SERVED.values() if p is not LATEST)
+OLDER_RELEASES = tuple(p.releases[-1] for p in SERVED.values() if p.releases and p is not LATEST)
 
 
 @dataclass(frozen=True)
@@ -358,6 +358,13 @@ def _(ctx):
     w, h, base = buffer(ctx, 64)
     payload = m.MemsetTensorRequest(T(h, base, (64,), I8), 0, 16, 1).encode_payload()
     return refusal(w, frame(17, payload))
+
+
+@check("unknown-command-16", "framing", "command 16 (GRAPH_RECOMPUTE from 3.5.0 on) is refused",
+       "spec/versions.md#300", "refused", versions=lacks_command("GRAPH_RECOMPUTE"))
+def _(ctx):
+    w = ctx.connect()
+    return refusal(w, frame(16, struct.pack("<I", 0)))
 
 
 @check("unknown-command-255", "framing", "command 255 is refused", "spec/commands.md#commands",
@@ -821,7 +828,7 @@ def _(ctx):
 
 
 @check("get-alloc-size-bad-source", "GET_ALLOC_SIZE", "an undecodable source tensor is refused",
-       "spec/commands.md#get_alloc_size-13", "refused",
+       "spec/commands.md#get_alloc_size-13", "refused", versions=lambda p: p.get_alloc_size_request_size > 300,
        upstream=Upstream("answered GetAllocSizeResponse(size=16)", ERRORS,
                          "sources it cannot decode are ignored"))
 def _(ctx):
@@ -851,7 +858,8 @@ def _add_graph(w: Wire):
 def _(ctx):
     w = ctx.connect()
     (a, b, out), h = _add_graph(w)
-    w.graph_compute([out.id], [a, b, out])
+    status = w.graph_compute([out.id], [a, b, out])
+    require(status in (None, 0), f"status {status} (3.0.0 answers 0 for success)")
     require(w.call(m.GetTensorRequest(out, 0, 16)) == f32(11, 22, 33, 44), "wrong sum")
     return "ok"
 
@@ -884,7 +892,8 @@ def _(ctx):
 
 
 @check("graph-recompute", "GRAPH_RECOMPUTE", "the stored graph runs again on the current inputs",
-       "spec/graph.md#storing-and-recomputing")
+       "spec/graph.md#storing-and-recomputing",
+       versions=has_command("GRAPH_RECOMPUTE"))
 def _(ctx):
     w = ctx.connect()
     (a, b, out), h = _add_graph(w)
@@ -896,7 +905,8 @@ def _(ctx):
 
 
 @check("graph-recompute-none", "GRAPH_RECOMPUTE", "GRAPH_RECOMPUTE without a stored graph is refused",
-       "spec/graph.md#storing-and-recomputing", "refused")
+       "spec/graph.md#storing-and-recomputing", "refused",
+       versions=has_command("GRAPH_RECOMPUTE"))
 def _(ctx):
     return refusal(ctx.connect(), m.GraphRecomputeRequest(0))
 
@@ -905,7 +915,8 @@ def _(ctx):
        "spec/graph.md#storing-and-recomputing", "refused",
        upstream=Upstream("accepted", GHSA + "GHSA-2phh-px2f-2qmx",
                          "the stored graph outlives FREE_BUFFER and is recomputed on freed "
-                         "memory (H16, fixed in 0.3.36)", releases=OLDER_RELEASES))
+                         "memory (H16, fixed in 0.3.36)", releases=OLDER_RELEASES),
+       versions=has_command("GRAPH_RECOMPUTE"))
 def _(ctx):
     w = ctx.connect()
     (a, b, out), h = _add_graph(w)
@@ -915,7 +926,8 @@ def _(ctx):
 
 
 @check("graph-recompute-bad-device", "GRAPH_RECOMPUTE", "a device index beyond DEVICE_COUNT is "
-       "refused", "spec/handles.md#device-indices", "refused")
+       "refused", "spec/handles.md#device-indices", "refused",
+       versions=has_command("GRAPH_RECOMPUTE"))
 def _(ctx):
     w = ctx.connect()
     return refusal(w, m.GraphRecomputeRequest(_bad_device(w)))

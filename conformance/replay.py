@@ -739,7 +739,7 @@ class Replayer:
         if isinstance(rec, m.EmptyReply):
             return  # before 6.0.0: its length (0) was all there was to compare
         try:
-            got = m.decode(m.RESPONSES[Command(e.command)], reply_raw[8:], e.profile)
+            got = m.decode(m.response_class(Command(e.command)), reply_raw[8:], e.profile)
         except Exception as exc:  # a fixed-size reply of the right length always decodes
             self.deviation(e, f"reply does not decode: {exc}", "spec/transport.md#replies")
             return

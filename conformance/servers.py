@@ -105,12 +105,18 @@ def factory_for(config, kind: str) -> TargetFactory:
 
 def hazard_target_kinds(config) -> list[str]:
     """Which servers the hazard probes judge: the one named by the options, or by default
-    refimpl and the llama.cpp release of the suite's version (the latter marked ``peer``)."""
+    refimpl and the llama.cpp release of the suite's version (the latter marked ``peer``;
+    refimpl alone for the versions no release carries)."""
     opt = config.getoption
     if opt("--server"):
         return ["external"]
     if opt("--server-cmd"):
         return ["custom"]
+    no_release = not suite_profile(config).releases
     if opt("--peer") == "llama.cpp":
+        if no_release:
+            raise pytest.UsageError(f"--peer llama.cpp: no llama-cpp-python release carries "
+                                    f"protocol {suite_profile(config).name} (spec/versions.md)")
         return ["llama.cpp"]
-    return ["refimpl", "llama.cpp"]
+    # A version no release carries has no real server to run beside refimpl.
+    return ["refimpl"] if no_release else ["refimpl", "llama.cpp"]

@@ -126,12 +126,26 @@ class Wire:
             return bytes(out)
         return ev
 
-    def graph_compute(self, nodes, tensors, device: int = 0) -> None:
-        """GRAPH_COMPUTE (no reply) of node ids and RpcTensors, encoded as given."""
+    def graph_compute(self, nodes, tensors, device: int = 0) -> int | None:
+        """GRAPH_COMPUTE of node ids and RpcTensors, encoded as given.  No reply (None), except
+        in protocol 3.0.0, where the status byte is read and returned (Closed if the server
+        closed instead)."""
         payload = (struct.pack("<II", device, len(nodes))
                    + b"".join(struct.pack("<Q", n) for n in nodes)
                    + struct.pack("<I", len(tensors)) + b"".join(t.encode() for t in tensors))
         self.send_raw(frame(Command.GRAPH_COMPUTE, payload))
+        if not m.has_response(Command.GRAPH_COMPUTE, self.profile):
+            return None
+        reply = b""
+        while len(reply) < 9:
+            chunk = self.recv_some()
+            if not chunk:
+                raise Closed("closed instead of answering GRAPH_COMPUTE")
+            reply += chunk
+        length, status = struct.unpack("<QB", reply[:9])
+        if length != 1 or len(reply) != 9:
+            raise Closed(f"GRAPH_COMPUTE reply of {length} bytes (1 expected)")
+        return status
 
     def answers(self) -> bool:
         """A DEVICE_COUNT round trip on this connection: True if answered, False if the

@@ -286,9 +286,11 @@ class RpcClient:
         """COPY_TENSOR: True when the server made the copy."""
         return bool((await self._call(m.CopyTensorRequest(src, dst))).result)
 
-    async def graph_compute(self, device: int, nodes, tensors) -> None:
-        """GRAPH_COMPUTE (no reply): ``nodes`` are tensor ids, ``tensors`` RpcTensor objects."""
-        await self._call(m.GraphComputeRequest.from_tensors(device, nodes, tensors))
+    async def graph_compute(self, device: int, nodes, tensors) -> int | None:
+        """GRAPH_COMPUTE: ``nodes`` are tensor ids, ``tensors`` RpcTensor objects.  No reply
+        (None), except in protocol 3.0.0, which answers ggml's status (0: success)."""
+        reply = await self._call(m.GraphComputeRequest.from_tensors(device, nodes, tensors))
+        return None if reply is None else reply.status
 
     async def graph_recompute(self, device: int = 0) -> None:
         """GRAPH_RECOMPUTE (no reply)."""

@@ -29,7 +29,8 @@ OLDER = [p for p in SERVED.values() if p is not LATEST]
 def test_conformance_suite_passes_for_version(profile):
     report = ROOT / "build" / f"conformance-report-v{profile.name}.md"
     captures = sorted((ROOT / "conformance" / "captures").glob(f"*-v{profile.name}.cap*"))
-    assert len(captures) >= 2, f"no captures of {profile.name} committed"
+    if profile.releases:
+        assert len(captures) >= 2, f"no captures of {profile.name} committed"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "conformance", "--protocol", profile.name, "-q",
@@ -38,15 +39,22 @@ def test_conformance_suite_passes_for_version(profile):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     passed = int(re.search(r"(\d+) passed", out).group(1))
-    assert passed > 100, out[-3000:]
     text = report.read_text()
-    release = profile.releases[-1]
-    # Both servers were judged, and every capture of the version was replayed against both.
-    assert f"llama.cpp {release}" in text and f"refimpl --protocol {profile.name}" in text
+    assert f"refimpl --protocol {profile.name}" in text
+    servers = 1
+    if profile.releases:
+        # Both servers were judged, and every capture of the version was replayed against both.
+        assert f"llama.cpp {profile.releases[-1]}" in text
+        servers = 2
+    else:
+        # No release carries it: refimpl alone (spec/versions.md), with the captures recorded
+        # from the ggml repository's own client and server of that version, if any.
+        assert "llama.cpp" not in text
+    assert passed > 50 * servers, out[-3000:]
     for cap in captures:
         name = cap.name.split(".cap")[0]
         rows = [line for line in text.splitlines() if f"| {name} |" in line]
-        assert len(rows) == 2 and all(f"| {name} | pass |" in r for r in rows), (name, rows)
+        assert len(rows) == servers and all(f"| {name} | pass |" in r for r in rows), (name, rows)
 
 
 def _conformance(*args, timeout=600):
@@ -56,7 +64,7 @@ def _conformance(*args, timeout=600):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("release", [p.releases[-1] for p in SERVED.values()])
+@pytest.mark.parametrize("release", [p.releases[-1] for p in SERVED.values() if p.releases])
 def test_version_detection_against_real_servers(release):
     """``--server`` learns the version from llama.cpp's own HELLO replies (a 3.x server closes
     on the 24-byte HELLO, a 4.x and later one on the empty HELLO)."""

@@ -62,7 +62,32 @@ def test_profiles_are_ordered_and_releases_do_not_overlap():
 
 
 def test_every_op_table_is_used():
-    assert set(op_tables()) == {p.op_table for p in PROFILES.values() if p.op_table}
+    used = {p.op_table for p in PROFILES.values() if p.op_table}
+    used |= {k for p in PROFILES.values() for k in p.op_table_choices}
+    assert set(op_tables()) == used
+
+
+def test_op_tables_of_unpinned_versions():
+    # 3.0.0 and 3.6.0 builds numbered ops in several ways (spec/versions.md, "Before 3.6.1"):
+    # each choice is that version's, named by its op count, and the default is one of them.
+    for name, counts in (("3.0.0", [90, 94, 95]), ("3.6.0", [95, 96])):
+        p = profile(name)
+        assert [len(op_tables()[k]["ops"]) for k in p.op_table_choices] == counts
+        assert [k.rsplit("-", 1)[1] for k in p.op_table_choices] == [str(c) for c in counts]
+        assert p.op_table in p.op_table_choices
+        assert p.with_op_table(p.op_table_choices[-1]).op_count == counts[-1]
+        with pytest.raises(ValueError):
+            p.with_op_table("4.0.0")
+    with pytest.raises(ValueError, match="only 4.0.0"):
+        profile("4.0.0").with_op_table("3.6.1")
+    # The history tables agree with the release ones where they meet: 3.6.0's last table is
+    # 3.6.1's (the bump to 3.6.1 only declared it), 3.5.0's is 3.0.0's last and 3.6.0's first,
+    # and 4.0.3 / 5.1.0 number ops as 5.0.0 does.
+    t = op_tables()
+    for a, b in (("3.6.0-96", "3.6.1"), ("3.5.0", "3.0.0-95"), ("3.5.0", "3.6.0-95"),
+                 ("4.0.3", "5.0.0"), ("5.1.0", "5.0.0")):
+        assert dict(t[a]["ops"]) == dict(t[b]["ops"]), (a, b)
+    assert [k for k in t["3.6.0-96"]["ops"] if k not in t["3.6.0-95"]["ops"]] == ["GATED_DELTA_NET"]
 
 
 def test_profile_lookup():

@@ -130,7 +130,8 @@ def write_cache_model(path: Path) -> Path:
 
 
 #: One release per older served protocol version: the newest release that carries it.
-OLDER_RELEASES = {p.releases[-1]: p.name for p in SERVED.values() if DEFAULT_VERSION not in p.releases}
+OLDER_RELEASES = {p.releases[-1]: p.name for p in SERVED.values()
+                  if p.releases and DEFAULT_VERSION not in p.releases}
 
 #: The captures taken of each older version.
 OLDER_JOBS = ("completion-q8_0-fa-off", "completion-q8_0-fa-on")

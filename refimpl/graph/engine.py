@@ -86,13 +86,14 @@ class GraphExecutor:
         """GRAPH_COMPUTE: build, validate, bind, run, store."""
         self._stored.pop(req.device, None)
         t0 = time.perf_counter()
-        graph = build_graph(req, session.buffers, self.limits,
-                            getattr(session, "profile", LATEST))
+        profile = getattr(session, "profile", LATEST)
+        graph = build_graph(req, session.buffers, self.limits, profile)
         device = self.devices[req.device]
         plan = compile_graph(graph, device)
         t1 = time.perf_counter()
         self._run(plan, device)
-        self._stored[req.device] = plan
+        if "GRAPH_RECOMPUTE" in profile.commands:  # 3.0.0 has no GRAPH_RECOMPUTE: keep nothing
+            self._stored[req.device] = plan
         cmdlog.debug("graph_compute device=%d nodes=%d tensors=%d kernels=%d build=%.1fms "
                      "run=%.1fms", req.device, len(graph.nodes), len(graph.tensors),
                      len(plan.steps), (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3)

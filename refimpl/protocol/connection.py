@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from .constants import CONN_CAPS_SIZE, PROTOCOL_VERSION, Command
 from .errors import (HandshakeError, LocalProtocolError, MalformedMessage, OversizeMessage,
                      ProtocolError, UnknownCommand)
-from .messages import (REQUESTS, RESPONSES, EmptyReply, FixedMessage, GetTensorRequest,
+from .messages import (REQUESTS, response_class, EmptyReply, FixedMessage, GetTensorRequest,
                        GraphComputeRequest, HelloRequest, HelloResponse, Message,
                        SetTensorRequest, decode, encode, graph_payload_size, payload_size,
                        set_tensor_header)
@@ -403,7 +403,7 @@ class ClientConnection(_Connection):
             elif cmd.name in self.profile.empty_reply:
                 expected = 0
             else:
-                expected = payload_size(RESPONSES[cmd], self.profile)
+                expected = payload_size(response_class(cmd), self.profile)
             self._pending.append((cmd, expected))
         return _REQUEST_HEADER.pack(int(cmd), length)
 
@@ -438,7 +438,7 @@ class ClientConnection(_Connection):
         if cmd.name in self.profile.empty_reply:
             reply = EmptyReply(cmd)
         else:
-            reply = decode(RESPONSES[cmd], payload, self.profile)
+            reply = decode(response_class(cmd), payload, self.profile)
         if cmd is Command.HELLO:
             self._check_version(reply)
         self.state = State.IDLE

@@ -472,6 +472,16 @@ class GetTensorResponse(Message):
 
 
 @dataclass(frozen=True)
+class GraphComputeResponse(FixedMessage):
+    """Reply to GRAPH_COMPUTE in protocol 3.0.0 only (spec/versions.md#300): ggml's status
+    of the computation, 0 for success.  From 3.5.0 on GRAPH_COMPUTE has no reply."""
+
+    COMMAND = Command.GRAPH_COMPUTE
+    FIELDS = [("status", "u8")]
+    status: int = 0
+
+
+@dataclass(frozen=True)
 class CopyTensorResponse(FixedMessage):
     """Reply to COPY_TENSOR: 1 when the copy was made."""
 
@@ -520,6 +530,16 @@ RESPONSES: dict[Command, type[Message]] = {
         GetMaxSizeResponse, BufferGetBaseResponse, SetTensorHashResponse, GetTensorResponse,
         CopyTensorResponse, GetDeviceMemoryResponse, GetAllocSizeResponse)
 }
+
+
+#: Replies that only older protocol versions send (which versions: ``Profile.no_reply``).
+OLDER_RESPONSES: dict[Command, type[Message]] = {Command.GRAPH_COMPUTE: GraphComputeResponse}
+
+
+def response_class(command: Command) -> type[Message]:
+    """The reply class of ``command`` in whichever version answers it (KeyError: none does)."""
+    cls = RESPONSES.get(command)
+    return cls if cls is not None else OLDER_RESPONSES[command]
 
 
 def has_response(command: Command, profile: Profile | None = None) -> bool:

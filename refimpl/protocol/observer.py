@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from .constants import Command
 from .errors import ProtocolError
-from .messages import (REQUESTS, RESPONSES, EmptyReply, HelloResponse, decode, has_response,
+from .messages import (REQUESTS, response_class, EmptyReply, HelloResponse, decode, has_response,
                        payload_size)
 from .profiles import LATEST, PROFILES, Profile
 
@@ -105,7 +105,7 @@ class Observer:
             elif msg.COMMAND.name in self.profile.empty_reply:
                 size = 0
             else:
-                size = payload_size(RESPONSES[msg.COMMAND], self.profile)
+                size = payload_size(response_class(msg.COMMAND), self.profile)
             self._expect.append((cmd, size))
         return Observed(CLIENT_TO_SERVER, cmd, raw, msg, err)
 
@@ -144,7 +144,7 @@ class Observer:
                         msg = EmptyReply(command) if length == 0 else None
                         err = None if length == 0 else f"{length} bytes in an empty reply"
                     else:
-                        msg = decode(RESPONSES[command], raw[_U64.size:], self.profile)
+                        msg = decode(response_class(command), raw[_U64.size:], self.profile)
                 except (ValueError, ProtocolError) as exc:
                     err = str(exc)
                 if isinstance(msg, HelloResponse):

@@ -16,6 +16,7 @@ wire → op mapping) and the client take a profile; :data:`LATEST` (7.0.0) is th
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from dataclasses import dataclass
@@ -76,17 +77,35 @@ class Profile:
     no_reply: frozenset[str]
     #: Commands answered with a reply of length 0 (only the 8-byte size).
     empty_reply: frozenset[str]
-    #: Key of the op table in op_tables.json; None where the version did not fix one.
+    #: Key of the op table in op_tables.json (None: none known).  Where the version did not
+    #: fix one (3.0.0, 3.6.0), the default of :attr:`op_table_choices`.
     op_table: str | None
     #: How this profile is known: "release" (read in a llama-cpp-python sdist), "ggml"
     #: (read in the ggml repository's history, no release carries it) or "inferred".
     source: str
     #: llama-cpp-python releases that vendor this version (spec/versions.md).
     releases: tuple[str, ...] = ()
+    #: The op tables builds of this version used, when there was more than one (keys of
+    #: op_tables.json, by op count: ``"3.0.0-90"``); a server must be told its clients'.
+    op_table_choices: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
         return "%d.%d.%d" % self.version
+
+    def with_op_table(self, key: str) -> "Profile":
+        """This version with another of its :attr:`op_table_choices` (ValueError otherwise)."""
+        if key == self.op_table:
+            return self
+        if key not in self.op_table_choices:
+            raise ValueError(f"protocol {self.name} has no op table {key!r}; its builds used "
+                             + (", ".join(self.op_table_choices) or f"only {self.op_table}"))
+        return dataclasses.replace(self, op_table=key)
+
+    @property
+    def op_count(self) -> int | None:
+        """GGML_OP_COUNT of the op table in use."""
+        return None if self.ops is None else len(self.ops)
 
     @property
     def command_limit(self) -> int:
@@ -117,12 +136,13 @@ _V6_NO_REPLY = _V35_NO_REPLY | {"FREE_BUFFER", "BUFFER_CLEAR", "INIT_TENSOR", "M
 
 def _p(version, *, hello=(0, 3), tail="padding", set_tensor=304, alloc_size=3260,
        last="GRAPH_RECOMPUTE", no_reply=_V35_NO_REPLY, empty=_V3_EMPTY, ops=None,
-       source="release", releases=()):
+       source="release", releases=(), choices=()):
     return Profile(version=version, hello_request_size=hello[0], hello_response_size=hello[1],
                    rpc_tensor_tail=tail, set_tensor_header_size=set_tensor,
                    get_alloc_size_request_size=alloc_size, commands=_commands(last),
-                   no_reply=frozenset(no_reply), empty_reply=frozenset(empty), op_table=ops,
-                   source=source, releases=tuple(releases))
+                   no_reply=frozenset(no_reply), empty_reply=frozenset(empty),
+                   op_table=ops,
+                   source=source, releases=tuple(releases), op_table_choices=tuple(choices))
 
 
 _V4_HELLO = (24, 28)
@@ -130,21 +150,23 @@ _V5_EMPTY = _V3_EMPTY | {"MEMSET_TENSOR"}
 
 #: Every supported version, oldest first.
 PROFILES: Mapping[Version, Profile] = MappingProxyType({p.version: p for p in (
-    _p((3, 0, 0), alloc_size=300, last="DEVICE_COUNT", no_reply={"SET_TENSOR"}, source="ggml"),
-    _p((3, 5, 0), alloc_size=300, source="ggml"),
-    _p((3, 6, 0), source="ggml"),
+    # 3.0.0 and 3.6.0 builds used several op tables; the default is the one in use longest
+    # while the version was current (spec/versions.md, "Before 3.6.1").
+    _p((3, 0, 0), alloc_size=300, last="DEVICE_COUNT", no_reply={"SET_TENSOR"}, source="ggml",
+       ops="3.0.0-90", choices=("3.0.0-90", "3.0.0-94", "3.0.0-95")),
+    _p((3, 5, 0), alloc_size=300, ops="3.5.0", source="ggml"),
+    _p((3, 6, 0), source="ggml", ops="3.6.0-95", choices=("3.6.0-95", "3.6.0-96")),
     _p((3, 6, 1), ops="3.6.1", releases=("0.3.17", "0.3.18", "0.3.19", "0.3.20")),
     _p((4, 0, 0), hello=_V4_HELLO, ops="4.0.0",
        releases=tuple(f"0.3.{n}" for n in range(21, 29))),
     _p((4, 0, 1), hello=_V4_HELLO, ops="4.0.1",
        releases=tuple(f"0.3.{n}" for n in range(29, 34))),
     _p((4, 0, 2), hello=_V4_HELLO, ops="4.0.2", releases=("0.3.34",)),
-    # 4.0.3 inserted the three DSV4 ops that 5.0.0 has; 5.0.0 changed no op.
-    _p((4, 0, 3), hello=_V4_HELLO, ops="5.0.0", source="ggml"),
+    _p((4, 0, 3), hello=_V4_HELLO, ops="4.0.3", source="ggml"),
     _p((5, 0, 0), hello=_V4_HELLO, last="MEMSET_TENSOR", empty=_V5_EMPTY, ops="5.0.0",
        releases=("0.3.35",)),
     _p((5, 1, 0), hello=_V4_HELLO, tail="use_count", last="MEMSET_TENSOR", empty=_V5_EMPTY,
-       ops="5.0.0", source="ggml"),
+       ops="5.1.0", source="ggml"),
     _p((6, 0, 0), hello=_V4_HELLO, tail="use_count", last="MEMSET_TENSOR",
        no_reply=_V6_NO_REPLY, empty=(), ops="7.0.0", source="inferred"),
     _p((7, 0, 0), hello=_V4_HELLO, tail="use_count", set_tensor=305, last="MEMSET_TENSOR",
@@ -154,10 +176,11 @@ PROFILES: Mapping[Version, Profile] = MappingProxyType({p.version: p for p in (
 #: The newest version: what refimpl speaks by default.
 LATEST: Profile = PROFILES[max(PROFILES)]
 
-#: The versions refimpl serves and speaks (``refimpl-server --protocol``): those a release
-#: carries, with the op table read from that release's ``ggml.h``.
+#: The versions refimpl serves and speaks (``refimpl-server --protocol``): every version
+#: known from real sources, a release's or the ggml repository's history, with its op
+#: table(s) read from ``ggml.h`` there.  (6.0.0, known only by inference, is not served.)
 SERVED: Mapping[Version, Profile] = MappingProxyType({
-    v: p for v, p in PROFILES.items() if p.source == "release" and p.op_table is not None})
+    v: p for v, p in PROFILES.items() if p.source in ("release", "ggml") and p.op_table is not None})
 
 
 def served_profile(version: str | Version) -> Profile:

@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", default=LATEST.name, metavar="X.Y.Z",
                    help="protocol version to speak: %s (default: %%(default)s)"
                         % ", ".join(v.name for v in SERVED.values()))
+    p.add_argument("--op-count", type=int, default=None, metavar="N",
+                   help="GGML_OP_COUNT of the clients' ggml build, for the versions whose builds "
+                        "numbered ops differently (3.0.0: 90, 94 or 95, default 90; 3.6.0: 95 or "
+                        "96, default 95; spec/versions.md); other versions fix it")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"],
                    help="log verbosity (default: %(default)s); GGML_RPC_DEBUG=1 also logs "
@@ -105,6 +109,7 @@ def banner(server: RpcServer, cache_dir) -> str:
     lines = [
         "refimpl-server %s" % __version__,
         "Starting RPC server v%s" % cfg.profile.name,
+        "  ggml ops       : %d (op table %s)" % (cfg.profile.op_count, cfg.profile.op_table),
         "  endpoint       : %s:%d" % (cfg.host, server.port),
         "  local cache    : %s" % (cache_dir if cache_dir else "n/a"),
         "Devices:",
@@ -156,6 +161,15 @@ def make_config(args) -> tuple[ServerConfig, object]:
     except (KeyError, ValueError):
         raise ValueError(f"unsupported protocol version {args.protocol!r}; supported: "
                          + ", ".join(p.name for p in SERVED.values())) from None
+    op_count = getattr(args, "op_count", None)
+    if op_count is not None and op_count != profile.op_count:
+        key = next((k for k in profile.op_table_choices if k.endswith(f"-{op_count}")), None)
+        if key is None:
+            raise ValueError(f"no build of protocol {profile.name} had {op_count} ops; they had "
+                             + ", ".join(k.rsplit("-", 1)[1] for k in profile.op_table_choices)
+                             if profile.op_table_choices else
+                             f"protocol {profile.name} fixes the op count at {profile.op_count}")
+        profile = profile.with_op_table(key)
     if args.threads <= 0:
         raise ValueError(f"invalid number of threads: {args.threads}")
     if args.mem is not None and args.mem <= 0:

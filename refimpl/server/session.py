@@ -214,7 +214,10 @@ class Session:
             raise Rejected("GRAPH_COMPUTE is not supported by this server build")
         self._device(req.device)
         self.graph_executor.compute(self, req)
-        return None
+        if "GRAPH_COMPUTE" in self.profile.no_reply:
+            return None
+        # 3.0.0 answers with ggml's status; a graph that passed validation always computes.
+        return m.GraphComputeResponse(0)
 
     def _on_graph_recompute(self, req: m.GraphRecomputeRequest):
         if self.graph_executor is None:

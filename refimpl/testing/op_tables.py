@@ -12,6 +12,8 @@ that vendor each version, and writes
     python -m refimpl.testing.op_tables            # regenerate both files
     python -m refimpl.testing.op_tables --check    # exit 1 if either is stale
     python -m refimpl.testing.op_tables --releases # print release → protocol from the sdists
+    python -m refimpl.testing.op_tables --ggml-history DIR   # also re-read the versions no
+                                                   # release carries from a ggml git clone
 
 Sdists are downloaded on demand into ``$REFIMPL_PEERS_CACHE/sdists`` (default
 ``~/.cache/refimpl-peers/sdists``) and only the few files read here are unpacked beside them.
@@ -55,8 +57,52 @@ RELEASES = {
     "0.3.36": (7, 0, 0),
 }
 
-#: Oldest version whose op table is pinned by its version number (and the oldest served).
+#: Oldest version whose op table is pinned by its version number.
 FIRST_PINNED = (3, 6, 1)
+
+#: Versions no release carries, read from the history of the ggml repository (which mirrors
+#: llama.cpp's ``ggml/``): table key -> (protocol version, ggml commit, its date).  The commit
+#: is the last one before the table (or the version) changed, so a table holds every UNARY
+#: op of its period (that sub-enum only grew at its end).  3.0.0 and 3.6.0 had more than one
+#: ``enum ggml_op`` while they were current; their keys carry the op count
+#: (spec/versions.md, "Before 3.6.1").  A clone is needed only to regenerate these entries;
+#: without one they are kept as committed.
+HISTORY = {
+    "3.0.0-90": ((3, 0, 0), "aab0f89c0c0ef87b07c1a67a12106279bf153e7d", "2025-11-13"),
+    "3.0.0-94": ((3, 0, 0), "d12293856ccf6894fb8ecc8f468fba38d515a9a5", "2025-11-25"),
+    "3.0.0-95": ((3, 0, 0), "3e0c1113ef4ea0654303c9ba19365f3c568c082f", "2025-11-28"),
+    "3.5.0": ((3, 5, 0), "13f7dd2d2169c5d56f6d9099111c944303704252", "2025-12-05"),
+    "3.6.0-95": ((3, 6, 0), "280ae6ea76fd8b4679a445f3b18fdfb2b840a489", "2026-03-06"),
+    "3.6.0-96": ((3, 6, 0), "779d380599dbc6b4833deaf7e15bfc828911de08", "2026-03-10"),
+    "4.0.3": ((4, 0, 3), "dd628ca7746e734620a869c5459ce98c6431d20d", "2026-07-28"),
+    "5.1.0": ((5, 1, 0), "d99724f2b141fed9e1a9f402213506c081433465", "2026-08-21"),
+}
+
+
+def read_history(git_dir: Path, key: str) -> dict:
+    """One :data:`HISTORY` table, read from a ggml clone (checks the version there too)."""
+    version, commit, _ = HISTORY[key]
+
+    def show(path: str) -> str:
+        proc = subprocess.run(["git", "-C", str(git_dir), "show", f"{commit}:{path}"],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise PeerUnavailable(f"{git_dir} lacks {commit}:{path}: {proc.stderr.strip()}")
+        return proc.stdout
+    header, rpc_h = show("include/ggml.h"), show("include/ggml-rpc.h")
+    if protocol_version(rpc_h) != version:
+        raise ValueError(f"ggml {commit[:8]} declares {vkey(protocol_version(rpc_h))}, "
+                         f"HISTORY says {vkey(version)} ({key})")
+    return {"releases": [], "ggml_commit": commit,
+            "ops": parse_enum(header, "ggml_op", "GGML_OP_"),
+            "unary": parse_enum(header, "ggml_unary_op", "GGML_UNARY_OP_"),
+            "glu": parse_enum(header, "ggml_glu_op", "GGML_GLU_OP_")}
+
+
+def table_order(key: str) -> tuple:
+    """Sort key of a table: by version, then by op count (``3.0.0-90`` before ``3.0.0-94``)."""
+    version, _, count = key.partition("-")
+    return tuple(int(x) for x in version.split(".")) + (int(count or 0),)
 
 #: Files read from each sdist, relative to ``vendor/llama.cpp`` (first existing path wins).
 VENDOR_FILES = {
@@ -273,10 +319,18 @@ def vkey(version: tuple[int, int, int] | None) -> str:
     return "none" if version is None else "%d.%d.%d" % version
 
 
-def build_tables(*, fetch: bool = True, log=sys.stderr) -> dict:
+def build_tables(*, fetch: bool = True, log=sys.stderr, ggml_history: Path | None = None) -> dict:
     """{version: {"releases": [...], "ops": {...}, "unary": {...}, "glu": {...}}} for every
-    mapped version with a pinned op table; releases of one version must agree exactly."""
+    mapped version with a pinned op table; releases of one version must agree exactly.  The
+    :data:`HISTORY` tables come from ``ggml_history`` (a ggml clone) or, without one, from the
+    committed JSON."""
     tables: dict[str, dict] = {}
+    committed = load_tables() if JSON_PATH.is_file() else {}
+    for key in HISTORY:
+        if ggml_history is not None:
+            tables[key] = read_history(ggml_history, key)
+        elif key in committed:
+            tables[key] = committed[key]
     for release, expected in RELEASES.items():
         info = read_release(release, fetch=fetch, log=log)
         if info["protocol"] != expected:
@@ -292,7 +346,7 @@ def build_tables(*, fetch: bool = True, log=sys.stderr) -> dict:
             tables[key]["releases"].append(release)
         else:
             tables[key] = {"releases": [release], **entry}
-    return tables
+    return {k: tables[k] for k in sorted(tables, key=table_order)}
 
 
 def render_json(tables: dict) -> str:
@@ -339,22 +393,22 @@ def render_markdown(tables: dict) -> str:
         "the numbers depend on the protocol version ([versions.md](versions.md#op-numbering)).",
         "From 3.6.1 on every change of `enum ggml_op` bumps the protocol version, so each version",
         "below has exactly one table. The tables were read from the `ggml.h` vendored by the",
-        "`llama-cpp-python` releases listed; releases of the same version agree exactly. The same",
-        "data, for programs, is `refimpl/protocol/op_tables.json`.",
-        "",
-        "Versions without a release of their own use the table of a neighbour: 4.0.3 and 5.1.0",
-        "use 5.0.0's, 6.0.0 uses 7.0.0's. `enum ggml_op` is the same in 5.0.0 and 7.0.0 (101 ops),",
-        "and a change in between would have bumped the patch number. Only `ggml_op` is pinned by",
-        "the version: `enum ggml_glu_op` gained `SWIGLU_CLAMP` at its end between 5.0.0 and 7.0.0",
-        "without a bump (appending renumbers nothing). 3.0.0 and 3.6.0 have no fixed table:",
-        "`enum ggml_op` changed under those numbers (90 to 96 ops); 3.5.0 kept one table of 95",
-        "ops but no release carries it. Every change of the enum before 3.6.1 is listed in",
+        "`llama-cpp-python` releases listed (releases of the same version agree exactly), and for",
+        "the versions no release carries, from `include/ggml.h` in the history of the ggml",
+        "repository (which mirrors llama.cpp's `ggml/`) at the commit listed, the last one before",
+        "the table or the version changed. 3.0.0 and 3.6.0 had more than one `enum ggml_op` while",
+        "they were current, so they have one table per op count (`3.0.0-90`, `3.0.0-94`,",
+        "`3.0.0-95`; `3.6.0-95`, `3.6.0-96`); every change before 3.6.1 is listed in",
         "[versions.md](versions.md#before-361-every-change-of-the-enum-while-a-version-was-current).",
+        "The UNARY and GLU sub-enums only ever grew at their ends, so a table serves every build of",
+        "its period. 6.0.0, known only by inference, uses 7.0.0's table. The same data, for",
+        "programs, is `refimpl/protocol/op_tables.json`.",
         "",
-        "| Version | Releases read |",
+        "| Table | Releases read (or ggml commit) |",
         "|---|---|",
     ]
-    out += [f"| {v} | {', '.join(tables[v]['releases'])} |" for v in versions]
+    out += [f"| {v} | {', '.join(tables[v]['releases']) or 'ggml ' + tables[v]['ggml_commit'][:8]} |"
+            for v in versions]
     out += ["", "A number in **bold** differs from the column to its left; – means the op does not "
             "exist in that version.", "", "## `enum ggml_op`", ""]
     out += _table(tables, "ops")
@@ -377,6 +431,8 @@ def main(argv=None) -> int:
     p.add_argument("--releases", action="store_true",
                    help="print release, protocol, vendored commit, ggml version, op count")
     p.add_argument("release", nargs="*", help="with --releases: these releases instead of the mapped ones")
+    p.add_argument("--ggml-history", type=Path, metavar="DIR",
+                   help="a clone of github.com/ggml-org/ggml: re-read the HISTORY tables from it")
     args = p.parse_args(argv)
     try:
         if args.releases:
@@ -385,7 +441,7 @@ def main(argv=None) -> int:
                 print(r, vkey(info["protocol"]), info["commit"], info["ggml_version"],
                       len(info["ops"]), info["asserted_op_count"], len(info["commands"]), sep="\t")
             return 0
-        tables = build_tables()
+        tables = build_tables(ggml_history=args.ggml_history)
     except PeerUnavailable as exc:
         print(f"op_tables: error: {exc}", file=sys.stderr)
         return 1
