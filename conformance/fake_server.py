@@ -353,8 +353,9 @@ async def _call(client, e: Exchange, amap: AddressMap, RpcTensor) -> str | None:
         return None if int(got) == rec.result else f"result {got}"
     if c is Command.GRAPH_COMPUTE:
         tensors = [RpcTensor.from_record(r) for r in msg.tensors]
-        await client.graph_compute(msg.device, [int(x) for x in msg.nodes], tensors)
-        return None
+        status = await client.graph_compute(msg.device, [int(x) for x in msg.nodes], tensors)
+        want = None if rec is None else rec.status  # 3.0.0 answers with ggml's status
+        return None if status == want else f"status {status}, recorded {want}"
     if c is Command.GRAPH_RECOMPUTE:
         await client.graph_recompute(msg.device)
         return None

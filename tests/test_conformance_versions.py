@@ -92,3 +92,20 @@ def test_suite_judges_a_running_server_in_its_version(version):
         wrong = _conformance("--server", srv.endpoint, "--protocol", other)
         assert wrong.returncode == 4, wrong.stdout + wrong.stderr   # pytest's usage error
         assert f"--protocol {other}, but the server speaks {version}" in wrong.stderr
+
+
+def test_op_table_of_a_3_0_0_capture_matters():
+    """The 3.0.0 capture was recorded from a ggml build of 90 ops (spec/versions.md, "Before
+    3.6.1"): refimpl replays it exactly with that op table (its default for 3.0.0), and a server
+    told the 95-op table of later 3.0.0 builds misreads its graphs."""
+    sys.path.insert(0, str(ROOT / "conformance"))
+    from replay import load, Replayer
+    from refimpl.testing.processes import ServerProcess
+    session = load(ROOT / "conformance" / "captures" / "backend-ops-v3.0.0.cap.gz")
+    results = {}
+    for count in ("90", "95"):
+        with ServerProcess("refimpl", args=["--protocol", "3.0.0", "--op-count", count,
+                                            "-m", "1024"]) as srv:
+            results[count] = Replayer(session, ("127.0.0.1", srv.port), cache="none").run()
+    assert results["90"].ok and results["90"].computed_compared > 10, results["90"].summary()
+    assert not results["95"].ok, results["95"].summary()

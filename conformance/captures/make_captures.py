@@ -148,13 +148,14 @@ def protocol_of(release: str) -> str:
 class Maker:
     """Builds models once and makes each capture."""
 
-    def __init__(self, out: Path, work: Path, release: str = DEFAULT_VERSION):
+    def __init__(self, out: Path, work: Path, release: str = DEFAULT_VERSION,
+                 bin_dir: Path | None = None):
         self.out = out
         self.work = work
         self.release = release
-        self.bin = ensure_peers(release)
+        self.bin = bin_dir or ensure_peers(release)
         #: llama-quantize comes from the newest release (older builds have only server and client).
-        self.tools_bin = ensure_peers()
+        self.tools_bin = None if bin_dir else ensure_peers()
         self.env = peer_env(self.bin)
         self._models: dict = {}
 
@@ -234,10 +235,27 @@ class Maker:
 
     def backend_ops(self, name: str) -> dict:
         """A few test-backend-ops cases, with the RPC backend registered by the preload shim."""
+        return self._backend_ops(name, BACKEND_OPS_CASES,
+                                 "test-backend-ops test -b RPC0 on a few ADD and MUL_MAT cases",
+                                 "ggml-rpc-server -p PORT")
+
+    def backend_ops_history(self, name: str) -> dict:
+        """A version no release carries (ggml history peers): the first cases of the ops a
+        llama model uses, as this ggml's own test-backend-ops lists them, through its own RPC
+        server (refimpl/testing/ggml_history_peers.py)."""
+        from refimpl.testing.backend_ops import list_cases
+        cases = [c for op, pick in HISTORY_OPS.items() for c in _pick(list_cases(self.bin, op), pick)]
+        return self._backend_ops(
+            name, cases, f"ggml's test-backend-ops test -b RPC0 on {len(cases)} cases of "
+                         f"{', '.join(HISTORY_OPS)}, against ggml's own RPC server",
+            "ggml-rpc-server -p PORT (refimpl/testing/ggml_rpc_launcher.c over the library's "
+            "ggml_backend_rpc_start_server)")
+
+    def _backend_ops(self, name: str, cases: list[str], desc: str, server: str) -> dict:
+        """Record test-backend-ops running ``cases`` on RPC0 (the preload shim's device)."""
         from refimpl.testing.backend_ops import build_shim
         out = self.out / f"{name}.cap.gz"
         cmds: list = []
-        desc = "test-backend-ops test -b RPC0 on a few ADD and MUL_MAT cases"
         env = dict(self.env)
         with self.server() as srv:
             rec = Recorder(srv.endpoint, out, desc)
@@ -245,13 +263,38 @@ class Maker:
                        GGML_NO_BACKTRACE="1")
             try:
                 _run([str(self.bin / "test-backend-ops"), "test", "-b", "RPC0", "-o",
-                      ",".join(BACKEND_OPS_CASES)], env, cmds)
+                      ",".join(cases)], env, cmds)
             finally:
                 rec.stop()
-        return {"files": [out.name], "description": desc, "commands": cmds,
-                "server": "ggml-rpc-server -p PORT",
+        return {"files": [out.name], "description": desc, "commands": cmds, "server": server,
                 "environment": "LD_PRELOAD=rpc_preload.so REFIMPL_RPC_ENDPOINT=PROXY "
                                "(refimpl/testing/rpc_preload.c)"}
+
+
+#: For the versions no release carries: op -> which of test-backend-ops' cases to record,
+#: each given by substrings it must all contain (the first case that does is taken).
+HISTORY_OPS = {
+    "MUL_MAT": [(f"type_a={t},type_b=f32,m=16,n=1,k=256,bs=[1,1]",) for t in ("f32", "f16", "q8_0")],
+    "RMS_NORM": [("type=f32,ne=[64,5,4,3]",)],
+    "SOFT_MAX": [("type=f32,ne=[16,16,1,1],mask=0",), ("type=f32,ne=[16,16,1,1],mask=1",)],
+    "ROPE": [("type=f32,ne_a=[64,1,2,1],n_dims=64,mode=2",)],
+    "GET_ROWS": [("type=f32,n=256,m=5,r=4,be1=1,be2=1",)],
+    "CPY": [("type_src=f32,type_dst=f16,", "=[256,2,3,4],permute_src=[0,2,1,3]")],
+    "CONT": [("type=f32",)],
+    "SILU": [("type=f32",)],
+    "SWIGLU": [("type=f32",)],
+    "FLASH_ATTN_EXT": [("hsk=64,hsv=64,nh=4,", "kv=113,nb=1,", "=f16,permute=[0,1,2,3]")],
+}
+
+
+def _pick(cases: list[str], wanted: list[tuple]) -> list[str]:
+    out = []
+    for parts in wanted:
+        hit = next((c for c in cases if all(x in c for x in parts) and c not in out), None)
+        if hit is None:
+            raise RuntimeError(f"no case contains {parts!r} (first cases: {cases[:3]})")
+        out.append(hit)
+    return out
 
 
 def _model_info(kind: str) -> str:
@@ -294,15 +337,50 @@ def main(argv=None) -> int:
                         f"older ones make {', '.join(OLDER_JOBS)} (or --only) named -v<protocol>")
     p.add_argument("--older", action="store_true",
                    help="every release of OLDER_RELEASES: " + ", ".join(OLDER_RELEASES))
+    p.add_argument("--ggml-history", type=Path, metavar="DIR",
+                   help="a clone of github.com/ggml-org/ggml: record backend-ops-v<protocol> of "
+                        "every version no release carries (or of --protocol ones) instead")
+    p.add_argument("--protocol", action="append", default=None,
+                   help="with --ggml-history: only these versions")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     manifest_path = args.out / "MANIFEST.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    if args.ggml_history:
+        from refimpl.testing.ggml_history_peers import PEER_TABLES
+        for version in args.protocol or list(PEER_TABLES):
+            _make_history(args, version, manifest)
+            manifest_path.write_text(json.dumps(dict(sorted(manifest.items())), indent=1) + "\n")
+        return 0
     releases = (list(OLDER_RELEASES) if args.older else []) + (args.release or [])
     for release in releases or [DEFAULT_VERSION]:
         _make(args, release, manifest)
     manifest_path.write_text(json.dumps(dict(sorted(manifest.items())), indent=1) + "\n")
     return 0
+
+
+def _make_history(args, version: str, manifest: dict) -> None:
+    from refimpl.testing.ggml_history_peers import commit_of, ensure_ggml_peer
+    bin_dir = ensure_ggml_peer(args.ggml_history, version)
+    name = f"backend-ops-v{version}"
+    with tempfile.TemporaryDirectory(prefix="make-captures-") as work:
+        maker = Maker(args.out, Path(work), bin_dir=bin_dir)
+        print(f"capturing {name} ...", flush=True)
+        entry = maker.backend_ops_history(name)
+    entry["commands"] = [c.replace(str(bin_dir) + "/", "") for c in entry["commands"]]
+    _finish(args, name, entry, f"ggml {commit_of(version)} from github.com/ggml-org/ggml "
+                               f"(protocol {version}; no llama-cpp-python release carries it)",
+            version, manifest)
+
+
+def _finish(args, name: str, entry: dict, peer: str, protocol: str, manifest: dict) -> None:
+    entry.update(peer=peer, protocol=protocol, cpu=_cpu_model(),
+                 date=datetime.date.today().isoformat(),
+                 sizes={f: (args.out / f).stat().st_size for f in entry["files"]},
+                 sha256={f: hashlib.sha256((args.out / f).read_bytes()).hexdigest()
+                         for f in entry["files"]})
+    manifest[name] = entry
+    print(f"  {', '.join(f'{f} ({s} bytes)' for f, s in entry['sizes'].items())}", flush=True)
 
 
 def _make(args, release: str, manifest: dict) -> None:
@@ -318,16 +396,9 @@ def _make(args, release: str, manifest: dict) -> None:
             for cmd_i, cmd in enumerate(entry["commands"]):
                 entry["commands"][cmd_i] = cmd.replace(str(maker.bin) + "/", "").replace(
                     work + "/", "")
-            entry.update(peer=f"llama.cpp from llama-cpp-python {release} (protocol {protocol})",
-                         protocol=protocol,
-                         cpu=_cpu_model(),
-                         date=datetime.date.today().isoformat(),
-                         sizes={f: (args.out / f).stat().st_size for f in entry["files"]},
-                         sha256={f: hashlib.sha256((args.out / f).read_bytes()).hexdigest()
-                                 for f in entry["files"]})
-            manifest[name] = entry
-            print(f"  {', '.join(f'{f} ({s} bytes)' for f, s in entry['sizes'].items())}",
-                  flush=True)
+            _finish(args, name, entry,
+                    f"llama.cpp from llama-cpp-python {release} (protocol {protocol})", protocol,
+                    manifest)
 
 
 if __name__ == "__main__":
