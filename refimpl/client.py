@@ -29,7 +29,7 @@ from .protocol import messages as m
 from .protocol.connection import (NEED_DATA, ClientConnection, ConnectionClosed,
                                   GetTensorStart, hello_request)
 from .protocol.constants import MAX_SRC, PROTOCOL_VERSION
-from .protocol.profiles import LATEST, SERVED, Profile, served_profile
+from .protocol.profiles import LATEST, PROFILES, SERVED, Profile, served_profile
 from .protocol.errors import HandshakeError, ProtocolError
 from .protocol.fnv import fnv1a_64
 from .protocol.ggml_types import type_traits
@@ -110,17 +110,12 @@ class RpcClient:
         """Open a TCP connection and perform HELLO; raises VersionMismatch if incompatible.
 
         ``protocol``: the version to speak (``"X.Y.Z"`` or a Profile; default the newest),
-        or ``"auto"``: speak the newest, and if the server answers with another served
-        version, reconnect speaking that one.
+        or ``"auto"``: learn the server's version from its HELLO reply and reconnect speaking
+        it (spec/versions.md, "Compatibility"): a 24-byte HELLO first (4.0.0 on), then, if the
+        server closes on it, an empty one (3.x).
         """
         if protocol == "auto":
-            try:
-                return await cls.connect(host, port)
-            except VersionMismatch as exc:
-                theirs = exc.server_version
-                if theirs is None or theirs not in SERVED:
-                    raise
-            return await cls.connect(host, port, SERVED[theirs])
+            return await cls._connect_auto(host, port)
         if isinstance(protocol, str):
             try:
                 protocol = served_profile(protocol)
@@ -138,6 +133,33 @@ class RpcClient:
             await stream.aclose()
             raise
         return client
+
+    @classmethod
+    async def _connect_auto(cls, host: str, port: int) -> "RpcClient":
+        theirs, last_error = None, None
+        for probe in (LATEST, PROFILES[(3, 6, 1)]):  # the two HELLO shapes
+            try:
+                client = await cls.connect(host, port, probe)
+            except VersionMismatch as exc:
+                if exc.server_version is None:
+                    last_error = exc
+                    continue
+                theirs = exc.server_version
+            except ServerClosedConnection as exc:
+                last_error = exc
+                continue
+            else:
+                if client.server_version == probe.version:
+                    return client
+                theirs = client.server_version  # accepted, but another version: reconnect
+                await client.aclose()
+            if theirs not in SERVED:
+                err = VersionMismatch("the server speaks protocol %d.%d.%d, which this client "
+                                      "does not" % theirs)
+                err.server_version = theirs
+                raise err
+            return await cls.connect(host, port, SERVED[theirs])
+        raise last_error
 
     async def aclose(self) -> None:
         """Close the connection (the server frees this connection's buffers)."""

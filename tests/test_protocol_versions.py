@@ -157,8 +157,10 @@ def test_client_connection_empty_reply():
 
 # -- a server speaking another version ---------------------------------------------------------
 
-async def _serve(nursery, name):
-    return await nursery.start(RpcServer(make_config(profile=served_profile(name))).serve)
+async def _serve(nursery, name, op_table=None):
+    p = served_profile(name)
+    p = p.with_op_table(op_table) if op_table else p
+    return await nursery.start(RpcServer(make_config(profile=p)).serve)
 
 
 def _addr(server):
@@ -222,6 +224,17 @@ async def test_hello_length_separates_3x_and_4x(nursery):
     await stream.aclose()
 
 
+@pytest.mark.parametrize("name", ["3.0.0", "3.6.0", "3.6.1", "4.0.2", "5.1.0", "7.0.0"])
+async def test_auto_learns_every_version(nursery, name):
+    # A 3.x server closes on the 24-byte HELLO, so "auto" then tries the empty one; a 3.0.0
+    # server would be accepted by a 3.6.1 client (minor not greater), so "auto" reconnects
+    # speaking exactly the version announced.
+    server = await _serve(nursery, name)
+    async with await RpcClient.connect(*_addr(server), protocol="auto") as c:
+        assert c.profile.name == name and c.server_version == c.profile.version
+        await _exercise(c)
+
+
 def test_cli_protocol_flag():
     with ServerProcess("refimpl", args=["--protocol", "5.0.0"]) as srv:
         trio.run(_cli_clients, srv)
@@ -258,10 +271,14 @@ async def _unary_graph(c: RpcClient, op_number: int, sub: int, *, glu=False):
     return xs, got
 
 
-@pytest.mark.parametrize("name", ["4.0.0", "4.0.2", "5.0.0", "7.0.0"])
-async def test_graph_ops_numbered_by_the_profile(nursery, name):
+@pytest.mark.parametrize("name, table", [
+    ("3.0.0", "3.0.0-90"), ("3.0.0", "3.0.0-94"), ("3.0.0", "3.0.0-95"), ("3.5.0", None),
+    ("3.6.0", "3.6.0-95"), ("3.6.0", "3.6.0-96"), ("4.0.0", None), ("4.0.2", None),
+    ("4.0.3", None), ("5.0.0", None), ("5.1.0", None), ("7.0.0", None)])
+async def test_graph_ops_numbered_by_the_profile(nursery, name, table):
     p = served_profile(name)
-    server = await _serve(nursery, name)
+    p = p.with_op_table(table) if table else p
+    server = await _serve(nursery, name, table)
     async with await RpcClient.connect(*_addr(server), protocol=name) as c:
         wire = wire_number(p, Op.UNARY)
         assert (wire == Op.UNARY) == (p.ops == LATEST.ops)
