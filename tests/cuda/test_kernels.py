@@ -10,6 +10,7 @@ from gguf.quants import dequantize as gguf_dequantize
 
 from refimpl.graph import GraphInvalid, Op
 from refimpl.kernels import quants as Q
+from refimpl.kernels.cpu_tensors import bf16_to_f32, f32_to_bf16
 from refimpl.kernels.flash_attn import reference as fa_reference
 from refimpl.kernels.get_rows import reference as get_rows_reference
 from refimpl.kernels.matmul import reference as mm_reference
@@ -20,6 +21,8 @@ from refimpl.kernels.softmax import reference as softmax_reference
 from refimpl.protocol import GgmlType as T
 
 from ..kernels.test_quants import GGUF_TYPE, random_rows
+from refimpl.testing.graphs import GraphBuilder
+
 from .graphs import CudaGraphBuilder
 
 QUANT = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
@@ -119,9 +122,32 @@ def test_mul_mat(cuda_device, wtype):
     x = g.input(T.F32, (k, t, b2), rng.standard_normal((b2, t, k)))
     out = g.node(Op.MUL_MAT, T.F32, (n, t, b2), [w, x])
     g.run()
-    want = mm_reference(wv, g.read(x).astype(np.float64))
-    scale = mm_reference(np.abs(wv), np.abs(g.read(x)).astype(np.float64))
+    xv = g.read(x).astype(np.float64)
+    if wtype in QUANT:
+        # block weights see the activations quantised as the CPU device quantises them
+        # (numpy oracle of the Q8_0 / Q8_1 / Q8_K rounding)
+        vt = Q.VEC_DOT_TYPE[int(wtype)]
+        q, d, _ = Q.reference_quantize(g.read(x).reshape(-1, k), vt)
+        bs = 32 if vt in (Q.Q8_0, Q.Q8_1) else 256
+        xv = (q.reshape(-1, k // bs, bs) * d[:, :, None].astype(np.float64)).reshape(xv.shape)
+    elif wtype in (T.F16, T.BF16):  # F32 activations meet F16 / BF16 weights in their type
+        if wtype == T.F16:
+            rounded = g.read(x).astype(np.float16).astype(np.float32)
+        else:
+            rounded = bf16_to_f32(f32_to_bf16(g.read(x).ravel())).reshape(xv.shape)
+        xv = rounded.astype(np.float64)
+    want = mm_reference(wv, xv)
+    scale = mm_reference(np.abs(wv), np.abs(xv))
     assert np.all(np.abs(g.read(out) - want) <= 1e-5 * scale + 1e-6)
+    # ... and so the CPU device's product (ggml's CPU arithmetic) agrees to float rounding.
+    cpu = GraphBuilder(1 << 20)
+    cw = cpu.input(wtype, (k, n, a2), g.raw(w) if wtype in QUANT else g.read(w))
+    cx = cpu.input(T.F32, (k, t, b2), g.read(x))
+    cout = cpu.node(Op.MUL_MAT, T.F32, (n, t, b2), [cw, cx])
+    cpu.run()
+    # (Q4_1 / Q5_1: ggml uses the F16-rounded Q8_1 block sum for the weights' minimum term)
+    rtol = 1e-3 if wtype in (T.Q4_1, T.Q5_1) else 1e-5
+    assert np.all(np.abs(g.read(out) - cpu.read(cout)) <= rtol * scale + 1e-6)
 
 
 @pytest.mark.parametrize("xtype", [T.F16, T.BF16, T.Q8_0])

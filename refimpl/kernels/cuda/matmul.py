@@ -4,10 +4,19 @@ src0 broadcast over dims 2 and 3.
 One block per output element (grid-stride): its threads split K, each accumulating float32
 products, and the partial sums are added in shared memory.  Weights in block formats (Q4_0,
 Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) are dequantised on the fly in the
-kernel; F16 weights are widened natively and BF16 through their bits.  Activations are used
-as they are (F32, F16, BF16, or Q8_0/Q8_1 blocks dequantised): unlike ggml's CPU backend, the
-GPU does not quantise float activations first, so results differ from the CPU device by that
-rounding (the oracle is the float64 product of the same values).
+kernel; F16 weights are widened natively and BF16 through their bits.
+
+Activations are converted as the CPU device (and ggml's CPU backend) converts them before
+its dot products: for block-format weights, float activations (F32, F16, BF16) are quantised
+to the weights' activation format (Q8_0, Q8_1 or Q8_K, ``VEC_DOT_TYPE``); for F16 and BF16
+weights, F32 activations are rounded to that type.  The product then sees the values those
+stand for, so GPU and CPU results differ by the order of float additions, not by the
+activation rounding (about 1e-2 relative on a row otherwise).  One difference remains for
+Q4_1 and Q5_1 weights: ggml adds their block minimum times the Q8_1 block sum that it
+stores rounded to F16, the GPU times the exact sum (about 1e-4 relative).  The conversion
+runs on the host with the CPU device's own functions (the activations of one product are
+small: tokens x K floats), the product on the GPU.  Activations that arrive as Q8_0/Q8_1
+blocks are dequantised in the kernel.
 """
 
 from __future__ import annotations
@@ -18,9 +27,10 @@ from numba import cuda
 from ...graph.ops import Op
 from ...graph.registry import register_kernel
 from ...protocol.ggml_types import GgmlType
-from ._common import (DEQUANT_TYPES, SMEM, block_sum, dequant, is_bf16, launch_rows, ld,
-                      overlaps, runner, storage, tables, targ, unravel)
-from ..quants import Q8_0, Q8_1
+from ._common import (DEQUANT_TYPES, SMEM, block_sum, dequant, host_copy, is_bf16,
+                      launch_rows, ld, overlaps, runner, storage, tables, targ, unravel)
+from ..cpu_tensors import bf16_to_f32, f32_to_bf16
+from ..quants import Q8_0, Q8_1, VEC_DOT_TYPE, quantize_activations
 
 _FLOATS = (GgmlType.F32, GgmlType.F16, GgmlType.BF16)
 
@@ -70,9 +80,34 @@ def bind(node):
             return
         f16t, bft = tables(node.buffer.memory.device)
         tw = targ(a, np.uint8 if wq else storage(a), snapshot=overlaps(node, a))
-        tx = targ(b, np.uint8 if xq else storage(b), snapshot=overlaps(node, b))
+        x_bf16 = is_bf16(b)
+        if (wq and not xq) or (a.type in (GgmlType.F16, GgmlType.BF16) and b.type != a.type):
+            tx, x_bf16 = converted_activations(a, b), False
+        else:
+            tx = targ(b, np.uint8 if xq else storage(b), snapshot=overlaps(node, b))
         blocks, threads = launch_rows(items)
         mm_kernel[blocks, threads](wq, a.type, K, N, T, B2, B3, B2 // a.ne[2], B3 // a.ne[3],
-                                   *tw, is_bf16(a), xq, b.type, *tx, is_bf16(b),
+                                   *tw, is_bf16(a), xq, b.type, *tx, x_bf16,
                                    *targ(node), bft, f16t)
     return runner(node, run)
+
+
+def converted_activations(a, b) -> tuple:
+    """Kernel arguments ``(flat, offset, s0, s1, s2, s3)`` of a contiguous F32 copy of ``b``'s
+    values after the conversion to ``a``'s activation format that the CPU device applies
+    (refimpl/kernels/matmul.py, ``_quant_activations`` and ``_float_activations``)."""
+    K, T, B2, B3 = b.ne
+    if b.type == GgmlType.BF16:
+        x = bf16_to_f32(host_copy(b, np.uint16))
+    else:
+        x = host_copy(b, np.float16 if b.type == GgmlType.F16 else np.float32).astype(np.float32)
+    x = x.reshape(-1, K)
+    if a.type == GgmlType.F16:
+        with np.errstate(over="ignore", invalid="ignore"):
+            values = x.astype(np.float16).astype(np.float32)
+    elif a.type == GgmlType.BF16:
+        values = bf16_to_f32(f32_to_bf16(x).reshape(x.shape))
+    else:
+        values = quantize_activations(x, VEC_DOT_TYPE[a.type]).dequantized()
+    flat = cuda.to_device(np.ascontiguousarray(values, np.float32).reshape(-1))
+    return flat, 0, 1, K, K * T, K * T * B2
