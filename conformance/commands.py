@@ -65,9 +65,8 @@ class Upstream:
     releases: tuple[str, ...] | None = None
 
 
-#: The releases the suite runs for the versions before 7.0.0 (the newest release of each,
-#: as servers.peer_release picks them).
-OLDER_RELEASES = tuple(p.releases[-1] for p in SERVED.values() if p.releases and p is not LATEST)
+#: The releases the suite runs for the versions before 7.0.0 (``Profile.peer_release``).
+OLDER_RELEASES = tuple(p.peer_release for p in SERVED.values() if p.peer_release and p is not LATEST)
 
 
 @dataclass(frozen=True)
@@ -247,6 +246,13 @@ def refusal(w: Wire, req) -> str:
     return after_no_reply(w)
 
 
+def closes_on(w: Wire, data: bytes) -> str:
+    """Send raw bytes the server must refuse at once: ``refused`` if it then closes the
+    connection, ``answered`` if it sends bytes instead (NoAnswer if neither)."""
+    w.send_raw(data)
+    return "refused" if w.closed_by_server() else "answered"
+
+
 def after_no_reply(w: Wire) -> str:
     """After a request without a reply: ``refused`` if the server closed the connection,
     ``accepted`` if it still answers, ``hang`` if neither."""
@@ -312,32 +318,28 @@ def _(ctx):
        "spec/handshake.md#server-rules", "refused")
 def _(ctx):
     w = ctx.connect(hello=False)
-    w.send_raw(frame(Command.DEVICE_COUNT))
-    return "refused" if w.closed_by_server() else "answered"
+    return closes_on(w, frame(Command.DEVICE_COUNT))
 
 
 @check("hello-old-length", "HELLO", "HELLO of length 0 (a client before 4.0.0) is refused",
        "spec/handshake.md#server-rules", "refused", versions=caps_hello)
 def _(ctx):
     w = ctx.connect(hello=False)
-    w.send_raw(frame(Command.HELLO))
-    return "refused" if w.closed_by_server() else "answered"
+    return closes_on(w, frame(Command.HELLO))
 
 
 @check("hello-new-length", "HELLO", "HELLO of length 24 (a client of 4.0.0 on) is refused",
        "spec/versions.md#361", "refused", versions=lambda p: not caps_hello(p))
 def _(ctx):
     w = ctx.connect(hello=False)
-    w.send_raw(frame(Command.HELLO, bytes(CONN_CAPS_SIZE)))
-    return "refused" if w.closed_by_server() else "answered"
+    return closes_on(w, frame(Command.HELLO, bytes(CONN_CAPS_SIZE)))
 
 
 @check("hello-twice", "HELLO", "a second HELLO on a connection is refused",
        "spec/handshake.md#server-rules", "refused")
 def _(ctx):
     w = ctx.connect()
-    w.send_raw(frame(Command.HELLO, bytes(ctx.target.profile.hello_request_size)))
-    return "refused" if w.closed_by_server() else "answered"
+    return closes_on(w, frame(Command.HELLO, bytes(ctx.target.profile.hello_request_size)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,8 +350,7 @@ def _(ctx):
        "spec/commands.md#commands", "refused")
 def _(ctx):
     w = ctx.connect()
-    w.send_raw(frame(18))
-    return "refused" if w.closed_by_server() else "answered"
+    return closes_on(w, frame(18))
 
 
 @check("unknown-command-17", "framing", "command 17 (MEMSET_TENSOR from 5.0.0 on) is refused",
@@ -371,32 +372,28 @@ def _(ctx):
        "refused")
 def _(ctx):
     w = ctx.connect()
-    w.send_raw(frame(255, b"\0" * 8))
-    return "refused" if w.closed_by_server() else "answered"
+    return closes_on(w, frame(255, b"\0" * 8))
 
 
 @check("wrong-fixed-length", "framing", "a fixed-size request with the wrong length is refused",
        "spec/transport.md#length-rules", "refused")
 def _(ctx):
     w = ctx.connect()
-    w.send_raw(frame(Command.GET_ALIGNMENT, b"\0" * 5))
-    return "refused" if w.closed_by_server() else "answered"
+    return closes_on(w, frame(Command.GET_ALIGNMENT, b"\0" * 5))
 
 
 @check("device-count-payload", "DEVICE_COUNT", "DEVICE_COUNT with a payload is refused",
        "spec/transport.md#length-rules", "refused")
 def _(ctx):
     w = ctx.connect()
-    w.send_raw(frame(Command.DEVICE_COUNT, b"\0" * 4))
-    return "refused" if w.closed_by_server() else "answered"
+    return closes_on(w, frame(Command.DEVICE_COUNT, b"\0" * 4))
 
 
 @check("huge-fixed-length", "framing", "a fixed-size request announcing 2^63 bytes is refused at once",
        "spec/transport.md#length-rules", "refused")
 def _(ctx):
     w = ctx.connect()
-    w.send_raw(struct.pack("<BQ", Command.GET_ALIGNMENT, 1 << 63))
-    return "refused" if w.closed_by_server() else "answered"
+    return closes_on(w, struct.pack("<BQ", Command.GET_ALIGNMENT, 1 << 63))
 
 
 @check("huge-set-tensor-length", "framing", "SET_TENSOR announcing 2^64-1 bytes is refused",
@@ -405,8 +402,7 @@ def _(ctx):
                          "length_error from vector::resize terminates the process (H19)"))
 def _(ctx):
     w = ctx.connect()
-    w.send_raw(struct.pack("<BQ", Command.SET_TENSOR, (1 << 64) - 1))
-    return "refused" if w.closed_by_server() else "answered"
+    return closes_on(w, struct.pack("<BQ", Command.SET_TENSOR, (1 << 64) - 1))
 
 
 @check("truncated-header", "framing", "a connection closed inside a request header ends only "

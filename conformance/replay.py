@@ -664,7 +664,7 @@ class Replayer:
                 if recorded_refused:
                     break
                 if not e.expects_reply or e.reply_raw is None:
-                    self._track(e, None, amap, prov)
+                    self._track(e, amap, prov)
                     continue
                 reply_raw = self._read_reply(conn, e)
             except _TargetClosed as exc:
@@ -678,10 +678,7 @@ class Replayer:
             pending.clear()
             self.result.replies += 1
             self._compare(e, reply_raw, amap, prov, conn)
-            if e.name in e.profile.empty_reply or isinstance(e.message, m.GraphComputeRequest):
-                # answered in older versions (an empty reply; 3.0.0's graph status): the
-                # request's effect is tracked as for the unanswered ones
-                self._track(e, None, amap, prov)
+            self._track(e, amap, prov)
             if len(self.result.deviations) >= self.MAX_DEVIATIONS:
                 return
         last = rc.exchanges[-1]
@@ -719,7 +716,10 @@ class Replayer:
         return head + conn.recv_exact(length)
 
     # -- state kept while replaying ------------------------------------------------------------
-    def _track(self, e: Exchange, reply, amap: AddressMap, prov: Provenance) -> None:
+    def _track(self, e: Exchange, amap: AddressMap, prov: Provenance) -> None:
+        """What a request did to the server's buffers and stored graph, once it was sent (and
+        answered, where the version answers it: FREE_BUFFER, BUFFER_CLEAR before 6.0.0,
+        GRAPH_COMPUTE in 3.0.0)."""
         msg = e.message
         if isinstance(msg, m.SetTensorRequest):
             prov.mark(amap, msg.tensor, msg.offset, len(msg.data), EXACT)

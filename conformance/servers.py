@@ -19,12 +19,6 @@ REFIMPL_FEATURES = {
 LLAMA_FEATURES = {"cache": "-c", "timeouts": "", "small-messages": ""}
 
 
-def peer_release(profile: Profile) -> str:
-    """The llama-cpp-python release whose llama.cpp the suite runs as the real server of a
-    protocol version: the newest release that carries it (spec/versions.md, "Releases")."""
-    return profile.releases[-1]
-
-
 def refimpl_factory(profile: Profile = LATEST) -> TargetFactory:
     """refimpl-server as the suite starts it (1 GiB memory cap), speaking ``profile``."""
     return TargetFactory("refimpl" + ("" if profile is LATEST else f" --protocol {profile.name}"),
@@ -37,7 +31,7 @@ def llama_factory(profile: Profile = LATEST) -> TargetFactory:
     """The ggml-rpc-server of the llama.cpp release that speaks ``profile`` (0.3.36 for
     7.0.0), built on first use (fails if it cannot be)."""
     from refimpl.testing.peers import PeerUnavailable, ensure_peers, peer_env
-    release = peer_release(profile)
+    release = profile.peer_release
     try:
         bin_dir = ensure_peers(release)
     except PeerUnavailable as exc:
@@ -120,3 +114,37 @@ def hazard_target_kinds(config) -> list[str]:
         return ["llama.cpp"]
     # A version no release carries has no real server to run beside refimpl.
     return ["refimpl"] if no_release else ["refimpl", "llama.cpp"]
+
+
+class SharedTargets:
+    """Factories, and one shared running server per target kind for the checks that do not
+    need a process of their own (restarted when one of them took it down)."""
+
+    def __init__(self, config):
+        self.config = config
+        self.factories: dict = {}
+        self.shared: dict = {}
+
+    def make_factory(self, kind) -> TargetFactory:
+        """The factory of a kind (a subclass may adjust it)."""
+        return factory_for(self.config, kind)
+
+    def factory(self, kind) -> TargetFactory:
+        """The factory of a target kind (made once)."""
+        if kind not in self.factories:
+            self.factories[kind] = self.make_factory(kind)
+        return self.factories[kind]
+
+    def get(self, kind):
+        """The shared running server of a kind, (re)started when needed."""
+        t = self.shared.get(kind)
+        if t is None or (t.disposable and t.proc.poll() is not None):
+            if t is not None:
+                t.stop()
+            t = self.shared[kind] = self.factory(kind).start()
+        return t
+
+    def close(self):
+        """Stop the shared servers."""
+        for t in self.shared.values():
+            t.stop()

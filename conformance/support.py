@@ -128,24 +128,10 @@ class Wire:
 
     def graph_compute(self, nodes, tensors, device: int = 0) -> int | None:
         """GRAPH_COMPUTE of node ids and RpcTensors, encoded as given.  No reply (None), except
-        in protocol 3.0.0, where the status byte is read and returned (Closed if the server
+        in protocol 3.0.0, where ggml's status byte is read and returned (Closed if the server
         closed instead)."""
-        payload = (struct.pack("<II", device, len(nodes))
-                   + b"".join(struct.pack("<Q", n) for n in nodes)
-                   + struct.pack("<I", len(tensors)) + b"".join(t.encode() for t in tensors))
-        self.send_raw(frame(Command.GRAPH_COMPUTE, payload))
-        if not m.has_response(Command.GRAPH_COMPUTE, self.profile):
-            return None
-        reply = b""
-        while len(reply) < 9:
-            chunk = self.recv_some()
-            if not chunk:
-                raise Closed("closed instead of answering GRAPH_COMPUTE")
-            reply += chunk
-        length, status = struct.unpack("<QB", reply[:9])
-        if length != 1 or len(reply) != 9:
-            raise Closed(f"GRAPH_COMPUTE reply of {length} bytes (1 expected)")
-        return status
+        reply = self.call(m.GraphComputeRequest.from_tensors(device, nodes, tensors))
+        return None if reply is None else reply.status
 
     def answers(self) -> bool:
         """A DEVICE_COUNT round trip on this connection: True if answered, False if the
@@ -333,7 +319,7 @@ class TargetFactory:
         self.profile = profile
         #: For llama.cpp: the llama-cpp-python release it comes from (known deviations differ
         #: between releases); by default the one the suite runs for ``profile``.
-        self.release = release or (profile.releases[-1] if profile.releases else None)
+        self.release = release or profile.peer_release
 
     @property
     def disposable(self) -> bool:

@@ -20,7 +20,7 @@ import pytest
 
 import report
 from commands import CHECKS, execute, same_outcome
-from servers import factory_for, hazard_target_kinds, suite_profile
+from servers import SharedTargets, hazard_target_kinds, suite_profile
 
 
 def pytest_generate_tests(metafunc):
@@ -41,39 +41,10 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("command_case", params)
 
 
-class _Targets:
-    """Factories and one shared running server per target kind."""
-
-    def __init__(self, config):
-        self.config = config
-        self.factories: dict = {}
-        self.shared: dict = {}
-
-    def factory(self, kind):
-        """The factory of a target kind (made once)."""
-        if kind not in self.factories:
-            self.factories[kind] = factory_for(self.config, kind)
-        return self.factories[kind]
-
-    def get(self, kind):
-        """The shared running server of a kind, (re)started when needed."""
-        t = self.shared.get(kind)
-        if t is None or (t.disposable and t.proc.poll() is not None):
-            if t is not None:
-                t.stop()
-            t = self.shared[kind] = self.factory(kind).start()
-        return t
-
-    def close(self):
-        """Stop the shared servers."""
-        for t in self.shared.values():
-            t.stop()
-
-
 @pytest.fixture(scope="session")
 def command_targets(request):
     """The targets of the command checks, for the whole session."""
-    targets = _Targets(request.config)
+    targets = SharedTargets(request.config)
     yield targets
     targets.close()
 

@@ -25,7 +25,7 @@ import pytest
 import report
 from replay import Inconclusive, load, Replayer
 from refimpl.protocol.profiles import LATEST
-from servers import factory_for, hazard_target_kinds, suite_profile
+from servers import SharedTargets, hazard_target_kinds, suite_profile
 
 CAPTURES = sorted((Path(__file__).parent / "captures").glob("*.cap*"))
 
@@ -52,38 +52,17 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize("replay_case", params)
 
 
-class _Pool:
-    """One running server per target kind, restarted when it died."""
+class _Pool(SharedTargets):
+    """The replay targets: refimpl gets room in its hash cache for the cache capture."""
 
-    def __init__(self, config):
-        self.config = config
-        self.factories: dict = {}
-        self.targets: dict = {}
-
-    def factory(self, kind):
-        """The factory of a target kind (made once)."""
-        if kind not in self.factories:
-            f = factory_for(self.config, kind)
-            if f.kind == "refimpl":
-                # The suite's cache bound (4 MiB, for the hazard probes) is below the 10 MiB
-                # weights of the cache capture; a later --cache-max-mib wins.
-                f.feature_args = {**f.feature_args, "cache-room": "--cache-max-mib 64"}
-            self.factories[kind] = f
-        return self.factories[kind]
-
-    def shared(self, kind):
-        """The shared running server of a kind, (re)started when needed."""
-        t = self.targets.get(kind)
-        if t is None or (t.disposable and t.proc.poll() is not None):
-            if t is not None:
-                t.stop()
-            t = self.targets[kind] = self.factory(kind).start()
-        return t
-
-    def close(self):
-        """Stop the shared servers."""
-        for t in self.targets.values():
-            t.stop()
+    def make_factory(self, kind):
+        """The kind's factory; refimpl's can also be started with a larger cache bound."""
+        f = super().make_factory(kind)
+        if f.kind == "refimpl":
+            # The suite's cache bound (4 MiB, for the hazard probes) is below the 10 MiB
+            # weights of the cache capture; a later --cache-max-mib wins.
+            f.feature_args = {**f.feature_args, "cache-room": "--cache-max-mib 64"}
+        return f
 
 
 @pytest.fixture(scope="session")
@@ -107,7 +86,7 @@ def test_replay(replay_case, replay_pool, request):
                                      else ("cache",))
         cache = "fresh"
     else:
-        target = replay_pool.shared(kind)
+        target = replay_pool.get(kind)
         cache = "none" if factory.kind in ("refimpl", "llama.cpp") else "unknown"
     try:
         result = Replayer(session, target.address, cache=cache, target_name=factory.name).run()

@@ -25,17 +25,22 @@ ROOT = Path(__file__).resolve().parents[1]
 OLDER = [p for p in SERVED.values() if p is not LATEST]
 
 
+def _conformance(*args, timeout=600):
+    """``pytest conformance/ ARGS`` in a subprocess (no report file unless ARGS name one)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "pytest", "conformance", "-q",
+                           "-p", "no:cacheprovider", "--conformance-report", "", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.mark.parametrize("profile", OLDER, ids=[p.name for p in OLDER])
 def test_conformance_suite_passes_for_version(profile):
     report = ROOT / "build" / f"conformance-report-v{profile.name}.md"
     captures = sorted((ROOT / "conformance" / "captures").glob(f"*-v{profile.name}.cap*"))
     if profile.releases:
         assert len(captures) >= 2, f"no captures of {profile.name} committed"
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "conformance", "--protocol", profile.name, "-q",
-         "-p", "no:cacheprovider", "--conformance-report", str(report)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    proc = _conformance("--protocol", profile.name, "--conformance-report", str(report),
+                        timeout=1200)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     passed = int(re.search(r"(\d+) passed", out).group(1))
@@ -44,7 +49,7 @@ def test_conformance_suite_passes_for_version(profile):
     servers = 1
     if profile.releases:
         # Both servers were judged, and every capture of the version was replayed against both.
-        assert f"llama.cpp {profile.releases[-1]}" in text
+        assert f"llama.cpp {profile.peer_release}" in text
         servers = 2
     else:
         # No release carries it: refimpl alone (spec/versions.md), with the captures recorded
@@ -57,14 +62,7 @@ def test_conformance_suite_passes_for_version(profile):
         assert len(rows) == servers and all(f"| {name} | pass |" in r for r in rows), (name, rows)
 
 
-def _conformance(*args, timeout=600):
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "pytest", "conformance", "-q",
-                           "-p", "no:cacheprovider", "--conformance-report", "", *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.mark.parametrize("release", [p.releases[-1] for p in SERVED.values() if p.releases])
+@pytest.mark.parametrize("release", [p.peer_release for p in SERVED.values() if p.peer_release])
 def test_version_detection_against_real_servers(release):
     """``--server`` learns the version from llama.cpp's own HELLO replies (a 3.x server closes
     on the 24-byte HELLO, a 4.x and later one on the empty HELLO)."""

@@ -80,6 +80,13 @@ def test_op_tables_of_unpinned_versions():
             p.with_op_table("4.0.0")
     with pytest.raises(ValueError, match="only 4.0.0"):
         profile("4.0.0").with_op_table("3.6.1")
+    # refimpl-server --op-count N
+    assert profile("3.0.0").with_op_count(94).op_table == "3.0.0-94"
+    assert profile("4.0.0").with_op_count(96) is profile("4.0.0")
+    with pytest.raises(ValueError, match="had 90, 94, 95"):
+        profile("3.0.0").with_op_count(93)
+    with pytest.raises(ValueError, match="fixes the op count at 96"):
+        profile("4.0.0").with_op_count(93)
     # The history tables agree with the release ones where they meet: 3.6.0's last table is
     # 3.6.1's (the bump to 3.6.1 only declared it), 3.5.0's is 3.0.0's last and 3.6.0's first,
     # and 4.0.3 / 5.1.0 number ops as 5.0.0 does.

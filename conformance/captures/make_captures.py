@@ -37,7 +37,7 @@ import numpy as np
 
 from refimpl.testing.models import LlamaSpec, quantize, write_llama_gguf
 from refimpl.protocol.profiles import SERVED
-from refimpl.testing.peers import DEFAULT_VERSION, ensure_peers, peer_env
+from refimpl.testing.peers import DEFAULT_VERSION, ensure_peers, older_releases, peer_env
 from refimpl.testing.processes import ServerProcess, free_port
 
 HERE = Path(__file__).resolve().parent
@@ -129,10 +129,6 @@ def write_cache_model(path: Path) -> Path:
     return path
 
 
-#: One release per older served protocol version: the newest release that carries it.
-OLDER_RELEASES = {p.releases[-1]: p.name for p in SERVED.values()
-                  if p.releases and DEFAULT_VERSION not in p.releases}
-
 #: The captures taken of each older version.
 OLDER_JOBS = ("completion-q8_0-fa-off", "completion-q8_0-fa-on")
 
@@ -143,6 +139,10 @@ def protocol_of(release: str) -> str:
         if release in p.releases:
             return p.name
     raise KeyError(f"llama-cpp-python {release} carries no served protocol version")
+
+
+#: One release per older served protocol version (``Profile.peer_release``) -> that version.
+OLDER_RELEASES = {r: protocol_of(r) for r in older_releases()}
 
 
 class Maker:

@@ -460,17 +460,22 @@ def reference(w: np.ndarray, x: np.ndarray) -> np.ndarray:
 # the op
 
 
+def round_activations(x: np.ndarray, wtype: int) -> np.ndarray:
+    """float32 activations ``x`` as weights of ``wtype`` meet them in ggml's dot products:
+    rounded to F16 or BF16 for such weights, as they are for F32 (the CUDA device shares it)."""
+    if wtype == F32:
+        return x
+    with np.errstate(over="ignore", invalid="ignore"):
+        if wtype == F16:
+            return x.astype(np.float16).astype(np.float32)
+        return bf16_to_f32(f32_to_bf16(x).reshape(x.shape))
+
+
 def _float_activations(a: Node, b: Node, m: int) -> np.ndarray:
     """src1 as float32 (m, K) values in the weights' activation format (F32, or rounded to
     F16 / BF16)."""
     x = np.ascontiguousarray(load_f32(b)).reshape(m, a.ne[0])
-    if b.type != a.type and a.type != F32:
-        with np.errstate(over="ignore", invalid="ignore"):
-            if a.type == F16:
-                x = x.astype(np.float16).astype(np.float32)
-            else:
-                x = bf16_to_f32(f32_to_bf16(x).reshape(x.shape))
-    return x
+    return x if b.type == a.type else round_activations(x, a.type)
 
 
 def _quant_activations(a: Node, b: Node, m: int):

@@ -102,6 +102,25 @@ class Profile:
                              + (", ".join(self.op_table_choices) or f"only {self.op_table}"))
         return dataclasses.replace(self, op_table=key)
 
+    def with_op_count(self, count: int) -> "Profile":
+        """This version with the op table of its builds that had ``count`` ops (the keys of
+        :attr:`op_table_choices` end in their op count); ValueError if none had."""
+        if count == self.op_count:
+            return self
+        key = next((k for k in self.op_table_choices if k.endswith(f"-{count}")), None)
+        if key is None:
+            if not self.op_table_choices:
+                raise ValueError(f"protocol {self.name} fixes the op count at {self.op_count}")
+            raise ValueError(f"no build of protocol {self.name} had {count} ops; they had "
+                             + ", ".join(k.rsplit("-", 1)[1] for k in self.op_table_choices))
+        return self.with_op_table(key)
+
+    @property
+    def peer_release(self) -> str | None:
+        """The release whose llama.cpp the tests run as this version's real peer: the newest
+        one that carries it (None: no release does)."""
+        return self.releases[-1] if self.releases else None
+
     @property
     def op_count(self) -> int | None:
         """GGML_OP_COUNT of the op table in use."""

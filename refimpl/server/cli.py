@@ -162,14 +162,8 @@ def make_config(args) -> tuple[ServerConfig, object]:
         raise ValueError(f"unsupported protocol version {args.protocol!r}; supported: "
                          + ", ".join(p.name for p in SERVED.values())) from None
     op_count = getattr(args, "op_count", None)
-    if op_count is not None and op_count != profile.op_count:
-        key = next((k for k in profile.op_table_choices if k.endswith(f"-{op_count}")), None)
-        if key is None:
-            raise ValueError(f"no build of protocol {profile.name} had {op_count} ops; they had "
-                             + ", ".join(k.rsplit("-", 1)[1] for k in profile.op_table_choices)
-                             if profile.op_table_choices else
-                             f"protocol {profile.name} fixes the op count at {profile.op_count}")
-        profile = profile.with_op_table(key)
+    if op_count is not None:
+        profile = profile.with_op_count(op_count)
     if args.threads <= 0:
         raise ValueError(f"invalid number of threads: {args.threads}")
     if args.mem is not None and args.mem <= 0:

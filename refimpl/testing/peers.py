@@ -207,8 +207,8 @@ def older_releases() -> list[str]:
     """The release the tests run for each served protocol version older than the default
     release's: the newest release that carries it (spec/versions.md), newest first."""
     from refimpl.protocol.profiles import SERVED
-    out = [p.releases[-1] for p in SERVED.values()
-           if p.releases and DEFAULT_VERSION not in p.releases]
+    out = [p.peer_release for p in SERVED.values()
+           if p.peer_release and DEFAULT_VERSION not in p.releases]
     return sorted(out, key=lambda r: tuple(int(x) for x in r.split(".")), reverse=True)
 
 

@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.peer, pytest.mark.slow]
 
 #: llama-cpp-python release -> the protocol version its llama.cpp speaks: the newest release
 #: of every served version before 7.0.0 (spec/versions.md); .ci/run builds these peers.
-RELEASES = {p.releases[-1]: p.name for p in SERVED.values() if p.releases and p is not LATEST}
+RELEASES = {p.peer_release: p.name for p in SERVED.values() if p.peer_release and p is not LATEST}
 PROMPT = "the cat sat on the"
 N_PREDICT = 32
 

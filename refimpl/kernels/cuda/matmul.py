@@ -29,7 +29,8 @@ from ...graph.registry import register_kernel
 from ...protocol.ggml_types import GgmlType
 from ._common import (DEQUANT_TYPES, SMEM, block_sum, dequant, host_copy, is_bf16,
                       launch_rows, ld, overlaps, runner, storage, tables, targ, unravel)
-from ..cpu_tensors import bf16_to_f32, f32_to_bf16
+from ..cpu_tensors import bf16_to_f32
+from ..matmul import round_activations
 from ..quants import Q8_0, Q8_1, VEC_DOT_TYPE, quantize_activations
 
 _FLOATS = (GgmlType.F32, GgmlType.F16, GgmlType.BF16)
@@ -102,12 +103,9 @@ def converted_activations(a, b) -> tuple:
     else:
         x = host_copy(b, np.float16 if b.type == GgmlType.F16 else np.float32).astype(np.float32)
     x = x.reshape(-1, K)
-    if a.type == GgmlType.F16:
-        with np.errstate(over="ignore", invalid="ignore"):
-            values = x.astype(np.float16).astype(np.float32)
-    elif a.type == GgmlType.BF16:
-        values = bf16_to_f32(f32_to_bf16(x).reshape(x.shape))
-    else:
+    if a.type in DEQUANT_TYPES:
         values = quantize_activations(x, VEC_DOT_TYPE[a.type]).dequantized()
+    else:
+        values = round_activations(x, a.type)
     flat = cuda.to_device(np.ascontiguousarray(values, np.float32).reshape(-1))
     return flat, 0, 1, K, K * T, K * T * B2
