@@ -167,9 +167,10 @@ def test_transformer_layer_on_the_gpu_matches_the_cpu(gpu_server):
     on_cpu, on_gpu = trio.run(main)
     for a, b in zip(on_cpu, on_gpu):
         assert np.all(np.isfinite(b))
-        # the CPU quantises activations of block-format products to Q8; the GPU does not
+        # both quantise activations of block-format products to Q8 as ggml's CPU backend
+        # does; what remains is summation order (and, on a GPU, fused multiply-adds)
         err = float(np.sum((a - b) ** 2) / np.sum(a ** 2))
-        assert err < 1e-3, err
+        assert err < 1e-5, err
     assert np.allclose(on_gpu[2].reshape(3, 8).sum(axis=1), 1.0, atol=1e-5)
 
 
