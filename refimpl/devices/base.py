@@ -48,6 +48,19 @@ class MemoryPool:
         return self.capacity - self.reserved
 
 
+class WriteRegion:
+    """What :meth:`DeviceBuffer.write_region` yields: ``view``, the host memory to fill, and
+    :meth:`landed`, by which the writer says how much of it is already final."""
+
+    def __init__(self, view: memoryview):
+        self.view = view
+
+    def landed(self, count: int) -> None:
+        """The first ``count`` bytes of ``view`` hold their final values (the network layer
+        says so as a payload arrives, with counts that only grow).  A device whose memory
+        the host cannot address may start moving them; by default nothing happens."""
+
+
 class DeviceBuffer(ABC):
     """A contiguous block of device memory of ``size`` bytes."""
 
@@ -58,10 +71,12 @@ class DeviceBuffer(ABC):
 
     @abstractmethod
     def write_region(self, offset: int, size: int) -> contextlib.AbstractContextManager:
-        """Context manager yielding a writable host memoryview of ``size`` bytes.
+        """Context manager yielding a :class:`WriteRegion` whose ``view`` (writable host
+        memory of ``size`` bytes) is to be filled.
 
         Whatever is written into the view is in the buffer at ``offset`` when the context
-        exits normally.  The caller has already checked the region's bounds.
+        exits normally.  When it exits with an exception, any part of the region may or may
+        not have been written.  The caller has already checked the region's bounds.
         """
 
     @abstractmethod

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from .base import Device, DeviceBuffer
+from .base import Device, DeviceBuffer, WriteRegion
 
 #: Alignment reported to clients: ggml's CPU backend uses 32 too, so layouts match.
 CPU_ALIGNMENT = 32
@@ -54,7 +54,7 @@ class CpuBuffer(DeviceBuffer):
     @contextlib.contextmanager
     def write_region(self, offset, size):
         """The buffer's own bytes: writes land in place."""
-        yield memoryview(self.array[offset:offset + size])
+        yield WriteRegion(memoryview(self.array[offset:offset + size]))
 
     def read_region(self, offset, size):
         """The buffer's own bytes."""

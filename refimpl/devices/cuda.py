@@ -5,9 +5,10 @@ to a multiple of 16 bytes so that it can be seen as an array of any element type
 reaches it only through the four methods of :class:`~.base.DeviceBuffer`:
 
 * ``write_region`` hands out pinned host memory (a small pool of ``cuda.pinned_array``
-  staging buffers, page-locked so the copy is one DMA), and copies it to the device when the
-  region is complete.  SET_TENSOR receives the socket's bytes straight into it, and the hash
-  cache reads its file straight into it;
+  staging buffers, page-locked so the copy is one DMA).  SET_TENSOR receives the socket's
+  bytes straight into it, and every 4 MiB that have landed are copied to the device on a
+  stream while the rest arrives (the network layer reports progress through
+  ``WriteRegion.landed``); the hash cache reads its file straight into it, copied at the end;
 * ``read_region`` copies the region into pinned staging that the buffer holds until its next
   read or write (GET_TENSOR sends from it, the hash cache hashes it);
 * ``fill`` is the driver's memset and ``copy_from`` a device-to-device copy (overlapping
@@ -26,7 +27,7 @@ import threading
 
 import numpy as np
 
-from .base import Device, DeviceBuffer, DeviceUnavailable
+from .base import Device, DeviceBuffer, DeviceUnavailable, WriteRegion
 from .cpu import system_memory
 
 #: Alignment reported to clients: ggml's CUDA backend reports 128 too.
@@ -37,6 +38,8 @@ _PAD = 16
 STAGING_MAX = 64 << 20
 #: Pinned staging memory a device keeps in its pool at most.
 STAGING_POOL_MAX = 256 << 20
+#: A pinned upload hands the GPU this many landed bytes at a time while the rest arrives.
+UPLOAD_CHUNK = 4 << 20
 #: Smallest staging buffer allocated (small transfers reuse it).
 _STAGING_MIN = 1 << 20
 #: Python's thread switch interval while the CUDA simulator is in use (seconds).
@@ -76,36 +79,89 @@ class _Staging:
     def __init__(self, cuda):
         self._cuda = cuda
         self._free: list[np.ndarray] = []
+        self._pinned: list[np.ndarray] = []     # every pinned array this pool made
         self._pinned_bytes = 0
         self._lock = threading.Lock()
 
-    def take(self, size: int) -> np.ndarray:
-        """A uint8 host array of at least ``size`` bytes: pinned when it fits the pool."""
+    def take(self, size: int) -> tuple[np.ndarray, bool]:
+        """A uint8 host array of at least ``size`` bytes, and whether it is pinned (it is
+        when it fits the pool)."""
         with self._lock:
             best = None
             for i, arr in enumerate(self._free):
                 if arr.size >= size and (best is None or arr.size < self._free[best].size):
                     best = i
             if best is not None:
-                return self._free.pop(best)
+                return self._free.pop(best), True
             want = max(_STAGING_MIN, size)
             if size <= STAGING_MAX and self._pinned_bytes + want <= STAGING_POOL_MAX:
                 try:
                     arr = self._cuda.pinned_array(want, dtype=np.uint8)
                 except Exception:   # page-locking refused: pageable memory still works
-                    return np.empty(size, np.uint8)
+                    return np.empty(size, np.uint8), False
                 self._pinned_bytes += want
+                self._pinned.append(arr)
                 arr.flags.writeable = True
-                return arr
-        return np.empty(size, np.uint8)
+                return arr, True
+        return np.empty(size, np.uint8), False
 
     def give(self, arr: np.ndarray | None) -> None:
-        """Return an array obtained from :meth:`take` (pageable ones are simply dropped)."""
-        if arr is None or arr.size < _STAGING_MIN or arr.size > STAGING_POOL_MAX:
+        """Return an array obtained from :meth:`take` (pageable ones are simply dropped, so
+        the pool holds pinned arrays only, at most STAGING_POOL_MAX bytes)."""
+        if arr is None:
             return
         with self._lock:
-            if not any(a is arr for a in self._free):
+            if (any(a is arr for a in self._pinned)
+                    and not any(a is arr for a in self._free)):
                 self._free.append(arr)
+
+
+class _Upload(WriteRegion):
+    """One write into a GPU buffer through host staging.
+
+    With pinned staging, every :data:`UPLOAD_CHUNK` bytes that have landed are handed to the
+    GPU's copy engine on a stream of this upload's own (an asynchronous copy, which only
+    page-locked memory allows), so that the copy overlaps the network receiving the rest;
+    :meth:`finish` copies what is left and :meth:`wait` waits for all of it.  Pageable
+    staging (regions beyond :data:`STAGING_MAX`, or a refused page-lock) is copied once, at
+    the end.
+    """
+
+    def __init__(self, buffer: "CudaBuffer", offset: int, host: np.ndarray, pinned: bool):
+        super().__init__(memoryview(host))
+        self._device = buffer.device
+        self._dst = buffer._region(offset, host.size)
+        self._host = host
+        self._overlap = pinned
+        self._sent = 0
+        self._stream = None
+
+    def landed(self, count):
+        """Start copying the whole chunks among the first ``count`` bytes not yet sent."""
+        if not self._overlap:
+            return
+        end = count - count % UPLOAD_CHUNK
+        if end > self._sent:
+            self._copy(end)
+
+    def finish(self):
+        """Copy the bytes not sent yet (the whole region where nothing overlapped)."""
+        if self._sent < self._host.size:
+            self._copy(self._host.size)
+
+    def wait(self):
+        """Block until every copy issued has completed (the staging may then be reused)."""
+        if self._stream is not None:
+            self._stream.synchronize()
+
+    def _copy(self, end: int) -> None:
+        device, start = self._device, self._sent
+        device.activate()
+        if self._overlap and self._stream is None:
+            self._stream = device.cuda.stream()
+        device.driver.host_to_device(self._dst[start:end], self._host[start:end], end - start,
+                                     stream=self._stream or 0)
+        self._sent = end
 
 
 class CudaBuffer(DeviceBuffer):
@@ -142,23 +198,23 @@ class CudaBuffer(DeviceBuffer):
     # -- the server's four operations ---------------------------------------------------------
     @contextlib.contextmanager
     def write_region(self, offset, size):
-        """Pinned staging; copied to the device when the context exits normally."""
+        """Pinned staging (an :class:`_Upload`): what has landed is copied to the device while
+        the rest arrives, the remainder when the context exits normally."""
         self._drop_read_stage()
-        stage = self.device.staging.take(size)
+        stage, pinned = self.device.staging.take(size)
+        upload = _Upload(self, offset, stage[:size], pinned)
         try:
-            host = stage[:size]
-            yield memoryview(host)
-            if size:
-                self.device.activate()
-                self.device.driver.host_to_device(self._region(offset, size), host, size)
+            yield upload
+            upload.finish()
         finally:
+            upload.wait()
             self.device.staging.give(stage)
 
     def read_region(self, offset, size):
         """The region copied into pinned staging (valid until this buffer's next read or
         write)."""
         self._drop_read_stage()
-        stage = self.device.staging.take(size)
+        stage, _ = self.device.staging.take(size)
         self._read_stage = stage
         host = stage[:size]
         if size:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import trio
 
 from ..devices import Device
+from ..devices.base import WriteRegion
 from ..protocol import messages as m
 from ..protocol.connection import (DEFAULT_MAX_MESSAGE_SIZE, NEED_DATA, ConnectionClosed,
                                    ServerConnection, SetTensorStart)
@@ -226,8 +227,8 @@ class RpcServer:
             if isinstance(event, SetTensorStart):
                 place = session.set_tensor_destination(event)
                 progress.message_size = set_tensor_header(conn.profile).size + event.size
-                with place.buffer.memory.write_region(place.offset, place.nbytes) as view:
-                    await self._receive_payload(sock, conn, view, progress)
+                with place.buffer.memory.write_region(place.offset, place.nbytes) as region:
+                    await self._receive_payload(sock, conn, region, progress)
                 progress.message_started, progress.message_size = None, 0
                 if event.cache_flag and session.cache is not None:
                     await trio.to_thread.run_sync(session.set_tensor_landed, event, place)
@@ -300,11 +301,14 @@ class RpcServer:
             progress.message_started = trio.current_time()
         return data
 
-    async def _receive_payload(self, sock, conn: ServerConnection, view: memoryview,
+    async def _receive_payload(self, sock, conn: ServerConnection, region: WriteRegion,
                                progress: _Progress) -> None:
-        """Move a bulk payload into ``view``: buffered bytes first, then straight from the
-        socket."""
+        """Move a bulk payload into ``region.view``: buffered bytes first, then straight from
+        the socket, telling the region how much has landed as it goes (a GPU buffer copies
+        those bytes to the device while the rest arrives)."""
+        view = region.view
         filled = conn.readinto(view)
+        region.landed(filled)
         while filled < len(view):
             with self._deadline(conn, progress):
                 n = await sock.recv_into(view[filled:])
@@ -313,3 +317,4 @@ class RpcServer:
                     f"connection closed with {len(view) - filled} payload bytes still due")
             conn.payload_received(n)
             filled += n
+            region.landed(filled)

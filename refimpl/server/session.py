@@ -179,8 +179,8 @@ class Session:
             cmdlog.debug("set_tensor_hash '%s' hash=%016x -> miss", req.tensor.label, req.hash)
             return m.SetTensorHashResponse(0)
         p = self.buffers.place_region(req.tensor, req.offset, size, "SET_TENSOR_HASH")
-        with p.buffer.memory.write_region(p.offset, p.nbytes) as view:
-            ok = self.cache.load_into(req.hash, view)
+        with p.buffer.memory.write_region(p.offset, p.nbytes) as region:
+            ok = self.cache.load_into(req.hash, region.view)
         cmdlog.debug("set_tensor_hash '%s' hash=%016x size=%d -> %s",
                      req.tensor.label, req.hash, size, "hit" if ok else "damaged entry")
         return m.SetTensorHashResponse(1 if ok else 0)

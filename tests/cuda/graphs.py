@@ -41,8 +41,8 @@ class CudaGraphBuilder(GraphBuilder):
             else:
                 raise TypeError(f"write(): give raw bytes for {type_traits(t.type).name}")
         assert raw.size == n, (raw.size, n)
-        with self.buf.memory.write_region(at, n) as view:
-            view[:] = raw.tobytes()
+        with self.buf.memory.write_region(at, n) as region:
+            region.view[:] = raw.tobytes()
 
     def raw(self, t) -> np.ndarray:
         at, n = self._span(t)
