@@ -462,7 +462,7 @@ def reference(w: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 def round_activations(x: np.ndarray, wtype: int) -> np.ndarray:
     """float32 activations ``x`` as weights of ``wtype`` meet them in ggml's dot products:
-    rounded to F16 or BF16 for such weights, as they are for F32 (the CUDA device shares it)."""
+    rounded to F16 or BF16 for such weights, as they are for F32."""
     if wtype == F32:
         return x
     with np.errstate(over="ignore", invalid="ignore"):

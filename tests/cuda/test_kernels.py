@@ -170,6 +170,85 @@ def test_mul_mat_activation_types_and_transposed_weights_view(cuda_device, xtype
     np.testing.assert_allclose(g.read(out), want, rtol=1e-4, atol=1e-4)
 
 
+def _activation_rows(rng, k):
+    """Rows of float32 activations that probe the conversion's edges: ordinary values, a
+    zero block, ties of the Q8 rounding (amax 127, halves), NaN, infinity, overflow of the
+    F16 scale, and a negative largest magnitude (Q8_K takes the scale's sign from it)."""
+    rows = rng.standard_normal((6, k)).astype(np.float32) * 3
+    rows[1, :32] = 0                                        # a zero block
+    rows[2, :32] = np.arange(32, dtype=np.float32) - 15.5   # halves...
+    rows[2, 0] = 127                                        # ...with inv = 1: exact ties
+    rows[3, 5] = np.nan
+    rows[3, 40] = np.inf
+    rows[4, :32] *= 1e7                                     # scale beyond F16's range
+    rows[5, 7] = -50                                        # largest magnitude negative
+    return rows
+
+
+@pytest.mark.parametrize("vt", [Q.Q8_0, Q.Q8_1, Q.Q8_K])
+@pytest.mark.parametrize("xtype", [T.F32, T.F16, T.BF16])
+def test_activation_quantisation_on_the_gpu_is_the_cpus_bit_for_bit(cuda_device, vt, xtype):
+    """refimpl/kernels/cuda/_activations.py against quantize_activations (the CPU device's):
+    src1 read through strides (a transposed view), in every float type."""
+    from numba import cuda
+    from refimpl.kernels.cuda._activations import q8_values_kernel
+    from refimpl.kernels.cuda._common import launch, tables
+    k = 256
+    values = _activation_rows(np.random.default_rng(21), k)         # (t = 6, k)
+    if xtype == T.F16:
+        with np.errstate(over="ignore"):
+            stored = values.astype(np.float16)
+        host = stored.astype(np.float32)
+    elif xtype == T.BF16:
+        stored = f32_to_bf16(values.ravel()).reshape(values.shape)
+        host = bf16_to_f32(stored.ravel()).reshape(values.shape)
+    else:
+        stored, host = values, values
+    # stored transposed: element (k, t) at t + 6 k, so src1's strides are (6, 1, 6 k, 6 k)
+    dev = cuda.to_device(np.ascontiguousarray(stored.T).ravel())
+    out = cuda.device_array(values.size, np.float32)
+    _, bft = tables(cuda_device)
+    bs = 256 if vt == Q.Q8_K else 32
+    blocks, threads = launch(values.size // bs)
+    q8_values_kernel[blocks, threads](vt, k, 6, 1, 1, dev, 0, 6, 1, 6 * k, 6 * k,
+                                      xtype == T.BF16, bft, out)
+    with np.errstate(all="ignore"):
+        want = Q.quantize_activations(host, vt).dequantized().ravel()
+    got = out.copy_to_host()
+    assert np.array_equal(got, want, equal_nan=True)
+    assert np.isnan(want).any() and (want == 0).any()        # the edges were reached
+
+
+@pytest.mark.parametrize("wtype", [T.F16, T.BF16])
+@pytest.mark.parametrize("xtype", [T.F32, T.F16, T.BF16])
+def test_activation_rounding_on_the_gpu_is_the_cpus_bit_for_bit(cuda_device, wtype, xtype):
+    from numba import cuda
+    from refimpl.kernels.cuda._activations import round_kernel
+    from refimpl.kernels.cuda._common import launch, tables
+    from refimpl.kernels.matmul import round_activations
+    values = _activation_rows(np.random.default_rng(22), 64)
+    values[0, :4] = [65520.0, -65519.0, 1e-8, 3.0000002]     # F16 overflow, tie, subnormal
+    if xtype == T.F16:
+        with np.errstate(over="ignore"):
+            stored = values.astype(np.float16)
+        host = stored.astype(np.float32)
+    elif xtype == T.BF16:
+        stored = f32_to_bf16(values.ravel()).reshape(values.shape)
+        host = bf16_to_f32(stored.ravel()).reshape(values.shape)
+    else:
+        stored, host = values, values
+    out_bf16 = wtype == T.BF16
+    out = cuda.device_array(values.size, np.uint16 if out_bf16 else np.float16)
+    _, bft = tables(cuda_device)
+    blocks, threads = launch(values.size)
+    round_kernel[blocks, threads](64, 6, 1, 1, cuda.to_device(stored.ravel()), 0, 1, 64, 384,
+                                  384, xtype == T.BF16, bft, out, out_bf16)
+    got = out.copy_to_host()
+    got = bf16_to_f32(got) if out_bf16 else got.astype(np.float32)
+    want = round_activations(host.reshape(-1, 64), int(wtype)).ravel()
+    assert np.array_equal(got, want, equal_nan=True)
+
+
 def test_mul_mat_q8_k_activations_are_refused_on_cuda(cuda_device):
     g = CudaGraphBuilder(cuda_device)
     w = g.input(T.Q4_K, (256, 2), random_rows(np.random.default_rng(0), int(T.Q4_K), 2, 256))

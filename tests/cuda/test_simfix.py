@@ -1,4 +1,4 @@
-"""refimpl.kernels.cuda.simfix: under the simulator, every thread of a block that asks for
+"""refimpl.kernels.cuda._simfix: under the simulator, every thread of a block that asks for
 the same ``cuda.shared.array`` gets the same array, however the interpreter switches
 threads (the simulator's own allocation lets two threads keep private copies; CI saw a block
 reduction come out wrong that way)."""

@@ -14,9 +14,8 @@ stand for, so GPU and CPU results differ by the order of float additions, not by
 activation rounding (about 1e-2 relative on a row otherwise).  One difference remains for
 Q4_1 and Q5_1 weights: ggml adds their block minimum times the Q8_1 block sum that it
 stores rounded to F16, the GPU times the exact sum (about 1e-4 relative).  The conversion
-runs on the host with the CPU device's own functions (the activations of one product are
-small: tokens x K floats), the product on the GPU.  Activations that arrive as Q8_0/Q8_1
-blocks are dequantised in the kernel.
+runs on the device (``_activations``), into a contiguous scratch copy that the product then
+reads.  Activations that arrive as Q8_0/Q8_1 blocks are dequantised in the kernel.
 """
 
 from __future__ import annotations
@@ -27,11 +26,10 @@ from numba import cuda
 from ...graph.ops import Op
 from ...graph.registry import register_kernel
 from ...protocol.ggml_types import GgmlType
-from ._common import (DEQUANT_TYPES, SMEM, block_sum, dequant, host_copy, is_bf16,
+from ._activations import q8_values_kernel, round_kernel
+from ._common import (DEQUANT_TYPES, SMEM, block_sum, dequant, device_of, is_bf16, launch,
                       launch_rows, ld, overlaps, runner, storage, tables, targ, unravel)
-from ..cpu_tensors import bf16_to_f32
-from ..matmul import round_activations
-from ..quants import Q8_0, Q8_1, VEC_DOT_TYPE, quantize_activations
+from ..quants import Q8_0, Q8_1, Q8_K, VEC_DOT_TYPE
 
 _FLOATS = (GgmlType.F32, GgmlType.F16, GgmlType.BF16)
 
@@ -83,7 +81,7 @@ def bind(node):
         tw = targ(a, np.uint8 if wq else storage(a), snapshot=overlaps(node, a))
         x_bf16 = is_bf16(b)
         if (wq and not xq) or (a.type in (GgmlType.F16, GgmlType.BF16) and b.type != a.type):
-            tx, x_bf16 = converted_activations(a, b), False
+            tx, x_bf16 = converted_activations(a, b)
         else:
             tx = targ(b, np.uint8 if xq else storage(b), snapshot=overlaps(node, b))
         blocks, threads = launch_rows(items)
@@ -94,18 +92,22 @@ def bind(node):
 
 
 def converted_activations(a, b) -> tuple:
-    """Kernel arguments ``(flat, offset, s0, s1, s2, s3)`` of a contiguous F32 copy of ``b``'s
+    """Kernel arguments ``(flat, offset, s0, s1, s2, s3)`` of a contiguous copy of ``b``'s
     values after the conversion to ``a``'s activation format that the CPU device applies
-    (refimpl/kernels/matmul.py, ``_quant_activations`` and ``_float_activations``)."""
+    (refimpl/kernels/matmul.py, ``_quant_activations`` and ``_float_activations``), made on
+    the device (``_activations``): float32 values of the Q8 blocks for block-format weights,
+    F16 or BF16 elements for F16 or BF16 weights.  Also returns whether they are BF16 bits."""
     K, T, B2, B3 = b.ne
-    if b.type == GgmlType.BF16:
-        x = bf16_to_f32(host_copy(b, np.uint16))
-    else:
-        x = host_copy(b, np.float16 if b.type == GgmlType.F16 else np.float32).astype(np.float32)
-    x = x.reshape(-1, K)
+    f16t, bft = tables(device_of(b))
+    src = (*targ(b), is_bf16(b), bft)
     if a.type in DEQUANT_TYPES:
-        values = quantize_activations(x, VEC_DOT_TYPE[a.type]).dequantized()
+        out = cuda.device_array(b.nelements, np.float32)
+        blocks, threads = launch(b.nelements // (256 if VEC_DOT_TYPE[a.type] == Q8_K else 32))
+        q8_values_kernel[blocks, threads](VEC_DOT_TYPE[a.type], K, T, B2, B3, *src, out)
+        out_bf16 = False
     else:
-        values = round_activations(x, a.type)
-    flat = cuda.to_device(np.ascontiguousarray(values, np.float32).reshape(-1))
-    return flat, 0, 1, K, K * T, K * T * B2
+        out_bf16 = a.type == GgmlType.BF16
+        out = cuda.device_array(b.nelements, np.uint16 if out_bf16 else np.float16)
+        blocks, threads = launch(b.nelements)
+        round_kernel[blocks, threads](K, T, B2, B3, *src, out, out_bf16)
+    return (out, 0, 1, K, K * T, K * T * B2), out_bf16
