@@ -185,6 +185,19 @@ def _activation_rows(rng, k):
     return rows
 
 
+def _stored_as(values, xtype):
+    """``values`` as src1 of type ``xtype`` stores them (F32, F16 or BF16 bits), and the
+    float32 values those stand for."""
+    if xtype == T.F16:
+        with np.errstate(over="ignore"):
+            stored = values.astype(np.float16)
+        return stored, stored.astype(np.float32)
+    if xtype == T.BF16:
+        stored = f32_to_bf16(values.ravel()).reshape(values.shape)
+        return stored, bf16_to_f32(stored.ravel()).reshape(values.shape)
+    return values, values
+
+
 @pytest.mark.parametrize("vt", [Q.Q8_0, Q.Q8_1, Q.Q8_K])
 @pytest.mark.parametrize("xtype", [T.F32, T.F16, T.BF16])
 def test_activation_quantisation_on_the_gpu_is_the_cpus_bit_for_bit(cuda_device, vt, xtype):
@@ -195,15 +208,7 @@ def test_activation_quantisation_on_the_gpu_is_the_cpus_bit_for_bit(cuda_device,
     from refimpl.kernels.cuda._common import launch, tables
     k = 256
     values = _activation_rows(np.random.default_rng(21), k)         # (t = 6, k)
-    if xtype == T.F16:
-        with np.errstate(over="ignore"):
-            stored = values.astype(np.float16)
-        host = stored.astype(np.float32)
-    elif xtype == T.BF16:
-        stored = f32_to_bf16(values.ravel()).reshape(values.shape)
-        host = bf16_to_f32(stored.ravel()).reshape(values.shape)
-    else:
-        stored, host = values, values
+    stored, host = _stored_as(values, xtype)
     # stored transposed: element (k, t) at t + 6 k, so src1's strides are (6, 1, 6 k, 6 k)
     dev = cuda.to_device(np.ascontiguousarray(stored.T).ravel())
     out = cuda.device_array(values.size, np.float32)
@@ -228,15 +233,7 @@ def test_activation_rounding_on_the_gpu_is_the_cpus_bit_for_bit(cuda_device, wty
     from refimpl.kernels.matmul import round_activations
     values = _activation_rows(np.random.default_rng(22), 64)
     values[0, :4] = [65520.0, -65519.0, 1e-8, 3.0000002]     # F16 overflow, tie, subnormal
-    if xtype == T.F16:
-        with np.errstate(over="ignore"):
-            stored = values.astype(np.float16)
-        host = stored.astype(np.float32)
-    elif xtype == T.BF16:
-        stored = f32_to_bf16(values.ravel()).reshape(values.shape)
-        host = bf16_to_f32(stored.ravel()).reshape(values.shape)
-    else:
-        stored, host = values, values
+    stored, host = _stored_as(values, xtype)
     out_bf16 = wtype == T.BF16
     out = cuda.device_array(values.size, np.uint16 if out_bf16 else np.float16)
     _, bft = tables(cuda_device)
