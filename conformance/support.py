@@ -163,28 +163,30 @@ def frame(cmd: int, payload: bytes = b"") -> bytes:
     return struct.pack("<BQ", int(cmd), len(payload)) + payload
 
 
+def _recv_exactly(sock, n: int) -> bytes | None:
+    """Exactly ``n`` bytes from ``sock``, or None if it closes first."""
+    out = b""
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        if not chunk:
+            return None
+        out += chunk
+    return out
+
+
 def _hello_reply(address, payload_size: int, timeout: float) -> bytes | None:
     """Send a HELLO with ``payload_size`` zero bytes; the reply's payload, or None if the
     server closed instead."""
     with socket.create_connection(address, timeout=timeout) as sock:
         try:
             sock.sendall(frame(Command.HELLO, bytes(payload_size)))
-            head = b""
-            while len(head) < 8:
-                chunk = sock.recv(8 - len(head))
-                if not chunk:
-                    return None
-                head += chunk
+            head = _recv_exactly(sock, 8)
+            if head is None:
+                return None
             (length,) = struct.unpack("<Q", head)
             if length > 64:
                 raise ValueError(f"a HELLO reply of {length} bytes")
-            body = b""
-            while len(body) < length:
-                chunk = sock.recv(length - len(body))
-                if not chunk:
-                    return None
-                body += chunk
-            return body
+            return _recv_exactly(sock, length)
         except ConnectionResetError:
             return None
         finally:

@@ -22,10 +22,9 @@ from dataclasses import dataclass
 from .constants import CONN_CAPS_SIZE, PROTOCOL_VERSION, Command
 from .errors import (HandshakeError, LocalProtocolError, MalformedMessage, OversizeMessage,
                      ProtocolError, UnknownCommand)
-from .messages import (REQUESTS, response_class, EmptyReply, FixedMessage, GetTensorRequest,
-                       GraphComputeRequest, HelloRequest, HelloResponse, Message,
-                       SetTensorRequest, decode, encode, graph_payload_size, payload_size,
-                       set_tensor_header)
+from .messages import (REQUESTS, FixedMessage, GraphComputeRequest, HelloRequest, HelloResponse,
+                       Message, SetTensorRequest, decode, decode_reply, encode,
+                       graph_payload_size, payload_size, reply_payload_size, set_tensor_header)
 from .profiles import LATEST, PROFILES, Profile
 from .tensor import RpcTensor
 
@@ -398,13 +397,7 @@ class ClientConnection(_Connection):
             raise LocalProtocolError(f"{cmd.name} is not a command of protocol {self.profile.name}")
         self._hello_sent = True
         if cmd.name not in self.profile.no_reply:
-            if isinstance(request, GetTensorRequest):
-                expected = request.size
-            elif cmd.name in self.profile.empty_reply:
-                expected = 0
-            else:
-                expected = payload_size(response_class(cmd), self.profile)
-            self._pending.append((cmd, expected))
+            self._pending.append((cmd, reply_payload_size(request, self.profile)))
         return _REQUEST_HEADER.pack(int(cmd), length)
 
     def next_event(self):
@@ -435,10 +428,7 @@ class ClientConnection(_Connection):
         payload = self._buf.take(size)
         self._pending.popleft()
         self._reply_size = None
-        if cmd.name in self.profile.empty_reply:
-            reply = EmptyReply(cmd)
-        else:
-            reply = decode(response_class(cmd), payload, self.profile)
+        reply = decode_reply(cmd, payload, self.profile)
         if cmd is Command.HELLO:
             self._check_version(reply)
         self.state = State.IDLE

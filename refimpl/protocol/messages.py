@@ -542,6 +542,25 @@ def response_class(command: Command) -> type[Message]:
     return cls if cls is not None else OLDER_RESPONSES[command]
 
 
+def reply_payload_size(request: Message, profile: Profile) -> int:
+    """Payload bytes of the reply to ``request`` (a command that has one) under ``profile``:
+    GET_TENSOR's is the size it asked for, an empty reply's 0, any other the reply's fixed
+    size (spec/commands.md)."""
+    if request.COMMAND is Command.GET_TENSOR:
+        return request.size
+    if request.COMMAND.name in profile.empty_reply:
+        return 0
+    return payload_size(response_class(request.COMMAND), profile)
+
+
+def decode_reply(command: Command, payload, profile: Profile) -> Message:
+    """The reply to ``command`` decoded from ``payload`` (its length already checked against
+    :func:`reply_payload_size`): an :class:`EmptyReply` for commands answered empty."""
+    if command.name in profile.empty_reply:
+        return EmptyReply(command)
+    return decode(response_class(command), payload, profile)
+
+
 def has_response(command: Command, profile: Profile | None = None) -> bool:
     """Whether the server answers ``command`` (spec/commands.md, "Which commands answer");
     with an empty reply counts (``profile``'s ``empty_reply``, before 6.0.0)."""

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 from .constants import Command
 from .errors import ProtocolError
-from .messages import (REQUESTS, response_class, EmptyReply, HelloResponse, decode, has_response,
-                       payload_size)
+from .messages import (REQUESTS, HelloResponse, decode, decode_reply, has_response,
+                       reply_payload_size)
 from .profiles import LATEST, PROFILES, Profile
 
 _REQ_HEADER = struct.Struct("<BQ")
@@ -100,13 +100,7 @@ class Observer:
         except (ValueError, ProtocolError, KeyError) as exc:
             err = str(exc) or type(exc).__name__
         if msg is not None and has_response(msg.COMMAND, self.profile):
-            if msg.COMMAND is Command.GET_TENSOR:
-                size = msg.size
-            elif msg.COMMAND.name in self.profile.empty_reply:
-                size = 0
-            else:
-                size = payload_size(response_class(msg.COMMAND), self.profile)
-            self._expect.append((cmd, size))
+            self._expect.append((cmd, reply_payload_size(msg, self.profile)))
         return Observed(CLIENT_TO_SERVER, cmd, raw, msg, err)
 
     def _learn_version(self, reply: HelloResponse) -> None:
@@ -139,12 +133,7 @@ class Observer:
                 err = f"reply of {length} bytes, {expected} expected"
             else:
                 try:
-                    command = Command(cmd)
-                    if command.name in self.profile.empty_reply:
-                        msg = EmptyReply(command) if length == 0 else None
-                        err = None if length == 0 else f"{length} bytes in an empty reply"
-                    else:
-                        msg = decode(response_class(command), raw[_U64.size:], self.profile)
+                    msg = decode_reply(Command(cmd), raw[_U64.size:], self.profile)
                 except (ValueError, ProtocolError) as exc:
                     err = str(exc)
                 if isinstance(msg, HelloResponse):
