@@ -27,7 +27,7 @@ from ...graph.ops import Op
 from ...graph.registry import register_kernel
 from ...protocol.ggml_types import GgmlType
 from ._activations import q8_values_kernel, round_kernel
-from ._common import (DEQUANT_TYPES, SMEM, block_sum, dequant, device_of, is_bf16, launch,
+from ._common import (DEQUANT_TYPES, SMEM, block_sum, dequant, is_bf16, launch,
                       launch_rows, ld, overlaps, runner, storage, tables, targ, unravel)
 from ..quants import Q8_0, Q8_1, Q8_K, VEC_DOT_TYPE
 
@@ -81,7 +81,7 @@ def bind(node):
         tw = targ(a, np.uint8 if wq else storage(a), snapshot=overlaps(node, a))
         x_bf16 = is_bf16(b)
         if (wq and not xq) or (a.type in (GgmlType.F16, GgmlType.BF16) and b.type != a.type):
-            tx, x_bf16 = converted_activations(a, b)
+            tx, x_bf16 = converted_activations(a, b, bft)
         else:
             tx = targ(b, np.uint8 if xq else storage(b), snapshot=overlaps(node, b))
         blocks, threads = launch_rows(items)
@@ -91,14 +91,14 @@ def bind(node):
     return runner(node, run)
 
 
-def converted_activations(a, b) -> tuple:
+def converted_activations(a, b, bft) -> tuple:
     """Kernel arguments ``(flat, offset, s0, s1, s2, s3)`` of a contiguous copy of ``b``'s
     values after the conversion to ``a``'s activation format that the CPU device applies
     (refimpl/kernels/matmul.py, ``_quant_activations`` and ``_float_activations``), made on
     the device (``_activations``): float32 values of the Q8 blocks for block-format weights,
-    F16 or BF16 elements for F16 or BF16 weights.  Also returns whether they are BF16 bits."""
+    F16 or BF16 elements for F16 or BF16 weights.  Also returns whether they are BF16 bits.
+    ``bft``: the device's BF16 table (``_common.tables``)."""
     K, T, B2, B3 = b.ne
-    f16t, bft = tables(device_of(b))
     src = (*targ(b), is_bf16(b), bft)
     if a.type in DEQUANT_TYPES:
         out = cuda.device_array(b.nelements, np.float32)
