@@ -11,7 +11,8 @@ import trio
 from refimpl.devices import CpuDevice
 from refimpl.server import RpcServer, ServerConfig
 from refimpl.server.hash_cache import HashCache
-from refimpl.testing.peers import PeerUnavailable, ensure_peers, source_dir
+from refimpl.testing.peers import (PeerUnavailable, ensure_peers, ensure_portable_libs,
+                                   portable_host_problem, source_dir)
 from refimpl.testing.processes import ServerProcess
 
 SERVER_KINDS = ("refimpl", "llama.cpp")
@@ -30,6 +31,24 @@ def peer_bin(request) -> Path:
             return ensure_peers()
     except PeerUnavailable as exc:
         pytest.fail(f"llama.cpp peers unavailable: {exc}\n{log.getvalue()}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def portable_lib(request, peer_bin) -> Path:
+    """The ggml libraries of llama.cpp's portable build (GGML_NATIVE=OFF), the other half of
+    the numerics contract's comparison (spec/numerics.md); built on first use.
+
+    Fails, never skips, when they cannot be built or cannot run on this host (no AVX2).
+    """
+    problem = portable_host_problem()
+    if problem:
+        pytest.fail(f"the numerics contract cannot be checked here: {problem}", pytrace=False)
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+    try:
+        with capman.global_and_fixture_disabled():
+            return ensure_portable_libs()
+    except PeerUnavailable as exc:
+        pytest.fail(f"llama.cpp's portable build is unavailable: {exc}", pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from .contract import KldResult
 from .peers import cache_root, peer_env
 
 _PPL = re.compile(r"Final estimate: PPL = ([0-9.]+)")
@@ -50,9 +51,12 @@ def tool_env(bin_dir: Path) -> dict:
 
 
 def _run_tool(cmd: list[str], bin_dir: Path, complete: re.Pattern, what: str,
-              timeout: float) -> subprocess.CompletedProcess:
-    """Run ``cmd`` until its output reaches the line ``complete`` matches (see ATTEMPTS)."""
+              timeout: float, lib_dir: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``cmd`` until its output reaches the line ``complete`` matches (see ATTEMPTS);
+    ``lib_dir`` puts other ggml libraries (the portable build's) before the peer's own."""
     env = tool_env(bin_dir)
+    if lib_dir is not None:
+        env["LD_LIBRARY_PATH"] = f"{lib_dir}:{env['LD_LIBRARY_PATH']}"
     for _ in range(ATTEMPTS):
         proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=env,
                               timeout=timeout)
@@ -86,6 +90,9 @@ class RunSettings:
     #: layouts whose dot products round differently; False runs it with ``--no-repack``, the
     #: arithmetic every RPC server is measured against (spec/ops/matmul.md)
     repack: bool = True
+    #: ``-ub``: tokens per graph (None: llama.cpp's default); 1 runs one token per step, as
+    #: generation does
+    ubatch: int | None = None
 
 
 def _common(settings: RunSettings, rpc: str | None) -> list[str]:
@@ -93,6 +100,8 @@ def _common(settings: RunSettings, rpc: str | None) -> list[str]:
             "-fa", "on" if settings.flash_attn else "off"]
     if not settings.repack:
         args.append("--no-repack")
+    if settings.ubatch:
+        args += ["-ub", str(settings.ubatch)]
     if rpc:
         args += ["-ngl", "99", "--rpc", rpc]
     else:
@@ -101,11 +110,12 @@ def _common(settings: RunSettings, rpc: str | None) -> list[str]:
 
 
 def completion(bin_dir: Path, model: Path, prompt: str, n_predict: int, settings: RunSettings,
-               rpc: str | None = None, timeout: float = 600) -> str:
-    """Greedy generation (``--temp 0 --ignore-eos``); returns the generated text only."""
+               rpc: str | None = None, timeout: float = 600, lib_dir: Path | None = None) -> str:
+    """Greedy generation (``--temp 0 --ignore-eos``); returns the generated text only
+    (``lib_dir``: run on the CPU with the ggml libraries found there)."""
     cmd = [str(bin_dir / "llama-completion"), "-m", str(model), "-p", prompt, "-n", str(n_predict),
            "--temp", "0", "--ignore-eos", "-no-cnv", *_common(settings, rpc)]
-    proc = _run_tool(cmd, bin_dir, _COMPLETION_END, "llama-completion", timeout)
+    proc = _run_tool(cmd, bin_dir, _COMPLETION_END, "llama-completion", timeout, lib_dir=lib_dir)
     out = proc.stdout
     stripped = out.lstrip()
     if stripped.startswith(prompt):
@@ -120,6 +130,31 @@ def perplexity(bin_dir: Path, model: Path, text_file: Path, settings: RunSetting
            "--chunks", str(chunks), *_common(settings, rpc)]
     proc = _run_tool(cmd, bin_dir, _PPL, "llama-perplexity", timeout)
     return float(_PPL.search(proc.stdout + proc.stderr).group(1))
+
+
+_KLD_END = re.compile(r"Same top p:")
+
+
+def save_base_logits(bin_dir: Path, model: Path, text_file: Path, settings: RunSettings,
+                     out: Path, chunks: int = 2, timeout: float = 600) -> float:
+    """``llama-perplexity --kl-divergence-base out`` on the host's llama.cpp CPU alone: the
+    reference logits of the numerics contract (spec/numerics.md); returns its perplexity."""
+    cmd = [str(bin_dir / "llama-perplexity"), "-m", str(model), "-f", str(text_file),
+           "--chunks", str(chunks), "--kl-divergence-base", str(out), *_common(settings, None)]
+    proc = _run_tool(cmd, bin_dir, _PPL, "llama-perplexity (base logits)", timeout)
+    return float(_PPL.search(proc.stdout + proc.stderr).group(1))
+
+
+def kl_divergence(bin_dir: Path, model: Path, base: Path, settings: RunSettings,
+                  rpc: str | None = None, lib_dir: Path | None = None, chunks: int = 2,
+                  timeout: float = 900) -> KldResult:
+    """``llama-perplexity --kl-divergence`` against the logits :func:`save_base_logits` saved,
+    on an RPC server (``rpc``) or on the CPU with the ggml libraries of ``lib_dir``."""
+    cmd = [str(bin_dir / "llama-perplexity"), "-m", str(model), "--kl-divergence",
+           "--kl-divergence-base", str(base), "--chunks", str(chunks), *_common(settings, rpc)]
+    proc = _run_tool(cmd, bin_dir, _KLD_END, "llama-perplexity --kl-divergence", timeout,
+                     lib_dir=lib_dir)
+    return KldResult.parse(proc.stdout + proc.stderr)
 
 
 def agreement(reference: str, other: str) -> float:

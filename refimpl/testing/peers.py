@@ -8,6 +8,7 @@ copied into the repository.
     python -m refimpl.testing.peers            # build 0.3.36 (protocol 7.0.0), print bin dir
     python -m refimpl.testing.peers --version 0.3.36 --source   # print the source dir
     python -m refimpl.testing.peers --older    # the peers of every older served protocol
+    python -m refimpl.testing.peers --portable # 0.3.36's ggml libraries, GGML_NATIVE=OFF
 
 ``$REFIMPL_PEER_BIN`` overrides the whole thing with a directory of ready binaries.
 """
@@ -69,6 +70,14 @@ def cache_root() -> Path:
     return Path(os.environ.get("REFIMPL_PEERS_CACHE", Path.home() / ".cache" / "refimpl-peers"))
 
 
+#: The libraries of a portable build (``-DGGML_NATIVE=OFF``: x86-64 with SSE4.2, AVX, AVX2,
+#: BMI2, FMA and F16C, no AVX-512, the same machine code on every host).  The numerics
+#: contract (spec/numerics.md) measures refimpl against the distance between the host's native
+#: llama.cpp and this build: its libraries are loaded in place of the native build's ones by the
+#: native build's own programs (``LD_LIBRARY_PATH``), so only ggml is compiled twice.
+PORTABLE_LIBS = ("libggml-base.so", "libggml-cpu.so", "libggml.so", "libggml-rpc.so")
+
+
 def _cpu_key() -> str:
     # Builds use -march=native; a cache carried to another CPU must be rebuilt, not SIGILL.
     try:
@@ -92,7 +101,9 @@ def source_dir(version: str = DEFAULT_VERSION, *, fetch: bool = True, log=sys.st
     if not sdist.is_file():
         print(f"peers: downloading the llama-cpp-python=={version} sdist", file=log, flush=True)
         proc = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-binary", ":all:",
+            # the sdist of llama-cpp-python only: its build requirements (read for its
+            # metadata) may come as wheels, which saves minutes per release on a cold cache
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-binary", "llama-cpp-python",
              "--no-deps", f"llama-cpp-python=={version}", "-d", str(src_root)],
             stdout=log, stderr=log)
         if proc.returncode != 0 or not sdist.is_file():
@@ -142,7 +153,46 @@ def ensure_peers(version: str = DEFAULT_VERSION, *, log=sys.stderr) -> Path:
     return bin_dir
 
 
-def _build(version: str, build: Path, bin_dir: Path, stamp: Path, targets, log) -> None:
+#: What the portable build's machine code needs (``/proc/cpuinfo`` flag names).
+PORTABLE_ISA = ("sse4_2", "avx", "avx2", "bmi2", "fma", "f16c")
+
+
+def portable_host_problem() -> str | None:
+    """Why the portable build cannot run on this host (None when it can)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError as exc:
+        return f"cannot read /proc/cpuinfo ({exc})"
+    missing = [f for f in PORTABLE_ISA if f not in flags]
+    if missing:
+        return f"this CPU lacks {', '.join(missing)}, which llama.cpp's GGML_NATIVE=OFF build needs"
+    return None
+
+
+def ensure_portable_libs(version: str = DEFAULT_VERSION, *, log=sys.stderr) -> Path:
+    """Return the directory holding :data:`PORTABLE_LIBS` of that release built with
+    ``-DGGML_NATIVE=OFF``, building them if needed (raises :class:`PeerUnavailable`)."""
+    override = os.environ.get("REFIMPL_PORTABLE_LIB")
+    if override:
+        lib_dir = Path(override)
+        missing = [t for t in PORTABLE_LIBS if not (lib_dir / t).is_file()]
+        if missing:
+            raise PeerUnavailable(f"REFIMPL_PORTABLE_LIB={lib_dir} lacks {', '.join(missing)}")
+        return lib_dir
+    build = cache_root() / f"build-{version}-portable"
+    lib_dir, stamp = build / "bin", build / ".complete"
+    cache_root().mkdir(parents=True, exist_ok=True)
+    with open(cache_root() / f"build-{version}-portable.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (stamp.is_file() and all((lib_dir / t).is_file() for t in PORTABLE_LIBS)):
+            _build(version, build, lib_dir, stamp, ("ggml", "ggml-rpc"), log, native=False,
+                   outputs=PORTABLE_LIBS)
+    return lib_dir
+
+
+def _build(version: str, build: Path, bin_dir: Path, stamp: Path, targets, log, *,
+           native: bool = True, outputs=None) -> None:
     for tool in ("cmake", "c++"):
         if shutil.which(tool) is None:
             raise PeerUnavailable(f"building the llama.cpp peers needs '{tool}' on PATH")
@@ -153,7 +203,7 @@ def _build(version: str, build: Path, bin_dir: Path, stamp: Path, targets, log) 
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     configure = [
         "cmake", "-S", str(src), "-B", str(build), *generator,
-        "-DCMAKE_BUILD_TYPE=Release", "-DGGML_RPC=ON", "-DGGML_NATIVE=ON",
+        "-DCMAKE_BUILD_TYPE=Release", "-DGGML_RPC=ON", f"-DGGML_NATIVE={'ON' if native else 'OFF'}",
         "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_BUILD_TESTS=ON", "-DLLAMA_BUILD_TOOLS=ON",
         "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF",
         "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF",
@@ -168,7 +218,7 @@ def _build(version: str, build: Path, bin_dir: Path, stamp: Path, targets, log) 
     for program, target in zip(targets, cmake_targets):
         if program != target and not (bin_dir / program).exists():
             (bin_dir / program).symlink_to(target)
-    missing = [t for t in targets if not os.access(bin_dir / t, os.X_OK)]
+    missing = [t for t in (outputs or targets) if not os.access(bin_dir / t, os.X_OK)]
     if missing:
         raise PeerUnavailable(f"peer build finished without {', '.join(missing)}")
     stamp.touch()
@@ -188,6 +238,9 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", default=DEFAULT_VERSION, help="llama-cpp-python release")
     p.add_argument("--source", action="store_true", help="print the source tree instead")
+    p.add_argument("--portable", action="store_true",
+                   help="build the GGML_NATIVE=OFF ggml libraries of the default release "
+                        "(spec/numerics.md) and print their directory")
     p.add_argument("--older", action="store_true",
                    help="build the newest release of every served protocol version before "
                         "the default's (" + ", ".join(older_releases()) + ")")
@@ -195,7 +248,10 @@ def main(argv=None) -> int:
     versions = older_releases() if args.older else [args.version]
     for version in versions:
         try:
-            path = source_dir(version) if args.source else ensure_peers(version)
+            if args.portable:
+                path = ensure_portable_libs(version)
+            else:
+                path = source_dir(version) if args.source else ensure_peers(version)
         except PeerUnavailable as exc:
             print(f"peers: error: {exc}", file=sys.stderr)
             return 1

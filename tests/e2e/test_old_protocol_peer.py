@@ -1,12 +1,13 @@
 """Stock llama.cpp clients of older protocol versions run a small model through
-``refimpl-server --protocol X.Y.Z`` and print what they print alone (issue 7)."""
+``refimpl-server --protocol X.Y.Z`` and print what they print alone, within the numerics
+contract's rule for greedy text (issue 7, spec/numerics.md)."""
 
 from __future__ import annotations
 
 import pytest
 
 from refimpl.protocol.profiles import LATEST, SERVED
-from refimpl.testing.llama_runs import RunSettings, completion
+from refimpl.testing.llama_runs import RunSettings, agreement, completion
 from refimpl.testing.models import LlamaSpec, write_llama_gguf
 from refimpl.testing.peers import PeerUnavailable, ensure_peers
 from refimpl.testing.processes import ServerProcess
@@ -47,8 +48,15 @@ def test_llama_completion_through_refimpl(request, release, tmp_path):
     # the model really ran on the server, FREE_BUFFER and BUFFER_CLEAR with their empty replies
     for command in ("graph_compute", "set_tensor", "free_buffer", "buffer_clear"):
         assert f"commands: {command}" in log, command
+    with ServerProcess("llama.cpp", bin_dir=bin_dir) as theirs:
+        reference = completion(bin_dir, model, PROMPT, N_PREDICT, s, rpc=theirs.endpoint)
     assert len(local) > N_PREDICT / 2
-    assert remote == local, f"cpu: {local!r}\nrefimpl: {remote!r}"
+    # the numerics contract's rule for greedy text (spec/numerics.md): at least as close to
+    # the CPU run as that release's own ggml-rpc-server, or 98 % of the characters
+    a_ours, a_theirs = agreement(local, remote), agreement(local, reference)
+    assert a_ours >= a_theirs or a_ours >= 0.98, (
+        f"refimpl agrees on {a_ours:.1%} of characters, the release's own server on "
+        f"{a_theirs:.1%}\ncpu: {local!r}\nrefimpl: {remote!r}")
     # A 7.0.0 server and the older client part at HELLO.  A 4.x or 5.x client refuses the
     # server (major differs) and llama.cpp runs the model without it; a 3.x client's empty
     # HELLO is refused by the server (length), and that client aborts on the closed connection.

@@ -1,9 +1,14 @@
-"""Every op on the llama path other than MUL_MAT, bit for bit against ggml's own CPU backend
-(the peer build's libggml-cpu, run in process through refimpl.testing.ggml_cpu_ops): SOFT_MAX,
-the UNARY and GLU activations, RMS_NORM and NORM, SCALE, the binary ops, ROPE in every mode,
-FLASH_ATTN_EXT on both of ggml's paths, SET_ROWS and CPY.  Rows of 8k, 8k+1 .. 8k+7 elements
-exercise ggml's 8-lane SIMD groups and their scalar tails; results that could depend on ggml's
-thread count are checked with 1 and 2 threads."""
+"""Every op on the llama path other than MUL_MAT against ggml's own CPU backend (the peer
+build's libggml-cpu, run in process through refimpl.testing.ggml_cpu_ops), judged by the numerics
+contract of spec/numerics.md: NaN and infinities where ggml has them, and the NMSE within the
+bound test-backend-ops gives the op (refimpl.testing.contract).  SOFT_MAX, the UNARY and GLU
+activations, RMS_NORM and NORM, SCALE, the binary ops, ROPE in every mode, FLASH_ATTN_EXT on
+both of ggml's paths, SET_ROWS and CPY.  Rows of 8k, 8k+1 .. 8k+7 elements exercise ggml's
+8-lane SIMD groups and their scalar tails; ggml runs with 1 and 2 threads.
+
+The oracle is built for the host (-march=native), so its last bits differ between hosts (AVX2
+or AVX-512): nothing here compares bits.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from refimpl.graph.ops import GluOp, UnaryOp
 from refimpl.kernels import flash_attn
 from refimpl.kernels.rope import MODE_IMROPE, MODE_MROPE, MODE_NEOX, MODE_NORMAL, MODE_VISION
 from refimpl.protocol import GgmlType as T
+from refimpl.testing.contract import assert_op_within_contract
 from refimpl.testing.ggml_cpu_ops import GgmlCpu
 from refimpl.testing.graphs import GraphBuilder
 
@@ -26,18 +32,6 @@ ROW_LENGTHS = [5, 8, 32, 37, 256, 1003, 4099]
 @pytest.fixture(scope="module")
 def cpu(peer_bin) -> GgmlCpu:
     return GgmlCpu(peer_bin)
-
-
-def assert_bits_equal(got: np.ndarray, want: np.ndarray) -> None:
-    """Equal float32 bit patterns (any NaN matches any NaN)."""
-    got = np.ascontiguousarray(got, np.float32)
-    want = np.ascontiguousarray(want, np.float32)
-    assert got.shape == want.shape
-    differ = (got.view(np.uint32) != want.view(np.uint32)) & ~(np.isnan(got) & np.isnan(want))
-    if differ.any():
-        i = np.flatnonzero(differ)[:5]
-        pytest.fail(f"{int(differ.sum())} of {got.size} values differ, e.g. at {i.tolist()}: "
-                    f"ours {got.ravel()[i].tolist()} ggml {want.ravel()[i].tolist()}")
 
 
 def run_ours(op, type_, ne, inputs, params=None):
@@ -78,7 +72,7 @@ def test_soft_max(cpu, n0, mask, scale, max_bias, sinks, threads):
         want = g.compute(out, threads)
     got = run_ours(Op.SOFT_MAX, T.F32, x.shape[::-1], [(x, T.F32), (m, mask), (sk, T.F32)],
                    [scale, max_bias])
-    assert_bits_equal(got, want)
+    assert_op_within_contract(got, want, "SOFT_MAX")
 
 
 # -- UNARY, GLU, SCALE, binary ops ------------------------------------------------------------
@@ -93,7 +87,7 @@ def test_unary(cpu, code, type_, n0):
     with cpu.graph() as g:
         want = g.compute(g.call("ggml_unary", g.tensor(x, type_), int(code)), 2)
     got = run_ours(Op.UNARY, type_, x.shape[::-1], [(x, type_)], [int(code)])
-    assert_bits_equal(got, want)
+    assert_op_within_contract(got, want, "UNARY")
 
 
 @pytest.mark.parametrize("type_", [T.F32, T.F16])
@@ -104,7 +98,7 @@ def test_xielu(cpu, type_):
         want = g.compute(out, 1)
         params = [int(UnaryOp.XIELU)] + g.op_params_f32(out, 1, 5)
     got = run_ours(Op.UNARY, type_, x.shape[::-1], [(x, type_)], params)
-    assert_bits_equal(got, want)
+    assert_op_within_contract(got, want, "UNARY")
 
 
 @pytest.mark.parametrize("n0", [5, 8, 37, 1003])
@@ -131,7 +125,7 @@ def test_glu_split(cpu, code, type_, n0):
         want = g.compute(out, 2)
     got = run_ours(Op.GLU, type_, x.shape[::-1], [(x, type_), (y, type_)],
                    [int(code), 0, alpha, limit])
-    assert_bits_equal(got, want)
+    assert_op_within_contract(got, want, "GLU")
 
 
 @pytest.mark.parametrize("swapped", [False, True])
@@ -141,7 +135,7 @@ def test_glu_halves(cpu, code, swapped):
     with cpu.graph() as g:
         want = g.compute(g.call("ggml_glu", g.tensor(x), int(code), swapped), 1)
     got = run_ours(Op.GLU, T.F32, (1003, 3, 2), [(x, T.F32)], [int(code), int(swapped)])
-    assert_bits_equal(got, want)
+    assert_op_within_contract(got, want, "GLU")
 
 
 @pytest.mark.parametrize("s,b", [(0.37, 0.0), (-2.5, 0.0), (0.37, 1.25), (3.0, -0.5)])
@@ -151,7 +145,7 @@ def test_scale(cpu, s, b):
     with cpu.graph() as g:
         want = g.compute(g.call("ggml_scale_bias", g.tensor(x), s, b), 2)
     got = run_ours(Op.SCALE, T.F32, x.shape[::-1], [(x, T.F32)], [s, b])
-    assert_bits_equal(got, want)
+    assert_op_within_contract(got, want, "SCALE")
 
 
 @pytest.mark.parametrize("types", [(T.F32, T.F32), (T.F16, T.F32), (T.F16, T.F16),
@@ -165,7 +159,7 @@ def test_binary(cpu, name, op, types):
     with cpu.graph() as g:
         want = g.compute(g.call(name, g.tensor(x, types[0]), g.tensor(y, types[1])), 2)
     got = run_ours(op, types[0], x.shape[::-1], [(x, types[0]), (y, types[1])])
-    assert_bits_equal(got, want)
+    assert_op_within_contract(got, want, op.name)
 
 
 # -- RMS_NORM and NORM ------------------------------------------------------------------------
@@ -179,7 +173,7 @@ def test_norms(cpu, name, op, n0):
         with cpu.graph() as g:
             want = g.compute(g.call(name, g.tensor(x), eps), threads)
         got = run_ours(op, T.F32, x.shape[::-1], [(x, T.F32)], [eps])
-        assert_bits_equal(got, want)
+        assert_op_within_contract(got, want, op.name)
 
 
 # -- ROPE ---------------------------------------------------------------------------------------
@@ -218,7 +212,7 @@ def test_rope(cpu, mode, n0, n_dims, sections, type_, yarn, ff):
               *(sections or (0, 0, 0, 0)), 0]
     got = run_ours(Op.ROPE, type_, x.shape[::-1], [(x, type_), (pos, T.I32), (ffv, T.F32)],
                    params)
-    assert_bits_equal(got, want)
+    assert_op_within_contract(got, want, "ROPE")
 
 
 # -- FLASH_ATTN_EXT -----------------------------------------------------------------------------
@@ -261,7 +255,7 @@ def flash_attn_case(cpu, *, dk, dv, nkv, nq1, nq2=4, nk2=2, nr3=1, kt=T.F16, vt=
                        [scale, max_bias, softcap, prec])
     finally:
         flash_attn.SPLIT_THREADS = saved
-    assert_bits_equal(got, want)
+    assert_op_within_contract(got, want, "FLASH_ATTN_EXT")
 
 
 KV_PAIRS = [(T.F16, T.F16), (T.F32, T.F32), (T.F16, T.F32), (T.BF16, T.BF16), (T.F32, T.F16)]
@@ -340,7 +334,7 @@ def test_set_rows(cpu, dst_type):
     out = gb.node(Op.SET_ROWS, dst_type, (96, 40, 2, 1),
                   [gb.input(T.F32, (96, 7, 2, 1), rows), gb.input(T.I64, (7,), idx)], inplace_of=d)
     gb.run()
-    assert_bits_equal(gb.read(out), want)
+    assert_op_within_contract(gb.read(out), want, "SET_ROWS")
 
 
 @pytest.mark.parametrize("src_type", [T.F32, T.F16, T.BF16])
@@ -355,4 +349,5 @@ def test_cpy(cpu, src_type, dst_type):
         a, b = gb.input(src_type, (96, 40, 2), x), gb.input(dst_type, (96, 40, 2))
     out = gb.node(Op.CPY, dst_type, (96, 40, 2), [a, b], inplace_of=b)
     gb.run()
-    assert_bits_equal(gb.read(out), want)
+    assert_op_within_contract(gb.read(out), want, "CPY",
+                              same_type_copy=src_type == dst_type)

@@ -1,7 +1,9 @@
-"""MUL_MAT bit for bit against ggml's own CPU backend (the peer build's libggml-cpu, run in
-process through refimpl.testing.ggml_cpu): every weight type, activation counts on both sides
-of each of ggml's kernel switches (1, 2, 8 rows), broadcast batches, permuted and
-pre-quantised activations, padded weight views, and the attention products of a KV cache."""
+"""MUL_MAT against ggml's own CPU backend (the peer build's libggml-cpu, run in process through
+refimpl.testing.ggml_cpu), judged by the numerics contract of spec/numerics.md (NMSE within
+test-backend-ops' bound for MUL_MAT, refimpl.testing.contract): every weight type, activation
+counts on both sides of each of ggml's kernel switches (1, 2, 8 rows), broadcast batches,
+permuted and pre-quantised activations, padded weight views, and the attention products of a
+KV cache.  The oracle is built for the host (-march=native), so nothing compares bits."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from refimpl.graph import Op
 from refimpl.kernels import quants as Q
 from refimpl.protocol import GgmlType as T
 from refimpl.protocol.tensor import contiguous_strides
+from refimpl.testing.contract import assert_op_within_contract
 from refimpl.testing.ggml_cpu import GgmlCpu
 from refimpl.testing.graphs import GraphBuilder
 
@@ -30,10 +33,6 @@ ORDERS = [(0, 1, 2, 3), (0, 2, 1, 3), (0, 1, 3, 2), (0, 3, 2, 1)]
 @pytest.fixture(scope="module")
 def cpu(peer_bin) -> GgmlCpu:
     return GgmlCpu.load(peer_bin)
-
-
-def bits(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a, np.float32).view(np.uint32)
 
 
 class Pair:
@@ -115,7 +114,7 @@ def weights(p: Pair, rng, wtype, k, n, a2, a3, pad_cols, pad_rows):
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(c=cases())
-def test_bit_exact(cpu, c):
+def test_within_contract(cpu, c):
     rng = np.random.default_rng(c["seed"])
     k, n, nt = c["k"], c["n"], c["nt"]
     a2, a3 = c["a2"], c["a3"]
@@ -132,9 +131,7 @@ def test_bit_exact(cpu, c):
         else:
             b = p.permuted(btype, x, c["order"])
         ours, theirs = p.mul_mat(w, b, n, (n, nt, b2, b3), c["threads"])
-    same = bits(ours) == bits(theirs)
-    assert same.all(), (f"{(~same).sum()} of {same.size} differ; max relative "
-                        f"{np.abs(ours - theirs).max() / (np.abs(theirs).max() + 1e-30):.2e}")
+    assert_op_within_contract(ours, theirs, "MUL_MAT")
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -180,9 +177,8 @@ def test_attention_products(cpu, head_dim, n_kv, room, n_tokens, n_head_kv, grou
         probs = rng.uniform(0, 1, (1, n_head, n_tokens, n_kv)).astype(np.float32)
         soft = p.input(T.F32, (n_kv, n_tokens, n_head), probs)
         kqv = p.mul_mat(vview, soft, head_dim, (head_dim, n_tokens, n_head), threads)
-    for name, (ours, theirs) in (("kq", kq), ("kqv", kqv)):
-        same = bits(ours) == bits(theirs)
-        assert same.all(), f"{name}: {(~same).sum()} of {same.size} differ"
+    for ours, theirs in (kq, kqv):
+        assert_op_within_contract(ours, theirs, "MUL_MAT")
 
 
 @pytest.mark.parametrize("wtype", [T.Q8_0, T.Q4_0, T.Q5_0], ids=lambda t: t.name)
@@ -200,4 +196,6 @@ def test_activation_minus_128(cpu, wtype, nt):
         w = p.input(wtype, (k, n), random_rows(rng, int(wtype), n, k))
         b = p.input(T.Q8_0, (k, nt), pack_activations(qs, d, None, Q.Q8_0))
         ours, theirs = p.mul_mat(w, b, n, (n, nt), 1)
-    np.testing.assert_array_equal(bits(ours), bits(theirs))
+    # a third of the activations are -128: read as +128 or -127 they would move every
+    # product far outside the bound
+    assert_op_within_contract(ours, theirs, "MUL_MAT")
