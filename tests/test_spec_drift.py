@@ -122,3 +122,48 @@ def test_type_table_matches_code():
 def test_protocol_version_in_spec_title():
     from refimpl.protocol.constants import PROTOCOL_VERSION
     assert "version %d.%d.%d" % PROTOCOL_VERSION in (SPEC / "README.md").read_text()
+
+
+NUMERICS = tables_after(r"<!-- table: ([\w-]+) -->")
+
+
+def _number(text: str) -> float:
+    """A number as the spec writes it: ``5·10⁻⁴``, ``10⁻⁶``, ``0``, ``2 ×``, ``97 %``."""
+    sup = str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹⁻", "0123456789-")
+    m = re.search(r"(?:(\d+(?:\.\d+)?)·)?10([⁻⁰¹²³⁴⁵⁶⁷⁸⁹]+)", text)
+    if m:
+        return float(m.group(1) or 1) * 10.0 ** int(m.group(2).translate(sup))
+    return float(re.search(r"\d+(?:\.\d+)?", text).group(0))
+
+
+def test_nmse_bounds_match_contract_code():
+    from refimpl.testing.contract import DEFAULT_NMSE_BOUND, nmse_bound
+    _, rows = NUMERICS["nmse-bounds"]
+    assert rows
+    for ops, bound in rows:
+        want = _number(bound)
+        if ops.startswith("every other op"):
+            names = re.findall(r"[A-Z][A-Z_]+", ops)
+            assert DEFAULT_NMSE_BOUND == want
+            for op in names:
+                if op != "CPY":
+                    assert nmse_bound(op) == want, op
+            continue
+        same = "same type" in ops
+        for op in re.findall(r"\b[A-Z][A-Z_]+\b", ops):
+            assert nmse_bound(op, same_type_copy=same) == want, (op, bound)
+
+
+def test_e2e_bands_match_contract_code():
+    from refimpl.testing import contract as c
+    _, rows = NUMERICS["e2e-bands"]
+    bands = {stat: rule for stat, rule in rows}
+    kld = bands["mean KLD"]
+    assert re.findall(r"max\((\d+) ×", kld) == [str(int(c.KLD_MARGIN))]
+    assert _number(kld.split(",")[1]) == c.KLD_FLOOR
+    top = bands["same top token"]
+    assert int(re.search(r"− (\d+) points", top).group(1)) / 100 == c.SAME_TOP_MARGIN
+    assert int(re.search(r"(\d+) %\)", top).group(1)) / 100 == c.SAME_TOP_FLOOR
+    ppl = bands["ln PPL ratio, its magnitude"]
+    assert re.findall(r"max\((\d+) ×", ppl) == [str(int(c.KLD_MARGIN))]
+    assert _number(ppl.split(",")[1]) == c.LOG_PPL_FLOOR
