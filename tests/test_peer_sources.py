@@ -100,3 +100,35 @@ def test_type_geometry_from_the_peer_library(peer_bin):
         else:
             assert (ours.block_size, ours.type_size) == (blck, size), t
             assert ours.name == lib.ggml_type_name(t).decode()
+
+
+def _struct_nmse_bound(source: str, struct: str) -> str:
+    """The body of ``max_nmse_err()`` (without a backend argument) in ``struct test_<x>``."""
+    start = source.index(f"struct {struct} : public test_case {{")
+    end = source.find("\nstruct test_", start + 1)
+    body = source[start:end]
+    m_ = re.search(r"double max_nmse_err\(\) override \{(.*?)\n    \}", body, re.S)
+    assert m_, f"{struct} has no max_nmse_err() override"
+    return m_.group(1)
+
+
+def test_nmse_bounds_are_test_backend_ops(peer_source):
+    """spec/numerics.md's per-op bounds are test-backend-ops' (refimpl.testing.contract)."""
+    from refimpl.testing.contract import DEFAULT_NMSE_BOUND, NMSE_BOUNDS
+    src = (peer_source / "tests/test-backend-ops.cpp").read_text()
+    default = re.search(r"virtual double max_nmse_err\(\) \{\s*return ([0-9.e-]+);", src)
+    assert float(default.group(1)) == DEFAULT_NMSE_BOUND
+    structs = {"MUL_MAT": "test_mul_mat", "MUL_MAT_ID": "test_mul_mat_id",
+               "OUT_PROD": "test_out_prod", "FLASH_ATTN_EXT": "test_flash_attn_ext",
+               "SOFT_MAX": "test_soft_max"}
+    assert set(structs) == set(NMSE_BOUNDS)
+    for op, struct in structs.items():
+        body = _struct_nmse_bound(src, struct)
+        assert float(re.search(r"return ([0-9.e-]+);", body).group(1)) == NMSE_BOUNDS[op], op
+    # a same-type copy is exact; every other op of refimpl's keeps the default bound
+    assert "if (type_src == type_dst) {\n            return 0.0;" in _struct_nmse_bound(src, "test_cpy")
+    for struct in ("test_unary", "test_glu", "test_rms_norm", "test_norm", "test_rope",
+                   "test_scale", "test_get_rows", "test_set_rows"):
+        start = src.index(f"struct {struct} : public test_case {{")
+        body = src[start:src.find("\nstruct test_", start + 1)]
+        assert "max_nmse_err" not in body or struct == "test_set_rows", struct

@@ -4,7 +4,7 @@ The peer build's ``libggml-base.so`` and ``libggml-cpu.so`` are loaded into this
 graph of one op is built with ggml's public constructors (``ggml_soft_max_ext``,
 ``ggml_rope_ext``, ``ggml_flash_attn_ext``, ...), computed with
 ``ggml_graph_compute_with_ctx`` on a chosen number of threads, and its result is read back as
-float32.  Kernel tests compare refimpl's result with this one bit for bit::
+float32.  Kernel tests hold refimpl's result to this one (refimpl.testing.contract)::
 
     cpu = GgmlCpu(peer_bin)
     with cpu.graph() as g:
@@ -14,8 +14,8 @@ float32.  Kernel tests compare refimpl's result with this one bit for bit::
 
 Only public ggml entry points are used, plus the first fields of ``struct ggml_tensor`` (type,
 buffer, ne, nb, op, op_params), whose layout has been stable for a long time.  The results are
-those of the peer build's machine code: on the x86 AVX2+FMA build they are what refimpl's
-kernels reproduce bit for bit (tests/kernels/test_ops_exact.py).
+those of the peer build's machine code, which is built for the host: refimpl's kernels are
+held to them by the numerics contract (spec/numerics.md, tests/kernels/test_ops_vs_ggml.py).
 """
 
 from __future__ import annotations

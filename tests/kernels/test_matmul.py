@@ -1,7 +1,7 @@
 """MUL_MAT against a float64 oracle on gguf-dequantised weights and oracle-quantised
 activations: every weight type, src0 broadcast over dims 2 and 3, permuted and padded views,
 F16/BF16/quantised src1, each of ggml's kernels (the choice, and agreement between them);
-and refusal of invalid nodes.  Bit-exactness against ggml itself is in test_matmul_exact."""
+and refusal of invalid nodes.  ggml itself, under the numerics contract, is in test_matmul_vs_ggml."""
 
 from __future__ import annotations
 

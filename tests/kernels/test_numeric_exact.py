@@ -1,6 +1,6 @@
 """The exact float32 building blocks of refimpl.kernels.numeric: the fused multiply-add, bit
-casts, ggml's 8-lane exp approximation and its horizontal sum.  (Equality with ggml itself is
-checked op by op in test_ops_exact.py, against the peer build.)"""
+casts, ggml's 8-lane exp approximation and its horizontal sum.  (ggml itself is the
+oracle op by op in test_ops_vs_ggml.py, under the numerics contract.)"""
 
 from __future__ import annotations
 
