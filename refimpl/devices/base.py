@@ -145,3 +145,8 @@ class Device(ABC):
     def alloc_size(self, nbytes: int) -> int:
         """GET_ALLOC_SIZE for a tensor spanning ``nbytes``; devices that pad override this."""
         return nbytes
+
+    def enter_compute_thread(self) -> None:
+        """Called in the thread about to run this device's kernels, before they run (the graph
+        engine's worker threads change from call to call); devices with per-thread settings
+        apply them here."""

@@ -89,9 +89,14 @@ class CpuDevice(Device):
         self.kind = "cpu"
         self.description = cpu_model_name()
         self.threads = threads
-        if threads is not None:
+
+    def enter_compute_thread(self) -> None:
+        """Give numba's parallel kernels ``threads`` threads.  ``numba.set_num_threads`` holds
+        for the calling thread only, and graphs run in worker threads, so this is called in
+        each of them before its kernels run."""
+        if self.threads is not None:
             import numba
-            numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+            numba.set_num_threads(max(1, min(self.threads, numba.config.NUMBA_NUM_THREADS)))
 
     def memory(self):
         """Free is what is neither reserved by buffers nor taken by the rest of the machine."""

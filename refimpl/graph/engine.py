@@ -110,6 +110,7 @@ class GraphExecutor:
 
     def _run(self, plan: Plan, device: Device) -> None:
         with _lock_for(device):
+            device.enter_compute_thread()
             try:
                 plan.run()
             except GraphInvalid:

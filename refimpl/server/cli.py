@@ -24,6 +24,14 @@ log = logging.getLogger("refimpl.server")
 MIB = 1024 * 1024
 
 
+def _usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used to document the flags in README and docs)."""
     p = argparse.ArgumentParser(
@@ -48,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-max-mib", type=int, default=None, metavar="MIB",
                    help="bound on the cache's size; least recently used entries are evicted "
                         "(default: half the disk space free at start)")
-    p.add_argument("-t", "--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
-                   help="compute threads for the CPU device (default: %(default)s)")
+    p.add_argument("-t", "--threads", type=int, default=_usable_cores(),
+                   help="compute threads for the CPU device (default: the cores this process "
+                        "may run on, %(default)s)")
     p.add_argument("--max-connections", type=int, default=64, metavar="N",
                    help="clients served at once; more are refused (default: %(default)s)")
     p.add_argument("--idle-timeout", type=float, default=3600.0, metavar="SECONDS",
