@@ -133,7 +133,9 @@ class KldResult:
             if not m:
                 raise ValueError(f"llama-perplexity printed no '{key}' line")
             vals[key] = float(m.group(1))
-        return cls(mean_kld=max(vals["mean_kld"], 0.0), same_top=vals["same_top"] / 100.0,
+        # llama-perplexity may print -0.000000 (rounding noise of the 16-bit reference)
+        kld = vals["mean_kld"] if vals["mean_kld"] > 0 else 0.0
+        return cls(mean_kld=kld, same_top=vals["same_top"] / 100.0,
                    ppl_ratio=vals["ppl_ratio"])
 
 

@@ -1,0 +1,35 @@
+# Included by CMake at the end of llama.cpp's project() (-DCMAKE_PROJECT_INCLUDE) when
+# refimpl.testing.peers builds an OLDER release: compile libllama's per-architecture sources
+# (src/models/*.cpp) in unity batches of 16, as llama.cpp itself does from llama-cpp-python
+# 0.3.36 on.  It only groups translation units; the sources and flags stay the release's own.
+# Saves minutes of a cold peer build on two cores.
+get_property(_refimpl_unity_queued GLOBAL PROPERTY REFIMPL_UNITY_MODELS_QUEUED)
+if(NOT _refimpl_unity_queued)
+  set_property(GLOBAL PROPERTY REFIMPL_UNITY_MODELS_QUEUED ON)
+  function(_refimpl_unity_models)
+    if(NOT TARGET llama)
+      return()
+    endif()
+    get_target_property(_srcs llama SOURCES)
+    set(_models 0)
+    set(_others)
+    foreach(_s IN LISTS _srcs)
+      get_filename_component(_abs "${_s}" ABSOLUTE BASE_DIR "${CMAKE_SOURCE_DIR}/src")
+      if(_abs MATCHES "/src/models/[^/]+\\.cpp$")
+        math(EXPR _models "${_models} + 1")
+      else()
+        list(APPEND _others "${_abs}")
+      endif()
+    endforeach()
+    if(TARGET llama-common AND DEFINED ENV{REFIMPL_UNITY_COMMON})
+      set_target_properties(llama-common PROPERTIES UNITY_BUILD ON UNITY_BUILD_BATCH_SIZE 8)
+    endif()
+    if(_models GREATER 0)
+      set_source_files_properties(${_others} DIRECTORY "${CMAKE_SOURCE_DIR}/src"
+                                  PROPERTIES SKIP_UNITY_BUILD_INCLUSION ON)
+      set_target_properties(llama PROPERTIES UNITY_BUILD ON UNITY_BUILD_BATCH_SIZE 16)
+      message(STATUS "refimpl: ${_models} model sources of libllama compiled in unity batches")
+    endif()
+  endfunction()
+  cmake_language(DEFER DIRECTORY "${CMAKE_SOURCE_DIR}" CALL _refimpl_unity_models)
+endif()
