@@ -39,6 +39,14 @@ class _InitParams(C.Structure):
     _fields_ = [("mem_size", C.c_size_t), ("mem_buffer", C.c_void_p), ("no_alloc", C.c_bool)]
 
 
+class _CPlan(C.Structure):
+    """``struct ggml_cplan`` (ggml-cpu.h of llama.cpp 0.3.36)."""
+
+    _fields_ = [("work_size", C.c_size_t), ("work_data", C.c_void_p), ("n_threads", C.c_int),
+                ("threadpool", C.c_void_p), ("abort_callback", C.c_void_p),
+                ("abort_callback_data", C.c_void_p), ("use_ref", C.c_bool)]
+
+
 class _TensorHead(C.Structure):
     """The leading fields of ``struct ggml_tensor`` (type, buffer, ne, nb)."""
 
@@ -103,6 +111,20 @@ class GgmlCpu:
         if key not in _LOADED:
             _LOADED[key] = cls(Path(bin_dir))
         return _LOADED[key]
+
+    def quantize(self, type_, values: np.ndarray) -> np.ndarray:
+        """float32 rows ``values`` (n, k) quantised to ``type_`` by ggml itself
+        (``ggml_quantize_chunk``, the function llama-quantize uses); uint8 (n, row_bytes)."""
+        x = np.ascontiguousarray(values, np.float32)
+        n, k = x.shape
+        tr = type_traits(type_)
+        out = np.zeros((n, k // tr.block_size * tr.type_size), np.uint8)
+        fn = self.base.ggml_quantize_chunk
+        fn.restype = C.c_size_t
+        fn.argtypes = [C.c_int, C.c_void_p, C.c_void_p, C.c_int64, C.c_int64, C.c_int64,
+                       C.c_void_p]
+        fn(int(type_), x.ctypes.data, out.ctypes.data, 0, n, k, None)
+        return out
 
     def context(self, mem_size: int = 256 << 20) -> "Context":
         """A fresh ggml context of ``mem_size`` bytes (tensors, graph and work buffer)."""
@@ -199,6 +221,28 @@ class Context:
         if status != 0:
             raise RuntimeError(f"ggml_graph_compute_with_ctx failed with status {status}")
         return self.read(out)
+
+    def runner(self, out: Tensor, n_threads: int = 1):
+        """A callable that computes the graph ending in ``out`` again and again with one graph,
+        plan and work buffer (``ggml_graph_plan`` + ``ggml_graph_compute``), for timing: the
+        context's memory is not used up by repeated calls as with :meth:`compute`."""
+        graph = self.lib.base.ggml_new_graph(self.ptr)
+        self.lib.base.ggml_build_forward_expand(graph, out.ptr)
+        cpu = self.lib.cpu
+        cpu.ggml_graph_plan.restype = _CPlan
+        cpu.ggml_graph_plan.argtypes = [C.c_void_p, C.c_int, C.c_void_p]
+        cpu.ggml_graph_compute.restype = C.c_int
+        cpu.ggml_graph_compute.argtypes = [C.c_void_p, C.POINTER(_CPlan)]
+        plan = cpu.ggml_graph_plan(graph, int(n_threads), None)
+        work = np.zeros(max(1, plan.work_size), np.uint8)
+        plan.work_data = work.ctypes.data
+
+        def run() -> None:
+            status = cpu.ggml_graph_compute(graph, C.byref(plan))
+            if status != 0:
+                raise RuntimeError(f"ggml_graph_compute failed with status {status}")
+        run.keep = (work, plan)       # the work buffer lives as long as the runner
+        return run
 
     def read(self, t: Tensor) -> np.ndarray:
         """A copy of a tensor's values: float32 for F32, F16 and BF16 (widened), raw uint8

@@ -38,6 +38,9 @@ class LlamaSpec:
     seed: int = 0
     weight_scale: float = 1.0  # multiplies the 1/sqrt(fan_in) initialisation
     output_scale: float = 1.0  # extra factor on the output projection (peakier logits)
+    #: vocabulary size; None is the small printable test vocabulary (:func:`vocabulary`), a
+    #: larger number pads it with synthetic pieces (benchmarks: a real model's output matrix)
+    n_vocab: int | None = None
 
     @property
     def head_dim(self) -> int:
@@ -49,14 +52,21 @@ class LlamaSpec:
         return replace(self, **kw)
 
 
-def vocabulary() -> list[str]:
-    """The pieces: control tokens, then printable single characters and frequent pairs."""
+def vocabulary(n_vocab: int | None = None) -> list[str]:
+    """The pieces: control tokens, then printable single characters and frequent pairs, then
+    (up to ``n_vocab``) synthetic three-letter pieces."""
     specials = ["<unk>", "<s>", "</s>"]
     chars = list(string.ascii_lowercase + string.ascii_uppercase + string.digits + ".,;:!?'-")
     spaced = ["\u2581" + c for c in string.ascii_lowercase] + ["\u2581"]
     pairs = ["th", "he", "in", "er", "an", "re", "on", "at", "en", "nd", "ti", "es", "or",
              "te", "of", "ed", "is", "it", "al", "ar", "st", "to", "nt", "ng"]
-    return specials + chars + spaced + ["\u2581" + p for p in pairs] + pairs
+    pieces = specials + chars + spaced + ["\u2581" + p for p in pairs] + pairs
+    if n_vocab is not None and n_vocab > len(pieces):
+        letters = string.ascii_lowercase
+        extra = ("".join((letters[i // 676 % 26], letters[i // 26 % 26], letters[i % 26]))
+                 + ("" if i < 17576 else str(i // 17576)) for i in range(n_vocab - len(pieces)))
+        pieces += list(extra)
+    return pieces
 
 
 def write_llama_gguf(path: Path, spec: LlamaSpec = LlamaSpec()) -> Path:
@@ -65,7 +75,7 @@ def write_llama_gguf(path: Path, spec: LlamaSpec = LlamaSpec()) -> Path:
 
     path = Path(path)
     rng = np.random.default_rng(spec.seed)
-    vocab = vocabulary()
+    vocab = vocabulary(spec.n_vocab)
     n_vocab = len(vocab)
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name(f"refimpl-test-{spec.n_layer}L-{spec.n_embd}d")

@@ -30,7 +30,7 @@ DEFAULT_VERSION = "0.3.36"
 
 #: Programs every test run needs (of :data:`DEFAULT_VERSION`).
 TARGETS = ("ggml-rpc-server", "llama-completion", "llama-perplexity", "llama-tokenize",
-           "llama-quantize", "test-backend-ops")
+           "llama-quantize", "llama-bench", "test-backend-ops")
 
 #: Programs of an older release: its RPC server and its stock client (version tests and
 #: conformance of older protocol versions need no more, and each saves minutes of building).
