@@ -15,13 +15,12 @@ from ..graph.checks import (FLOAT_TYPES, can_repeat, elementwise_strides, fail, 
 from ..graph.ops import Op
 from ..graph.registry import OpImpl, register
 from .cpu_tensors import load_f32, store_f32, view
-from .parallel import sized_kernel
 
 ADD, SUB, MUL, DIV = 0, 1, 2, 3
 _CODES = {Op.ADD: ADD, Op.SUB: SUB, Op.MUL: MUL, Op.DIV: DIV}
 
 
-@sized_kernel(2, cache=True, nogil=True)
+@njit(parallel=True, cache=True, nogil=True)
 def binary_f32(a, b, out, code):
     """out = a (code) tile(b), all float32 4-D arrays; out may be a itself."""
     n3, n2, n1, n0 = out.shape

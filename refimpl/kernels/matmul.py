@@ -5,23 +5,23 @@ src0 holds the weights (ne = K, N, A2, A3) and src1 the activations (K, T, B2, B
 ``B2 % A2 == 0`` and ``B3 % A3 == 0``; dst is float32 (N, T, B2, B3) and batch (i2, i3) uses
 weights (i2 // (B2/A2), i3 // (B3/A3)).
 
-src1 is first converted to the weight type's ``vec_dot_type`` (float32, F16, BF16, Q8_0,
-Q8_1 or Q8_K; refimpl.kernels.quants quantises exactly as ggml does).  Then:
+The results are bit-identical to ggml's x86 CPU backend (AVX2 + FMA, as the peer build):
 
-* F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K weights take the fast
-  kernels of refimpl.kernels.matmul_fast (dot products on the packed blocks, in the plain
-  order; within the numerics contract of spec/numerics.md, not ggml's bits);
-* Q2_K and Q3_K weights, and 32-value block weights against an activation row that holds
-  -128 (x86's sign trick), take the kernels here, which emulate ggml's x86 AVX2 arithmetic
-  lane by lane: integer dot products of four consecutive values per lane, per-block scales
-  applied with fused multiply-adds into eight float32 lanes, and the lanes summed in the
-  order of ggml's horizontal sums.  :func:`ggml_path` is ggml's decision between its
-  per-output dot products and its k-quant tile kernel.  spec/ops/matmul.md describes both.
+* src1 is first converted to the weight type's ``vec_dot_type`` (float32, F16, BF16, Q8_0,
+  Q8_1 or Q8_K; refimpl.kernels.quants quantises exactly as ggml does);
+* every output is then computed with the float32 operations, in the order, that the kernel
+  ggml picks for the shape would use.  :func:`ggml_path` is ggml's decision between its three
+  kernels: the per-output dot products (``vec_dot``), llamafile's tiled GEMM (tinyBLAS; float
+  and Q8_0-activation types from two activation rows on) and the k-quant tile kernel (k-quant
+  weights from eight activation rows on).  The kernels here emulate the SIMD lanes: integer
+  dot products of four consecutive values per lane, per-block scales applied with fused
+  multiply-adds into eight float32 lanes, and the lanes summed in the order of ggml's
+  horizontal sums.  spec/ops/matmul.md describes each path.
 
 Fused multiply-add is LLVM's ``llvm.fma.f32`` (:func:`fma32`): one rounding, as the FMA
-instructions.  These kernels use no fastmath, so the compiler may neither fuse nor reorder
-the other float operations.  No result depends on the thread count (each output is computed
-by one thread, whole).
+instructions.  Nothing here uses fastmath, so the compiler may neither fuse nor reorder the
+other float operations.  Which path ggml takes never depends on its thread count, and neither
+do the results (each output is computed by one thread, whole).
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from ..graph.checks import (block_rows, elementwise_strides, is_contiguous, no_s
                             require, src, type_in)
 from ..graph.ops import Op
 from ..graph.registry import OpImpl, register
-from . import matmul_fast as fast
 from .cpu_tensors import bf16_to_f32, f32_to_bf16, load_f32, rows_u8, view
 from .quants import (BF16, F16, F32, K_QUANT_TYPES, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1,
                      Q5_K, Q6_K, Q8_0, QUANT_WEIGHT_TYPES, VEC_DOT_TYPE, quantize_activations,
@@ -81,6 +80,29 @@ def hsum8(a):
 
 
 @njit(cache=True, nogil=True, inline="always")
+def _hadd_reduce(acc):
+    """The reduction of ggml's four 8-lane float32 accumulators (``acc`` (4, 8)) in
+    vec_dot_f32/f16: lanes of 0+2 and 1+3, then of both; then high half plus low half and two
+    horizontal adds: ``((t0+t1)+(t2+t3))`` with ``ti = x[i]+x[i+4]``."""
+    t = np.empty(4, np.float32)
+    for i in range(4):
+        lo = (acc[0, i] + acc[2, i]) + (acc[1, i] + acc[3, i])
+        hi = (acc[0, i + 4] + acc[2, i + 4]) + (acc[1, i + 4] + acc[3, i + 4])
+        t[i] = lo + hi
+    return (t[0] + t[1]) + (t[2] + t[3])
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _bf16_reduce(acc):
+    """The reduction of vec_dot_bf16's four 8-lane accumulators: ``(c0+c2) + (c1+c3)`` per
+    lane, then :func:`hsum8`'s order."""
+    s = np.empty(8, np.float32)
+    for i in range(8):
+        s[i] = (acc[0, i] + acc[2, i]) + (acc[1, i] + acc[3, i])
+    return hsum8(s)
+
+
+@njit(cache=True, nogil=True, inline="always")
 def _job_slice(job, nchunks, n, b2, r2, r3):
     """The work of parallel job ``job`` of a matmul kernel: weight rows ``r0:r1`` (a slice of
     ROW_CHUNK rows), for activation batch ``g`` = (i13, i12), whose weights are batch
@@ -91,6 +113,90 @@ def _job_slice(job, nchunks, n, b2, r2, r3):
     i13 = g // b2
     i12 = g - i13 * b2
     return g, r0, r1, i13, i12, i13 // r3, i12 // r2
+
+
+@njit(cache=True, nogil=True)
+def _load_float_row(code, wrow, out, out_bits, table):
+    """One weight row of F32 (``wrow`` uint32 bit patterns; ``out_bits`` is ``out`` seen as
+    uint32) or F16/BF16 (``wrow`` uint16, widened through ``table``) into float32 ``out``."""
+    if code == F32:
+        for i in range(out.shape[0]):
+            out_bits[i] = wrow[i]
+    else:
+        for i in range(out.shape[0]):
+            out[i] = table[wrow[i]]
+
+
+# ------------------------------------------------------------------------------------------
+# float weights
+
+
+@njit(cache=True, nogil=True)
+def _dot_tinyblas(w, x):
+    """llamafile's float GEMM for one output (K a multiple of 8): one 8-lane accumulator of
+    fused multiply-adds, summed by :func:`hsum8`."""
+    acc = np.zeros(8, np.float32)
+    for l in range(0, w.shape[0], 8):
+        for p in range(8):
+            acc[p] = fma32(w[l + p], x[l + p], acc[p])
+    return hsum8(acc)
+
+
+@njit(cache=True, nogil=True)
+def _dot_vec(code, w, x):
+    """ggml_vec_dot_f32 / _f16 / _bf16 for one output: four 8-lane accumulators over the
+    first ``K & ~31`` values, then the leftovers.  F32 leftovers are added in float32, the
+    products rounded first for all but the last ``K % 4`` (which are fused), as the peer
+    build's compiled loop does; F16/BF16 sums go on in float64 (products are exact)."""
+    k = w.shape[0]
+    np_ = k & ~31
+    acc = np.zeros((4, 8), np.float32)
+    for i in range(0, np_, 32):
+        for j in range(4):
+            for p in range(8):
+                e = i + 8 * j + p
+                acc[j, p] = fma32(w[e], x[e], acc[j, p])
+    if code == BF16:
+        total = np.float64(_bf16_reduce(acc))
+    else:
+        part = _hadd_reduce(acc)
+        if code == F32:
+            fused = np_ + ((k - np_) & ~3)
+            for e in range(np_, fused):
+                part = part + w[e] * x[e]
+            for e in range(fused, k):
+                part = fma32(w[e], x[e], part)
+            return part
+        total = np.float64(part)
+    for e in range(np_, k):
+        total += np.float64(w[e] * x[e])
+    return np.float32(total)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def mm_float(code, path, w, x, out, table):
+    """F32, F16 or BF16 weights ``w`` (uint32 bit patterns for F32, uint16 otherwise;
+    (A3, A2, N, K)) times activations ``x`` (float32 (B3*B2*T, K): the values the products
+    see) into ``out`` (float32 (B3, B2, T, N)), with ggml's ``path`` (LLAMAFILE or VEC_DOT).
+    Parallel over slices of ROW_CHUNK weight rows of each batch."""
+    a3, a2, n, k = w.shape
+    b3, b2, nt, _ = out.shape
+    r3 = b3 // a3
+    r2 = b2 // a2
+    nchunks = (n + ROW_CHUNK - 1) // ROW_CHUNK
+    for job in prange(b3 * b2 * nchunks):
+        g, r0, r1, i13, i12, i03, i02 = _job_slice(job, nchunks, n, b2, r2, r3)
+        bits = np.empty((ROW_CHUNK, k), np.uint32)
+        rows = bits.view(np.float32)
+        for r in range(r0, r1):
+            _load_float_row(code, w[i03, i02, r], rows[r - r0], bits[r - r0], table)
+        for t in range(nt):
+            xr = x[g * nt + t]
+            for r in range(r0, r1):
+                if path == LLAMAFILE:
+                    out[i13, i12, t, r] = _dot_tinyblas(rows[r - r0], xr)
+                else:
+                    out[i13, i12, t, r] = _dot_vec(code, rows[r - r0], xr)
 
 
 # ------------------------------------------------------------------------------------------
@@ -390,23 +496,17 @@ def _run(node: Node, a: Node, b: Node, path: int) -> None:
         table = table_for(code)
         if code in (F32, F16, BF16):
             x = _float_activations(a, b, m)
-            w = view(a, np.float32 if code == F32 else np.uint16)
+            w = view(a, np.uint32 if code == F32 else np.uint16)
             with np.errstate(all="ignore"):
-                fast.mm_float(w, x, out, table)
+                mm_float(code, path, w, x, out, table)
         else:
             acts = _quant_activations(a, b, m)
             w = rows_u8(a)
-            if code in fast.FAST_K_TYPES:
-                fast.mm_kquant(code, w, acts.qs, acts.d, acts.bsums, out, table)
-            elif code in K_QUANT_TYPES:
+            if code in K_QUANT_TYPES:
                 mm_kquant(code, path, w, acts.qs, acts.d, acts.bsums, out, table)
             else:
                 s = acts.s if code in (Q4_1, Q5_1) else np.zeros((m, a.ne[0] // 32), np.float32)
-                if code in (Q4_1, Q5_1) or not (acts.qs == -128).any():
-                    fast.mm_q32(code, w, acts.qs, acts.d, s, fast.block_sums(acts.qs), out,
-                                table)
-                else:   # x86's sign trick for -128 activations (spec/ops/matmul.md)
-                    mm_q32(code, w, acts.qs, acts.d, s, out, table)
+                mm_q32(code, w, acts.qs, acts.d, s, out, table)
     view(node)[...] = out
 
 

@@ -21,10 +21,9 @@ from ..graph.registry import OpImpl, register
 from ..protocol.ggml_types import GgmlType
 from .cpu_tensors import view
 from .numeric import hsum8_f32
-from .parallel import sized_kernel
 
 
-@sized_kernel(0, cache=True, nogil=True)
+@njit(parallel=True, cache=True, nogil=True)
 def rms_norm_f32(x, out, eps):
     """out[row] = x[row] / sqrt(mean(x[row]**2) + eps) for every row of 4-D float32 arrays."""
     n3, n2, n1, n0 = x.shape
@@ -40,7 +39,7 @@ def rms_norm_f32(x, out, eps):
             out[i3, i2, i1, i0] = x[i3, i2, i1, i0] * scale
 
 
-@sized_kernel(0, cache=True, nogil=True)
+@njit(parallel=True, cache=True, nogil=True)
 def norm_f32(x, out, eps):
     """out[row] = (x[row] - mean) / sqrt(var + eps) for every row of 4-D float32 arrays.
 

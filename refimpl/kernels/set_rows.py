@@ -19,12 +19,11 @@ from ..graph.ops import Op
 from ..graph.registry import OpImpl, register
 from ..protocol.ggml_types import GgmlType
 from .cpu_tensors import f32_to_bf16, view
-from .parallel import sized_kernel
 
 _DST_TYPES = {F32, F16, BF16}
 
 
-@sized_kernel(0, cache=True, nogil=True)
+@njit(parallel=True, cache=True, nogil=True)
 def scatter_rows(rows, idx, dst):
     """``dst[i3, i2, idx[0, i3 % n12, i2 % n11, i], :] = rows[i3, i2, i, :]``.
 

@@ -23,7 +23,6 @@ from ..graph.ops import Op
 from ..graph.registry import OpImpl, register
 from .cpu_tensors import load_f32, view
 from .numeric import fma32, vexp8_sub_f32
-from .parallel import sized_kernel
 
 
 def alibi_slopes(n_head: int, max_bias: float) -> np.ndarray:
@@ -46,7 +45,7 @@ def alibi_slopes(n_head: int, max_bias: float) -> np.ndarray:
     return slopes
 
 
-@sized_kernel(0, cache=True, nogil=True, error_model="numpy")
+@njit(parallel=True, cache=True, nogil=True, error_model="numpy")
 def softmax_f32(x, mask, sinks, out, scale, slopes, use_mask, use_sinks):
     """Row softmax of float32 ``x`` (n3, n2, n1, n0) into ``out`` (same shape, may be ``x``).
 
