@@ -85,14 +85,18 @@ def cache_root() -> Path:
 PORTABLE_LIBS = ("libggml-base.so", "libggml-cpu.so", "libggml.so", "libggml-rpc.so")
 
 
-def _cpu_key() -> str:
-    # Builds use -march=native; a cache carried to another CPU must be rebuilt, not SIGILL.
+def _cpuinfo_flags() -> str | None:
+    """The ``flags`` line of /proc/cpuinfo as it stands (None when it cannot be read)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "generic")
+            return next((line for line in f if line.startswith("flags")), None)
     except OSError:
-        flags = "generic"
-    return hashlib.md5(flags.encode()).hexdigest()[:8]
+        return None
+
+
+def _cpu_key() -> str:
+    # Builds use -march=native; a cache carried to another CPU must be rebuilt, not SIGILL.
+    return hashlib.md5((_cpuinfo_flags() or "generic").encode()).hexdigest()[:8]
 
 
 def source_dir(version: str = DEFAULT_VERSION, *, fetch: bool = True, log=sys.stderr) -> Path:
@@ -148,17 +152,21 @@ def ensure_peers(version: str = DEFAULT_VERSION, *, log=sys.stderr) -> Path:
         return bin_dir
     build = build_dir(version)
     bin_dir, stamp = build / "bin", build / ".complete"
-    if _complete(bin_dir, stamp, targets):
-        return bin_dir
-    # One build per release at a time: a second process (another test run, a parallel
-    # worker) waits here for the first and then finds the build complete.
-    cache_root().mkdir(parents=True, exist_ok=True)
-    with open(cache_root() / f"build-{version}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if _complete(bin_dir, stamp, targets):
-            return bin_dir
-        _build(version, build, bin_dir, stamp, targets, log)
+    _build_once(f"build-{version}", lambda: _complete(bin_dir, stamp, targets),
+                lambda: _build(version, build, bin_dir, stamp, targets, log))
     return bin_dir
+
+
+def _build_once(lock_name: str, complete, build) -> None:
+    """Call ``build()`` unless ``complete()``.  One build per lock at a time: a second process
+    (another test run, a parallel worker) waits for the first and then finds it complete."""
+    if complete():
+        return
+    cache_root().mkdir(parents=True, exist_ok=True)
+    with open(cache_root() / f"{lock_name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not complete():
+            build()
 
 
 #: What the portable build's machine code needs (``/proc/cpuinfo`` flag names).
@@ -167,11 +175,10 @@ PORTABLE_ISA = ("sse4_2", "avx", "avx2", "bmi2", "fma", "f16c")
 
 def portable_host_problem() -> str | None:
     """Why the portable build cannot run on this host (None when it can)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError as exc:
-        return f"cannot read /proc/cpuinfo ({exc})"
+    line = _cpuinfo_flags()
+    if line is None:
+        return "cannot read the CPU's flags from /proc/cpuinfo"
+    flags = line.split()
     missing = [f for f in PORTABLE_ISA if f not in flags]
     if missing:
         return f"this CPU lacks {', '.join(missing)}, which llama.cpp's GGML_NATIVE=OFF build needs"
@@ -190,12 +197,10 @@ def ensure_portable_libs(version: str = DEFAULT_VERSION, *, log=sys.stderr) -> P
         return lib_dir
     build = cache_root() / f"build-{version}-portable"
     lib_dir, stamp = build / "bin", build / ".complete"
-    cache_root().mkdir(parents=True, exist_ok=True)
-    with open(cache_root() / f"build-{version}-portable.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (stamp.is_file() and all((lib_dir / t).is_file() for t in PORTABLE_LIBS)):
-            _build(version, build, lib_dir, stamp, ("ggml", "ggml-rpc"), log, native=False,
-                   outputs=PORTABLE_LIBS)
+    _build_once(f"build-{version}-portable",
+                lambda: stamp.is_file() and all((lib_dir / t).is_file() for t in PORTABLE_LIBS),
+                lambda: _build(version, build, lib_dir, stamp, ("ggml", "ggml-rpc"), log,
+                               native=False, outputs=PORTABLE_LIBS))
     return lib_dir
 
 
