@@ -11,8 +11,8 @@ import trio
 from refimpl.devices import CpuDevice
 from refimpl.server import RpcServer, ServerConfig
 from refimpl.server.hash_cache import HashCache
-from refimpl.testing.peers import (PeerUnavailable, ensure_peers, ensure_portable_libs,
-                                   portable_host_problem, source_dir)
+from refimpl.testing.peers import (PeerUnavailable, ensure_isa_libs, ensure_peers,
+                                   isa_host_problem, source_dir)
 from refimpl.testing.processes import ServerProcess
 
 SERVER_KINDS = ("refimpl", "llama.cpp")
@@ -33,22 +33,38 @@ def peer_bin(request) -> Path:
         pytest.fail(f"llama.cpp peers unavailable: {exc}\n{log.getvalue()}", pytrace=False)
 
 
-@pytest.fixture(scope="session")
-def portable_lib(request, peer_bin) -> Path:
-    """The ggml libraries of llama.cpp's portable build (GGML_NATIVE=OFF), the other half of
-    the numerics contract's comparison (spec/numerics.md); built on first use.
-
-    Fails, never skips, when they cannot be built or cannot run on this host (no AVX2).
-    """
-    problem = portable_host_problem()
+def _isa_lib(request, level: str, what: str) -> Path:
+    """The ggml libraries of llama.cpp's build at that ISA level (refimpl.testing.peers
+    ISA_LEVELS), built on first use; fails, never skips, when unavailable."""
+    problem = isa_host_problem(level)
     if problem:
         pytest.fail(f"the numerics contract cannot be checked here: {problem}", pytrace=False)
     capman = request.config.pluginmanager.getplugin("capturemanager")
     try:
         with capman.global_and_fixture_disabled():
-            return ensure_portable_libs()
+            return ensure_isa_libs(level)
     except PeerUnavailable as exc:
-        pytest.fail(f"llama.cpp's portable build is unavailable: {exc}", pytrace=False)
+        pytest.fail(f"llama.cpp's {what} build is unavailable: {exc}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def portable_lib(request, peer_bin) -> Path:
+    """The ggml libraries of llama.cpp's portable build (GGML_NATIVE=OFF: SSE4.2 to AVX2),
+    one of the numerics contract's alternatives (spec/numerics.md); built on first use.
+
+    Fails, never skips, when they cannot be built or cannot run on this host (no AVX2).
+    """
+    return _isa_lib(request, "portable", "portable")
+
+
+@pytest.fixture(scope="session")
+def sse42_lib(request, peer_bin) -> Path:
+    """The ggml libraries of llama.cpp's SSE4.2-only build (GGML_NATIVE=OFF, every SIMD
+    option above SSE4.2 off: its release's "sse42" CPU variant), the numerics contract's
+    alternative that sums in another order than the native build on every host
+    (spec/numerics.md); built on first use.  Fails, never skips, when unavailable.
+    """
+    return _isa_lib(request, "sse42", "SSE4.2")
 
 
 @pytest.fixture(scope="session")

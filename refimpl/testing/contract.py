@@ -11,7 +11,8 @@ Two halves:
 * **End to end** (spec/numerics.md, "End to end"): ``llama-perplexity --kl-divergence``
   compares a run's logits with those the host's native llama.cpp CPU run saved.
   :class:`KldResult` holds what it prints; :func:`kld_verdict` applies the contract's bands
-  to refimpl's result given the result of llama.cpp's own portable build on the same host.
+  to refimpl's result given the results of llama.cpp's own alternative builds on the same
+  host.
 
 Nothing here depends on the host's instruction set: the bounds are the same on every x86-64
 machine, and the end-to-end bands are relative to what llama.cpp's own builds do on it.
@@ -156,8 +157,8 @@ LOG_PPL_FLOOR = 1e-3
 def kld_verdict(ours: KldResult, alternatives: dict[str, KldResult]) -> list[str]:
     """The contract's end-to-end bands (spec/numerics.md): refimpl's statistics against the
     host's native CPU run, given those of llama.cpp's own alternatives against the same run
-    (its portable build; its native build without weight repacking, which is what its own
-    ggml-rpc-server computes).  Returns the violations (empty when within)."""
+    (its portable build; its SSE4.2-only build; its native build without weight repacking,
+    which is what its own ggml-rpc-server computes).  Returns the violations (empty when within)."""
     alts = list(alternatives.values())
     who = ", ".join(f"{k}: KLD {v.mean_kld:.2e}, top {v.same_top:.2%}, PPL ratio "
                     f"{v.ppl_ratio:.5f}" for k, v in alternatives.items())

@@ -5,9 +5,10 @@
 
 The first table is the numerics contract's (spec/numerics.md, "End to end"): per model, step
 mode and flash-attention setting, the mean KLD, same-top-token rate and perplexity ratio of
-llama.cpp's two alternatives and of refimpl-server against the host's native CPU run, and the
-verdict.  The second is greedy text agreement.  A header names the host's CPU and its SIMD
-flags, since the alternatives' numbers depend on them.
+llama.cpp's alternatives (:data:`ALTERNATIVES`) and of refimpl-server against the host's native
+CPU run, and the verdict (over the alternatives a report holds).  The second is greedy text
+agreement.  A header names the host's CPU and its SIMD flags, since the alternatives' numbers
+depend on them.
 """
 
 from __future__ import annotations
@@ -40,7 +41,15 @@ def host_line() -> str:
             f" ({'AVX-512: ' + ', '.join(avx512) if avx512 else 'no AVX-512'})")
 
 
-def _fmt(r: dict) -> str:
+#: The alternatives' keys in a report and their columns, in the tables' order.
+ALTERNATIVES = {"portable": "llama.cpp portable", "no-repack": "llama.cpp no-repack",
+                "sse42": "llama.cpp sse42"}
+AGREEMENT = ("llama.cpp rpc-server", "llama.cpp portable", "llama.cpp sse42")
+
+
+def _fmt(r: dict | None) -> str:
+    if r is None:
+        return "–"
     kld = r["mean_kld"] if r["mean_kld"] > 0 else 0.0
     return f"{kld:.1e} / {r['same_top']:.1%} / {r['ppl_ratio']:.5f}"
 
@@ -50,22 +59,22 @@ def render(report: dict) -> str:
     out = [f"Host: {host_line()}", "",
            "Each cell: mean KLD (nats) / same top token / PPL ratio, against the native CPU run.",
            "",
-           "| Model | Step | FA | llama.cpp portable | llama.cpp no-repack | refimpl | within |",
-           "|---|---|---|---|---|---|---|"]
+           "| Model | Step | FA | " + " | ".join(ALTERNATIVES.values()) + " | refimpl | within |",
+           "|---|---|---|" + "---|" * len(ALTERNATIVES) + "---|---|"]
     for key, runs in report.get("kld", {}).items():
         model, step, fa = key.split("/")
-        alts = {k: KldResult(**runs[k]) for k in ("portable", "no-repack")}
+        alts = {k: KldResult(**runs[k]) for k in ALTERNATIVES if k in runs}
         ok = not kld_verdict(KldResult(**runs["refimpl"]), alts)
         out.append(f"| {model} | {step} | {'on' if fa == 'fa' else 'off'} | "
-                   f"{_fmt(runs['portable'])} | {_fmt(runs['no-repack'])} | "
-                   f"{_fmt(runs['refimpl'])} | {'yes' if ok else '**no**'} |")
+                   + "".join(f"{_fmt(runs.get(k))} | " for k in ALTERNATIVES)
+                   + f"{_fmt(runs['refimpl'])} | {'yes' if ok else '**no**'} |")
     if report.get("agreement"):
-        out += ["", "| Model | FA | refimpl | llama.cpp rpc-server | llama.cpp portable |",
-                "|---|---|---:|---:|---:|"]
+        out += ["", "| Model | FA | refimpl | " + " | ".join(AGREEMENT) + " |",
+                "|---|---|---:|" + "---:|" * len(AGREEMENT)]
         for key, a in report["agreement"].items():
             model, fa = key.split("/")
             out.append(f"| {model} | {'on' if fa == 'fa' else 'off'} | {a['refimpl']:.1%} | "
-                       f"{a['llama.cpp rpc-server']:.1%} | {a['llama.cpp portable']:.1%} |")
+                       + " | ".join(f"{a[k]:.1%}" if k in a else "–" for k in AGREEMENT) + " |")
     return "\n".join(out) + "\n"
 
 

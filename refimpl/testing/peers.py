@@ -9,8 +9,10 @@ copied into the repository.
     python -m refimpl.testing.peers --version 0.3.36 --source   # print the source dir
     python -m refimpl.testing.peers --older    # the peers of every older served protocol
     python -m refimpl.testing.peers --portable # 0.3.36's ggml libraries, GGML_NATIVE=OFF
+    python -m refimpl.testing.peers --sse42    # the same with nothing above SSE4.2
 
-``$REFIMPL_PEER_BIN`` overrides the whole thing with a directory of ready binaries.
+``$REFIMPL_PEER_BIN`` overrides the whole thing with a directory of ready binaries;
+``$REFIMPL_PORTABLE_LIB`` and ``$REFIMPL_SSE42_LIB`` do the same for the ggml libraries.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 
 #: The llama-cpp-python release whose vendored llama.cpp speaks protocol 7.0.0.
@@ -77,12 +80,41 @@ def cache_root() -> Path:
     return Path(os.environ.get("REFIMPL_PEERS_CACHE", Path.home() / ".cache" / "refimpl-peers"))
 
 
-#: The libraries of a portable build (``-DGGML_NATIVE=OFF``: x86-64 with SSE4.2, AVX, AVX2,
-#: BMI2, FMA and F16C, no AVX-512, the same machine code on every host).  The numerics
-#: contract (spec/numerics.md) measures refimpl against the distance between the host's native
-#: llama.cpp and this build: its libraries are loaded in place of the native build's ones by the
-#: native build's own programs (``LD_LIBRARY_PATH``), so only ggml is compiled twice.
-PORTABLE_LIBS = ("libggml-base.so", "libggml-cpu.so", "libggml.so", "libggml-rpc.so")
+#: The ggml libraries of llama.cpp's builds for other x86-64 ISA levels (``-DGGML_NATIVE=OFF``,
+#: the same machine code on every host).  The numerics contract (spec/numerics.md) measures
+#: refimpl against the distance between the host's native llama.cpp and these builds: their
+#: libraries are loaded in place of the native build's ones by the native build's own programs
+#: (``LD_LIBRARY_PATH``), so only ggml is compiled again.
+CPU_LIBS = ("libggml-base.so", "libggml-cpu.so", "libggml.so", "libggml-rpc.so")
+
+#: Every x86 SIMD option of ggml 0.3.36 (ggml/CMakeLists.txt) above SSE4.2.
+_ABOVE_SSE42 = ("AVX", "AVX2", "BMI2", "FMA", "F16C", "AVX_VNNI", "AVX512", "AVX512_VBMI",
+                "AVX512_VNNI", "AVX512_BF16", "AMX_TILE", "AMX_INT8", "AMX_BF16")
+
+
+@dataclass(frozen=True)
+class IsaLevel:
+    """One ``-DGGML_NATIVE=OFF`` build of ggml at a fixed x86-64 ISA level."""
+    describe: str          # for messages
+    needs: tuple           # the /proc/cpuinfo flags its machine code uses
+    cmake: tuple = ()      # options beside -DGGML_NATIVE=OFF
+    env: str = ""          # names a directory of ready libraries instead of building
+
+
+#: name -> level; the build lives in ``build-<version>-<name>`` of :func:`cache_root`.  Both
+#: are levels llama.cpp's own x86-64 releases ship (GGML_CPU_ALL_VARIANTS: x64, sse42,
+#: sandybridge, haswell, skylakex, ...).
+ISA_LEVELS = {
+    # ggml's defaults with GGML_NATIVE=OFF: its "haswell" variant, no AVX-512
+    "portable": IsaLevel("GGML_NATIVE=OFF (SSE4.2, AVX, AVX2, BMI2, FMA, F16C)",
+                         ("sse4_2", "avx", "avx2", "bmi2", "fma", "f16c"),
+                         env="REFIMPL_PORTABLE_LIB"),
+    # its "sse42" variant: 128-bit kernels, never the native build's on any x86-64 host
+    "sse42": IsaLevel("GGML_NATIVE=OFF with SSE4.2 only",
+                      ("sse4_2",),
+                      ("-DGGML_SSE42=ON", *(f"-DGGML_{o}=OFF" for o in _ABOVE_SSE42)),
+                      env="REFIMPL_SSE42_LIB"),
+}
 
 
 def _cpuinfo_flags() -> str | None:
@@ -169,43 +201,53 @@ def _build_once(lock_name: str, complete, build) -> None:
             build()
 
 
-#: What the portable build's machine code needs (``/proc/cpuinfo`` flag names).
-PORTABLE_ISA = ("sse4_2", "avx", "avx2", "bmi2", "fma", "f16c")
-
-
-def portable_host_problem() -> str | None:
-    """Why the portable build cannot run on this host (None when it can)."""
+def isa_host_problem(level: str = "portable") -> str | None:
+    """Why the build of that ISA level (:data:`ISA_LEVELS`) cannot run on this host (None
+    when it can)."""
     line = _cpuinfo_flags()
     if line is None:
         return "cannot read the CPU's flags from /proc/cpuinfo"
     flags = line.split()
-    missing = [f for f in PORTABLE_ISA if f not in flags]
+    missing = [f for f in ISA_LEVELS[level].needs if f not in flags]
     if missing:
-        return f"this CPU lacks {', '.join(missing)}, which llama.cpp's GGML_NATIVE=OFF build needs"
+        return (f"this CPU lacks {', '.join(missing)}, which llama.cpp's "
+                f"{ISA_LEVELS[level].describe} build needs")
     return None
 
 
-def ensure_portable_libs(version: str = DEFAULT_VERSION, *, log=sys.stderr) -> Path:
-    """Return the directory holding :data:`PORTABLE_LIBS` of that release built with
-    ``-DGGML_NATIVE=OFF``, building them if needed (raises :class:`PeerUnavailable`)."""
-    override = os.environ.get("REFIMPL_PORTABLE_LIB")
+def ensure_isa_libs(level: str = "portable", version: str = DEFAULT_VERSION, *,
+                    log=sys.stderr) -> Path:
+    """Return the directory holding :data:`CPU_LIBS` of that release built at that ISA level
+    (:data:`ISA_LEVELS`), building them if needed (raises :class:`PeerUnavailable`)."""
+    isa = ISA_LEVELS[level]
+    override = os.environ.get(isa.env) if isa.env else None
     if override:
         lib_dir = Path(override)
-        missing = [t for t in PORTABLE_LIBS if not (lib_dir / t).is_file()]
+        missing = [t for t in CPU_LIBS if not (lib_dir / t).is_file()]
         if missing:
-            raise PeerUnavailable(f"REFIMPL_PORTABLE_LIB={lib_dir} lacks {', '.join(missing)}")
+            raise PeerUnavailable(f"{isa.env}={lib_dir} lacks {', '.join(missing)}")
         return lib_dir
-    build = cache_root() / f"build-{version}-portable"
+    build = cache_root() / f"build-{version}-{level}"
     lib_dir, stamp = build / "bin", build / ".complete"
-    _build_once(f"build-{version}-portable",
-                lambda: stamp.is_file() and all((lib_dir / t).is_file() for t in PORTABLE_LIBS),
+    _build_once(f"build-{version}-{level}",
+                lambda: stamp.is_file() and all((lib_dir / t).is_file() for t in CPU_LIBS),
                 lambda: _build(version, build, lib_dir, stamp, ("ggml", "ggml-rpc"), log,
-                               native=False, outputs=PORTABLE_LIBS))
+                               native=False, extra=isa.cmake, outputs=CPU_LIBS))
     return lib_dir
 
 
+def ensure_portable_libs(version: str = DEFAULT_VERSION, *, log=sys.stderr) -> Path:
+    """:func:`ensure_isa_libs` of the portable (GGML_NATIVE=OFF, AVX2-level) build."""
+    return ensure_isa_libs("portable", version, log=log)
+
+
+def ensure_sse42_libs(version: str = DEFAULT_VERSION, *, log=sys.stderr) -> Path:
+    """:func:`ensure_isa_libs` of the SSE4.2-only build (llama.cpp's "sse42" CPU variant)."""
+    return ensure_isa_libs("sse42", version, log=log)
+
+
 def _build(version: str, build: Path, bin_dir: Path, stamp: Path, targets, log, *,
-           native: bool = True, outputs=None) -> None:
+           native: bool = True, extra=(), outputs=None) -> None:
     for tool in ("cmake", "c++"):
         if shutil.which(tool) is None:
             raise PeerUnavailable(f"building the llama.cpp peers needs '{tool}' on PATH")
@@ -223,6 +265,7 @@ def _build(version: str, build: Path, bin_dir: Path, stamp: Path, targets, log, 
         f"-DCMAKE_RUNTIME_OUTPUT_DIRECTORY={bin_dir}",
         f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={bin_dir}",
     ]
+    configure += list(extra)
     if version != DEFAULT_VERSION:
         configure += OLDER_RELEASE_FLAGS
     jobs = os.environ.get("REFIMPL_PEERS_JOBS", str(os.cpu_count() or 2))
@@ -256,21 +299,26 @@ def main(argv=None) -> int:
     p.add_argument("--portable", action="store_true",
                    help="build the GGML_NATIVE=OFF ggml libraries of the default release "
                         "(spec/numerics.md) and print their directory")
+    p.add_argument("--sse42", action="store_true",
+                   help="build the default release's ggml libraries with GGML_NATIVE=OFF and "
+                        "every x86 SIMD option above SSE4.2 off (spec/numerics.md) and print "
+                        "their directory")
     p.add_argument("--older", action="store_true",
                    help="build the newest release of every served protocol version before "
                         "the default's (" + ", ".join(older_releases()) + ")")
     args = p.parse_args(argv)
     versions = older_releases() if args.older else [args.version]
+    levels = [level for level in ISA_LEVELS if getattr(args, level)]
     for version in versions:
         try:
-            if args.portable:
-                path = ensure_portable_libs(version)
+            if levels:
+                paths = [ensure_isa_libs(level, version) for level in levels]
             else:
-                path = source_dir(version) if args.source else ensure_peers(version)
+                paths = [source_dir(version) if args.source else ensure_peers(version)]
         except PeerUnavailable as exc:
             print(f"peers: error: {exc}", file=sys.stderr)
             return 1
-        print(path)
+        print(*paths, sep="\n")
     return 0
 
 

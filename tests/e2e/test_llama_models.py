@@ -7,15 +7,17 @@ with flash attention off and on (spec/numerics.md, "End to end"):
 
 * ``llama-perplexity --kl-divergence-base`` on the host's native llama.cpp CPU run saves the
   reference logits; the same tool with ``--kl-divergence`` then measures llama.cpp's own
-  alternatives, its portable build (``GGML_NATIVE=OFF``) and its native build without weight
-  repacking (``--no-repack``: what its own ggml-rpc-server computes), and, with every layer
-  on it, refimpl-server.  refimpl's mean KLD, same-top-token rate and perplexity ratio must
+  alternatives, its portable build (``GGML_NATIVE=OFF``: AVX2, no AVX-512), its SSE4.2-only
+  build (the ISA level of its releases' "sse42" CPU variant, whose 128-bit kernels sum in
+  another order than the native build's on every x86-64 host) and its native build without
+  weight repacking (``--no-repack``: what its own ggml-rpc-server computes), and, with every
+  layer on it, refimpl-server.  refimpl's mean KLD, same-top-token rate and perplexity ratio must
   lie within the contract's bands around the alternatives' (refimpl.testing.contract).  The realistic
   shape runs batched (perplexity's 128-token graphs) and one token per graph (``-ub 1``, what
   generation sends).
 * ``llama-completion --temp 0 --ignore-eos`` through refimpl agrees with the CPU run at least
   as well as one of llama.cpp's own alternatives does (its ggml-rpc-server, its portable
-  build), or on 98 % of the characters.
+  build, its SSE4.2-only build), or on 98 % of the characters.
 
 Nothing compares bits: the reference is a ``-march=native`` build, whatever the host.
 """
@@ -96,8 +98,8 @@ def llama_server(peer_bin):
 
 @pytest.mark.parametrize("fa", [False, True], ids=["fa-off", "fa-on"])
 @pytest.mark.parametrize("name,step", CASES, ids=[f"{m}-{s}" for m, s in CASES])
-def test_logits_within_contract(peer_bin, portable_lib, models, text_file, refimpl_server,
-                                tmp_path, name, step, fa):
+def test_logits_within_contract(peer_bin, portable_lib, sse42_lib, models, text_file,
+                                refimpl_server, tmp_path, name, step, fa):
     settings, chunks = STEPS[step]
     s = replace(settings, flash_attn=fa, threads=1)
     base = tmp_path / "base.kld"
@@ -106,7 +108,9 @@ def test_logits_within_contract(peer_bin, portable_lib, models, text_file, refim
         "portable": kl_divergence(peer_bin, models[name], base, s, lib_dir=portable_lib,
                                   chunks=chunks),
         "no-repack": kl_divergence(peer_bin, models[name], base, replace(s, repack=False),
-                                   chunks=chunks)}
+                                   chunks=chunks),
+        "sse42": kl_divergence(peer_bin, models[name], base, s, lib_dir=sse42_lib,
+                               chunks=chunks)}
     ours = kl_divergence(peer_bin, models[name], base, s, rpc=refimpl_server.endpoint,
                          chunks=chunks)
     _results.setdefault("kld", {})[f"{name}/{step}/{'fa' if fa else 'nofa'}"] = {
@@ -118,16 +122,18 @@ def test_logits_within_contract(peer_bin, portable_lib, models, text_file, refim
 
 @pytest.mark.parametrize("fa", [False, True], ids=["fa-off", "fa-on"])
 @pytest.mark.parametrize("name", [m for m in MODELS if "-576-" not in m])
-def test_greedy_text_agrees_with_cpu(peer_bin, portable_lib, models, refimpl_server,
-                                     llama_server, name, fa):
+def test_greedy_text_agrees_with_cpu(peer_bin, portable_lib, sse42_lib, models,
+                                     refimpl_server, llama_server, name, fa):
     s = RunSettings(flash_attn=fa, threads=1)
     local = completion(peer_bin, models[name], PROMPT, N_PREDICT, s)
     ours = completion(peer_bin, models[name], PROMPT, N_PREDICT, s, rpc=refimpl_server.endpoint)
     theirs = completion(peer_bin, models[name], PROMPT, N_PREDICT, s, rpc=llama_server.endpoint)
     portable = completion(peer_bin, models[name], PROMPT, N_PREDICT, s, lib_dir=portable_lib)
+    sse42 = completion(peer_bin, models[name], PROMPT, N_PREDICT, s, lib_dir=sse42_lib)
     a_ours = agreement(local, ours)
     alternatives = {"llama.cpp rpc-server": agreement(local, theirs),
-                    "llama.cpp portable": agreement(local, portable)}
+                    "llama.cpp portable": agreement(local, portable),
+                    "llama.cpp sse42": agreement(local, sse42)}
     _results.setdefault("agreement", {})[f"{name}/{'fa' if fa else 'nofa'}"] = {
         "refimpl": a_ours, **alternatives}
     assert len(local) > N_PREDICT / 2
