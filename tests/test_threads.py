@@ -6,9 +6,12 @@ its kernels (``Device.enter_compute_thread``)."""
 
 from __future__ import annotations
 
+import os
+
 import numba
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from refimpl.client import RpcClient
 from refimpl.devices import CpuDevice
@@ -21,14 +24,25 @@ from refimpl.server.cli import _usable_cores, build_parser
 from .conftest import make_config
 
 
+def _numpy_blas() -> list[dict]:
+    """threadpoolctl's records of the BLAS library numpy calls (a wheel carries it in
+    numpy.libs; other BLAS libraries in the process, e.g. scipy's, are not MUL_MAT's)."""
+    libs = [lib for lib in threadpool_info() if lib["user_api"] == "blas"]
+    wheel = os.path.dirname(os.path.dirname(np.__file__))
+    own = [lib for lib in libs if lib["filepath"].startswith(os.path.join(wheel, "numpy"))]
+    return own or libs
+
+
 @pytest.fixture
 def threads_seen(monkeypatch) -> list:
-    """numba's thread count in the thread that runs each graph's kernels."""
+    """numba's and the BLAS library's thread counts in the thread that runs each graph's
+    kernels."""
     seen = []
     original = engine.Plan.run
 
     def run(plan):
-        seen.append(numba.get_num_threads())
+        blas = {lib["num_threads"] for lib in _numpy_blas()}
+        seen.append((numba.get_num_threads(), blas))
         original(plan)
 
     monkeypatch.setattr(engine.Plan, "run", run)
@@ -51,14 +65,17 @@ async def _compute_one_graph(server) -> None:
 @pytest.mark.parametrize("threads", sorted({1, numba.config.NUMBA_NUM_THREADS}))
 async def test_kernels_run_with_the_device_threads(nursery, threads_seen, threads):
     # the main thread's setting must not be what the worker sees
-    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS if threads == 1 else 1)
+    other = numba.config.NUMBA_NUM_THREADS if threads == 1 else 1
+    numba.set_num_threads(other)
+    limiter = threadpool_limits(other, user_api="blas")    # held: it restores when collected
     try:
         cfg = make_config(devices=[CpuDevice(capacity=1 << 20, threads=threads)])
         server = await nursery.start(RpcServer(cfg).serve)
         await _compute_one_graph(server)
     finally:
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-    assert threads_seen == [threads]
+        limiter.restore_original_limits()
+    assert threads_seen == [(threads, {threads})]
 
 
 def test_default_threads_are_the_usable_cores():

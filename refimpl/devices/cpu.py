@@ -76,6 +76,20 @@ class CpuBuffer(DeviceBuffer):
         self.array = None
 
 
+_blas_state: dict = {}
+
+
+def set_blas_threads(n: int) -> None:
+    """Let the BLAS library numpy uses (MUL_MAT's batched products) run ``n`` threads.
+    threadpoolctl finds the library whichever numpy build is installed (OpenBLAS, MKL, ...),
+    once; setting the count is one call into the library."""
+    if "controller" not in _blas_state:
+        from threadpoolctl import ThreadpoolController
+        _blas_state["controller"] = ThreadpoolController().select(user_api="blas")
+    for lib in _blas_state["controller"].lib_controllers:
+        lib.set_num_threads(n)     # (limit() would restore the old count once collected)
+
+
 class CpuDevice(Device):
     """The host processor.  ``capacity`` (bytes) defaults to the machine's physical memory."""
 
@@ -89,14 +103,19 @@ class CpuDevice(Device):
         self.kind = "cpu"
         self.description = cpu_model_name()
         self.threads = threads
+        if threads is not None:
+            set_blas_threads(threads)
 
     def enter_compute_thread(self) -> None:
-        """Give numba's parallel kernels ``threads`` threads.  ``numba.set_num_threads`` holds
-        for the calling thread only, and graphs run in worker threads, so this is called in
-        each of them before its kernels run."""
+        """Give numba's parallel kernels and the BLAS library ``threads`` threads.
+        ``numba.set_num_threads`` holds for the calling thread only, and graphs run in worker
+        threads, so this is called in each of them before its kernels run.  The BLAS setting
+        is process-wide; it is also made when the device is opened, in the main thread
+        (OpenBLAS does not always take it from another thread)."""
         if self.threads is not None:
             import numba
             numba.set_num_threads(max(1, min(self.threads, numba.config.NUMBA_NUM_THREADS)))
+            set_blas_threads(self.threads)
 
     def memory(self):
         """Free is what is neither reserved by buffers nor taken by the rest of the machine."""

@@ -10,7 +10,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..graph.build import Node
-from ..graph.checks import (FLOAT_TYPES, can_repeat, elementwise_strides, fail, no_src_beyond,
+from ..graph.checks import (FLOAT_TYPES, can_repeat, elementwise_strides, no_src_beyond,
                             require, same_shape, src, type_in)
 from ..graph.ops import Op
 from ..graph.registry import OpImpl, register

@@ -5,71 +5,61 @@ src0 holds the weights (ne = K, N, A2, A3) and src1 the activations (K, T, B2, B
 ``B2 % A2 == 0`` and ``B3 % A3 == 0``; dst is float32 (N, T, B2, B3) and batch (i2, i3) uses
 weights (i2 // (B2/A2), i3 // (B3/A3)).
 
-The results are bit-identical to ggml's x86 CPU backend (AVX2 + FMA, as the peer build):
+src1 is first converted as ggml converts it: to the weight type's ``vec_dot_type`` (Q8_0,
+Q8_1 or Q8_K, quantised exactly as ggml does by refimpl.kernels.quants), or rounded to F16 /
+BF16 for such weights.  The products themselves follow the numerics contract
+(spec/numerics.md): test-backend-ops' bound, not ggml's order of operations.  Which kernel
+computes them is decided once, when the node is bound (:func:`choose_kernel`):
 
-* src1 is first converted to the weight type's ``vec_dot_type`` (float32, F16, BF16, Q8_0,
-  Q8_1 or Q8_K; refimpl.kernels.quants quantises exactly as ggml does);
-* every output is then computed with the float32 operations, in the order, that the kernel
-  ggml picks for the shape would use.  :func:`ggml_path` is ggml's decision between its three
-  kernels: the per-output dot products (``vec_dot``), llamafile's tiled GEMM (tinyBLAS; float
-  and Q8_0-activation types from two activation rows on) and the k-quant tile kernel (k-quant
-  weights from eight activation rows on).  The kernels here emulate the SIMD lanes: integer
-  dot products of four consecutive values per lane, per-block scales applied with fused
-  multiply-adds into eight float32 lanes, and the lanes summed in the order of ggml's
-  horizontal sums.  spec/ops/matmul.md describes each path.
+* ``BLAS``: F32, F16 and BF16 weights, and quantised weights from :data:`BLAS_MIN_ROWS`
+  activation rows on: weights and activations decoded to float32 (exactly: every decoded
+  value is ``code · scale``), then numpy's ``matmul`` (one sgemm per batch);
+* ``PACKED``: Q4_0, Q4_1, Q8_0, Q4_K and Q6_K weights with fewer activation rows: integer dot
+  products on the packed blocks (refimpl.kernels.matmul_fast);
+* ``UNPACKED``: the other block formats (Q5_0, Q5_1, Q2_K, Q3_K, Q5_K) with few activation
+  rows: each weight row unpacked to integers, then ggml's x86 dot products lane by lane (the
+  kernels below; integer sums of four products per lane, scales applied with fused
+  multiply-adds into eight float32 lanes).
 
-Fused multiply-add is LLVM's ``llvm.fma.f32`` (:func:`fma32`): one rounding, as the FMA
-instructions.  Nothing here uses fastmath, so the compiler may neither fuse nor reorder the
-other float operations.  Which path ggml takes never depends on its thread count, and neither
-do the results (each output is computed by one thread, whole).
+No result depends on the thread count (each output is computed by one thread, whole).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
 
 from ..graph.build import Node
-from ..graph.checks import (block_rows, elementwise_strides, is_contiguous, no_src_beyond,
-                            require, src, type_in)
+from ..graph.checks import (block_rows, elementwise_strides, no_src_beyond, require, src,
+                            type_in)
 from ..graph.ops import Op
 from ..graph.registry import OpImpl, register
+from . import matmul_fast as fast
 from .cpu_tensors import bf16_to_f32, f32_to_bf16, load_f32, rows_u8, view
-from .quants import (BF16, F16, F32, K_QUANT_TYPES, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1,
-                     Q5_K, Q6_K, Q8_0, QUANT_WEIGHT_TYPES, VEC_DOT_TYPE, quantize_activations,
+from .numeric import fma32
+from .quants import (BF16, F16, F32, K_QUANT_TYPES, Q2_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K,
+                     Q6_K, Q8_0,
+                     QUANT_WEIGHT_TYPES, VEC_DOT_TYPE, dequantize_rows, quantize_activations,
                      table_for, unpack_activations, unpack_k_row, unpack_q32_row)
 
 #: Types accepted as weights (src0).
 WEIGHT_TYPES = frozenset({F32, F16, BF16}) | QUANT_WEIGHT_TYPES
 
-#: ggml's kernels (see :func:`ggml_path`).
-VEC_DOT, LLAMAFILE, TILED = 0, 1, 2
+#: The kernels (see :func:`choose_kernel`).
+BLAS, PACKED, UNPACKED = "blas", "packed", "unpacked"
+
+#: Quantised weights meet this many activation rows per batch or more through BLAS.
+BLAS_MIN_ROWS = 4
+
+#: Weight rows decoded to float32 at a time on the BLAS path (bounds its scratch memory).
+BLAS_TILE_ROWS = 4096
 
 #: Weight rows per parallel job (each is unpacked once per job and meets every activation row).
 ROW_CHUNK = 16
 
-#: Weight types llamafile's tinyBLAS serves with Q8_0 activations on x86.
-_LLAMAFILE_Q0 = frozenset({Q8_0, Q4_0, Q5_0})
-
 
 # ------------------------------------------------------------------------------------------
-# float helpers
-
-
-@intrinsic
-def fma32(typingctx, a, b, c):
-    """``a * b + c`` for float32 values with a single rounding (LLVM's ``llvm.fma.f32``, the
-    x86 FMA instructions' operation).  All three arguments must be float32."""
-    sig = types.float32(types.float32, types.float32, types.float32)
-
-    def codegen(context, builder, signature, args):
-        fty = ir.FloatType()
-        fn = builder.module.declare_intrinsic("llvm.fma", [fty], ir.FunctionType(fty, [fty] * 3))
-        return builder.call(fn, args)
-
-    return sig, codegen
+# helpers
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -77,29 +67,6 @@ def hsum8(a):
     """ggml's horizontal sum of eight float32 lanes (high half plus low half, then the two
     pairs of the result, then the two halves): ``((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7))``."""
     return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _hadd_reduce(acc):
-    """The reduction of ggml's four 8-lane float32 accumulators (``acc`` (4, 8)) in
-    vec_dot_f32/f16: lanes of 0+2 and 1+3, then of both; then high half plus low half and two
-    horizontal adds: ``((t0+t1)+(t2+t3))`` with ``ti = x[i]+x[i+4]``."""
-    t = np.empty(4, np.float32)
-    for i in range(4):
-        lo = (acc[0, i] + acc[2, i]) + (acc[1, i] + acc[3, i])
-        hi = (acc[0, i + 4] + acc[2, i + 4]) + (acc[1, i + 4] + acc[3, i + 4])
-        t[i] = lo + hi
-    return (t[0] + t[1]) + (t[2] + t[3])
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _bf16_reduce(acc):
-    """The reduction of vec_dot_bf16's four 8-lane accumulators: ``(c0+c2) + (c1+c3)`` per
-    lane, then :func:`hsum8`'s order."""
-    s = np.empty(8, np.float32)
-    for i in range(8):
-        s[i] = (acc[0, i] + acc[2, i]) + (acc[1, i] + acc[3, i])
-    return hsum8(s)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -113,90 +80,6 @@ def _job_slice(job, nchunks, n, b2, r2, r3):
     i13 = g // b2
     i12 = g - i13 * b2
     return g, r0, r1, i13, i12, i13 // r3, i12 // r2
-
-
-@njit(cache=True, nogil=True)
-def _load_float_row(code, wrow, out, out_bits, table):
-    """One weight row of F32 (``wrow`` uint32 bit patterns; ``out_bits`` is ``out`` seen as
-    uint32) or F16/BF16 (``wrow`` uint16, widened through ``table``) into float32 ``out``."""
-    if code == F32:
-        for i in range(out.shape[0]):
-            out_bits[i] = wrow[i]
-    else:
-        for i in range(out.shape[0]):
-            out[i] = table[wrow[i]]
-
-
-# ------------------------------------------------------------------------------------------
-# float weights
-
-
-@njit(cache=True, nogil=True)
-def _dot_tinyblas(w, x):
-    """llamafile's float GEMM for one output (K a multiple of 8): one 8-lane accumulator of
-    fused multiply-adds, summed by :func:`hsum8`."""
-    acc = np.zeros(8, np.float32)
-    for l in range(0, w.shape[0], 8):
-        for p in range(8):
-            acc[p] = fma32(w[l + p], x[l + p], acc[p])
-    return hsum8(acc)
-
-
-@njit(cache=True, nogil=True)
-def _dot_vec(code, w, x):
-    """ggml_vec_dot_f32 / _f16 / _bf16 for one output: four 8-lane accumulators over the
-    first ``K & ~31`` values, then the leftovers.  F32 leftovers are added in float32, the
-    products rounded first for all but the last ``K % 4`` (which are fused), as the peer
-    build's compiled loop does; F16/BF16 sums go on in float64 (products are exact)."""
-    k = w.shape[0]
-    np_ = k & ~31
-    acc = np.zeros((4, 8), np.float32)
-    for i in range(0, np_, 32):
-        for j in range(4):
-            for p in range(8):
-                e = i + 8 * j + p
-                acc[j, p] = fma32(w[e], x[e], acc[j, p])
-    if code == BF16:
-        total = np.float64(_bf16_reduce(acc))
-    else:
-        part = _hadd_reduce(acc)
-        if code == F32:
-            fused = np_ + ((k - np_) & ~3)
-            for e in range(np_, fused):
-                part = part + w[e] * x[e]
-            for e in range(fused, k):
-                part = fma32(w[e], x[e], part)
-            return part
-        total = np.float64(part)
-    for e in range(np_, k):
-        total += np.float64(w[e] * x[e])
-    return np.float32(total)
-
-
-@njit(parallel=True, cache=True, nogil=True)
-def mm_float(code, path, w, x, out, table):
-    """F32, F16 or BF16 weights ``w`` (uint32 bit patterns for F32, uint16 otherwise;
-    (A3, A2, N, K)) times activations ``x`` (float32 (B3*B2*T, K): the values the products
-    see) into ``out`` (float32 (B3, B2, T, N)), with ggml's ``path`` (LLAMAFILE or VEC_DOT).
-    Parallel over slices of ROW_CHUNK weight rows of each batch."""
-    a3, a2, n, k = w.shape
-    b3, b2, nt, _ = out.shape
-    r3 = b3 // a3
-    r2 = b2 // a2
-    nchunks = (n + ROW_CHUNK - 1) // ROW_CHUNK
-    for job in prange(b3 * b2 * nchunks):
-        g, r0, r1, i13, i12, i03, i02 = _job_slice(job, nchunks, n, b2, r2, r3)
-        bits = np.empty((ROW_CHUNK, k), np.uint32)
-        rows = bits.view(np.float32)
-        for r in range(r0, r1):
-            _load_float_row(code, w[i03, i02, r], rows[r - r0], bits[r - r0], table)
-        for t in range(nt):
-            xr = x[g * nt + t]
-            for r in range(r0, r1):
-                if path == LLAMAFILE:
-                    out[i13, i12, t, r] = _dot_tinyblas(rows[r - r0], xr)
-                else:
-                    out[i13, i12, t, r] = _dot_vec(code, rows[r - r0], xr)
 
 
 # ------------------------------------------------------------------------------------------
@@ -345,40 +228,11 @@ def _dot_k_vec(code, wq, sc, mn, wd, wdm, aq, ad, bsums):
     return v
 
 
-@njit(cache=True, nogil=True)
-def _dot_k_tiled(code, wq, sc, mn, wd, wdm, aq, ad, bsums):
-    """ggml's k-quant tile kernel for one output.  Per super-block: the exact integer
-    ``s1 = Σ scale · (q − offset) · a`` (offset 32 for Q6_K) and, for formats with minimums,
-    ``s2 = Σ min · (16-value activation sum)``; then ``r = d_w · s1`` (rounded),
-    ``r = r − dmin_w · s2`` (fused) and ``acc = acc + r · d_a`` (fused), super-block after
-    super-block."""
-    bias = 32 if code == Q6_K else 0
-    has_min = code == Q4_K or code == Q5_K or code == Q2_K
-    acc = np.float32(0.0)
-    for b in range(wd.shape[0]):
-        s0 = 16 * b
-        s1 = 0
-        for g in range(16):
-            o = 256 * b + 16 * g
-            part = 0
-            for e in range(o, o + 16):
-                part += (wq[e] - bias) * np.int32(aq[e])
-            s1 += sc[s0 + g] * part
-        res = wd[b] * np.float32(s1)
-        if has_min:
-            s2 = 0
-            for g in range(16):
-                s2 += mn[s0 + g] * bsums[s0 + g]
-            res = fma32(-wdm[b], np.float32(s2), res)
-        acc = fma32(res, ad[b], acc)
-    return acc
-
-
 @njit(parallel=True, cache=True, nogil=True)
-def mm_kquant(code, path, w, aq, ad, bsums, out, table):
+def mm_kquant(code, w, aq, ad, bsums, out, table):
     """k-quant weights ``w`` (uint8 rows (A3, A2, N, row_bytes)) times Q8_K activations
     (``aq`` int8 (B3*B2*T, K), ``ad`` float32 per 256 values, ``bsums`` int32 per 16) into
-    ``out`` float32 (B3, B2, T, N), with ggml's ``path`` (TILED or VEC_DOT)."""
+    ``out`` float32 (B3, B2, T, N), with ggml's ``vec_dot`` arithmetic."""
     a3, a2, n, _ = w.shape
     b3, b2, nt, _ = out.shape
     k = aq.shape[1]
@@ -400,46 +254,8 @@ def mm_kquant(code, path, w, aq, ad, bsums, out, table):
             m = g * nt + t
             for r in range(r0, r1):
                 i = r - r0
-                if path == TILED:
-                    v = _dot_k_tiled(code, wq[i], sc[i], mn[i], wd[i], wdm[i], aq[m], ad[m],
-                                     bsums[m])
-                else:
-                    v = _dot_k_vec(code, wq[i], sc[i], mn[i], wd[i], wdm[i], aq[m], ad[m],
-                                   bsums[m])
-                out[i13, i12, t, r] = v
-
-
-# ------------------------------------------------------------------------------------------
-# ggml's choice of kernel
-
-
-def _llamafile_takes(wtype: int, btype: int, k: int, m: int) -> bool:
-    """Whether llamafile_sgemm (x86, AVX2 + F16C + FMA, no AVX-512) computes weights of
-    ``wtype`` against activations already in ``btype``, for K = ``k`` and ``m`` weight rows."""
-    if wtype in (F32, F16, BF16):
-        return btype == wtype and k % 8 == 0 and m % 4 == 0
-    return wtype in _LLAMAFILE_Q0 and btype == Q8_0
-
-
-def ggml_path(wtype: int, btype: int, b_contiguous: bool, k: int, m: int, n: int) -> int:
-    """The kernel ggml's CPU backend runs MUL_MAT with: weights of ``wtype`` (K = ``k``,
-    ``m`` rows), ``n`` activation rows per batch (``src1.ne[1]``) of type ``btype``.
-
-    1. k-quant weights with at least 8 activation rows: the tile kernel (TILED).
-    2. From 2 activation rows on, llamafile (LLAMAFILE) if it serves the types: first tried
-       on src1 as it is (only when src1 is contiguous), then, when src1 is not already in the
-       weights' activation format, on the converted (contiguous) copy.
-    3. Otherwise one dot product per output (VEC_DOT).
-    """
-    if wtype in K_QUANT_TYPES and n >= 8:
-        return TILED
-    if n >= 2:
-        if b_contiguous and _llamafile_takes(wtype, btype, k, m):
-            return LLAMAFILE
-        vt = VEC_DOT_TYPE[wtype]
-        if btype != vt and _llamafile_takes(wtype, vt, k, m):
-            return LLAMAFILE
-    return VEC_DOT
+                out[i13, i12, t, r] = _dot_k_vec(code, wq[i], sc[i], mn[i], wd[i], wdm[i],
+                                                 aq[m], ad[m], bsums[m])
 
 
 # ------------------------------------------------------------------------------------------
@@ -471,13 +287,6 @@ def round_activations(x: np.ndarray, wtype: int) -> np.ndarray:
         return bf16_to_f32(f32_to_bf16(x).reshape(x.shape))
 
 
-def _float_activations(a: Node, b: Node, m: int) -> np.ndarray:
-    """src1 as float32 (m, K) values in the weights' activation format (F32, or rounded to
-    F16 / BF16)."""
-    x = np.ascontiguousarray(load_f32(b)).reshape(m, a.ne[0])
-    return x if b.type == a.type else round_activations(x, a.type)
-
-
 def _quant_activations(a: Node, b: Node, m: int):
     """src1 as the weights' Q8 activation format (:class:`~.quants.Activations`)."""
     vt = VEC_DOT_TYPE[a.type]
@@ -486,27 +295,101 @@ def _quant_activations(a: Node, b: Node, m: int):
     return quantize_activations(np.ascontiguousarray(load_f32(b)).reshape(m, a.ne[0]), vt)
 
 
-def _run(node: Node, a: Node, b: Node, path: int) -> None:
-    """Compute the product with ggml's ``path`` into a scratch array, then store it."""
+def choose_kernel(wtype: int, rows: int) -> str:
+    """The kernel for weights of ``wtype`` meeting ``rows`` activation rows per batch."""
+    if wtype in (F32, F16, BF16) or rows >= BLAS_MIN_ROWS:
+        return BLAS
+    return PACKED if wtype in fast.FAST_QUANT_TYPES else UNPACKED
+
+
+def _weight_rows(a: Node, r0: int, r1: int) -> np.ndarray:
+    """Packed weight rows ``r0:r1`` of every batch, contiguous: uint8 (A3*A2*(r1-r0), bytes)."""
+    rows = rows_u8(a)[:, :, r0:r1]
+    return np.ascontiguousarray(rows).reshape(-1, rows.shape[-1])
+
+
+def _float_weights(a: Node, r0: int, r1: int) -> np.ndarray:
+    """Weight rows ``r0:r1`` of every batch as float32 (A3, A2, r1-r0, K); Q4_1's and Q5_1's
+    minimums are left out (:func:`_blas` adds them as ggml does)."""
+    if a.type == F32:
+        return view(a)[:, :, r0:r1]
+    if a.type == F16:
+        return view(a)[:, :, r0:r1].astype(np.float32)
+    if a.type == BF16:
+        return bf16_to_f32(view(a, np.uint16)[:, :, r0:r1])
+    flat = _weight_rows(a, r0, r1)
+    if a.type in fast.FAST_QUANT_TYPES:
+        out = np.empty((flat.shape[0], a.ne[0]), np.float32)
+        fast.decode_rows(a.type, flat, out)
+    else:
+        out = dequantize_rows(a.type, flat, a.ne[0], with_min=a.type != Q5_1)
+    return out.reshape(a.ne[3], a.ne[2], r1 - r0, a.ne[0])
+
+
+def _blas(a: Node, x: np.ndarray, sums, out: np.ndarray) -> None:
+    """The product through numpy's matmul: float32 activations ``x`` (M, K) as the products
+    see them, weights decoded BLAS_TILE_ROWS rows at a time.  For Q4_1 and Q5_1 weights,
+    ``sums`` holds the activations' stored block sums ``s`` (M, K/32), and ``m_w · s_a`` is
+    added per block as ggml's dot products add it, through a second, small product."""
+    b3, b2, nt, n = out.shape
+    a3, a2, k = a.ne[3], a.ne[2], a.ne[0]
+    # batch i13 = i03 * r3 + j uses weights i03: split B3 into (A3, r3) and B2 likewise
+    xs = x.reshape(a3, b3 // a3, a2, b2 // a2, nt, k)
+    res = out.reshape(a3, b3 // a3, a2, b2 // a2, nt, n)
+    if sums is not None:
+        sums = sums.reshape(a3, b3 // a3, a2, b2 // a2, nt, k // 32)
+    with np.errstate(all="ignore"):
+        for r0 in range(0, n, BLAS_TILE_ROWS):
+            r1 = min(n, r0 + BLAS_TILE_ROWS)
+            w = _float_weights(a, r0, r1)[:, None, :, None]
+            part = np.matmul(xs, w.swapaxes(-1, -2))
+            if sums is not None:
+                mins = fast.block_mins(_weight_rows(a, r0, r1), 20 if a.type == Q4_1 else 24)
+                part += np.matmul(sums, mins.reshape(a3, 1, a2, 1, r1 - r0, k // 32)
+                                  .swapaxes(-1, -2))
+            res[..., r0:r1] = part
+
+
+def _integer(a: Node, acts, kernel: str, out: np.ndarray) -> None:
+    """The product with the integer kernels, on packed rows (PACKED) or unpacked ones."""
+    code, m = a.type, acts.qs.shape[0]
+    w = rows_u8(a)
+    nb = a.ne[0] // 32
+    if kernel == PACKED:
+        aint = (acts.qs.reshape(m, nb, 32).sum(axis=2, dtype=np.int32) if code == Q4_0
+                else np.zeros((m, nb), np.int32))
+        s = acts.s if code == Q4_1 else np.zeros((m, nb), np.float32)
+        bsums = acts.bsums if code in K_QUANT_TYPES else np.zeros((m, 1), np.int32)
+        fast.mm_packed(code, w, acts.qs, acts.d, s, aint, bsums, out)
+    elif code in K_QUANT_TYPES:
+        mm_kquant(code, w, acts.qs, acts.d, acts.bsums, out, table_for(code))
+    else:
+        s = acts.s if code in (Q4_1, Q5_1) else np.zeros((m, nb), np.float32)
+        mm_q32(code, w, acts.qs, acts.d, s, out, table_for(code))
+
+
+#: Weight types whose x86 dot products multiply an activation of -128 as -128·|w| (the sign
+#: trick, see :func:`_dot_q32`); only the unpacked kernels reproduce it.
+_SIGN_TRICK_TYPES = frozenset({Q4_0, Q5_0, Q8_0})
+
+
+def _run(node: Node, a: Node, b: Node, kernel: str) -> None:
+    """Compute the product with ``kernel`` into a scratch array, then store it."""
     nt, b2, b3 = b.ne[1], b.ne[2], b.ne[3]
     m = nt * b2 * b3
     out = np.zeros((b3, b2, nt, a.ne[1]), np.float32)
     if out.size and a.ne[0]:
-        code = a.type
-        table = table_for(code)
-        if code in (F32, F16, BF16):
-            x = _float_activations(a, b, m)
-            w = view(a, np.uint32 if code == F32 else np.uint16)
-            with np.errstate(all="ignore"):
-                mm_float(code, path, w, x, out, table)
+        if a.type in (F32, F16, BF16):
+            x = np.ascontiguousarray(load_f32(b)).reshape(m, a.ne[0])
+            _blas(a, x if b.type == a.type else round_activations(x, a.type), None, out)
         else:
             acts = _quant_activations(a, b, m)
-            w = rows_u8(a)
-            if code in K_QUANT_TYPES:
-                mm_kquant(code, path, w, acts.qs, acts.d, acts.bsums, out, table)
+            if a.type in _SIGN_TRICK_TYPES and (acts.qs == -128).any():
+                kernel = UNPACKED     # only from NaN, or from src1 arriving quantised
+            if kernel == BLAS:
+                _blas(a, acts.dequantized(), acts.s if a.type in (Q4_1, Q5_1) else None, out)
             else:
-                s = acts.s if code in (Q4_1, Q5_1) else np.zeros((m, a.ne[0] // 32), np.float32)
-                mm_q32(code, w, acts.qs, acts.d, s, out, table)
+                _integer(a, acts, kernel, out)
     view(node)[...] = out
 
 
@@ -543,9 +426,5 @@ class MatMul(OpImpl):
         a, b = node.src[0], node.src[1]
         if a.type not in WEIGHT_TYPES:
             return None
-        # ggml's decision, made once per node: types, shapes and src1's layout are fixed.
-        btype = b.type
-        if a.type not in (F32, F16, BF16) and btype in (F16, BF16):
-            btype = F32      # refimpl widens these first (ggml declines them)
-        path = ggml_path(a.type, btype, is_contiguous(b), a.ne[0], a.ne[1], b.ne[1])
-        return lambda: _run(node, a, b, path)
+        kernel = choose_kernel(a.type, b.ne[1])    # types and shapes are fixed: once per node
+        return lambda: _run(node, a, b, kernel)

@@ -40,7 +40,6 @@ The plain-numpy ``reference_*`` functions are independent oracles for the tests.
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 from numba import njit, prange

@@ -173,25 +173,18 @@ def test_attention_shapes():
     np.testing.assert_allclose(g.read(kq)[0], want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("wtype", FLOAT + QUANT, ids=lambda t: t.name)
+@pytest.mark.parametrize("wtype", QUANT, ids=lambda t: t.name)
 def test_kernels_agree(wtype, monkeypatch):
-    """Each kernel refimpl can run (ggml's dot products, llamafile's GEMM, the k-quant tile
-    kernel) gives the same result to float32 rounding."""
+    """Both kernels a quantised weight type can take (BLAS on decoded values, and the integer
+    dot products on packed or unpacked rows) give the same result to float32 rounding."""
     rng = np.random.default_rng(11)
     k, n, nt = 512, 40, 24
-    if wtype in QUANT:
-        data = random_rows(rng, int(wtype), n, k)
-    else:
-        data = rng.standard_normal((n, k)).astype(np.float32)
+    data = random_rows(rng, int(wtype), n, k)
     x = rng.standard_normal((nt, k)).astype(np.float32)
-    paths = [matmul.VEC_DOT]
-    if wtype in FLOAT or wtype in (T.Q8_0, T.Q4_0, T.Q5_0):
-        paths.append(matmul.LLAMAFILE)
-    if Q.BLOCK.get(int(wtype), (0,))[0] == 256:
-        paths.append(matmul.TILED)
+    integer = matmul.PACKED if int(wtype) in matmul.fast.FAST_QUANT_TYPES else matmul.UNPACKED
     results = []
-    for path in paths:
-        monkeypatch.setattr(matmul, "ggml_path", lambda *args, p=path: p)
+    for kernel in (matmul.BLAS, integer):
+        monkeypatch.setattr(matmul, "choose_kernel", lambda *args, kern=kernel: kern)
         g = GraphBuilder(4 << 20)
         w = g.input(wtype, (k, n), data)
         b = g.input(T.F32, (k, nt), x)
@@ -199,29 +192,30 @@ def test_kernels_agree(wtype, monkeypatch):
         g.run()
         results.append(g.read(out))
     tol = 1e-5 * np.abs(results[0]).max()
-    for r in results[1:]:
-        np.testing.assert_allclose(r, results[0], rtol=0, atol=tol, err_msg=wtype.name)
+    np.testing.assert_allclose(results[1], results[0], rtol=0, atol=tol, err_msg=wtype.name)
 
 
-@pytest.mark.parametrize("args, path", [
-    ((T.F32, T.F32, True, 64, 8, 1), matmul.VEC_DOT),        # one activation row
-    ((T.F32, T.F32, True, 64, 8, 2), matmul.LLAMAFILE),
-    ((T.F32, T.F32, False, 64, 8, 2), matmul.VEC_DOT),       # F32 src1 must be contiguous
-    ((T.F32, T.F32, True, 60, 8, 5), matmul.VEC_DOT),        # K % 8
-    ((T.F32, T.F32, True, 64, 6, 5), matmul.VEC_DOT),        # rows % 4
-    ((T.F16, T.F32, False, 64, 8, 2), matmul.LLAMAFILE),     # converted copy is contiguous
-    ((T.F16, T.F16, False, 64, 8, 2), matmul.VEC_DOT),
-    ((T.BF16, T.F32, True, 64, 8, 3), matmul.LLAMAFILE),
-    ((T.Q8_0, T.F32, False, 64, 3, 2), matmul.LLAMAFILE),
-    ((T.Q4_0, T.Q8_0, False, 64, 3, 2), matmul.VEC_DOT),
-    ((T.Q4_1, T.F32, True, 64, 8, 9), matmul.VEC_DOT),
-    ((T.Q4_K, T.F32, True, 256, 8, 7), matmul.VEC_DOT),
-    ((T.Q4_K, T.F32, False, 256, 8, 8), matmul.TILED),
-    ((T.Q6_K, T.Q8_K, True, 256, 3, 300), matmul.TILED),
+@pytest.mark.parametrize("args, kernel", [
+    ((T.F32, 1), matmul.BLAS),
+    ((T.F16, 1), matmul.BLAS),
+    ((T.BF16, 7), matmul.BLAS),
+    ((T.Q4_0, 1), matmul.PACKED),
+    ((T.Q8_0, matmul.BLAS_MIN_ROWS - 1), matmul.PACKED),
+    ((T.Q8_0, matmul.BLAS_MIN_ROWS), matmul.BLAS),
+    ((T.Q4_1, 2), matmul.PACKED),
+    ((T.Q4_K, 1), matmul.PACKED),
+    ((T.Q6_K, 3), matmul.PACKED),
+    ((T.Q6_K, 300), matmul.BLAS),
+    ((T.Q5_0, 1), matmul.UNPACKED),
+    ((T.Q5_1, 2), matmul.UNPACKED),
+    ((T.Q2_K, 1), matmul.UNPACKED),
+    ((T.Q3_K, 3), matmul.UNPACKED),
+    ((T.Q5_K, 1), matmul.UNPACKED),
+    ((T.Q5_K, 64), matmul.BLAS),
 ])
-def test_ggml_path(args, path):
-    wtype, btype, contiguous, k, m, n = args
-    assert matmul.ggml_path(int(wtype), int(btype), contiguous, k, m, n) == path
+def test_choose_kernel(args, kernel):
+    wtype, rows = args
+    assert matmul.choose_kernel(int(wtype), rows) == kernel
 
 
 @pytest.mark.parametrize("wtype", [T.F32, T.Q4_0])
