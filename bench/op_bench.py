@@ -111,7 +111,10 @@ def bench_unary_like(cpu, op, n_embd, tokens, threads):
 def run(shape_name: str, types: list[str], ops: list[str], threads: int, tokens_list) -> list:
     """Every (op, type, tokens) case of the shape; returns result rows."""
     import numba
+
+    from refimpl.devices.cpu import set_blas_threads
     numba.set_num_threads(threads)
+    set_blas_threads(threads)
     shape = SHAPES[shape_name]
     cpu = GgmlCpu.load(ensure_peers())
     rows = []
@@ -156,7 +159,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="135m", choices=sorted(SHAPES))
     p.add_argument("--types", default=",".join(TYPES))
-    p.add_argument("--ops", default="mul_mat,rms_norm,add,mul")
+    p.add_argument("--ops", default="mul_mat,rms_norm,add,mul", help="lower-case op names")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tokens", default="1,128", help="activation rows per product")
     p.add_argument("--json", type=Path)

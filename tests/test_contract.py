@@ -58,8 +58,10 @@ def test_bounds_and_assertion():
 
 def test_kld_output_is_parsed():
     r = KldResult.parse(KLD_OUTPUT)
-    assert r == KldResult(mean_kld=0.000031, same_top=0.98413, ppl_ratio=1.000004)
+    assert r == KldResult(mean_kld=0.000031, same_top=0.98413, ppl_ratio=1.000004,
+                          log_ppl_unc=0.000002)
     assert KldResult.parse(KLD_OUTPUT.replace("0.000031", "-0.000000")).mean_kld == 0.0
+    assert KldResult.parse(KLD_OUTPUT.replace("±   0.000002", "±       -nan")).log_ppl_unc == 0.0
     with pytest.raises(ValueError, match="same_top"):
         KldResult.parse(KLD_OUTPUT.replace("Same top p", "Same"))
 
@@ -75,3 +77,7 @@ def test_bands_follow_the_alternatives_and_floors():
     assert kld_verdict(KldResult(5.9e-4, 0.951, 0.9961), {"a": exact, "b": repack}) == []
     bad = kld_verdict(KldResult(6.1e-4, 0.949, 0.995), {"a": exact, "b": repack})
     assert len(bad) == 3
+    # a shift of ln PPL within four of its own standard errors is chance, beyond them a bias
+    assert kld_verdict(KldResult(5e-4, 0.97, 0.9950, 1.3e-3), {"a": exact, "b": repack}) == []
+    bad = kld_verdict(KldResult(5e-4, 0.97, 0.9930, 1.3e-3), {"a": exact, "b": repack})
+    assert len(bad) == 1 and "PPL" in bad[0]

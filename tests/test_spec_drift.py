@@ -167,3 +167,4 @@ def test_e2e_bands_match_contract_code():
     ppl = bands["ln PPL ratio, its magnitude"]
     assert re.findall(r"max\((\d+) ×", ppl) == [str(int(c.KLD_MARGIN))]
     assert _number(ppl.split(",")[1]) == c.LOG_PPL_FLOOR
+    assert int(re.search(r"(\d+) × its own standard error", ppl).group(1)) == c.LOG_PPL_SIGMAS

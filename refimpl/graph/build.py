@@ -59,6 +59,9 @@ class Node:
     src: list = field(default_factory=list)   # Node | None, MAX_SRC entries
     view_src: "Node | None" = None
     order: int = -1        # position in the node list; -1 for inputs
+    #: numpy views of this tensor's bytes, by dtype, made once (refimpl.kernels.cpu_tensors);
+    #: a bound graph lives no longer than its buffers, so they stay valid
+    views: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def is_node(self) -> bool:

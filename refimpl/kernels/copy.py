@@ -11,7 +11,7 @@ the same type and the same row length.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from ..graph.build import Node
 from ..graph.checks import block_rows, elementwise_strides, fail, no_src_beyond, require, src
@@ -19,13 +19,14 @@ from ..graph.ops import Op
 from ..graph.registry import OpImpl, register
 from ..protocol.ggml_types import GgmlType
 from .cpu_tensors import load_f32, rows_u8, store_f32, view
+from .parallel import sized_kernel
 from .quants import QUANT_WEIGHT_TYPES, dequantize_rows
 
 _FLOATS = {GgmlType.F32, GgmlType.F16, GgmlType.BF16}
 _PLAIN = _FLOATS | {GgmlType.I32, GgmlType.I16, GgmlType.I8, GgmlType.I64, GgmlType.F64}
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@sized_kernel(1, cache=True, nogil=True)
 def copy_rows_u8(src_rows, dst_rows):
     """Copy (n, row_bytes) byte rows (the two arrays may have any row strides)."""
     n, width = src_rows.shape

@@ -27,20 +27,29 @@ def view(node: Node, dtype=None) -> np.ndarray:
 
     ``dtype`` defaults to the tensor's own element type (BF16 appears as uint16 bits).
     """
-    dt = np.dtype(dtype or _NUMPY_TYPES[node.type])
-    ne, nb = node.ne, node.nb
-    return np.ndarray((ne[3], ne[2], ne[1], ne[0]), dtype=dt, buffer=node.buffer.memory.array,
-                      offset=node.offset, strides=(nb[3], nb[2], nb[1], nb[0]))
+    key = dtype or node.type
+    v = node.views.get(key)
+    if v is None:      # made once per node: a bound graph runs many times
+        dt = np.dtype(dtype or _NUMPY_TYPES[node.type])
+        ne, nb = node.ne, node.nb
+        v = np.ndarray((ne[3], ne[2], ne[1], ne[0]), dtype=dt, buffer=node.buffer.memory.array,
+                       offset=node.offset, strides=(nb[3], nb[2], nb[1], nb[0]))
+        node.views[key] = v
+    return v
 
 
 def rows_u8(node: Node) -> np.ndarray:
     """The tensor as raw row bytes: shape (ne3, ne2, ne1, row_bytes)."""
-    tr = node.traits
-    ne, nb = node.ne, node.nb
-    row_bytes = ne[0] // tr.block_size * tr.type_size
-    return np.ndarray((ne[3], ne[2], ne[1], row_bytes), dtype=np.uint8,
-                      buffer=node.buffer.memory.array, offset=node.offset,
-                      strides=(nb[3], nb[2], nb[1], 1))
+    v = node.views.get("rows")
+    if v is None:
+        tr = node.traits
+        ne, nb = node.ne, node.nb
+        row_bytes = ne[0] // tr.block_size * tr.type_size
+        v = np.ndarray((ne[3], ne[2], ne[1], row_bytes), dtype=np.uint8,
+                       buffer=node.buffer.memory.array, offset=node.offset,
+                       strides=(nb[3], nb[2], nb[1], 1))
+        node.views["rows"] = v
+    return v
 
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:

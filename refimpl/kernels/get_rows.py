@@ -12,13 +12,14 @@ tensor instead).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from ..graph.build import GraphInvalid, Node
 from ..graph.checks import block_rows, elementwise_strides, no_src_beyond, require, src, type_in
 from ..graph.ops import Op
 from ..graph.registry import OpImpl, register
 from .cpu_tensors import rows_u8, view
+from .parallel import sized_kernel
 from .quants import BF16, F16, F16_TABLE, F32, I32, QUANT_WEIGHT_TYPES, dequantize_row
 
 #: Source types GET_ROWS serves.
@@ -39,7 +40,7 @@ def _quiet_f16_table() -> np.ndarray:
 F16_QUIET_TABLE = _quiet_f16_table()
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@sized_kernel(2, cache=True, nogil=True)
 def gather_plain(src, idx, out):
     """Rows of a plain-typed ``src`` (A3, A2, R, ne0) picked by ``idx`` (A3, A2, n) into
     ``out`` (A3, A2, n, ne0); element bits are copied unchanged."""
@@ -53,7 +54,7 @@ def gather_plain(src, idx, out):
             out[i3, i2, i1, e] = src[i3, i2, r, e]
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@sized_kernel(2, cache=True, nogil=True)
 def gather_f16(src, idx, out, table):
     """Like :func:`gather_plain` for F16 bit patterns (uint16), widened to float32 through
     ``table`` (:data:`F16_QUIET_TABLE`)."""
@@ -67,7 +68,7 @@ def gather_f16(src, idx, out, table):
             out[i3, i2, i1, e] = table[src[i3, i2, r, e]]
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@sized_kernel(2, cache=True, nogil=True)
 def gather_bf16(src, idx, out_bits):
     """Like :func:`gather_plain` for BF16 bit patterns (uint16): the float32 bit pattern of
     a BF16 value is its 16 bits followed by 16 zero bits."""
@@ -81,7 +82,7 @@ def gather_bf16(src, idx, out_bits):
             out_bits[i3, i2, i1, e] = np.uint32(src[i3, i2, r, e]) << 16
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@sized_kernel(3, cache=True, nogil=True)
 def gather_quant(code, src, idx, out, table):
     """Rows of a block-format ``src`` (uint8 (A3, A2, R, row_bytes)) picked by ``idx``,
     dequantised into ``out`` (A3, A2, n, ne0).  (Numba's cache does not see changes to

@@ -38,7 +38,7 @@ from . import matmul_fast as fast
 from .cpu_tensors import bf16_to_f32, f32_to_bf16, load_f32, rows_u8, view
 from .numeric import fma32
 from .quants import (BF16, F16, F32, K_QUANT_TYPES, Q2_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K,
-                     Q6_K, Q8_0,
+                     Q6_K, Q8_0, Q8_K,
                      QUANT_WEIGHT_TYPES, VEC_DOT_TYPE, dequantize_rows, quantize_activations,
                      table_for, unpack_activations, unpack_k_row, unpack_q32_row)
 
@@ -53,6 +53,10 @@ BLAS_MIN_ROWS = 4
 
 #: Weight rows decoded to float32 at a time on the BLAS path (bounds its scratch memory).
 BLAS_TILE_ROWS = 4096
+
+#: Weight rows split into codes at a time on the grouped BLAS path (its per-group sums take
+#: groups × activation rows × these rows floats).
+GROUP_TILE_ROWS = 512
 
 #: Weight rows per parallel job (each is unpacked once per job and meets every activation row).
 ROW_CHUNK = 16
@@ -309,26 +313,21 @@ def _weight_rows(a: Node, r0: int, r1: int) -> np.ndarray:
 
 
 def _float_weights(a: Node, r0: int, r1: int) -> np.ndarray:
-    """Weight rows ``r0:r1`` of every batch as float32 (A3, A2, r1-r0, K); Q4_1's and Q5_1's
-    minimums are left out (:func:`_blas` adds them as ggml does)."""
+    """Weight rows ``r0:r1`` of every batch as float32 (A3, A2, r1-r0, K); Q5_1's minimum is
+    left out (:func:`_blas` adds it as ggml does)."""
     if a.type == F32:
         return view(a)[:, :, r0:r1]
     if a.type == F16:
         return view(a)[:, :, r0:r1].astype(np.float32)
     if a.type == BF16:
         return bf16_to_f32(view(a, np.uint16)[:, :, r0:r1])
-    flat = _weight_rows(a, r0, r1)
-    if a.type in fast.FAST_QUANT_TYPES:
-        out = np.empty((flat.shape[0], a.ne[0]), np.float32)
-        fast.decode_rows(a.type, flat, out)
-    else:
-        out = dequantize_rows(a.type, flat, a.ne[0], with_min=a.type != Q5_1)
+    out = dequantize_rows(a.type, _weight_rows(a, r0, r1), a.ne[0], with_min=a.type != Q5_1)
     return out.reshape(a.ne[3], a.ne[2], r1 - r0, a.ne[0])
 
 
 def _blas(a: Node, x: np.ndarray, sums, out: np.ndarray) -> None:
     """The product through numpy's matmul: float32 activations ``x`` (M, K) as the products
-    see them, weights decoded BLAS_TILE_ROWS rows at a time.  For Q4_1 and Q5_1 weights,
+    see them, weights decoded BLAS_TILE_ROWS rows at a time.  For Q5_1 weights,
     ``sums`` holds the activations' stored block sums ``s`` (M, K/32), and ``m_w · s_a`` is
     added per block as ggml's dot products add it, through a second, small product."""
     b3, b2, nt, n = out.shape
@@ -344,10 +343,60 @@ def _blas(a: Node, x: np.ndarray, sums, out: np.ndarray) -> None:
             w = _float_weights(a, r0, r1)[:, None, :, None]
             part = np.matmul(xs, w.swapaxes(-1, -2))
             if sums is not None:
-                mins = fast.block_mins(_weight_rows(a, r0, r1), 20 if a.type == Q4_1 else 24)
+                mins = fast.block_mins(_weight_rows(a, r0, r1), 24)
                 part += np.matmul(sums, mins.reshape(a3, 1, a2, 1, r1 - r0, k // 32)
                                   .swapaxes(-1, -2))
             res[..., r0:r1] = part
+
+
+def _blas_groups(a: Node, acts, out: np.ndarray) -> None:
+    """Quantised weights through BLAS with ggml's arithmetic per group: weights split into
+    integer codes and group scales (:func:`.matmul_fast.split_rows`), activations likewise;
+    one batched ``matmul`` gives every group's exact integer sum (codes and their sums are
+    small integers, exact in float32 whatever BLAS's order), and
+    :func:`.matmul_fast.combine_groups` weighs them by the two scales.  Q4_1 adds
+    ``m · s_a`` per block, Q4_K subtracts ``dmin·min · d_a·Σa`` per 32 values, through one
+    more small product each."""
+    code, k = a.type, a.ne[0]
+    g = fast.group_size(code)
+    ng = k // g
+    b3, b2, nt, n = out.shape
+    a3, a2 = a.ne[3], a.ne[2]
+    r3, r2 = b3 // a3, b2 // a2
+    m = b3 * b2 * nt
+    a_scales = acts.d if acts.type != Q8_K else np.repeat(acts.d, 256 // g, axis=1)
+    mins_with = None
+    if code == Q4_1:
+        mins_with = acts.s                                          # + m · s
+    elif code == Q4_K:                                              # - dmin·min · d_a·Σa
+        mins_with = -(acts.bsums.reshape(m, k // 32, 2).sum(axis=2).astype(np.float32)
+                      * np.repeat(acts.d, 8, axis=1))
+    split = (a3, r3, a2, r2, nt)
+    x = acts.qs.astype(np.float32).reshape(*split, ng, g)
+    a_scales = a_scales.reshape(*split, ng)
+    if mins_with is not None:
+        mins_with = mins_with.reshape(*split, k // 32)
+    rows = rows_u8(a)
+    res = out.reshape(*split, n)
+    for i03 in range(a3):
+        for i02 in range(a2):
+            # every activation row that meets weight batch (i03, i02)
+            xb = x[i03, :, i02].reshape(-1, ng, g).transpose(1, 0, 2)        # (ng, mb, g)
+            sb = np.ascontiguousarray(a_scales[i03, :, i02].reshape(-1, ng))
+            mb = sb.shape[0]
+            for r0 in range(0, n, GROUP_TILE_ROWS):
+                r1 = min(n, r0 + GROUP_TILE_ROWS)
+                codes = np.empty((r1 - r0, k), np.float32)
+                scales = np.empty((r1 - r0, ng), np.float32)
+                mins = np.zeros((r1 - r0, k // 32), np.float32)
+                fast.split_rows(code, np.ascontiguousarray(rows[i03, i02, r0:r1]), codes,
+                                scales, mins, table_for(code))
+                sums = np.matmul(xb, codes.reshape(r1 - r0, ng, g).transpose(1, 2, 0))
+                tile = np.empty((mb, r1 - r0), np.float32)
+                fast.combine_groups(sums, sb, np.ascontiguousarray(scales.T), tile)
+                if mins_with is not None:
+                    tile += mins_with[i03, :, i02].reshape(mb, k // 32) @ mins.T
+                res[i03, :, i02, :, :, r0:r1] = tile.reshape(r3, r2, nt, r1 - r0)
 
 
 def _integer(a: Node, acts, kernel: str, out: np.ndarray) -> None:
@@ -360,7 +409,7 @@ def _integer(a: Node, acts, kernel: str, out: np.ndarray) -> None:
                 else np.zeros((m, nb), np.int32))
         s = acts.s if code == Q4_1 else np.zeros((m, nb), np.float32)
         bsums = acts.bsums if code in K_QUANT_TYPES else np.zeros((m, 1), np.int32)
-        fast.mm_packed(code, w, acts.qs, acts.d, s, aint, bsums, out)
+        fast.mm_packed(code, w, acts.qs, acts.d, s, aint, bsums, out, table_for(code))
     elif code in K_QUANT_TYPES:
         mm_kquant(code, w, acts.qs, acts.d, acts.bsums, out, table_for(code))
     else:
@@ -386,8 +435,10 @@ def _run(node: Node, a: Node, b: Node, kernel: str) -> None:
             acts = _quant_activations(a, b, m)
             if a.type in _SIGN_TRICK_TYPES and (acts.qs == -128).any():
                 kernel = UNPACKED     # only from NaN, or from src1 arriving quantised
-            if kernel == BLAS:
-                _blas(a, acts.dequantized(), acts.s if a.type in (Q4_1, Q5_1) else None, out)
+            if kernel == BLAS and a.type in fast.FAST_QUANT_TYPES:
+                _blas_groups(a, acts, out)
+            elif kernel == BLAS:
+                _blas(a, acts.dequantized(), acts.s if a.type == Q5_1 else None, out)
             else:
                 _integer(a, acts, kernel, out)
     view(node)[...] = out

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from ..graph.build import Node
 from ..graph.checks import elementwise_strides, no_src_beyond, require, same_shape, src, type_in
@@ -21,9 +21,10 @@ from ..graph.registry import OpImpl, register
 from ..protocol.ggml_types import GgmlType
 from .cpu_tensors import view
 from .numeric import hsum8_f32
+from .parallel import sized_kernel
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@sized_kernel(0, cache=True, nogil=True)
 def rms_norm_f32(x, out, eps):
     """out[row] = x[row] / sqrt(mean(x[row]**2) + eps) for every row of 4-D float32 arrays."""
     n3, n2, n1, n0 = x.shape
@@ -39,7 +40,7 @@ def rms_norm_f32(x, out, eps):
             out[i3, i2, i1, i0] = x[i3, i2, i1, i0] * scale
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@sized_kernel(0, cache=True, nogil=True)
 def norm_f32(x, out, eps):
     """out[row] = (x[row] - mean) / sqrt(var + eps) for every row of 4-D float32 arrays.
 

@@ -46,6 +46,7 @@ from numba import njit, prange
 
 from ..protocol.ggml_types import GgmlType
 from .numeric import round_f16
+from .parallel import sized_kernel
 
 F32, F16, BF16, I32 = int(GgmlType.F32), int(GgmlType.F16), int(GgmlType.BF16), int(GgmlType.I32)
 Q4_0, Q4_1 = int(GgmlType.Q4_0), int(GgmlType.Q4_1)
@@ -404,7 +405,7 @@ def unpack_k_row(code, row, codes, sc16, mn16, dw, dmw, table):
                 mn16[s0 + g] = 0
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@sized_kernel(2, cache=True, nogil=True)
 def dequantize_rows_2d(code, rows, out, table, with_min):
     """Dequantise every row of ``rows`` (uint8, shape (n, row_bytes)) into ``out`` (n, ne0)."""
     for r in prange(rows.shape[0]):
@@ -427,7 +428,7 @@ def dequantize_rows(code: int, rows: np.ndarray, ne0: int, with_min: bool = True
 # activation quantisation (float32 rows -> Q8_0, Q8_1, Q8_K)
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@sized_kernel(0, cache=True, nogil=True)
 def _quantize_q8_32(x, qs, d, s, want_sum):
     """Q8_0 / Q8_1 of every row of ``x`` (float32 (m, k)): per 32 values d = amax/127
     (rounded to f16), q = rint(x * 127/amax); with ``want_sum`` also s = f16(d * sum(q))."""
@@ -460,7 +461,7 @@ def _quantize_q8_32(x, qs, d, s, want_sum):
                 s[r, b] = round_f16(dd * np.float32(total))
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@sized_kernel(0, cache=True, nogil=True)
 def _quantize_q8_k(x, qs, d, bsums):
     """Q8_K of every row of ``x``: per 256 values, scale from the value of largest magnitude
     (the first one found), q = rint(-127/max * x) capped at 127, d = 1/scale (float32),

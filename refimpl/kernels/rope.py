@@ -26,6 +26,7 @@ from ..graph.ops import Op
 from ..graph.registry import OpImpl, register
 from .cpu_tensors import load_f32, store_f32, view
 from .numeric import fma32
+from .parallel import sized_kernel
 
 MODE_NORMAL, MODE_NEOX, MODE_MROPE, MODE_VISION, MODE_IMROPE = 0, 2, 8, 24, 40
 MODES = (MODE_NORMAL, MODE_NEOX, MODE_MROPE, MODE_VISION, MODE_IMROPE)
@@ -90,7 +91,7 @@ def _yarn(theta_extrap, freq_scale, low, high, i0, ext_factor, mscale):
     return f32(math.cos(theta)) * mscale, f32(math.sin(theta)) * mscale
 
 
-@njit(parallel=True, cache=True, nogil=True, error_model="numpy")
+@sized_kernel(0, cache=True, nogil=True, error_model="numpy")
 def rope_cache(pos, ff, use_ff, n, n2, mode, sections, freq_scale, ext_factor, attn_factor,
                low, high, theta_scale):
     """Angle table (n2, n): ``[cos, sin]`` of pair ``i0/2`` at ``[i0, i0+1]`` for each token.
@@ -160,7 +161,7 @@ def rope_cache(pos, ff, use_ff, n, n2, mode, sections, freq_scale, ext_factor, a
     return cache
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@sized_kernel(0, cache=True, nogil=True)
 def rope_rows(x, out, cache, n_dims, n_offs, mode):
     """Rotate every row of ``x`` (n3, n2, n1, n0) into ``out`` using ``cache`` (n2, ·).
 

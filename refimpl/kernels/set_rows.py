@@ -10,7 +10,7 @@ out-of-bounds write of llama.cpp issue #26912: an index out of range stops the g
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from ..graph.build import GraphInvalid, Node
 from ..graph.checks import (BF16, F16, F32, I32, I64, elementwise_strides, fail, no_src_beyond,
@@ -19,11 +19,12 @@ from ..graph.ops import Op
 from ..graph.registry import OpImpl, register
 from ..protocol.ggml_types import GgmlType
 from .cpu_tensors import f32_to_bf16, view
+from .parallel import sized_kernel
 
 _DST_TYPES = {F32, F16, BF16}
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@sized_kernel(0, cache=True, nogil=True)
 def scatter_rows(rows, idx, dst):
     """``dst[i3, i2, idx[0, i3 % n12, i2 % n11, i], :] = rows[i3, i2, i, :]``.
 

@@ -104,7 +104,8 @@ def dot_nibbles16_pair(typingctx, w, a):
         wa, aa = args
         zero, four = ir.Constant(_I32, 0), ir.Constant(_I32, 4)
         lo = _dot(builder, _nibbles(builder, wa, zero, 16), aa, 16)
-        hi = _dot(builder, _nibbles(builder, wa, four, 16), builder.add(aa, ir.Constant(aa.type, 16)), 16)
+        a_hi = builder.add(aa, ir.Constant(aa.type, 16))
+        hi = _dot(builder, _nibbles(builder, wa, four, 16), a_hi, 16)
         return builder.add(lo, hi)
 
     return sig, codegen
@@ -200,7 +201,8 @@ def decode_i8_32(typingctx, w, scale, out):
 
     def codegen(context, builder, signature, args):
         wa, sc, oa = args
-        _store_scaled(builder, builder.sext(_load(builder, wa, _I8, 32), _vec(_I16, 32)), sc, oa, 32)
+        codes = builder.sext(_load(builder, wa, _I8, 32), _vec(_I16, 32))
+        _store_scaled(builder, codes, sc, oa, 32)
         return context.get_dummy_value()
 
     return sig, codegen

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from ..graph.build import Node
 from ..graph.checks import (F16, F32, elementwise_strides, fail, is_contiguous, no_src_beyond,
@@ -23,6 +23,7 @@ from ..graph.ops import Op
 from ..graph.registry import OpImpl, register
 from .cpu_tensors import load_f32, view
 from .numeric import fma32, vexp8_sub_f32
+from .parallel import sized_kernel
 
 
 def alibi_slopes(n_head: int, max_bias: float) -> np.ndarray:
@@ -45,7 +46,7 @@ def alibi_slopes(n_head: int, max_bias: float) -> np.ndarray:
     return slopes
 
 
-@njit(parallel=True, cache=True, nogil=True, error_model="numpy")
+@sized_kernel(0, cache=True, nogil=True, error_model="numpy")
 def softmax_f32(x, mask, sinks, out, scale, slopes, use_mask, use_sinks):
     """Row softmax of float32 ``x`` (n3, n2, n1, n0) into ``out`` (same shape, may be ``x``).
 

@@ -25,6 +25,7 @@ from ..graph.registry import OpImpl, register
 from ..protocol.ggml_types import GgmlType
 from .cpu_tensors import load_f32, store_f32, view
 from .numeric import fma32, round_f16, vsilu_f32
+from .parallel import sized_kernel
 
 _SQRT_2_OVER_PI = 0.79788456080286535587989211986876
 _GELU_COEF_A = 0.044715
@@ -110,7 +111,7 @@ def activation(code, x, table, p0, p1, p2, p3):
     return np.trunc(x)    # 21 TRUNC
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@sized_kernel(0, cache=True, nogil=True)
 def unary_f32(a, out, code, table, simd, p0, p1, p2, p3):
     """out = activation(a) over 4-D float32 arrays of one shape.
 
@@ -127,7 +128,7 @@ def unary_f32(a, out, code, table, simd, p0, p1, p2, p3):
             out[i3, i2, i1, i0] = activation(code, a[i3, i2, i1, i0], table, p0, p1, p2, p3)
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@sized_kernel(2, cache=True, nogil=True)
 def glu_f32(x, g, out, code, table, simd, alpha, limit):
     """out = act(x) * g for the GLU ops (``GluOp`` code); x, g, out share one shape.
 
@@ -168,7 +169,7 @@ def glu_f32(x, g, out, code, table, simd, alpha, limit):
             out[i3, i2, i1, i0] = v
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@sized_kernel(0, cache=True, nogil=True)
 def scale_f32(a, out, s, b):
     """out = a * s + b in one rounding (a fused multiply-add); with b == 0, ggml multiplies
     only, which keeps the sign of a zero product."""

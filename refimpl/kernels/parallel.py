@@ -1,0 +1,50 @@
+"""One parallel launch per node, and only when the work pays for it.
+
+numba's parallel kernels (``prange``) start the thread pool on every call.  For the small
+tensors of one-token steps (a row of 576 floats) that costs more than the work, and far more
+on a busy machine, where a worker thread must first get a core.  :func:`sized_kernel` compiles
+a kernel twice, with and without ``parallel``; each call runs the serial one when its work
+(the size of one chosen argument) is below :data:`SERIAL_BELOW` elements, or when the
+calling thread has one numba thread (``-t 1``): a one-thread launch still costs its start.  Both compile the
+same source, so they compute the same values.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import numba
+import numpy as np
+from numba import njit
+
+#: Elements below which a kernel runs in the calling thread.
+SERIAL_BELOW = 1 << 14
+
+
+class SizedKernel:
+    """A kernel compiled serial and parallel, picking by the size of argument ``work_arg``."""
+
+    def __init__(self, fn, work_arg: int, options: dict):
+        # IEEE division (x/0 is ±inf or NaN) in both: numba's parallel loops already divide so,
+        # its serial default would raise ZeroDivisionError instead
+        options = {"error_model": "numpy", **options}
+        self.parallel = njit(parallel=True, **options)(fn)
+        # a distinct function object (and name) so that numba's on-disk cache keeps both
+        twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial",
+                                  fn.__defaults__, fn.__closure__)
+        twin.__qualname__ = fn.__qualname__ + "_serial"
+        twin.__module__ = fn.__module__
+        self.serial = njit(**options)(twin)
+        self.work_arg = work_arg
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args):
+        serial = np.size(args[self.work_arg]) < SERIAL_BELOW or numba.get_num_threads() == 1
+        return (self.serial if serial else self.parallel)(*args)
+
+
+def sized_kernel(work_arg: int, **options):
+    """Decorator: ``@sized_kernel(work_arg=2, cache=True, nogil=True)`` in place of
+    ``@njit(parallel=True, cache=True, nogil=True)`` for a kernel called from Python."""
+    return lambda fn: SizedKernel(fn, work_arg, options)

@@ -1,0 +1,76 @@
+"""refimpl.kernels.simd: each vector building block against its plain-numpy reference, and
+the fast MUL_MAT decoders against ggml's dequantisation (refimpl.kernels.quants)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from numba import njit
+
+from refimpl.kernels import matmul_fast as fast
+from refimpl.kernels import quants as Q
+from refimpl.kernels import simd
+
+from .test_quants import random_rows
+
+
+@njit
+def _dots(w, h, a, shift, hs):
+    wp, hp, ap = w.ctypes.data, h.ctypes.data, a.ctypes.data
+    return (simd.dot_nibbles16_pair(wp, ap), simd.dot_nibbles32(wp, shift, ap),
+            simd.dot_q6_16(wp, shift, hp, hs, ap), simd.dot_i8_32(wp, ap))
+
+
+@njit
+def _decodes(w, h, shift, hs, scale, out):
+    wp, hp, op = w.ctypes.data, h.ctypes.data, out.ctypes.data
+    simd.decode_nibbles16_pair(wp, 8, scale, op)
+    simd.decode_nibbles32(wp, shift, scale, op + 128)
+    simd.decode_q6_16(wp, shift, hp, hs, scale, op + 256)
+    simd.decode_i8_32(wp, scale, op + 320)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_building_blocks_match_references(seed):
+    rng = np.random.default_rng(seed)
+    w = rng.integers(0, 256, 32, dtype=np.uint8)
+    h = rng.integers(0, 256, 16, dtype=np.uint8)
+    a = rng.integers(-128, 128, 32, dtype=np.int8)
+    a[0] = -128                                    # the extremes fit the int16 products
+    w[1] = 0x80
+    shift, hs = int(rng.choice([0, 4])), int(rng.choice([0, 2, 4, 6]))
+    pair, nib32, q6, i8 = _dots(w, h, a, shift, hs)
+    lo, hi = simd.ref_nibbles(w[:16], 0), simd.ref_nibbles(w[:16], 4)
+    assert pair == simd.ref_dot(np.concatenate([lo, hi]), a)
+    assert nib32 == simd.ref_dot(simd.ref_nibbles(w, shift), a)
+    assert q6 == simd.ref_dot(simd.ref_q6(w[:16], shift, h, hs), a[:16])
+    assert i8 == simd.ref_dot(w.view(np.int8), a)
+
+    scale = np.float32(rng.uniform(-2, 2))
+    out = np.zeros(112, np.float32)
+    _decodes(w, h, shift, hs, scale, out)
+    want = np.concatenate([np.concatenate([lo, hi]) - 8, simd.ref_nibbles(w, shift),
+                           simd.ref_q6(w[:16], shift, h, hs), w.view(np.int8)])
+    np.testing.assert_array_equal(out, want.astype(np.float32) * scale)
+
+
+@pytest.mark.parametrize("wtype", sorted(fast.FAST_QUANT_TYPES), ids=lambda t: Q.GgmlType(t).name)
+def test_split_rows_give_ggml_dequantisation(wtype):
+    """codes · group scale (− Q4_K's minimum) is ggml's dequantised value, exactly; Q4_1's
+    minimum is left to the product (ggml pairs it with the activations' sums)."""
+    rng = np.random.default_rng(3)
+    k, n = 512, 5
+    rows = random_rows(rng, wtype, n, k)
+    g = fast.group_size(wtype)
+    codes = np.empty((n, k), np.float32)
+    scales = np.empty((n, k // g), np.float32)
+    mins = np.zeros((n, k // 32), np.float32)
+    fast.split_rows(wtype, rows, codes, scales, mins, Q.F16_TABLE)
+    assert np.array_equal(codes, np.round(codes)) and np.abs(codes).max() <= 128
+    got = codes * np.repeat(scales, g, axis=1)
+    if wtype == Q.Q4_K:
+        got = got - np.repeat(mins, 32, axis=1)
+    want = Q.dequantize_rows(wtype, rows, k, with_min=wtype != Q.Q4_1)
+    np.testing.assert_array_equal(got, want)
+    if wtype == Q.Q4_1:
+        np.testing.assert_array_equal(mins, fast.block_mins(rows, 20))
