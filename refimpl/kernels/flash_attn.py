@@ -33,7 +33,7 @@ from ..graph.checks import (BF16, F16, F32, elementwise_strides, fail, is_contig
                             no_src_beyond, require, src, type_in)
 from ..graph.ops import Op
 from ..graph.registry import OpImpl, register
-from .cpu_tensors import bf16_to_f32, round_to, view
+from .cpu_tensors import bf16_to_f32, f16_to_f32, round_to, view
 from .numeric import fma32, hsum8_f32, vexp8_sub_f32
 from .softmax import alibi_slopes
 
@@ -568,6 +568,8 @@ def _packed_f32(t: Node) -> np.ndarray:
     """The tensor's values as a C-contiguous float32 copy (F32, F16 or BF16)."""
     if t.type == BF16:
         return bf16_to_f32(np.ascontiguousarray(view(t)))
+    if t.type == F16:
+        return f16_to_f32(view(t))
     return np.array(view(t), dtype=np.float32, order="C", copy=True)
 
 

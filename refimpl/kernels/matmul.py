@@ -35,7 +35,7 @@ from ..graph.checks import (block_rows, elementwise_strides, no_src_beyond, requ
 from ..graph.ops import Op
 from ..graph.registry import OpImpl, register
 from . import matmul_fast as fast
-from .cpu_tensors import bf16_to_f32, f32_to_bf16, load_f32, rows_u8, view
+from .cpu_tensors import bf16_to_f32, f16_to_f32, f32_to_bf16, load_f32, rows_u8, view
 from .numeric import fma32
 from .quants import (BF16, F16, F32, K_QUANT_TYPES, Q2_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K,
                      Q6_K, Q8_0, Q8_K,
@@ -318,7 +318,7 @@ def _float_weights(a: Node, r0: int, r1: int) -> np.ndarray:
     if a.type == F32:
         return view(a)[:, :, r0:r1]
     if a.type == F16:
-        return view(a)[:, :, r0:r1].astype(np.float32)
+        return f16_to_f32(view(a)[:, :, r0:r1])
     if a.type == BF16:
         return bf16_to_f32(view(a, np.uint16)[:, :, r0:r1])
     out = dequantize_rows(a.type, _weight_rows(a, r0, r1), a.ne[0], with_min=a.type != Q5_1)
