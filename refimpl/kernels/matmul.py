@@ -39,7 +39,8 @@ from .cpu_tensors import bf16_to_f32, f16_to_f32, f32_to_bf16, load_f32, rows_u8
 from .numeric import fma32
 from .quants import (BF16, F16, F32, K_QUANT_TYPES, Q2_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K,
                      Q6_K, Q8_0, Q8_K,
-                     QUANT_WEIGHT_TYPES, VEC_DOT_TYPE, dequantize_rows, quantize_activations,
+                     QUANT_WEIGHT_TYPES, VEC_DOT_TYPE, Q8_1, dequantize_rows, quantize_activations,
+                     quantize_q8_32, quantize_q8_k,
                      table_for, unpack_activations, unpack_k_row, unpack_q32_row)
 
 #: Types accepted as weights (src0).
@@ -405,11 +406,9 @@ def _integer(a: Node, acts, kernel: str, out: np.ndarray) -> None:
     w = rows_u8(a)
     nb = a.ne[0] // 32
     if kernel == PACKED:
-        aint = (acts.qs.reshape(m, nb, 32).sum(axis=2, dtype=np.int32) if code == Q4_0
-                else np.zeros((m, nb), np.int32))
         s = acts.s if code == Q4_1 else np.zeros((m, nb), np.float32)
         bsums = acts.bsums if code in K_QUANT_TYPES else np.zeros((m, 1), np.int32)
-        fast.mm_packed(code, w, acts.qs, acts.d, s, aint, bsums, out, table_for(code))
+        fast.mm_packed(code, w, acts.qs, acts.d, s, bsums, out, table_for(code))
     elif code in K_QUANT_TYPES:
         mm_kquant(code, w, acts.qs, acts.d, acts.bsums, out, table_for(code))
     else:
@@ -442,6 +441,41 @@ def _run(node: Node, a: Node, b: Node, kernel: str) -> None:
             else:
                 _integer(a, acts, kernel, out)
     view(node)[...] = out
+
+
+class _BoundPacked:
+    """The PACKED product of one node, bound once (issue 12's "bind once, run many"): views,
+    activation buffers and the kernel's arguments are made when the graph is bound, so that
+    a GRAPH_RECOMPUTE of a one-token step only quantises src1 and calls the kernel, which
+    writes straight into dst.  Applies to float src1 (the weights' activation format is then
+    refimpl's to make); anything unusual takes :func:`_run`."""
+
+    def __init__(self, node: Node, a: Node, b: Node):
+        self.node, self.a, self.b = node, a, b
+        k, m = a.ne[0], b.ne[1] * b.ne[2] * b.ne[3]
+        vt = VEC_DOT_TYPE[a.type]
+        per = 256 if vt == Q8_K else 32
+        self.vt = vt
+        self.qs = np.empty((m, k), np.int8)
+        self.d = np.empty((m, k // per), np.float32)
+        self.s = np.zeros((m, k // 32), np.float32)
+        self.bsums = np.zeros((m, k // 16 if vt == Q8_K else 1), np.int32)
+        self.args = (a.type, rows_u8(a), self.qs, self.d, self.s, self.bsums, view(node),
+                     table_for(a.type))
+        self.m, self.k = m, k
+
+    def __call__(self) -> None:
+        x = load_f32(self.b)
+        x = x.reshape(self.m, self.k) if x.flags.c_contiguous else \
+            np.ascontiguousarray(x).reshape(self.m, self.k)
+        if self.vt == Q8_K:
+            quantize_q8_k(x, self.qs, self.d, self.bsums)
+        else:
+            quantize_q8_32(x, self.qs, self.d, self.s, self.vt == Q8_1)
+        if self.a.type in _SIGN_TRICK_TYPES and self.qs.min() == -128:
+            _run(self.node, self.a, self.b, UNPACKED)     # from NaN only: ggml's sign trick
+            return
+        fast.mm_packed(*self.args)
 
 
 @register
@@ -478,4 +512,6 @@ class MatMul(OpImpl):
         if a.type not in WEIGHT_TYPES:
             return None
         kernel = choose_kernel(a.type, b.ne[1])    # types and shapes are fixed: once per node
+        if kernel == PACKED and b.type in (F32, F16, BF16) and node.nelements and a.ne[0]:
+            return _BoundPacked(node, a, b)
         return lambda: _run(node, a, b, kernel)

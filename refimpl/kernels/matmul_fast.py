@@ -143,14 +143,20 @@ def dot_q6_k(row, ap, ad, table):
 
 
 @sized_kernel(7, cache=True, nogil=True)
-def mm_packed(code, w, aq, ad, asum, aint, bsums, out, table):
+def mm_packed(code, w, aq, ad, asum, bsums, out, table):
     """Weights ``w`` (uint8 rows (A3, A2, N, row_bytes)) of a FAST_QUANT_TYPES ``code``
     times quantised activations (per row m = (batch, token): ``aq`` int8 (M, K), ``ad``,
-    ``asum``, ``aint``, ``bsums`` as the ``dot_*`` functions take them) into ``out`` float32
-    (B3, B2, T, N); src0 is broadcast over the batches.  Parallel over slices of weight
-    rows, token after token (the few activation rows stay in cache)."""
+    ``asum``, ``bsums`` as the ``dot_*`` functions take them) into ``out`` float32
+    (B3, B2, T, N), which may have any strides; src0 is broadcast over the batches.
+    Parallel over slices of weight rows, token after token (the few activation rows stay in
+    cache)."""
     a3, a2, n, _ = w.shape
     b3, b2, nt, _ = out.shape
+    aint = np.zeros((aq.shape[0], aq.shape[1] // 32), np.int32)
+    if code == Q4_0:                     # Q4_0's offset of 8 needs Σa per block
+        for m in range(aq.shape[0]):
+            for e in range(aq.shape[1]):
+                aint[m, e // 32] += aq[m, e]
     r3, r2 = b3 // a3, b2 // a2
     chunks = (n + ROWS_PER_JOB - 1) // ROWS_PER_JOB
     for job in prange(b3 * b2 * chunks):

@@ -429,7 +429,7 @@ def dequantize_rows(code: int, rows: np.ndarray, ne0: int, with_min: bool = True
 
 
 @sized_kernel(0, cache=True, nogil=True)
-def _quantize_q8_32(x, qs, d, s, want_sum):
+def quantize_q8_32(x, qs, d, s, want_sum):
     """Q8_0 / Q8_1 of every row of ``x`` (float32 (m, k)): per 32 values d = amax/127
     (rounded to f16), q = rint(x * 127/amax); with ``want_sum`` also s = f16(d * sum(q))."""
     m, k = x.shape
@@ -462,7 +462,7 @@ def _quantize_q8_32(x, qs, d, s, want_sum):
 
 
 @sized_kernel(0, cache=True, nogil=True)
-def _quantize_q8_k(x, qs, d, bsums):
+def quantize_q8_k(x, qs, d, bsums):
     """Q8_K of every row of ``x``: per 256 values, scale from the value of largest magnitude
     (the first one found), q = rint(-127/max * x) capped at 127, d = 1/scale (float32),
     and sums of 16 consecutive q."""
@@ -536,13 +536,13 @@ def quantize_activations(x: np.ndarray, vec_type: int) -> Activations:
         d = np.empty((m, k // 32), np.float32)
         s = np.empty((m, k // 32) if vec_type == Q8_1 else (0, 0), np.float32)
         if m and k:
-            _quantize_q8_32(x, qs, d, s, vec_type == Q8_1)
+            quantize_q8_32(x, qs, d, s, vec_type == Q8_1)
         return Activations(vec_type, qs, d, s if vec_type == Q8_1 else None)
     if vec_type == Q8_K:
         d = np.empty((m, k // 256), np.float32)
         bsums = np.empty((m, k // 16), np.int32)
         if m and k:
-            _quantize_q8_k(x, qs, d, bsums)
+            quantize_q8_k(x, qs, d, bsums)
         return Activations(Q8_K, qs, d, bsums=bsums)
     raise ValueError(f"no activation quantisation to type {vec_type}")
 
