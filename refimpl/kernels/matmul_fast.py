@@ -31,7 +31,7 @@ from numba import njit, prange
 from .parallel import sized_kernel
 from .quants import Q4_0, Q4_1, Q4_K, Q6_K, Q8_0, _k4_scale_min
 from .simd import (decode_i8_32, decode_nibbles16_pair, decode_nibbles32, decode_q6_16,
-                   dot_i8_32, dot_nibbles16_pair, dot_nibbles32, dot_q6_16)
+                   dot_nibbles32, dot_q6_16, row_dot_q4_0, row_dot_q4_1, row_dot_q8_0)
 
 #: Weight types with a packed-block dot product and a fast decoder here.
 FAST_QUANT_TYPES = frozenset({Q4_0, Q4_1, Q8_0, Q4_K, Q6_K})
@@ -60,37 +60,24 @@ def _f16(row, o, table):
 
 
 @njit(cache=True, nogil=True)
-def dot_q4_0(row, ap, ad, aint, table):
-    """Σ_b (d_w·d_a) · (Σ q·a − 8·Σa) over the 32-value blocks."""
-    rp = row.ctypes.data
-    acc = np.float32(0.0)
-    for b in range(ad.shape[0]):
-        s = dot_nibbles16_pair(rp + 18 * b + 2, ap + 32 * b) - 8 * aint[b]
-        acc += (_f16(row, 18 * b, table) * ad[b]) * np.float32(s)
-    return acc
+def dot_q4_0(row, ap, ad, asum, table):
+    """Σ_b (d_w·d_a) · Σ (q − 8)·a over the 32-value blocks (:func:`.simd.row_dot_q4_0`)."""
+    return row_dot_q4_0(row.ctypes.data, ap, ad.ctypes.data, asum.ctypes.data, ad.shape[0],
+                        table.ctypes.data)
 
 
 @njit(cache=True, nogil=True)
 def dot_q4_1(row, ap, ad, asum, table):
     """Σ_b (d_w·d_a) · Σ q·a + m_w · s_a over the 32-value blocks."""
-    rp = row.ctypes.data
-    acc = np.float32(0.0)
-    for b in range(ad.shape[0]):
-        s = dot_nibbles16_pair(rp + 20 * b + 4, ap + 32 * b)
-        acc += ((_f16(row, 20 * b, table) * ad[b]) * np.float32(s)
-                + _f16(row, 20 * b + 2, table) * asum[b])
-    return acc
+    return row_dot_q4_1(row.ctypes.data, ap, ad.ctypes.data, asum.ctypes.data, ad.shape[0],
+                        table.ctypes.data)
 
 
 @njit(cache=True, nogil=True)
-def dot_q8_0(row, ap, ad, table):
+def dot_q8_0(row, ap, ad, asum, table):
     """Σ_b (d_w·d_a) · Σ w·a over the 32-value blocks."""
-    rp = row.ctypes.data
-    acc = np.float32(0.0)
-    for b in range(ad.shape[0]):
-        s = dot_i8_32(rp + 34 * b + 2, ap + 32 * b)
-        acc += (_f16(row, 34 * b, table) * ad[b]) * np.float32(s)
-    return acc
+    return row_dot_q8_0(row.ctypes.data, ap, ad.ctypes.data, asum.ctypes.data, ad.shape[0],
+                        table.ctypes.data)
 
 
 @njit(cache=True, nogil=True)
@@ -152,11 +139,6 @@ def mm_packed(code, w, aq, ad, asum, bsums, out, table):
     cache)."""
     a3, a2, n, _ = w.shape
     b3, b2, nt, _ = out.shape
-    aint = np.zeros((aq.shape[0], aq.shape[1] // 32), np.int32)
-    if code == Q4_0:                     # Q4_0's offset of 8 needs Σa per block
-        for m in range(aq.shape[0]):
-            for e in range(aq.shape[1]):
-                aint[m, e // 32] += aq[m, e]
     r3, r2 = b3 // a3, b2 // a2
     chunks = (n + ROWS_PER_JOB - 1) // ROWS_PER_JOB
     for job in prange(b3 * b2 * chunks):
@@ -171,13 +153,13 @@ def mm_packed(code, w, aq, ad, asum, bsums, out, table):
             o = out[i13, i12, t]
             if code == Q4_0:
                 for r in range(r0, r1):
-                    o[r] = dot_q4_0(wb[r], ap, adm, aint[m], table)
+                    o[r] = dot_q4_0(wb[r], ap, adm, asum[m], table)
             elif code == Q4_1:
                 for r in range(r0, r1):
                     o[r] = dot_q4_1(wb[r], ap, adm, asum[m], table)
             elif code == Q8_0:
                 for r in range(r0, r1):
-                    o[r] = dot_q8_0(wb[r], ap, adm, table)
+                    o[r] = dot_q8_0(wb[r], ap, adm, asum[m], table)
             elif code == Q4_K:
                 for r in range(r0, r1):
                     o[r] = dot_q4_k(wb[r], ap, adm, bsums[m], table)

@@ -6,15 +6,17 @@ loop vectoriser, and numba widens every small integer to 64 bits: the natural nu
 SIMD code says, as portable LLVM vector operations (no x86 intrinsic; LLVM picks the host's
 instructions, e.g. ``vpmaddwd`` on AVX2):
 
+* ``row_dot_*``: one whole output of a product with a 32-value block format (Q4_0, Q4_1,
+  Q8_0), ggml's way: eight integer lanes per block, scaled into eight float32 lanes;
 * ``dot_*``: the exact integer sum of products of one group of weight codes with int8
-  activations (the core of every quantised dot product);
+  activations (the k-quants' sub-blocks);
 * ``decode_*``: one group of weight codes times a float32 scale, stored as float32 (the
   dequantisation that feeds the BLAS path of a batched product).
 
 Every function takes raw addresses (``array.ctypes.data + offset``): the caller has validated
 the tensors and computed the offsets; nothing here checks bounds (DEVELOPERS.md: validation
-happens before dispatch).  Each has a plain-numpy reference (``ref_*``) that the tests compare
-it with.
+happens before dispatch).  The tests compare each with a plain-numpy reference (``ref_*``
+here; :func:`refimpl.kernels.matmul.reference` for whole products).
 
 Weight codes, by format (spec/ops/matmul.md, "Block formats"):
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 _I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
@@ -95,23 +98,6 @@ def _store_scaled(builder, codes, scale, out_addr, n):
 
 
 @intrinsic
-def dot_nibbles16_pair(typingctx, w, a):
-    """Σ_j lo(w[j])·a[j] + hi(w[j])·a[16+j], j < 16: the 16 packed bytes of a Q4_0/Q4_1 block
-    (low nibbles are values 0..15, high nibbles 16..31) against 32 int8 activations."""
-    sig = types.int32(types.intp, types.intp)
-
-    def codegen(context, builder, signature, args):
-        wa, aa = args
-        zero, four = ir.Constant(_I32, 0), ir.Constant(_I32, 4)
-        lo = _dot(builder, _nibbles(builder, wa, zero, 16), aa, 16)
-        a_hi = builder.add(aa, ir.Constant(aa.type, 16))
-        hi = _dot(builder, _nibbles(builder, wa, four, 16), a_hi, 16)
-        return builder.add(lo, hi)
-
-    return sig, codegen
-
-
-@intrinsic
 def dot_nibbles32(typingctx, w, shift, a):
     """Σ_j ((w[j] >> shift) & 15) · a[j], j < 32 (one 32-value sub-block of Q4_K)."""
     sig = types.int32(types.intp, types.int32, types.intp)
@@ -135,17 +121,99 @@ def dot_q6_16(typingctx, ql, ls, qh, hs, a):
     return sig, codegen
 
 
-@intrinsic
-def dot_i8_32(typingctx, w, a):
-    """Σ_j w[j] · a[j], j < 32, both int8 (one Q8_0 block)."""
-    sig = types.int32(types.intp, types.intp)
+# ------------------------------------------------------------------------------------------
+# whole rows of the 32-value block formats
 
-    def codegen(context, builder, signature, args):
-        wa, aa = args
-        codes = builder.sext(_load(builder, wa, _I8, 32), _vec(_I16, 32))
-        return _dot(builder, codes, aa, 32)
 
-    return sig, codegen
+def _madd(builder, x, y):
+    """Products of ``n`` int16 lanes, adjacent pairs summed into ``n/2`` int32 lanes (the
+    shape of x86's ``pmaddwd``, which LLVM emits for it)."""
+    n = x.type.count
+    p = builder.mul(builder.sext(x, _vec(_I32, n)), builder.sext(y, _vec(_I32, n)))
+    even = builder.shuffle_vector(p, p, ir.Constant(_vec(_I32, n // 2), list(range(0, n, 2))))
+    odd = builder.shuffle_vector(p, p, ir.Constant(_vec(_I32, n // 2), list(range(1, n, 2))))
+    return builder.add(even, odd)
+
+
+def _hsum8f(builder, v):
+    """The sum of eight float32 lanes (halves, then pairs, then the last two)."""
+    def half(x, lanes):
+        return builder.shuffle_vector(x, x, ir.Constant(_vec(_I32, len(lanes)), lanes))
+    s4 = builder.fadd(half(v, [0, 1, 2, 3]), half(v, [4, 5, 6, 7]))
+    s2 = builder.fadd(half(s4, [0, 1]), half(s4, [2, 3]))
+    return builder.fadd(builder.extract_element(s2, ir.Constant(_I32, 0)),
+                        builder.extract_element(s2, ir.Constant(_I32, 1)))
+
+
+#: Bytes per block, offset of the codes in a block, and whether the format has a minimum.
+_Q32_LAYOUT = {"q4_0": (18, 2, False), "q4_1": (20, 4, True), "q8_0": (34, 2, False)}
+
+
+def _row_dot_q32(kind):
+    """An intrinsic ``row_dot_<kind>(w, a, ad, asum, nb, table) -> float32``: one output of a
+    product of the packed row at ``w`` (``nb`` blocks of 32 values) with the Q8_0/Q8_1
+    activations at ``a`` (int8), their block scales at ``ad`` and (Q4_1) stored sums ``s``
+    at ``asum`` (float32), the weights' f16 scales widened through ``table`` (float32[65536]).
+
+    As ggml's SIMD dot products: per block, eight int32 lanes of exact integer sums of four
+    products each, converted to float32 and multiplied by ``d_w · d_a`` into eight float32
+    lanes, summed at the end; Q4_1's ``m · s`` goes into a separate float32 sum."""
+    nbytes, qoff, has_min = _Q32_LAYOUT[kind]
+
+    @intrinsic
+    def row_dot(typingctx, w, a, ad, asum, nb, table):
+        sig = types.float32(types.intp, types.intp, types.intp, types.intp, types.intp,
+                            types.intp)
+
+        def codegen(context, builder, signature, args):
+            wa, aa, da, sa, nbv, ta = args
+            fp = _F32.as_pointer()
+            acc_p = cgutils.alloca_once_value(builder, ir.Constant(_vec(_F32, 8), [0.0] * 8))
+            min_p = cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0))
+            table_p, d_p, s_p = (builder.inttoptr(x, fp) for x in (ta, da, sa))
+            with cgutils.for_range(builder, nbv) as loop:
+                b = loop.index
+                wb = builder.add(wa, builder.mul(b, ir.Constant(b.type, nbytes)))
+                ab = builder.add(aa, builder.mul(b, ir.Constant(b.type, 32)))
+                qa = builder.add(wb, ir.Constant(wb.type, qoff))
+
+                def f16_at(addr):
+                    bits = builder.load(builder.inttoptr(addr, _I16.as_pointer()), align=1)
+                    return builder.load(builder.gep(table_p, [builder.zext(bits, ir.IntType(64))]))
+
+                a_lo = builder.sext(_load(builder, ab, _I8, 16), _vec(_I16, 16))
+                a_hi = builder.sext(_load(builder, builder.add(ab, ir.Constant(ab.type, 16)),
+                                          _I8, 16), _vec(_I16, 16))
+                if kind == "q8_0":
+                    lo = builder.sext(_load(builder, qa, _I8, 16), _vec(_I16, 16))
+                    hi = builder.sext(_load(builder, builder.add(qa, ir.Constant(qa.type, 16)),
+                                            _I8, 16), _vec(_I16, 16))
+                else:
+                    lo = _nibbles(builder, qa, ir.Constant(_I32, 0), 16)
+                    hi = _nibbles(builder, qa, ir.Constant(_I32, 4), 16)
+                    if kind == "q4_0":
+                        eight = ir.Constant(_vec(_I16, 16), [8] * 16)
+                        lo, hi = builder.sub(lo, eight), builder.sub(hi, eight)
+                lanes = builder.add(_madd(builder, lo, a_lo), _madd(builder, hi, a_hi))
+                d = builder.fmul(f16_at(wb), builder.load(builder.gep(d_p, [b])))
+                part = builder.fmul(builder.sitofp(lanes, _vec(_F32, 8)),
+                                    _splat(builder, d, _F32, 8))
+                builder.store(builder.fadd(builder.load(acc_p), part), acc_p)
+                if has_min:
+                    m = builder.fmul(f16_at(builder.add(wb, ir.Constant(wb.type, 2))),
+                                     builder.load(builder.gep(s_p, [b])))
+                    builder.store(builder.fadd(builder.load(min_p), m), min_p)
+            return builder.fadd(_hsum8f(builder, builder.load(acc_p)), builder.load(min_p))
+
+        return sig, codegen
+
+    row_dot.__name__ = f"row_dot_{kind}"
+    return row_dot
+
+
+row_dot_q4_0 = _row_dot_q32("q4_0")
+row_dot_q4_1 = _row_dot_q32("q4_1")
+row_dot_q8_0 = _row_dot_q32("q8_0")
 
 
 # ------------------------------------------------------------------------------------------
