@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 
 import numpy as np
@@ -42,12 +43,31 @@ def cpu_model_name() -> str:
     return "CPU"
 
 
+#: Buffers from this size on are mapped with transparent huge pages where the kernel offers
+#: them (``madvise``): a model's weights arrive into fresh buffers, and faulting their memory
+#: in 2 MiB pages instead of 4 KiB ones is most of what a first upload costs.
+HUGE_PAGE_MIN = 4 << 20
+
+
+def _zeroed_memory(size: int) -> np.ndarray:
+    """``size`` zeroed bytes (uint8).  Large ones are an anonymous mapping advised to use
+    huge pages (freed when the last view of it goes); small ones come from numpy."""
+    if size >= HUGE_PAGE_MIN and hasattr(mmap, "MADV_HUGEPAGE"):
+        region = mmap.mmap(-1, size)
+        try:
+            region.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass                               # no transparent huge pages here: 4 KiB pages
+        return np.frombuffer(region, dtype=np.uint8)
+    return np.zeros(size, dtype=np.uint8)
+
+
 class CpuBuffer(DeviceBuffer):
     """Host memory; every region view is the buffer's own memory (no copies)."""
 
     def __init__(self, device: "CpuDevice", size: int):
         super().__init__(device, size)
-        raw = np.zeros(size + _HOST_ALIGNMENT, dtype=np.uint8)  # zeroed: no stale data leaks
+        raw = _zeroed_memory(size + _HOST_ALIGNMENT)     # zeroed: no stale data leaks
         start = (-raw.ctypes.data) % _HOST_ALIGNMENT
         self.array = raw[start:start + size]
 

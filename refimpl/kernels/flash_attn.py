@@ -642,6 +642,7 @@ class FlashAttnExt(OpImpl):
         if softcap != 0:
             scale = np.float32(scale / softcap)
         nq3, nq2, nq1 = q_t.ne[3], q_t.ne[2], q_t.ne[1]
+        n_kv = k_t.ne[1]
         slopes = alibi_slopes(nq2, node.param_f32(1))
         tiled = k_t.type == v_t.type and k_t.type in (F32, F16) and nq1 >= TILED_MIN_ROWS
         v_f16 = (not tiled) and v_t.type == F16
@@ -659,8 +660,8 @@ class FlashAttnExt(OpImpl):
             if not tiled:
                 q = np.ascontiguousarray(round_to(q, k_t.type))
             k, v = _packed_f32(k_t), _packed_f32(v_t)
-            if mask_t is not None:
-                mask = _packed_f32(mask_t)
+            if mask_t is not None:      # only the rows of the queries and columns of the keys
+                mask = f16_to_f32(view(mask_t)[:, :, :nq1, :n_kv])
             else:
                 mask = np.zeros((1, 1, 1, 1), np.float32)
             if sinks_t is not None:

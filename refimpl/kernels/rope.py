@@ -207,17 +207,27 @@ def rope_rows(x, out, cache, n_dims, n_offs, mode):
             out[i3, i2, i1, i0] = x[i3, i2, i1, i0]
 
 
-def _angles(p: RopeParams, pos: np.ndarray, ff: np.ndarray | None, n0: int, n2: int) -> np.ndarray:
+def _angle_constants(p: RopeParams, n0: int) -> tuple:
+    """What :func:`rope_cache` needs besides the positions and frequency factors, fixed by the
+    node's parameters (computed once, when the node is bound)."""
     f32 = np.float32
     with np.errstate(all="ignore"):
         theta_scale = np.power(f32(p.freq_base), f32(f32(-2.0) / f32(p.n_dims)))
     low, high = yarn_corr_dims(p.n_dims, p.n_ctx_orig, p.freq_base, p.beta_fast, p.beta_slow)
-    low, high = f32(low), f32(high)
     n = n0 if p.mode == MODE_VISION else p.n_dims
+    return (n, p.mode, np.array(p.sections, np.int64), p.freq_scale, p.ext_factor,
+            p.attn_factor, f32(low), f32(high), theta_scale)
+
+
+def _angles(p: RopeParams, pos: np.ndarray, ff: np.ndarray | None, n0: int, n2: int,
+            constants: tuple | None = None) -> np.ndarray:
+    """The cos/sin cache of every position (:func:`rope_cache`)."""
+    n, mode, sections, freq_scale, ext, attn, low, high, theta_scale = \
+        constants or _angle_constants(p, n0)
     use_ff = ff is not None
     ffa = ff if use_ff else np.ones(1, np.float32)
-    return rope_cache(pos, ffa, use_ff, n, n2, p.mode, np.array(p.sections, np.int64),
-                      p.freq_scale, p.ext_factor, p.attn_factor, low, high, theta_scale)
+    return rope_cache(pos, ffa, use_ff, n, n2, mode, sections, freq_scale, ext, attn, low,
+                      high, theta_scale)
 
 
 def reference(x: np.ndarray, pos: np.ndarray, n_dims: int, mode: int = MODE_NORMAL,
@@ -353,21 +363,25 @@ class Rope(OpImpl):
         ff_t = node.src[2] if len(node.src) > 2 else None
         p = RopeParams(node)
         n0, n2 = a.ne[0], a.ne[2]
+        if node.nelements == 0:
+            return lambda: None
+        constants = _angle_constants(p, n0)        # bound once: fixed by the op's parameters
+        in_place = False
+        if node.type == F32 and a.type == F32:
+            x, out = view(a), view(node)
+            same = (out.__array_interface__["data"][0] == x.__array_interface__["data"][0]
+                    and out.strides == x.strides)
+            in_place = same or not np.may_share_memory(out, x)
 
         def run():
-            if node.nelements == 0:
-                return
             pos = np.ascontiguousarray(view(pos_t)[0, 0, 0, :], dtype=np.int32)
             ff = None
             if ff_t is not None:
                 ff = np.ascontiguousarray(view(ff_t)[0, 0, 0, :], dtype=np.float32)
-            cache = _angles(p, pos, ff, n0, n2)
+            cache = _angles(p, pos, ff, n0, n2, constants)
             x = load_f32(a)
-            out = view(node)
-            same = (out.__array_interface__["data"][0] == x.__array_interface__["data"][0]
-                    and out.strides == x.strides)
-            if node.type == F32 and (same or not np.may_share_memory(out, x)):
-                rope_rows(x, out, cache, p.n_dims, p.n_offs, p.mode)
+            if in_place:
+                rope_rows(x, view(node), cache, p.n_dims, p.n_offs, p.mode)
             else:
                 tmp = np.empty(x.shape, np.float32)
                 rope_rows(x, tmp, cache, p.n_dims, p.n_offs, p.mode)

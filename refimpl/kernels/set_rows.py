@@ -60,7 +60,8 @@ def reference(dst: np.ndarray, rows: np.ndarray, idx: np.ndarray) -> np.ndarray:
 
 
 def _payload(rows_node: Node, dst_type: int) -> np.ndarray:
-    """src0's rows in the destination's storage format (float32, or uint16 bits for F16/BF16)."""
+    """A copy of src0's rows in the destination's storage format (float32, or uint16 bits for
+    F16/BF16)."""
     rows = view(rows_node)
     if dst_type == GgmlType.F32:
         return rows.astype(np.float32)          # F16 -> F32 is exact
@@ -119,14 +120,11 @@ class SetRows(OpImpl):
             if b.nelements == 0:
                 return
             idx = view(c).astype(np.int64)
-            bad = (idx < 0) | (idx >= n_rows)
-            if bad.any():
+            if idx.min() < 0 or idx.max() >= n_rows:          # two reductions, no temporaries
+                bad = (idx < 0) | (idx >= n_rows)
                 where = tuple(int(x) for x in np.argwhere(bad)[0])
                 raise GraphInvalid(f"node {node.describe()}: row index {int(idx[where])} at "
                                    f"src1{list(where[::-1])} is outside [0, {n_rows})")
-            rows = _payload(b, node.type)
-            dst = view(node, storage)
-            if np.may_share_memory(rows, dst):
-                rows = rows.copy()
-            scatter_rows(rows, idx, dst)
+            # _payload always makes a copy, so the scatter never reads what it writes
+            scatter_rows(_payload(b, node.type), idx, view(node, storage))
         return run

@@ -276,6 +276,35 @@ def decode_i8_32(typingctx, w, scale, out):
     return sig, codegen
 
 
+@intrinsic
+def widen_f16_16(typingctx, src, dst):
+    """Sixteen IEEE half-precision values at ``src`` as float32 at ``dst`` (LLVM's ``fpext``:
+    one ``vcvtph2ps`` on a CPU with F16C; callers check :data:`HAS_F16C` first)."""
+    sig = types.void(types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        sa, da = args
+        h = builder.bitcast(_load(builder, sa, _I16, 16), _vec(ir.HalfType(), 16))
+        builder.store(builder.fpext(h, _vec(_F32, 16)),
+                      builder.inttoptr(da, _vec(_F32, 16).as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _host_has_f16c() -> bool:
+    try:
+        from llvmlite import binding
+        return bool(binding.get_host_cpu_features().get("f16c"))
+    except Exception:                           # noqa: BLE001 - any doubt: the table path
+        return False
+
+
+#: Whether the host converts half precision in hardware (every AVX2 CPU does); without it
+#: LLVM would call a runtime routine for :func:`widen_f16_16`, so callers use a table instead.
+HAS_F16C = _host_has_f16c()
+
+
 # ------------------------------------------------------------------------------------------
 # plain-numpy references
 

@@ -10,6 +10,7 @@ from numba import njit
 from refimpl.kernels import matmul_fast as fast
 from refimpl.kernels import quants as Q
 from refimpl.kernels import simd
+from refimpl.kernels.cpu_tensors import f16_to_f32
 
 from .test_quants import random_rows
 
@@ -71,3 +72,17 @@ def test_split_rows_give_ggml_dequantisation(wtype):
     np.testing.assert_array_equal(got, want)
     if wtype == Q.Q4_1:
         np.testing.assert_array_equal(mins, fast.block_mins(rows, 20))
+
+
+@pytest.mark.parametrize("hardware", [True, False], ids=["f16c", "table"])
+def test_f16_widening_is_exact_both_ways(hardware):
+    if hardware and not simd.HAS_F16C:
+        pytest.fail("this host has no F16C: the hardware path cannot be checked here")
+    bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    finite = ~np.isnan(bits.view(np.float16))
+    rows = bits.reshape(1, 4, 256, 64)[:, :, :, 3:]          # 61 per row: both loops run
+    got = f16_to_f32(rows, hardware=hardware)
+    want = rows.view(np.float16).astype(np.float32)
+    ok = finite.reshape(1, 4, 256, 64)[:, :, :, 3:]
+    np.testing.assert_array_equal(got[ok], want[ok])
+    assert np.isnan(got[~ok]).all()
