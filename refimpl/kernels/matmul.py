@@ -12,12 +12,15 @@ BF16 for such weights.  The products themselves follow the numerics contract
 computes them is decided once, when the node is bound (:func:`choose_kernel`):
 
 * ``BLAS``: F32, F16 and BF16 weights, and quantised weights from :data:`BLAS_MIN_ROWS`
-  activation rows on: weights and activations decoded to float32 (exactly: every decoded
-  value is ``code · scale``), then numpy's ``matmul`` (one sgemm per batch);
-* ``PACKED``: Q4_0, Q4_1, Q8_0, Q4_K and Q6_K weights with fewer activation rows: integer dot
-  products on the packed blocks (refimpl.kernels.matmul_fast);
-* ``UNPACKED``: the other block formats (Q5_0, Q5_1, Q2_K, Q3_K, Q5_K) with few activation
-  rows: each weight row unpacked to integers, then ggml's x86 dot products lane by lane (the
+  activation rows on, through numpy's ``matmul`` (sgemm): float weights widened exactly;
+  Q4_0, Q4_1, Q8_0, Q4_K and Q6_K with ggml's per-group arithmetic (exact integer group
+  sums by sgemm, then the scales: :func:`_blas_groups`); the other block formats
+  dequantised exactly, activations too (:func:`_blas`);
+* ``PACKED``: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q6_K weights with fewer activation
+  rows: integer dot products on the packed blocks; F16 weights likewise, widened by the CPU
+  (F16C) (refimpl.kernels.matmul_fast);
+* ``UNPACKED``: the other block formats (Q2_K, Q3_K, Q5_K) with few activation rows: each
+  weight row unpacked to integers, then ggml's x86 dot products lane by lane (the
   kernels below; integer sums of four products per lane, scales applied with fused
   multiply-adds into eight float32 lanes).
 
@@ -37,11 +40,11 @@ from ..graph.registry import OpImpl, register
 from . import matmul_fast as fast
 from .cpu_tensors import bf16_to_f32, f16_to_f32, f32_to_bf16, load_f32, rows_u8, view
 from .numeric import fma32
-from .quants import (BF16, F16, F32, K_QUANT_TYPES, Q2_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K,
-                     Q6_K, Q8_0, Q8_K,
-                     QUANT_WEIGHT_TYPES, VEC_DOT_TYPE, Q8_1, dequantize_rows, quantize_activations,
-                     quantize_q8_32, quantize_q8_k,
+from .quants import (BF16, F16, F16_TABLE, F32, K_QUANT_TYPES, Q2_K, Q4_0, Q4_1, Q4_K, Q5_0,
+                     Q5_1, Q5_K, Q6_K, Q8_0, Q8_1, Q8_K, QUANT_WEIGHT_TYPES, VEC_DOT_TYPE,
+                     dequantize_rows, quantize_activations, quantize_q8_32, quantize_q8_k,
                      table_for, unpack_activations, unpack_k_row, unpack_q32_row)
+from .simd import HAS_F16C
 
 #: Types accepted as weights (src0).
 WEIGHT_TYPES = frozenset({F32, F16, BF16}) | QUANT_WEIGHT_TYPES
@@ -301,10 +304,13 @@ def _quant_activations(a: Node, b: Node, m: int):
 
 
 def choose_kernel(wtype: int, rows: int) -> str:
-    """The kernel for weights of ``wtype`` meeting ``rows`` activation rows per batch."""
+    """The kernel for weights of ``wtype`` meeting ``rows`` activation rows per batch (F16
+    weights take the packed kernel only on a CPU that converts half precision itself)."""
+    if wtype == F16 and rows < BLAS_MIN_ROWS and HAS_F16C:
+        return PACKED
     if wtype in (F32, F16, BF16) or rows >= BLAS_MIN_ROWS:
         return BLAS
-    return PACKED if wtype in fast.FAST_QUANT_TYPES else UNPACKED
+    return PACKED if wtype in fast.PACKED_TYPES else UNPACKED
 
 
 def _weight_rows(a: Node, r0: int, r1: int) -> np.ndarray:
@@ -406,7 +412,7 @@ def _integer(a: Node, acts, kernel: str, out: np.ndarray) -> None:
     w = rows_u8(a)
     nb = a.ne[0] // 32
     if kernel == PACKED:
-        s = acts.s if code == Q4_1 else np.zeros((m, nb), np.float32)
+        s = acts.s if code in (Q4_1, Q5_1) else np.zeros((m, nb), np.float32)
         bsums = acts.bsums if code in K_QUANT_TYPES else np.zeros((m, 1), np.int32)
         fast.mm_packed(code, w, acts.qs, acts.d, s, bsums, out, table_for(code))
     elif code in K_QUANT_TYPES:
@@ -425,6 +431,12 @@ def _run(node: Node, a: Node, b: Node, kernel: str) -> None:
     """Compute the product with ``kernel`` into a scratch array, then store it."""
     nt, b2, b3 = b.ne[1], b.ne[2], b.ne[3]
     m = nt * b2 * b3
+    if kernel == PACKED and a.type == F16:
+        if node.nelements:
+            x = np.ascontiguousarray(load_f32(b)).reshape(m, a.ne[0])
+            x = np.ascontiguousarray(x if b.type == F16 else round_activations(x, F16))
+            fast.mm_f16(view(a, np.uint16), x, view(node), F16_TABLE)
+        return
     out = np.zeros((b3, b2, nt, a.ne[1]), np.float32)
     if out.size and a.ne[0]:
         if a.type in (F32, F16, BF16):
@@ -512,6 +524,7 @@ class MatMul(OpImpl):
         if a.type not in WEIGHT_TYPES:
             return None
         kernel = choose_kernel(a.type, b.ne[1])    # types and shapes are fixed: once per node
-        if kernel == PACKED and b.type in (F32, F16, BF16) and node.nelements and a.ne[0]:
+        if (kernel == PACKED and a.type in fast.PACKED_TYPES and b.type in (F32, F16, BF16)
+                and node.nelements and a.ne[0]):
             return _BoundPacked(node, a, b)
         return lambda: _run(node, a, b, kernel)

@@ -25,15 +25,20 @@ The plain-numpy reference of every product is :func:`refimpl.kernels.matmul.refe
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 from numba import njit, prange
 
 from .parallel import sized_kernel
-from .quants import Q4_0, Q4_1, Q4_K, Q6_K, Q8_0, _k4_scale_min
+from .quants import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q6_K, Q8_0, _k4_scale_min
 from .simd import (decode_i8_32, decode_nibbles16_pair, decode_nibbles32, decode_q6_16,
-                   dot_nibbles32, dot_q6_16, row_dot_q4_0, row_dot_q4_1, row_dot_q8_0)
+                   row_dot_f16, row_dot_q4_0, row_dot_q4_1, row_dot_q4_k, row_dot_q5_0,
+                   row_dot_q5_1, row_dot_q6_k, row_dot_q8_0)
 
-#: Weight types with a packed-block dot product and a fast decoder here.
+#: Weight types with a packed-block dot product here (:func:`mm_packed`) ...
+PACKED_TYPES = frozenset({Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K})
+#: ... and those :func:`split_rows` splits into codes and group scales.
 FAST_QUANT_TYPES = frozenset({Q4_0, Q4_1, Q8_0, Q4_K, Q6_K})
 
 #: Weight rows per parallel job.
@@ -74,6 +79,20 @@ def dot_q4_1(row, ap, ad, asum, table):
 
 
 @njit(cache=True, nogil=True)
+def dot_q5_0(row, ap, ad, asum, table):
+    """Σ_b (d_w·d_a) · Σ (q − 16)·a over the 32-value blocks (5-bit codes)."""
+    return row_dot_q5_0(row.ctypes.data, ap, ad.ctypes.data, asum.ctypes.data, ad.shape[0],
+                        table.ctypes.data)
+
+
+@njit(cache=True, nogil=True)
+def dot_q5_1(row, ap, ad, asum, table):
+    """Σ_b (d_w·d_a) · Σ q·a + m_w · s_a over the 32-value blocks (5-bit codes)."""
+    return row_dot_q5_1(row.ctypes.data, ap, ad.ctypes.data, asum.ctypes.data, ad.shape[0],
+                        table.ctypes.data)
+
+
+@njit(cache=True, nogil=True)
 def dot_q8_0(row, ap, ad, asum, table):
     """Σ_b (d_w·d_a) · Σ w·a over the 32-value blocks."""
     return row_dot_q8_0(row.ctypes.data, ap, ad.ctypes.data, asum.ctypes.data, ad.shape[0],
@@ -81,62 +100,38 @@ def dot_q8_0(row, ap, ad, asum, table):
 
 
 @njit(cache=True, nogil=True)
-def dot_q4_k(row, ap, ad, bsums, table):
-    """Per 256-value super-block: the exact ``Σ_j scale_j · Σ q·a`` and ``Σ_j min_j · Σa``
-    over its eight 32-value sub-blocks, then ``d_a · (d · isum − dmin · msum)``."""
-    rp = row.ctypes.data
-    acc = np.float32(0.0)
+def dot_q4_k(row, ap, ad, bsums, table, scales):
+    """Per 256-value super-block: ``d_a · (d · Σ_j scale_j · Σ q·a − dmin · Σ_j min_j · Σa)``
+    over its eight 32-value sub-blocks.  The 6-bit scales are decoded into ``scales`` (int32,
+    8 per super-block) for :func:`.simd.row_dot_q4_k`; the minimums' part is summed here."""
+    mins = np.float32(0.0)
     for b in range(ad.shape[0]):
         o = 144 * b
-        isum = 0
         msum = 0
-        for j in range(4):
-            a0 = ap + 256 * b + 64 * j
-            s0 = dot_nibbles32(rp + o + 16 + 32 * j, 0, a0)
-            s1 = dot_nibbles32(rp + o + 16 + 32 * j, 4, a0 + 32)
-            sc0, mn0 = _k4_scale_min(row[o + 4:o + 16], 2 * j)
-            sc1, mn1 = _k4_scale_min(row[o + 4:o + 16], 2 * j + 1)
-            g = 16 * b + 4 * j
-            isum += sc0 * s0 + sc1 * s1
-            msum += mn0 * (bsums[g] + bsums[g + 1]) + mn1 * (bsums[g + 2] + bsums[g + 3])
-        acc += ad[b] * (_f16(row, o, table) * np.float32(isum)
-                        - _f16(row, o + 2, table) * np.float32(msum))
-    return acc
+        for j in range(8):
+            sc, mn = _k4_scale_min(row[o + 4:o + 16], j)
+            scales[8 * b + j] = sc
+            msum += mn * (bsums[16 * b + 2 * j] + bsums[16 * b + 2 * j + 1])
+        mins += ad[b] * (_f16(row, o + 2, table) * np.float32(msum))
+    return row_dot_q4_k(row.ctypes.data, ap, ad.ctypes.data, ad.shape[0], table.ctypes.data,
+                        scales.ctypes.data) - mins
 
 
 @njit(cache=True, nogil=True)
-def dot_q6_k(row, ap, ad, table):
-    """Per 256-value super-block: the exact ``Σ_g scale_g · Σ q·a`` over its sixteen groups
-    of 16 (codes −32..31), then ``d_a · d · isum``."""
-    rp = row.ctypes.data
-    acc = np.float32(0.0)
-    for b in range(ad.shape[0]):
-        o = 210 * b
-        isum = 0
-        for n in range(2):
-            ql = rp + o + 64 * n
-            qh = rp + o + 128 + 32 * n
-            sc = o + 192 + 8 * n
-            e = ap + 256 * b + 128 * n
-            for h in range(2):
-                t0 = dot_q6_16(ql + 16 * h, 0, qh + 16 * h, 0, e + 16 * h)
-                t1 = dot_q6_16(ql + 32 + 16 * h, 0, qh + 16 * h, 2, e + 32 + 16 * h)
-                t2 = dot_q6_16(ql + 16 * h, 4, qh + 16 * h, 4, e + 64 + 16 * h)
-                t3 = dot_q6_16(ql + 32 + 16 * h, 4, qh + 16 * h, 6, e + 96 + 16 * h)
-                isum += (np.int8(row[sc + h]) * t0 + np.int8(row[sc + h + 2]) * t1
-                         + np.int8(row[sc + h + 4]) * t2 + np.int8(row[sc + h + 6]) * t3)
-        acc += ad[b] * (_f16(row, o + 208, table) * np.float32(isum))
-    return acc
+def dot_q6_k(row, ap, ad, table, scales):
+    """Per 256-value super-block: ``d_a · d · Σ_g scale_g · Σ q·a`` over its sixteen groups of
+    16 (codes −32..31; :func:`.simd.row_dot_q6_k`)."""
+    return row_dot_q6_k(row.ctypes.data, ap, ad.ctypes.data, ad.shape[0], table.ctypes.data,
+                        scales.ctypes.data)
 
 
-@sized_kernel(7, cache=True, nogil=True)
-def mm_packed(code, w, aq, ad, asum, bsums, out, table):
-    """Weights ``w`` (uint8 rows (A3, A2, N, row_bytes)) of a FAST_QUANT_TYPES ``code``
-    times quantised activations (per row m = (batch, token): ``aq`` int8 (M, K), ``ad``,
-    ``asum``, ``bsums`` as the ``dot_*`` functions take them) into ``out`` float32
-    (B3, B2, T, N), which may have any strides; src0 is broadcast over the batches.
-    Parallel over slices of weight rows, token after token (the few activation rows stay in
-    cache)."""
+def _mm_packed(w, aq, ad, asum, bsums, out, table):
+    """Weights ``w`` (uint8 rows (A3, A2, N, row_bytes)) of format ``CODE`` times quantised
+    activations (per row m = (batch, token): ``aq`` int8 (M, K), ``ad``, ``asum``, ``bsums``
+    as the ``dot_*`` functions take them) into ``out`` float32 (B3, B2, T, N), which may have
+    any strides; src0 is broadcast over the batches.  Parallel over slices of weight rows,
+    token after token (the few activation rows stay in cache).  ``CODE`` is a global that
+    :func:`_for_each_format` binds, one compiled kernel per format."""
     a3, a2, n, _ = w.shape
     b3, b2, nt, _ = out.shape
     r3, r2 = b3 // a3, b2 // a2
@@ -147,25 +142,84 @@ def mm_packed(code, w, aq, ad, asum, bsums, out, table):
         r1 = min(n, r0 + ROWS_PER_JOB)
         i13, i12 = g // b2, g % b2
         wb = w[i13 // r3, i12 // r2]
+        scales = np.empty(max(1, 8 * ad.shape[1]), np.int32)      # Q4_K's, decoded per row
         for t in range(nt):
             m = g * nt + t
             ap, adm = aq[m].ctypes.data, ad[m]
             o = out[i13, i12, t]
-            if code == Q4_0:
-                for r in range(r0, r1):
+            for r in range(r0, r1):
+                if CODE == Q4_0:
                     o[r] = dot_q4_0(wb[r], ap, adm, asum[m], table)
-            elif code == Q4_1:
-                for r in range(r0, r1):
+                elif CODE == Q4_1:
                     o[r] = dot_q4_1(wb[r], ap, adm, asum[m], table)
-            elif code == Q8_0:
-                for r in range(r0, r1):
+                elif CODE == Q5_0:
+                    o[r] = dot_q5_0(wb[r], ap, adm, asum[m], table)
+                elif CODE == Q5_1:
+                    o[r] = dot_q5_1(wb[r], ap, adm, asum[m], table)
+                elif CODE == Q8_0:
                     o[r] = dot_q8_0(wb[r], ap, adm, asum[m], table)
-            elif code == Q4_K:
-                for r in range(r0, r1):
-                    o[r] = dot_q4_k(wb[r], ap, adm, bsums[m], table)
-            else:
-                for r in range(r0, r1):
-                    o[r] = dot_q6_k(wb[r], ap, adm, table)
+                elif CODE == Q4_K:
+                    o[r] = dot_q4_k(wb[r], ap, adm, bsums[m], table, scales)
+                else:
+                    o[r] = dot_q6_k(wb[r], ap, adm, table, scales)
+
+
+CODE = -1      # (bound per compiled copy of _mm_packed)
+
+
+def _for_each_format(fn, codes, **options):
+    """One kernel per format: a copy of ``fn`` for each of ``codes`` whose globals bind
+    ``CODE`` to it, so that numba compiles it as a constant and LLVM sees one format's loop
+    alone (one function with every format's branch ran the hot loop at half the speed);
+    each copy has its own name, so numba's on-disk cache keeps them apart."""
+    kernels = {}
+    for code in codes:
+        scope = dict(fn.__globals__, CODE=code)
+        twin = types.FunctionType(fn.__code__, scope, f"{fn.__name__}_{code}", fn.__defaults__,
+                                  fn.__closure__)
+        twin.__qualname__ = f"{fn.__qualname__}_{code}"
+        twin.__module__ = fn.__module__
+        twin.__doc__ = fn.__doc__
+        kernels[code] = sized_kernel(5, **options)(twin)
+    return kernels
+
+
+_PACKED_KERNELS = _for_each_format(_mm_packed, PACKED_TYPES, cache=True, nogil=True)
+
+
+def mm_packed(code, w, aq, ad, asum, bsums, out, table):
+    """The product of weights ``w`` of a PACKED_TYPES ``code`` with quantised activations
+    into ``out`` (:func:`_mm_packed`, compiled for ``code``)."""
+    _PACKED_KERNELS[code](w, aq, ad, asum, bsums, out, table)
+
+
+@sized_kernel(2, cache=True, nogil=True)
+def mm_f16(w, x, out, table):
+    """F16 weights ``w`` (uint16 bit patterns (A3, A2, N, K), each row contiguous) times
+    float32 activations ``x`` ((M, K), already rounded to F16 as ggml converts them) into
+    ``out`` float32 (B3, B2, T, N), any strides: per output, sixteen float32 lanes of
+    products (:func:`.simd.row_dot_f16`; the CPU must have F16C), the last ``K % 16``
+    through ``table``."""
+    a3, a2, n, k = w.shape
+    b3, b2, nt, _ = out.shape
+    r3, r2 = b3 // a3, b2 // a2
+    k16 = k - k % 16
+    chunks = (n + ROWS_PER_JOB - 1) // ROWS_PER_JOB
+    for job in prange(b3 * b2 * chunks):
+        g = job // chunks
+        r0 = (job - g * chunks) * ROWS_PER_JOB
+        i13, i12 = g // b2, g % b2
+        wb = w[i13 // r3, i12 // r2]
+        for t in range(nt):
+            xr = x[g * nt + t]
+            xp = xr.ctypes.data
+            o = out[i13, i12, t]
+            for r in range(r0, min(n, r0 + ROWS_PER_JOB)):
+                row = wb[r]
+                acc = row_dot_f16(row.ctypes.data, xp, k)
+                for i in range(k16, k):
+                    acc += table[row[i]] * xr[i]
+                o[r] = acc
 
 
 # ------------------------------------------------------------------------------------------

@@ -4,9 +4,9 @@ numba's parallel kernels (``prange``) start the thread pool on every call.  For 
 tensors of one-token steps (a row of 576 floats) that costs more than the work, and far more
 on a busy machine, where a worker thread must first get a core.  :func:`sized_kernel` compiles
 a kernel twice, with and without ``parallel``; each call runs the serial one when its work
-(the size of one chosen argument) is below :data:`SERIAL_BELOW` elements, or when the
-calling thread has one numba thread (``-t 1``): a one-thread launch still costs its start.  Both compile the
-same source, so they compute the same values.
+(the size of one chosen argument) is below :data:`SERIAL_BELOW` elements, or when the calling
+thread has one numba thread (``-t 1``): a one-thread launch still costs its start.  Both
+compile the same source, so they compute the same values.
 """
 
 from __future__ import annotations

@@ -7,9 +7,10 @@ SIMD code says, as portable LLVM vector operations (no x86 intrinsic; LLVM picks
 instructions, e.g. ``vpmaddwd`` on AVX2):
 
 * ``row_dot_*``: one whole output of a product with a 32-value block format (Q4_0, Q4_1,
-  Q8_0), ggml's way: eight integer lanes per block, scaled into eight float32 lanes;
-* ``dot_*``: the exact integer sum of products of one group of weight codes with int8
-  activations (the k-quants' sub-blocks);
+  Q5_0, Q5_1, Q8_0), ggml's way: eight integer lanes per block, scaled into eight float32 lanes;
+* ``row_dot_q4_k``, ``row_dot_q6_k``: the same for the k-quants, per super-block the exact
+  integer sums of every group times its scale in eight int32 lanes;
+* ``row_dot_f16``: one output of a product with F16 weights (sixteen float32 lanes);
 * ``decode_*``: one group of weight codes times a float32 scale, stored as float32 (the
   dequantisation that feeds the BLAS path of a batched product).
 
@@ -78,47 +79,11 @@ def _q6_codes(builder, ql, ls, qh, hs):
     return builder.sub(builder.or_(low, h), ir.Constant(_vec(_I16, 16), [32] * 16))
 
 
-def _dot(builder, codes, a_addr, n):
-    """Σ codes[j] · a[j] over ``n`` int16 lanes and ``n`` int8 activations at ``a_addr``.
-    Products fit int16 (|code| ≤ 128, |a| ≤ 128 gives at most 16384); the sum is int32."""
-    a = builder.sext(_load(builder, a_addr, _I8, n), _vec(_I16, n))
-    p = builder.mul(codes, a)
-    return _reduce_add(builder, builder.sext(p, _vec(_I32, n)), n)
-
-
 def _store_scaled(builder, codes, scale, out_addr, n):
     """float32(codes) · scale into ``n`` floats at ``out_addr``."""
     f = builder.sitofp(codes, _vec(_F32, n))
     v = builder.fmul(f, _splat(builder, scale, _F32, n))
     builder.store(v, builder.inttoptr(out_addr, _vec(_F32, n).as_pointer()), align=1)
-
-
-# ------------------------------------------------------------------------------------------
-# integer dot products
-
-
-@intrinsic
-def dot_nibbles32(typingctx, w, shift, a):
-    """Σ_j ((w[j] >> shift) & 15) · a[j], j < 32 (one 32-value sub-block of Q4_K)."""
-    sig = types.int32(types.intp, types.int32, types.intp)
-
-    def codegen(context, builder, signature, args):
-        wa, sh, aa = args
-        return _dot(builder, _nibbles(builder, wa, sh, 32), aa, 32)
-
-    return sig, codegen
-
-
-@intrinsic
-def dot_q6_16(typingctx, ql, ls, qh, hs, a):
-    """Σ_j q6[j] · a[j], j < 16, with the Q6_K codes of ``ql``/``qh`` (see module doc)."""
-    sig = types.int32(types.intp, types.int32, types.intp, types.int32, types.intp)
-
-    def codegen(context, builder, signature, args):
-        la, lsh, ha, hsh, aa = args
-        return _dot(builder, _q6_codes(builder, la, lsh, ha, hsh), aa, 16)
-
-    return sig, codegen
 
 
 # ------------------------------------------------------------------------------------------
@@ -145,8 +110,11 @@ def _hsum8f(builder, v):
                         builder.extract_element(s2, ir.Constant(_I32, 1)))
 
 
-#: Bytes per block, offset of the codes in a block, and whether the format has a minimum.
-_Q32_LAYOUT = {"q4_0": (18, 2, False), "q4_1": (20, 4, True), "q8_0": (34, 2, False)}
+#: Bytes per block, offset of the codes in a block, whether the format has a minimum, the
+#: offset of its fifth bits (a little-endian u32; 0: none) and the offset taken off its codes.
+_Q32_LAYOUT = {"q4_0": (18, 2, False, 0, 8), "q4_1": (20, 4, True, 0, 0),
+               "q5_0": (22, 6, False, 2, 16), "q5_1": (24, 8, True, 4, 0),
+               "q8_0": (34, 2, False, 0, 0)}
 
 
 def _row_dot_q32(kind):
@@ -157,8 +125,8 @@ def _row_dot_q32(kind):
 
     As ggml's SIMD dot products: per block, eight int32 lanes of exact integer sums of four
     products each, converted to float32 and multiplied by ``d_w · d_a`` into eight float32
-    lanes, summed at the end; Q4_1's ``m · s`` goes into a separate float32 sum."""
-    nbytes, qoff, has_min = _Q32_LAYOUT[kind]
+    lanes, summed at the end; Q4_1's and Q5_1's ``m · s`` go into a separate float32 sum."""
+    nbytes, qoff, has_min, qh_off, offset = _Q32_LAYOUT[kind]
 
     @intrinsic
     def row_dot(typingctx, w, a, ad, asum, nb, table):
@@ -191,9 +159,23 @@ def _row_dot_q32(kind):
                 else:
                     lo = _nibbles(builder, qa, ir.Constant(_I32, 0), 16)
                     hi = _nibbles(builder, qa, ir.Constant(_I32, 4), 16)
-                    if kind == "q4_0":
-                        eight = ir.Constant(_vec(_I16, 16), [8] * 16)
-                        lo, hi = builder.sub(lo, eight), builder.sub(hi, eight)
+                    if qh_off:      # bit j of qh is the fifth bit of value j
+                        qh = _load(builder, builder.add(wb, ir.Constant(wb.type, qh_off)), _I8, 4)
+                        bit = ir.Constant(_vec(_I8, 16), [1 << (j % 8) for j in range(16)])
+                        zero = ir.Constant(_vec(_I8, 16), [0] * 16)
+                        for first in (0, 2):      # bytes 0-1: values 0..15, 2-3: 16..31
+                            spread = builder.shuffle_vector(
+                                qh, qh, ir.Constant(_vec(_I32, 16), [first] * 8 + [first + 1] * 8))
+                            on = builder.icmp_unsigned("!=", builder.and_(spread, bit), zero)
+                            high = builder.select(on, ir.Constant(_vec(_I16, 16), [16] * 16),
+                                                  ir.Constant(_vec(_I16, 16), [0] * 16))
+                            if first == 0:
+                                lo = builder.or_(lo, high)
+                            else:
+                                hi = builder.or_(hi, high)
+                    if offset:
+                        off = ir.Constant(_vec(_I16, 16), [offset] * 16)
+                        lo, hi = builder.sub(lo, off), builder.sub(hi, off)
                 lanes = builder.add(_madd(builder, lo, a_lo), _madd(builder, hi, a_hi))
                 d = builder.fmul(f16_at(wb), builder.load(builder.gep(d_p, [b])))
                 part = builder.fmul(builder.sitofp(lanes, _vec(_F32, 8)),
@@ -213,7 +195,104 @@ def _row_dot_q32(kind):
 
 row_dot_q4_0 = _row_dot_q32("q4_0")
 row_dot_q4_1 = _row_dot_q32("q4_1")
+row_dot_q5_0 = _row_dot_q32("q5_0")
+row_dot_q5_1 = _row_dot_q32("q5_1")
 row_dot_q8_0 = _row_dot_q32("q8_0")
+
+
+def _lanes8(builder, v):
+    """An int32 vector of 8·k lanes folded to 8 (lane ``i`` plus lanes ``i+8``, ...)."""
+    n = v.type.count
+    out = None
+    for start in range(0, n, 8):
+        part = builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, 8),
+                                                        list(range(start, start + 8))))
+        out = part if out is None else builder.add(out, part)
+    return out
+
+
+def _f16_via(builder, table_p, addr):
+    bits = builder.load(builder.inttoptr(addr, _I16.as_pointer()), align=1)
+    return builder.load(builder.gep(table_p, [builder.zext(bits, ir.IntType(64))]))
+
+
+def _row_dot_kquant(kind):
+    """An intrinsic ``row_dot_<kind>(w, a, ad, nb, table, scales) -> float32``: the scaled
+    part of one output of a product with Q4_K or Q6_K weights (``nb`` super-blocks at ``w``)
+    and Q8_K activations (int8 at ``a``, float32 scales at ``ad``):
+    ``Σ_b d_a·d_w · Σ_g scale_g · Σ q·a``.  Per super-block the integer sums of every group,
+    times its integer scale, add up in eight int32 lanes (exact), which are then scaled into
+    eight float32 lanes as ggml does.  Q4_K's eight 6-bit scales per super-block are given
+    decoded (int32 at ``scales``); Q6_K's are read from the row.  Q4_K's minimums are the
+    caller's (:func:`refimpl.kernels.matmul_fast.dot_q4_k`)."""
+    q4 = kind == "q4_k"
+    nbytes = 144 if q4 else 210
+
+    @intrinsic
+    def row_dot(typingctx, w, a, ad, nb, table, scales):
+        sig = types.float32(types.intp, types.intp, types.intp, types.intp, types.intp,
+                            types.intp)
+
+        def codegen(context, builder, signature, args):
+            wa, aa, da, nbv, ta, sa = args
+            fp = _F32.as_pointer()
+            acc_p = cgutils.alloca_once_value(builder, ir.Constant(_vec(_F32, 8), [0.0] * 8))
+            table_p, d_p = builder.inttoptr(ta, fp), builder.inttoptr(da, fp)
+            sc_p = builder.inttoptr(sa, _I32.as_pointer())
+
+            def at(base, off):
+                return builder.add(base, ir.Constant(base.type, off))
+
+            def scaled(lanes, scale):
+                return builder.mul(lanes, _splat(builder, scale, _I32, 8))
+
+            with cgutils.for_range(builder, nbv) as loop:
+                b = loop.index
+                wb = builder.add(wa, builder.mul(b, ir.Constant(b.type, nbytes)))
+                ab = builder.add(aa, builder.mul(b, ir.Constant(b.type, 256)))
+                isum = ir.Constant(_vec(_I32, 8), [0] * 8)
+                if q4:      # sub-blocks 2j (low nibbles) and 2j+1 (high) share 32 bytes
+                    for j in range(4):
+                        qa = at(wb, 16 + 32 * j)
+                        for half in range(2):
+                            codes = _nibbles(builder, qa, ir.Constant(_I32, 4 * half), 32)
+                            acts = builder.sext(_load(builder, at(ab, 64 * j + 32 * half),
+                                                      _I8, 32), _vec(_I16, 32))
+                            lanes = _lanes8(builder, _madd(builder, codes, acts))
+                            sub = builder.add(builder.mul(b, ir.Constant(b.type, 8)),
+                                              ir.Constant(b.type, 2 * j + half))
+                            scale = builder.load(builder.gep(sc_p, [sub]))
+                            isum = builder.add(isum, scaled(lanes, scale))
+                    dw = _f16_via(builder, table_p, wb)
+                else:       # 16 groups of 16: values 128n + 32i + 16h, scale 8n + h + 2i
+                    for n in range(2):
+                        for h in range(2):
+                            for i in range(4):
+                                ql = at(wb, 64 * n + 32 * (i % 2) + 16 * h)
+                                qh = at(wb, 128 + 32 * n + 16 * h)
+                                codes = _q6_codes(builder, ql, ir.Constant(_I32, 4 * (i // 2)),
+                                                  qh, ir.Constant(_I32, 2 * i))
+                                a16 = _load(builder, at(ab, 128 * n + 32 * i + 16 * h), _I8, 16)
+                                acts = builder.sext(a16, _vec(_I16, 16))
+                                lanes = _madd(builder, codes, acts)
+                                sc = builder.load(builder.inttoptr(
+                                    at(wb, 192 + 8 * n + h + 2 * i), _I8.as_pointer()))
+                                isum = builder.add(isum, scaled(lanes, builder.sext(sc, _I32)))
+                    dw = _f16_via(builder, table_p, at(wb, 208))
+                d = builder.fmul(dw, builder.load(builder.gep(d_p, [b])))
+                part = builder.fmul(builder.sitofp(isum, _vec(_F32, 8)),
+                                    _splat(builder, d, _F32, 8))
+                builder.store(builder.fadd(builder.load(acc_p), part), acc_p)
+            return _hsum8f(builder, builder.load(acc_p))
+
+        return sig, codegen
+
+    row_dot.__name__ = f"row_dot_{kind}"
+    return row_dot
+
+
+row_dot_q4_k = _row_dot_kquant("q4_k")
+row_dot_q6_k = _row_dot_kquant("q6_k")
 
 
 # ------------------------------------------------------------------------------------------
@@ -292,6 +371,33 @@ def widen_f16_16(typingctx, src, dst):
     return sig, codegen
 
 
+@intrinsic
+def row_dot_f16(typingctx, w, x, n):
+    """``Σ_i f32(w[i]) · x[i]`` over the first ``n - n % 16`` values: IEEE half weights at
+    ``w``, float32 activations at ``x``, products summed in sixteen float32 lanes (as ggml's
+    F16 dot product: widened weights, float32 products and sums).  The caller adds the
+    leftovers and checks :data:`HAS_F16C` first."""
+    sig = types.float32(types.intp, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        wa, xa, nv = args
+        acc_p = cgutils.alloca_once_value(builder, ir.Constant(_vec(_F32, 16), [0.0] * 16))
+        chunks = builder.udiv(nv, ir.Constant(nv.type, 16))
+        with cgutils.for_range(builder, chunks) as loop:
+            i = loop.index
+            bits = _load(builder, builder.add(wa, builder.mul(i, ir.Constant(i.type, 32))),
+                         _I16, 16)
+            wv = builder.fpext(builder.bitcast(bits, _vec(ir.HalfType(), 16)), _vec(_F32, 16))
+            xv = _load(builder, builder.add(xa, builder.mul(i, ir.Constant(i.type, 64))), _F32, 16)
+            builder.store(builder.fadd(builder.load(acc_p), builder.fmul(wv, xv)), acc_p)
+        v = builder.load(acc_p)
+        lo = builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, 8), list(range(8))))
+        hi = builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, 8), list(range(8, 16))))
+        return _hsum8f(builder, builder.fadd(lo, hi))
+
+    return sig, codegen
+
+
 def _host_has_f16c() -> bool:
     try:
         from llvmlite import binding
@@ -317,8 +423,3 @@ def ref_nibbles(w: np.ndarray, shift: int) -> np.ndarray:
 def ref_q6(ql: np.ndarray, ls: int, qh: np.ndarray, hs: int) -> np.ndarray:
     """Q6_K codes from 16 ql and qh bytes (int32, -32..31)."""
     return (ref_nibbles(ql, ls) | (((qh.astype(np.int32) >> hs) & 3) << 4)) - 32
-
-
-def ref_dot(codes: np.ndarray, a: np.ndarray) -> int:
-    """The exact integer dot product of codes and int8 activations."""
-    return int(np.dot(codes.astype(np.int64), a.astype(np.int64)))

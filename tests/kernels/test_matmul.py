@@ -181,7 +181,7 @@ def test_kernels_agree(wtype, monkeypatch):
     k, n, nt = 512, 40, 24
     data = random_rows(rng, int(wtype), n, k)
     x = rng.standard_normal((nt, k)).astype(np.float32)
-    integer = matmul.PACKED if int(wtype) in matmul.fast.FAST_QUANT_TYPES else matmul.UNPACKED
+    integer = matmul.PACKED if int(wtype) in matmul.fast.PACKED_TYPES else matmul.UNPACKED
     results = []
     for kernel in (matmul.BLAS, integer):
         monkeypatch.setattr(matmul, "choose_kernel", lambda *args, kern=kernel: kern)
@@ -197,7 +197,8 @@ def test_kernels_agree(wtype, monkeypatch):
 
 @pytest.mark.parametrize("args, kernel", [
     ((T.F32, 1), matmul.BLAS),
-    ((T.F16, 1), matmul.BLAS),
+    ((T.F16, 1), matmul.PACKED if matmul.HAS_F16C else matmul.BLAS),
+    ((T.F16, matmul.BLAS_MIN_ROWS), matmul.BLAS),
     ((T.BF16, 7), matmul.BLAS),
     ((T.Q4_0, 1), matmul.PACKED),
     ((T.Q8_0, matmul.BLAS_MIN_ROWS - 1), matmul.PACKED),
@@ -206,8 +207,8 @@ def test_kernels_agree(wtype, monkeypatch):
     ((T.Q4_K, 1), matmul.PACKED),
     ((T.Q6_K, 3), matmul.PACKED),
     ((T.Q6_K, 300), matmul.BLAS),
-    ((T.Q5_0, 1), matmul.UNPACKED),
-    ((T.Q5_1, 2), matmul.UNPACKED),
+    ((T.Q5_0, 1), matmul.PACKED),
+    ((T.Q5_1, 2), matmul.PACKED),
     ((T.Q2_K, 1), matmul.UNPACKED),
     ((T.Q3_K, 3), matmul.UNPACKED),
     ((T.Q5_K, 1), matmul.UNPACKED),
