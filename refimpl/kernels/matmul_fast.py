@@ -57,46 +57,10 @@ def _f16(row, o, table):
 # one output: a packed weight row against one quantised activation row
 
 
-# One function per format: LLVM optimises each small loop well, a function with all five in
-# branches half as well.  Each takes a packed weight ``row`` (uint8) and one activation row
-# quantised to the format's partner: at address ``ap`` its int8 values, ``ad`` the scale of
-# each block, and the format's extra: Q8_0's integer sum of each 32 values (``aint``), Q8_1's
-# stored ``s`` per block (``asum``), Q8_K's integer sum of each 16 (``bsums``).
-
-
-@njit(cache=True, nogil=True)
-def dot_q4_0(row, ap, ad, asum, table):
-    """Σ_b (d_w·d_a) · Σ (q − 8)·a over the 32-value blocks (:func:`.simd.row_dot_q4_0`)."""
-    return row_dot_q4_0(row.ctypes.data, ap, ad.ctypes.data, asum.ctypes.data, ad.shape[0],
-                        table.ctypes.data)
-
-
-@njit(cache=True, nogil=True)
-def dot_q4_1(row, ap, ad, asum, table):
-    """Σ_b (d_w·d_a) · Σ q·a + m_w · s_a over the 32-value blocks."""
-    return row_dot_q4_1(row.ctypes.data, ap, ad.ctypes.data, asum.ctypes.data, ad.shape[0],
-                        table.ctypes.data)
-
-
-@njit(cache=True, nogil=True)
-def dot_q5_0(row, ap, ad, asum, table):
-    """Σ_b (d_w·d_a) · Σ (q − 16)·a over the 32-value blocks (5-bit codes)."""
-    return row_dot_q5_0(row.ctypes.data, ap, ad.ctypes.data, asum.ctypes.data, ad.shape[0],
-                        table.ctypes.data)
-
-
-@njit(cache=True, nogil=True)
-def dot_q5_1(row, ap, ad, asum, table):
-    """Σ_b (d_w·d_a) · Σ q·a + m_w · s_a over the 32-value blocks (5-bit codes)."""
-    return row_dot_q5_1(row.ctypes.data, ap, ad.ctypes.data, asum.ctypes.data, ad.shape[0],
-                        table.ctypes.data)
-
-
-@njit(cache=True, nogil=True)
-def dot_q8_0(row, ap, ad, asum, table):
-    """Σ_b (d_w·d_a) · Σ w·a over the 32-value blocks."""
-    return row_dot_q8_0(row.ctypes.data, ap, ad.ctypes.data, asum.ctypes.data, ad.shape[0],
-                        table.ctypes.data)
+# Every output of the packed kernel is one call of a row intrinsic of refimpl.kernels.simd,
+# given a packed weight row and one activation row quantised to the format's partner: its int8
+# values, the scale of each block, and the format's extra (Q8_1's stored ``s`` per block for
+# Q4_1 and Q5_1; Q8_K's integer sums of each 16 values for Q4_K's minimums).
 
 
 @njit(cache=True, nogil=True)
@@ -117,21 +81,14 @@ def dot_q4_k(row, ap, ad, bsums, table, scales):
                         scales.ctypes.data) - mins
 
 
-@njit(cache=True, nogil=True)
-def dot_q6_k(row, ap, ad, table, scales):
-    """Per 256-value super-block: ``d_a · d · Σ_g scale_g · Σ q·a`` over its sixteen groups of
-    16 (codes −32..31; :func:`.simd.row_dot_q6_k`)."""
-    return row_dot_q6_k(row.ctypes.data, ap, ad.ctypes.data, ad.shape[0], table.ctypes.data,
-                        scales.ctypes.data)
-
-
 def _mm_packed(w, aq, ad, asum, bsums, out, table):
     """Weights ``w`` (uint8 rows (A3, A2, N, row_bytes)) of format ``CODE`` times quantised
     activations (per row m = (batch, token): ``aq`` int8 (M, K), ``ad``, ``asum``, ``bsums``
     as the ``dot_*`` functions take them) into ``out`` float32 (B3, B2, T, N), which may have
     any strides; src0 is broadcast over the batches.  Parallel over slices of weight rows,
     token after token (the few activation rows stay in cache).  ``CODE`` is a global that
-    :func:`_for_each_format` binds, one compiled kernel per format."""
+    :func:`_for_each_format` binds, one compiled kernel per format.  ``asum`` must have a
+    column per block and ``bsums`` a row per activation row even where unused."""
     a3, a2, n, _ = w.shape
     b3, b2, nt, _ = out.shape
     r3, r2 = b3 // a3, b2 // a2
@@ -143,25 +100,27 @@ def _mm_packed(w, aq, ad, asum, bsums, out, table):
         i13, i12 = g // b2, g % b2
         wb = w[i13 // r3, i12 // r2]
         scales = np.empty(max(1, 8 * ad.shape[1]), np.int32)      # Q4_K's, decoded per row
+        tp, nb = table.ctypes.data, ad.shape[1]
         for t in range(nt):
             m = g * nt + t
-            ap, adm = aq[m].ctypes.data, ad[m]
+            ap, dp, sp = aq[m].ctypes.data, ad[m].ctypes.data, asum[m].ctypes.data
             o = out[i13, i12, t]
             for r in range(r0, r1):
+                rp = wb[r].ctypes.data
                 if CODE == Q4_0:
-                    o[r] = dot_q4_0(wb[r], ap, adm, asum[m], table)
+                    o[r] = row_dot_q4_0(rp, ap, dp, sp, nb, tp)
                 elif CODE == Q4_1:
-                    o[r] = dot_q4_1(wb[r], ap, adm, asum[m], table)
+                    o[r] = row_dot_q4_1(rp, ap, dp, sp, nb, tp)
                 elif CODE == Q5_0:
-                    o[r] = dot_q5_0(wb[r], ap, adm, asum[m], table)
+                    o[r] = row_dot_q5_0(rp, ap, dp, sp, nb, tp)
                 elif CODE == Q5_1:
-                    o[r] = dot_q5_1(wb[r], ap, adm, asum[m], table)
+                    o[r] = row_dot_q5_1(rp, ap, dp, sp, nb, tp)
                 elif CODE == Q8_0:
-                    o[r] = dot_q8_0(wb[r], ap, adm, asum[m], table)
+                    o[r] = row_dot_q8_0(rp, ap, dp, sp, nb, tp)
                 elif CODE == Q4_K:
-                    o[r] = dot_q4_k(wb[r], ap, adm, bsums[m], table, scales)
+                    o[r] = dot_q4_k(wb[r], ap, ad[m], bsums[m], table, scales)
                 else:
-                    o[r] = dot_q6_k(wb[r], ap, adm, table, scales)
+                    o[r] = row_dot_q6_k(rp, ap, dp, nb, tp, 0)
 
 
 CODE = -1      # (bound per compiled copy of _mm_packed)
