@@ -6,6 +6,7 @@ For each server, with the same client:
 
 * round trip: GET_ALIGNMENT request/reply latency (median, microseconds);
 * upload: SET_TENSOR of one large tensor, timed until a following round trip returns (MB/s);
+* first upload: the same into a freshly allocated buffer, as loading a model does (MB/s);
 * download: GET_TENSOR of the same tensor into preallocated memory (MB/s).
 
 The client is a plain blocking socket driving refimpl's sans-IO ClientConnection, so client
@@ -110,12 +111,24 @@ def measure(address, size: int, repeat: int, round_trips: int) -> dict:
             raise RuntimeError("downloaded bytes differ from the upload")
         c.call(m.FreeBufferRequest(alloc.handle))
         c.call(req)
+        first = []       # into a freshly allocated buffer: what loading a model does
+        for _ in range(repeat):
+            fresh = c.call(m.AllocBufferRequest(0, size))
+            fbase = c.call(m.BufferGetBaseRequest(fresh.handle)).base
+            ft = RpcTensor(id=2, type=GgmlType.I8, buffer=fresh.handle, ne=ne,
+                           nb=contiguous_strides(GgmlType.I8, ne), data=fbase)
+            t0 = time.perf_counter()
+            c.set_tensor(ft, data)
+            c.call(req)
+            first.append(time.perf_counter() - t0)
+            c.call(m.FreeBufferRequest(fresh.handle))
     finally:
         c.close()
     mb = size / 1e6
     return {
         "round_trip_us": statistics.median(lat) * 1e6,
         "upload_MBps": mb / statistics.median(up),
+        "first_upload_MBps": mb / statistics.median(first),
         "download_MBps": mb / statistics.median(down),
     }
 
@@ -135,6 +148,7 @@ def main(argv=None) -> int:
             results[kind] = measure(srv.address, size, args.repeat, args.round_trips)
     rows = [("round trip (median, µs)", "round_trip_us"),
             (f"upload {args.size_mib} MiB (MB/s)", "upload_MBps"),
+            (f"first upload {args.size_mib} MiB (MB/s)", "first_upload_MBps"),
             (f"download {args.size_mib} MiB (MB/s)", "download_MBps")]
     print(f"{'metric':34} {'refimpl':>12} {'llama.cpp':>12} {'ratio':>8}")
     for label, key in rows:
