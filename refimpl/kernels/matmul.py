@@ -295,6 +295,13 @@ def round_activations(x: np.ndarray, wtype: int) -> np.ndarray:
         return bf16_to_f32(f32_to_bf16(x).reshape(x.shape))
 
 
+def _float_activations(a: Node, b: Node, m: int) -> np.ndarray:
+    """src1 as C-ordered float32 (m, K) values in float weights' activation format (F32, or
+    rounded to F16 / BF16)."""
+    x = np.ascontiguousarray(load_f32(b)).reshape(m, a.ne[0])
+    return x if b.type == a.type else round_activations(x, a.type)
+
+
 def _quant_activations(a: Node, b: Node, m: int):
     """src1 as the weights' Q8 activation format (:class:`~.quants.Activations`)."""
     vt = VEC_DOT_TYPE[a.type]
@@ -410,15 +417,13 @@ def _integer(a: Node, acts, kernel: str, out: np.ndarray) -> None:
     """The product with the integer kernels, on packed rows (PACKED) or unpacked ones."""
     code, m = a.type, acts.qs.shape[0]
     w = rows_u8(a)
-    nb = a.ne[0] // 32
+    s = acts.s if code in (Q4_1, Q5_1) else np.zeros((m, a.ne[0] // 32), np.float32)
     if kernel == PACKED:
-        s = acts.s if code in (Q4_1, Q5_1) else np.zeros((m, nb), np.float32)
         bsums = acts.bsums if code in K_QUANT_TYPES else np.zeros((m, 1), np.int32)
         fast.mm_packed(code, w, acts.qs, acts.d, s, bsums, out, table_for(code))
     elif code in K_QUANT_TYPES:
         mm_kquant(code, w, acts.qs, acts.d, acts.bsums, out, table_for(code))
     else:
-        s = acts.s if code in (Q4_1, Q5_1) else np.zeros((m, nb), np.float32)
         mm_q32(code, w, acts.qs, acts.d, s, out, table_for(code))
 
 
@@ -427,25 +432,28 @@ def _integer(a: Node, acts, kernel: str, out: np.ndarray) -> None:
 _SIGN_TRICK_TYPES = frozenset({Q4_0, Q5_0, Q8_0})
 
 
+def _needs_sign_trick(wtype: int, qs: np.ndarray) -> bool:
+    """Whether these Q8_0 activations (int8 codes) meet weights of ``wtype`` with a -128,
+    which only NaN activations or a src1 arriving quantised produce."""
+    return wtype in _SIGN_TRICK_TYPES and qs.size > 0 and qs.min() == -128
+
+
 def _run(node: Node, a: Node, b: Node, kernel: str) -> None:
     """Compute the product with ``kernel`` into a scratch array, then store it."""
     nt, b2, b3 = b.ne[1], b.ne[2], b.ne[3]
     m = nt * b2 * b3
     if kernel == PACKED and a.type == F16:
         if node.nelements:
-            x = np.ascontiguousarray(load_f32(b)).reshape(m, a.ne[0])
-            x = np.ascontiguousarray(x if b.type == F16 else round_activations(x, F16))
-            fast.mm_f16(view(a, np.uint16), x, view(node), F16_TABLE)
+            fast.mm_f16(view(a, np.uint16), _float_activations(a, b, m), view(node), F16_TABLE)
         return
     out = np.zeros((b3, b2, nt, a.ne[1]), np.float32)
     if out.size and a.ne[0]:
         if a.type in (F32, F16, BF16):
-            x = np.ascontiguousarray(load_f32(b)).reshape(m, a.ne[0])
-            _blas(a, x if b.type == a.type else round_activations(x, a.type), None, out)
+            _blas(a, _float_activations(a, b, m), None, out)
         else:
             acts = _quant_activations(a, b, m)
-            if a.type in _SIGN_TRICK_TYPES and (acts.qs == -128).any():
-                kernel = UNPACKED     # only from NaN, or from src1 arriving quantised
+            if _needs_sign_trick(a.type, acts.qs):
+                kernel = UNPACKED
             if kernel == BLAS and a.type in fast.FAST_QUANT_TYPES:
                 _blas_groups(a, acts, out)
             elif kernel == BLAS:
@@ -484,8 +492,8 @@ class _BoundPacked:
             quantize_q8_k(x, self.qs, self.d, self.bsums)
         else:
             quantize_q8_32(x, self.qs, self.d, self.s, self.vt == Q8_1)
-        if self.a.type in _SIGN_TRICK_TYPES and self.qs.min() == -128:
-            _run(self.node, self.a, self.b, UNPACKED)     # from NaN only: ggml's sign trick
+        if _needs_sign_trick(self.a.type, self.qs):
+            _run(self.node, self.a, self.b, UNPACKED)
             return
         fast.mm_packed(*self.args)
 

@@ -4,11 +4,12 @@ The numerics contract asks MUL_MAT for test-backend-ops' bound, not for ggml's o
 operations, so refimpl computes a product the way that is fastest from Python, in two ways:
 
 * **Few activation rows** (generation: one token per graph): one dot product per output,
-  straight on the packed weight blocks.  Per block, the exact integer sum of the weight codes
-  times the int8 activations (refimpl.kernels.simd: a vector multiply-add, as ggml's SIMD
-  code), then one float32 step ``acc += (d_w · d_a) · sum`` (Q4_1 adds ``m_w · s_a``; Q4_K and
-  Q6_K weigh their sub-block sums with their integer scales first).  Q4_0's offset of 8 comes
-  out exactly as ``8 · Σa``.  Nothing is unpacked into scratch.
+  straight on the packed weight blocks, as ggml's SIMD code computes it
+  (refimpl.kernels.simd's ``row_dot_*``): per block eight int32 lanes of exact sums of
+  products of the codes (offsets already taken off) with the int8 activations, scaled by
+  ``d_w · d_a`` into eight float32 lanes (Q4_1 and Q5_1 add ``m_w · s_a``; Q4_K and Q6_K weigh
+  their groups' sums with their integer scales first).  F16 weights likewise, widened by the
+  CPU.  Nothing is unpacked into scratch.
 * **Many activation rows** (prompt processing): the weights are split into their integer codes
   and the scale of every group of 16 or 32 (:func:`split_rows`), the quantised activations
   likewise, and one batched BLAS ``sgemm`` (numpy's ``matmul``) gives the integer sum of every
@@ -31,7 +32,7 @@ import numpy as np
 from numba import njit, prange
 
 from .parallel import sized_kernel
-from .quants import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q6_K, Q8_0, _k4_scale_min
+from .quants import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q6_K, Q8_0, _f16_at, _k4_scale_min
 from .simd import (decode_i8_32, decode_nibbles16_pair, decode_nibbles32, decode_q6_16,
                    row_dot_f16, row_dot_q4_0, row_dot_q4_1, row_dot_q4_k, row_dot_q5_0,
                    row_dot_q5_1, row_dot_q6_k, row_dot_q8_0)
@@ -43,14 +44,6 @@ FAST_QUANT_TYPES = frozenset({Q4_0, Q4_1, Q8_0, Q4_K, Q6_K})
 
 #: Weight rows per parallel job.
 ROWS_PER_JOB = 64
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _f16(row, o, table):
-    """The half-precision value stored little-endian at ``row[o:o+2]``, as float32 (``table``
-    is :data:`~.quants.F16_TABLE`, passed in: numba would copy a global array into every
-    compiled function as a constant, and reads of that constant are slower)."""
-    return table[np.int32(row[o]) | (np.int32(row[o + 1]) << 8)]
 
 
 # ------------------------------------------------------------------------------------------
@@ -76,7 +69,7 @@ def dot_q4_k(row, ap, ad, bsums, table, scales):
             sc, mn = _k4_scale_min(row[o + 4:o + 16], j)
             scales[8 * b + j] = sc
             msum += mn * (bsums[16 * b + 2 * j] + bsums[16 * b + 2 * j + 1])
-        mins += ad[b] * (_f16(row, o + 2, table) * np.float32(msum))
+        mins += ad[b] * (_f16_at(row, o + 2, table) * np.float32(msum))
     return row_dot_q4_k(row.ctypes.data, ap, ad.ctypes.data, ad.shape[0], table.ctypes.data,
                         scales.ctypes.data) - mins
 
@@ -207,34 +200,33 @@ def split_row(code, row, codes, scales, mins, table):
     value ``i`` is ``codes[i] · scales[i // G] (- mins[i // 32] for Q4_K, + for Q4_1)``."""
     rp = row.ctypes.data
     op = codes.ctypes.data
-    one = np.float32(1.0)
     if code == Q4_0:
         for b in range(codes.shape[0] // 32):
-            decode_nibbles16_pair(rp + 18 * b + 2, 8, one, op + 128 * b)
-            scales[b] = _f16(row, 18 * b, table)
+            decode_nibbles16_pair(rp + 18 * b + 2, 8, op + 128 * b)
+            scales[b] = _f16_at(row, 18 * b, table)
     elif code == Q4_1:
         for b in range(codes.shape[0] // 32):
-            decode_nibbles16_pair(rp + 20 * b + 4, 0, one, op + 128 * b)
-            scales[b] = _f16(row, 20 * b, table)
-            mins[b] = _f16(row, 20 * b + 2, table)
+            decode_nibbles16_pair(rp + 20 * b + 4, 0, op + 128 * b)
+            scales[b] = _f16_at(row, 20 * b, table)
+            mins[b] = _f16_at(row, 20 * b + 2, table)
     elif code == Q8_0:
         for b in range(codes.shape[0] // 32):
-            decode_i8_32(rp + 34 * b + 2, one, op + 128 * b)
-            scales[b] = _f16(row, 34 * b, table)
+            decode_i8_32(rp + 34 * b + 2, op + 128 * b)
+            scales[b] = _f16_at(row, 34 * b, table)
     elif code == Q4_K:
         for b in range(codes.shape[0] // 256):
             o = 144 * b
-            d, dmin = _f16(row, o, table), _f16(row, o + 2, table)
+            d, dmin = _f16_at(row, o, table), _f16_at(row, o + 2, table)
             for j in range(8):
                 sc, mn = _k4_scale_min(row[o + 4:o + 16], j)
-                decode_nibbles32(rp + o + 16 + 32 * (j // 2), 4 * (j % 2), one,
+                decode_nibbles32(rp + o + 16 + 32 * (j // 2), 4 * (j % 2),
                                  op + 4 * (256 * b + 32 * j))
                 scales[8 * b + j] = d * np.float32(sc)
                 mins[8 * b + j] = dmin * np.float32(mn)
     else:   # Q6_K
         for b in range(codes.shape[0] // 256):
             o = 210 * b
-            d = _f16(row, o + 208, table)
+            d = _f16_at(row, o + 208, table)
             for n in range(2):
                 ql = rp + o + 64 * n
                 qh = rp + o + 128 + 32 * n
@@ -242,10 +234,10 @@ def split_row(code, row, codes, scales, mins, table):
                 e = op + 4 * (256 * b + 128 * n)
                 g = 16 * b + 8 * n          # group index of values 128n + 16h + 32i
                 for h in range(2):
-                    decode_q6_16(ql + 16 * h, 0, qh + 16 * h, 0, one, e + 64 * h)
-                    decode_q6_16(ql + 32 + 16 * h, 0, qh + 16 * h, 2, one, e + 128 + 64 * h)
-                    decode_q6_16(ql + 16 * h, 4, qh + 16 * h, 4, one, e + 256 + 64 * h)
-                    decode_q6_16(ql + 32 + 16 * h, 4, qh + 16 * h, 6, one, e + 384 + 64 * h)
+                    decode_q6_16(ql + 16 * h, 0, qh + 16 * h, 0, e + 64 * h)
+                    decode_q6_16(ql + 32 + 16 * h, 0, qh + 16 * h, 2, e + 128 + 64 * h)
+                    decode_q6_16(ql + 16 * h, 4, qh + 16 * h, 4, e + 256 + 64 * h)
+                    decode_q6_16(ql + 32 + 16 * h, 4, qh + 16 * h, 6, e + 384 + 64 * h)
                     for i in range(4):
                         scales[g + h + 2 * i] = d * np.float32(np.int8(row[sc + h + 2 * i]))
 

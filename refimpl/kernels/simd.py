@@ -11,8 +11,8 @@ instructions, e.g. ``vpmaddwd`` on AVX2):
 * ``row_dot_q4_k``, ``row_dot_q6_k``: the same for the k-quants, per super-block the exact
   integer sums of every group times its scale in eight int32 lanes;
 * ``row_dot_f16``: one output of a product with F16 weights (sixteen float32 lanes);
-* ``decode_*``: one group of weight codes times a float32 scale, stored as float32 (the
-  dequantisation that feeds the BLAS path of a batched product).
+* ``decode_*``: one group of weight codes, stored as float32 (what the BLAS path of a
+  batched product multiplies, exactly).
 
 Every function takes raw addresses (``array.ctypes.data + offset``): the caller has validated
 the tensors and computed the offsets; nothing here checks bounds (DEVELOPERS.md: validation
@@ -53,15 +53,6 @@ def _load(builder, addr, t, n):
     return builder.load(builder.inttoptr(addr, _vec(t, n).as_pointer()), align=1)
 
 
-def _reduce_add(builder, v, n):
-    """The integer sum of the ``n`` int32 lanes of ``v``."""
-    name = f"llvm.vector.reduce.add.v{n}i32"
-    fn = builder.module.globals.get(name)
-    if fn is None:
-        fn = ir.Function(builder.module, ir.FunctionType(_I32, [_vec(_I32, n)]), name)
-    return builder.call(fn, [v])
-
-
 def _nibbles(builder, addr, shift, n):
     """``(byte >> shift) & 15`` of ``n`` bytes at ``addr``, as int16 lanes."""
     b = builder.zext(_load(builder, addr, _I8, n), _vec(_I16, n))
@@ -79,11 +70,28 @@ def _q6_codes(builder, ql, ls, qh, hs):
     return builder.sub(builder.or_(low, h), ir.Constant(_vec(_I16, 16), [32] * 16))
 
 
-def _store_scaled(builder, codes, scale, out_addr, n):
-    """float32(codes) · scale into ``n`` floats at ``out_addr``."""
+def _store_codes(builder, codes, out_addr, n):
+    """float32(codes) into ``n`` floats at ``out_addr``."""
     f = builder.sitofp(codes, _vec(_F32, n))
-    v = builder.fmul(f, _splat(builder, scale, _F32, n))
-    builder.store(v, builder.inttoptr(out_addr, _vec(_F32, n).as_pointer()), align=1)
+    builder.store(f, builder.inttoptr(out_addr, _vec(_F32, n).as_pointer()), align=1)
+
+
+def _f16_via(builder, table_p, addr):
+    """The IEEE half stored at ``addr``, widened through the float32 table at ``table_p``."""
+    bits = builder.load(builder.inttoptr(addr, _I16.as_pointer()), align=1)
+    return builder.load(builder.gep(table_p, [builder.zext(bits, ir.IntType(64))]))
+
+
+def _accumulate(builder, acc_p, lanes, scale):
+    """``acc += float32(lanes) · scale``: eight int32 lanes of exact sums, scaled into the
+    eight float32 lanes at ``acc_p`` (ggml's step per block)."""
+    part = builder.fmul(builder.sitofp(lanes, _vec(_F32, 8)), _splat(builder, scale, _F32, 8))
+    builder.store(builder.fadd(builder.load(acc_p), part), acc_p)
+
+
+def _float_lanes(builder, n):
+    """A stack slot of ``n`` float32 lanes, zeroed (LLVM keeps it in a register)."""
+    return cgutils.alloca_once_value(builder, ir.Constant(_vec(_F32, n), [0.0] * n))
 
 
 # ------------------------------------------------------------------------------------------
@@ -136,7 +144,7 @@ def _row_dot_q32(kind):
         def codegen(context, builder, signature, args):
             wa, aa, da, sa, nbv, ta = args
             fp = _F32.as_pointer()
-            acc_p = cgutils.alloca_once_value(builder, ir.Constant(_vec(_F32, 8), [0.0] * 8))
+            acc_p = _float_lanes(builder, 8)
             min_p = cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0))
             table_p, d_p, s_p = (builder.inttoptr(x, fp) for x in (ta, da, sa))
             with cgutils.for_range(builder, nbv) as loop:
@@ -144,10 +152,6 @@ def _row_dot_q32(kind):
                 wb = builder.add(wa, builder.mul(b, ir.Constant(b.type, nbytes)))
                 ab = builder.add(aa, builder.mul(b, ir.Constant(b.type, 32)))
                 qa = builder.add(wb, ir.Constant(wb.type, qoff))
-
-                def f16_at(addr):
-                    bits = builder.load(builder.inttoptr(addr, _I16.as_pointer()), align=1)
-                    return builder.load(builder.gep(table_p, [builder.zext(bits, ir.IntType(64))]))
 
                 a_lo = builder.sext(_load(builder, ab, _I8, 16), _vec(_I16, 16))
                 a_hi = builder.sext(_load(builder, builder.add(ab, ir.Constant(ab.type, 16)),
@@ -160,12 +164,13 @@ def _row_dot_q32(kind):
                     lo = _nibbles(builder, qa, ir.Constant(_I32, 0), 16)
                     hi = _nibbles(builder, qa, ir.Constant(_I32, 4), 16)
                     if qh_off:      # bit j of qh is the fifth bit of value j
-                        qh = _load(builder, builder.add(wb, ir.Constant(wb.type, qh_off)), _I8, 4)
+                        qh = _load(builder, builder.add(wb, ir.Constant(wb.type, qh_off)),
+                                   _I8, 4)
                         bit = ir.Constant(_vec(_I8, 16), [1 << (j % 8) for j in range(16)])
                         zero = ir.Constant(_vec(_I8, 16), [0] * 16)
                         for first in (0, 2):      # bytes 0-1: values 0..15, 2-3: 16..31
-                            spread = builder.shuffle_vector(
-                                qh, qh, ir.Constant(_vec(_I32, 16), [first] * 8 + [first + 1] * 8))
+                            pick = ir.Constant(_vec(_I32, 16), [first] * 8 + [first + 1] * 8)
+                            spread = builder.shuffle_vector(qh, qh, pick)
                             on = builder.icmp_unsigned("!=", builder.and_(spread, bit), zero)
                             high = builder.select(on, ir.Constant(_vec(_I16, 16), [16] * 16),
                                                   ir.Constant(_vec(_I16, 16), [0] * 16))
@@ -177,12 +182,12 @@ def _row_dot_q32(kind):
                         off = ir.Constant(_vec(_I16, 16), [offset] * 16)
                         lo, hi = builder.sub(lo, off), builder.sub(hi, off)
                 lanes = builder.add(_madd(builder, lo, a_lo), _madd(builder, hi, a_hi))
-                d = builder.fmul(f16_at(wb), builder.load(builder.gep(d_p, [b])))
-                part = builder.fmul(builder.sitofp(lanes, _vec(_F32, 8)),
-                                    _splat(builder, d, _F32, 8))
-                builder.store(builder.fadd(builder.load(acc_p), part), acc_p)
+                d = builder.fmul(_f16_via(builder, table_p, wb),
+                                 builder.load(builder.gep(d_p, [b])))
+                _accumulate(builder, acc_p, lanes, d)
                 if has_min:
-                    m = builder.fmul(f16_at(builder.add(wb, ir.Constant(wb.type, 2))),
+                    m = builder.fmul(_f16_via(builder, table_p,
+                                              builder.add(wb, ir.Constant(wb.type, 2))),
                                      builder.load(builder.gep(s_p, [b])))
                     builder.store(builder.fadd(builder.load(min_p), m), min_p)
             return builder.fadd(_hsum8f(builder, builder.load(acc_p)), builder.load(min_p))
@@ -211,11 +216,6 @@ def _lanes8(builder, v):
     return out
 
 
-def _f16_via(builder, table_p, addr):
-    bits = builder.load(builder.inttoptr(addr, _I16.as_pointer()), align=1)
-    return builder.load(builder.gep(table_p, [builder.zext(bits, ir.IntType(64))]))
-
-
 def _row_dot_kquant(kind):
     """An intrinsic ``row_dot_<kind>(w, a, ad, nb, table, scales) -> float32``: the scaled
     part of one output of a product with Q4_K or Q6_K weights (``nb`` super-blocks at ``w``)
@@ -236,7 +236,7 @@ def _row_dot_kquant(kind):
         def codegen(context, builder, signature, args):
             wa, aa, da, nbv, ta, sa = args
             fp = _F32.as_pointer()
-            acc_p = cgutils.alloca_once_value(builder, ir.Constant(_vec(_F32, 8), [0.0] * 8))
+            acc_p = _float_lanes(builder, 8)
             table_p, d_p = builder.inttoptr(ta, fp), builder.inttoptr(da, fp)
             sc_p = builder.inttoptr(sa, _I32.as_pointer())
 
@@ -279,10 +279,8 @@ def _row_dot_kquant(kind):
                                     at(wb, 192 + 8 * n + h + 2 * i), _I8.as_pointer()))
                                 isum = builder.add(isum, scaled(lanes, builder.sext(sc, _I32)))
                     dw = _f16_via(builder, table_p, at(wb, 208))
-                d = builder.fmul(dw, builder.load(builder.gep(d_p, [b])))
-                part = builder.fmul(builder.sitofp(isum, _vec(_F32, 8)),
-                                    _splat(builder, d, _F32, 8))
-                builder.store(builder.fadd(builder.load(acc_p), part), acc_p)
+                _accumulate(builder, acc_p, isum,
+                            builder.fmul(dw, builder.load(builder.gep(d_p, [b]))))
             return _hsum8f(builder, builder.load(acc_p))
 
         return sig, codegen
@@ -300,56 +298,55 @@ row_dot_q6_k = _row_dot_kquant("q6_k")
 
 
 @intrinsic
-def decode_nibbles16_pair(typingctx, w, offset, scale, out):
-    """out[j] = (lo(w[j]) - offset)·scale, out[16+j] = (hi(w[j]) - offset)·scale, j < 16."""
-    sig = types.void(types.intp, types.int32, types.float32, types.intp)
+def decode_nibbles16_pair(typingctx, w, offset, out):
+    """out[j] = lo(w[j]) - offset, out[16+j] = hi(w[j]) - offset, j < 16, as float32."""
+    sig = types.void(types.intp, types.int32, types.intp)
 
     def codegen(context, builder, signature, args):
-        wa, off, sc, oa = args
+        wa, off, oa = args
         o16 = _splat(builder, builder.trunc(off, _I16), _I16, 16)
         for half, shift in ((0, 0), (1, 4)):
             codes = builder.sub(_nibbles(builder, wa, ir.Constant(_I32, shift), 16), o16)
-            _store_scaled(builder, codes, sc, builder.add(oa, ir.Constant(oa.type, 64 * half)), 16)
+            _store_codes(builder, codes, builder.add(oa, ir.Constant(oa.type, 64 * half)), 16)
         return context.get_dummy_value()
 
     return sig, codegen
 
 
 @intrinsic
-def decode_nibbles32(typingctx, w, shift, scale, out):
-    """out[j] = ((w[j] >> shift) & 15)·scale, j < 32 (one Q4_K sub-block, before its min)."""
-    sig = types.void(types.intp, types.int32, types.float32, types.intp)
+def decode_nibbles32(typingctx, w, shift, out):
+    """out[j] = (w[j] >> shift) & 15, j < 32, as float32 (one Q4_K sub-block)."""
+    sig = types.void(types.intp, types.int32, types.intp)
 
     def codegen(context, builder, signature, args):
-        wa, sh, sc, oa = args
-        _store_scaled(builder, _nibbles(builder, wa, sh, 32), sc, oa, 32)
+        wa, sh, oa = args
+        _store_codes(builder, _nibbles(builder, wa, sh, 32), oa, 32)
         return context.get_dummy_value()
 
     return sig, codegen
 
 
 @intrinsic
-def decode_q6_16(typingctx, ql, ls, qh, hs, scale, out):
-    """out[j] = q6[j]·scale, j < 16 (one Q6_K group of 16)."""
-    sig = types.void(types.intp, types.int32, types.intp, types.int32, types.float32, types.intp)
+def decode_q6_16(typingctx, ql, ls, qh, hs, out):
+    """out[j] = q6[j], j < 16, as float32 (one Q6_K group of 16)."""
+    sig = types.void(types.intp, types.int32, types.intp, types.int32, types.intp)
 
     def codegen(context, builder, signature, args):
-        la, lsh, ha, hsh, sc, oa = args
-        _store_scaled(builder, _q6_codes(builder, la, lsh, ha, hsh), sc, oa, 16)
+        la, lsh, ha, hsh, oa = args
+        _store_codes(builder, _q6_codes(builder, la, lsh, ha, hsh), oa, 16)
         return context.get_dummy_value()
 
     return sig, codegen
 
 
 @intrinsic
-def decode_i8_32(typingctx, w, scale, out):
-    """out[j] = w[j]·scale, j < 32 (one Q8_0 block)."""
-    sig = types.void(types.intp, types.float32, types.intp)
+def decode_i8_32(typingctx, w, out):
+    """out[j] = w[j], j < 32, as float32 (one Q8_0 block)."""
+    sig = types.void(types.intp, types.intp)
 
     def codegen(context, builder, signature, args):
-        wa, sc, oa = args
-        codes = builder.sext(_load(builder, wa, _I8, 32), _vec(_I16, 32))
-        _store_scaled(builder, codes, sc, oa, 32)
+        wa, oa = args
+        _store_codes(builder, builder.sext(_load(builder, wa, _I8, 32), _vec(_I16, 32)), oa, 32)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -381,14 +378,15 @@ def row_dot_f16(typingctx, w, x, n):
 
     def codegen(context, builder, signature, args):
         wa, xa, nv = args
-        acc_p = cgutils.alloca_once_value(builder, ir.Constant(_vec(_F32, 16), [0.0] * 16))
+        acc_p = _float_lanes(builder, 16)
         chunks = builder.udiv(nv, ir.Constant(nv.type, 16))
         with cgutils.for_range(builder, chunks) as loop:
             i = loop.index
             bits = _load(builder, builder.add(wa, builder.mul(i, ir.Constant(i.type, 32))),
                          _I16, 16)
             wv = builder.fpext(builder.bitcast(bits, _vec(ir.HalfType(), 16)), _vec(_F32, 16))
-            xv = _load(builder, builder.add(xa, builder.mul(i, ir.Constant(i.type, 64))), _F32, 16)
+            xv = _load(builder, builder.add(xa, builder.mul(i, ir.Constant(i.type, 64))),
+                       _F32, 16)
             builder.store(builder.fadd(builder.load(acc_p), builder.fmul(wv, xv)), acc_p)
         v = builder.load(acc_p)
         lo = builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, 8), list(range(8))))
