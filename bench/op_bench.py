@@ -108,6 +108,40 @@ def bench_unary_like(cpu, op, n_embd, tokens, threads):
     return ours_t, theirs_t, ours, theirs
 
 
+def bench_flash_attn(cpu, shape, tokens, n_kv, n_valid, threads):
+    """FLASH_ATTN_EXT of ``tokens`` query rows over an F16 K/V cache of ``n_kv`` rows, of which
+    the first ``n_valid`` are unmasked (the rest -inf, as a partly filled cache is)."""
+    rng = np.random.default_rng(2)
+    hd, nh, nkv_h = shape.head_dim, shape.n_head, shape.n_head_kv
+    q = rng.standard_normal((1, nh, tokens, hd)).astype(np.float32)
+    k = rng.standard_normal((1, nkv_h, n_kv, hd)).astype(np.float16)
+    v = rng.standard_normal((1, nkv_h, n_kv, hd)).astype(np.float16)
+    m_rows = -(-tokens // 64) * 64                 # ggml pads the mask's rows
+    mask = np.zeros((1, 1, m_rows, n_kv), np.float16)
+    mask[..., n_valid:] = -np.inf
+    scale = 1.0 / np.sqrt(hd)
+    g = GraphBuilder(64 << 20)
+    qi = g.input(T.F32, (hd, tokens, nh, 1), q)
+    ki = g.input(T.F16, (hd, n_kv, nkv_h, 1), k)
+    vi = g.input(T.F16, (hd, n_kv, nkv_h, 1), v)
+    mi = g.input(T.F16, (n_kv, m_rows, 1, 1), mask)
+    out = g.node(Op.FLASH_ATTN_EXT, T.F32, (hd, nh, tokens, 1), [qi, ki, vi, mi],
+                 params=[float(scale), 0.0, 0.0, 0])
+    plan = g.compile()
+    ours_t = _timed(plan.run)
+    ours = g.read(out)
+    with cpu.context(64 << 20) as ctx:
+        qt = ctx.tensor(T.F32, (hd, tokens, nh, 1), q)
+        kt = ctx.tensor(T.F16, (hd, n_kv, nkv_h, 1), k)
+        vt = ctx.tensor(T.F16, (hd, n_kv, nkv_h, 1), v)
+        mt = ctx.tensor(T.F16, (n_kv, m_rows, 1, 1), mask)
+        y = ctx.call("ggml_flash_attn_ext", qt, kt, vt, mt, float(scale), 0.0, 0.0)
+        run_theirs = ctx.runner(y, threads)
+        theirs_t = _timed(run_theirs)
+        theirs = ctx.read(y)
+    return ours_t, theirs_t, ours, theirs
+
+
 def run(shape_name: str, types: list[str], ops: list[str], threads: int, tokens_list) -> list:
     """Every (op, type, tokens) case of the shape; returns result rows."""
     import numba
@@ -133,6 +167,14 @@ def run(shape_name: str, types: list[str], ops: list[str], threads: int, tokens_
                                      tokens=tokens, refimpl_us=o * 1e6, ggml_us=t * 1e6,
                                      ratio=t / o, within=problem is None
                                      and err <= nmse_bound("MUL_MAT")))
+        if "flash_attn_ext" in ops:
+            for n_kv, n_valid in ((256, 48), (512, 300)):
+                o, t, ours, theirs = bench_flash_attn(cpu, shape, tokens, n_kv, n_valid, threads)
+                err, problem = op_error(theirs, ours)
+                rows.append(dict(op="FLASH_ATTN_EXT", case=f"n_kv={n_kv} valid={n_valid} f16",
+                                 tokens=tokens, refimpl_us=o * 1e6, ggml_us=t * 1e6,
+                                 ratio=t / o, within=problem is None
+                                 and err <= nmse_bound("FLASH_ATTN_EXT")))
         for op in ("rms_norm", "add", "mul"):
             if op in ops:
                 o, t, ours, theirs = bench_unary_like(cpu, op, e, tokens, threads)

@@ -95,6 +95,16 @@ def is_contiguous(t: Node) -> bool:
     return True
 
 
+def overlaps(a: Node | None, b: Node | None) -> bool:
+    """Whether two tensors' byte spans share a byte (a kernel writing one while reading the
+    other in place would then see its own writes)."""
+    if a is None or b is None or a.buffer is None or b.buffer is None:
+        return False
+    if a.buffer.memory is not b.buffer.memory or not a.nbytes or not b.nbytes:
+        return False
+    return a.offset < b.offset + b.nbytes and b.offset < a.offset + a.nbytes
+
+
 def params_zero_from(node: Node, first: int) -> None:
     """No op uses parameters beyond ``first``; ggml leaves them zero."""
     # Deliberately lenient: ggml does not promise zeros there, so nothing is checked.

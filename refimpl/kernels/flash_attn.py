@@ -17,7 +17,10 @@ The arithmetic is bit-exact with the path ggml's x86 AVX2 CPU backend takes for 
   thread count (:data:`SPLIT_THREADS`, :func:`_split_decode`).
 
 K, V, Q, the mask and the sinks are copied into packed float32 arrays before the kernel runs,
-so a destination that overlaps an input cannot change what the kernel reads.
+so a destination that overlaps an input cannot change what the kernel reads.  The exception is
+the common decode, F16 K and V (llama.cpp's default cache) on a CPU with F16C: when the
+destination overlaps no source, :func:`flash_attn_f16_in_place` reads the cache where it lies,
+and nothing is made per run (the one-row path with the dot product in another order).
 """
 
 from __future__ import annotations
@@ -33,8 +36,12 @@ from ..graph.checks import (BF16, F16, F32, elementwise_strides, fail, is_contig
                             no_src_beyond, require, src, type_in)
 from ..graph.ops import Op
 from ..graph.registry import OpImpl, register
+from ..graph.checks import overlaps
 from .cpu_tensors import bf16_to_f32, f16_to_f32, round_to, view
 from .numeric import fma32, hsum8_f32, vexp8_sub_f32
+from .parallel import sized_kernel
+from .quants import F16_TABLE
+from .simd import HAS_F16C, mad_round_f16, round_f16_row, row_dot_f16, scale_round_f16
 from .softmax import alibi_slopes
 
 PREC_DEFAULT, PREC_F32 = 0, 10
@@ -302,6 +309,98 @@ def _one_row_block(q, k, v, mask, slopes, scale, softcap, use_mask, dot_kind, v_
                                           dot_kind, v_f16, True, iq3, ik2, ik3, iv2, iv3,
                                           heads, qrows, kv0, kv1)
     return acc, mx, total
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _attend_rows_f16(q, k, v, mask, slopes, table, scale, softcap, use_mask,
+                     iq3, ik2, ik3, iv2, iv3, heads, qrows, acc, mx, total):
+    """ggml's one-row path for F16 K and F16 V, both read where they lie (no copy), keys one
+    at a time in order: Q rounded to half precision, its dot product with each key's widened
+    values in sixteen float32 lanes (:func:`.simd.row_dot_f16`), an online softmax with
+    libm's ``expf``, and V accumulated with one fused multiply-add per value, the sum rounded
+    to half precision after every update (:func:`.simd.mad_round_f16`), as ggml keeps it.
+    A masked key (-inf) is skipped before its dot product, as ggml skips it.
+
+    Fills ``acc`` (rows, DV), ``mx`` and ``total`` for the rows ``heads``/``qrows``.  Needs
+    F16C, DK a multiple of 16 and DV of 8 (the caller checks; :data:`.simd.HAS_F16C`)."""
+    nr = heads.shape[0]
+    dk = q.shape[3]
+    dv = v.shape[3]
+    m3, m2 = mask.shape[0], mask.shape[1]
+    neg_inf = np.float32(-np.inf)
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    qh = np.empty((nr, dk), np.float32)
+    mrow = np.empty(nr, np.int64)          # where each row's mask row starts in ``flat``
+    flat = mask.reshape(-1)                # the mask is contiguous (validated)
+    for r in range(nr):
+        round_f16_row(q[iq3, heads[r], qrows[r]].ctypes.data, qh[r].ctypes.data, dk)
+        mrow[r] = (((iq3 % m3) * m2 + heads[r] % m2) * mask.shape[2] + qrows[r]) * mask.shape[3]
+        mx[r] = neg_inf
+        total[r] = zero
+        for d in range(dv):
+            acc[r, d] = zero
+    kp = k.ctypes.data + ik3 * k.strides[0] + ik2 * k.strides[1]
+    vp = v.ctypes.data + iv3 * v.strides[0] + iv2 * v.strides[1]
+    for ic in range(k.shape[2]):
+        for r in range(nr):
+            h = heads[r]
+            mv = zero
+            if use_mask:
+                mv = slopes[h] * table[flat[mrow[r] + ic]]
+                if mv == neg_inf:
+                    continue
+            dot = row_dot_f16(kp, qh[r].ctypes.data, dk)
+            if softcap != zero:
+                s = softcap * np.float32(math.tanh(dot * scale)) + mv
+            else:
+                s = dot * scale + mv
+            m_old = mx[r]
+            ms = one
+            vs = one
+            ap = acc[r].ctypes.data
+            if s > m_old:
+                mx[r] = s
+                ms = np.float32(math.exp(m_old - s))
+                scale_round_f16(ap, dv, ms)
+            else:
+                vs = np.float32(math.exp(s - m_old))
+            mad_round_f16(ap, vp, dv, vs)
+            total[r] = fma32(total[r], ms, vs)
+        kp += k.strides[2]
+        vp += v.strides[2]
+
+
+@sized_kernel(1, cache=True, nogil=True)
+def flash_attn_f16_in_place(q, k, v, mask, sinks, slopes, table, out, scale, softcap,
+                            use_mask, use_sinks, group, qb):
+    """The one-row path over F16 K and V in place (:func:`_attend_rows_f16`), ``qb`` rows
+    (head, query) of one group of ``group`` heads sharing a K and a V head at a time.
+    Arrays as :func:`flash_attn_f32` takes them, except ``k``, ``v`` and ``mask``: the
+    tensors' own uint16 views (rows contiguous), and ``q``: the tensor's own float32 view."""
+    nq3, nq2, nq1 = q.shape[0], q.shape[1], q.shape[2]
+    rk2, rk3 = nq2 // k.shape[1], nq3 // k.shape[0]
+    rv2, rv3 = nq2 // v.shape[1], nq3 // v.shape[0]
+    dv = v.shape[3]
+    n_groups = nq2 // group
+    rows_per_group = group * nq1
+    nblk = (rows_per_group + qb - 1) // qb
+    for item in prange(nq3 * n_groups * nblk):
+        iq3 = item // (n_groups * nblk)
+        rem = item % (n_groups * nblk)
+        h0 = (rem // nblk) * group
+        r0 = (rem % nblk) * qb
+        nr = min(qb, rows_per_group - r0)
+        heads, qrows = _row_ids(h0, r0, nr, nq1)
+        acc = np.empty((nr, dv), np.float32)
+        mx = np.empty(nr, np.float32)
+        total = np.empty(nr, np.float32)
+        _attend_rows_f16(q, k, v, mask, slopes, table, scale, softcap, use_mask, iq3,
+                         h0 // rk2, iq3 // rk3, h0 // rv2, iq3 // rv3, heads, qrows, acc, mx,
+                         total)
+        if use_sinks:
+            _add_sinks(acc, mx, total, sinks, heads, False)
+        _store(acc, total, out, iq3, heads, qrows)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -652,6 +751,10 @@ class FlashAttnExt(OpImpl):
         split = (nq1 == 1 and nq3 == 1 and k_t.type == v_t.type and k_t.type in (F32, F16)
                  and k_t.ne[1] >= SPLIT_MIN_KV)
         n_split = SPLIT_THREADS if split else 1
+        if (HAS_F16C and k_t.type == v_t.type == F16 and not tiled and n_split == 1
+                and k_t.ne[0] % 16 == 0 and v_t.ne[0] % 8 == 0
+                and not any(overlaps(node, t) for t in (q_t, k_t, v_t, mask_t, sinks_t))):
+            return self._bind_f16_in_place(node, scale, softcap, slopes, group, qb)
 
         def run():
             if node.nelements == 0:
@@ -671,4 +774,23 @@ class FlashAttnExt(OpImpl):
             flash_attn_f32(q, k, v, mask, sinks, slopes, view(node), scale, softcap,
                            mask_t is not None, sinks_t is not None, tiled, dot_kind, v_f16,
                            group, qb, n_split)
+        return run
+
+    @staticmethod
+    def _bind_f16_in_place(node: Node, scale, softcap, slopes, group: int, qb: int):
+        """The common decode: F16 K/V cache read in place, nothing copied per run."""
+        q_t, k_t, v_t = node.src[0], node.src[1], node.src[2]
+        mask_t = node.src[3] if len(node.src) > 3 else None
+        sinks_t = node.src[4] if len(node.src) > 4 else None
+        no_mask = np.zeros((1, 1, 1, 1), np.uint16)
+        no_sinks = np.zeros(1, np.float32)
+
+        def run():
+            if node.nelements == 0:
+                return
+            mask = view(mask_t, np.uint16) if mask_t is not None else no_mask
+            sinks = view(sinks_t)[0, 0, 0, :] if sinks_t is not None else no_sinks
+            flash_attn_f16_in_place(view(q_t), view(k_t, np.uint16), view(v_t, np.uint16),
+                                    mask, sinks, slopes, F16_TABLE, view(node), scale, softcap,
+                                    mask_t is not None, sinks_t is not None, group, qb)
         return run

@@ -366,8 +366,9 @@ def _blas(a: Node, x: np.ndarray, sums, out: np.ndarray) -> None:
 def _blas_groups(a: Node, acts, out: np.ndarray) -> None:
     """Quantised weights through BLAS with ggml's arithmetic per group: weights split into
     integer codes and group scales (:func:`.matmul_fast.split_rows`), activations likewise;
-    one batched ``matmul`` gives every group's exact integer sum (codes and their sums are
-    small integers, exact in float32 whatever BLAS's order), and
+    one batched ``matmul`` gives every group's integer sum (codes and their sums are small
+    integers, exact in float32 whatever BLAS's order; a k-quant super-block's sum of 256
+    products may pass 2^24 and then round in float32, a relative 6e-8), and
     :func:`.matmul_fast.combine_groups` weighs them by the two scales.  Q4_1 adds
     ``m · s_a`` per block, Q4_K subtracts ``dmin·min · d_a·Σa`` per 32 values, through one
     more small product each."""

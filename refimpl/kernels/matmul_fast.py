@@ -56,24 +56,6 @@ ROWS_PER_JOB = 64
 # Q4_1 and Q5_1; Q8_K's integer sums of each 16 values for Q4_K's minimums).
 
 
-@njit(cache=True, nogil=True)
-def dot_q4_k(row, ap, ad, bsums, table, scales):
-    """Per 256-value super-block: ``d_a · (d · Σ_j scale_j · Σ q·a − dmin · Σ_j min_j · Σa)``
-    over its eight 32-value sub-blocks.  The 6-bit scales are decoded into ``scales`` (int32,
-    8 per super-block) for :func:`.simd.row_dot_q4_k`; the minimums' part is summed here."""
-    mins = np.float32(0.0)
-    for b in range(ad.shape[0]):
-        o = 144 * b
-        msum = 0
-        for j in range(8):
-            sc, mn = _k4_scale_min(row[o + 4:o + 16], j)
-            scales[8 * b + j] = sc
-            msum += mn * (bsums[16 * b + 2 * j] + bsums[16 * b + 2 * j + 1])
-        mins += ad[b] * (_f16_at(row, o + 2, table) * np.float32(msum))
-    return row_dot_q4_k(row.ctypes.data, ap, ad.ctypes.data, ad.shape[0], table.ctypes.data,
-                        scales.ctypes.data) - mins
-
-
 def _mm_packed(w, aq, ad, asum, bsums, out, table):
     """Weights ``w`` (uint8 rows (A3, A2, N, row_bytes)) of format ``CODE`` times quantised
     activations (per row m = (batch, token): ``aq`` int8 (M, K), ``ad``, ``asum``, ``bsums``
@@ -92,11 +74,11 @@ def _mm_packed(w, aq, ad, asum, bsums, out, table):
         r1 = min(n, r0 + ROWS_PER_JOB)
         i13, i12 = g // b2, g % b2
         wb = w[i13 // r3, i12 // r2]
-        scales = np.empty(max(1, 8 * ad.shape[1]), np.int32)      # Q4_K's, decoded per row
         tp, nb = table.ctypes.data, ad.shape[1]
         for t in range(nt):
             m = g * nt + t
             ap, dp, sp = aq[m].ctypes.data, ad[m].ctypes.data, asum[m].ctypes.data
+            bp = bsums[m].ctypes.data
             o = out[i13, i12, t]
             for r in range(r0, r1):
                 rp = wb[r].ctypes.data
@@ -111,7 +93,7 @@ def _mm_packed(w, aq, ad, asum, bsums, out, table):
                 elif CODE == Q8_0:
                     o[r] = row_dot_q8_0(rp, ap, dp, sp, nb, tp)
                 elif CODE == Q4_K:
-                    o[r] = dot_q4_k(wb[r], ap, ad[m], bsums[m], table, scales)
+                    o[r] = row_dot_q4_k(rp, ap, dp, nb, tp, bp)
                 else:
                     o[r] = row_dot_q6_k(rp, ap, dp, nb, tp, 0)
 
@@ -187,17 +169,21 @@ def block_mins(rows: np.ndarray, block_bytes: int) -> np.ndarray:
 
 
 def group_size(code: int) -> int:
-    """Values per scale group of the codes :func:`split_row` gives (16 for Q6_K, else 32)."""
-    return 16 if code == Q6_K else 32
+    """Values per scale group of the codes :func:`split_row` gives (a super-block of 256 for
+    Q4_K and Q6_K, else a block of 32)."""
+    return 256 if code in (Q4_K, Q6_K) else 32
 
 
 @njit(cache=True, nogil=True)
 def split_row(code, row, codes, scales, mins, table):
-    """Packed weight ``row`` of a FAST_QUANT_TYPES ``code`` as its integer codes (float32,
-    ``codes`` (K,)), the scale of every group of :func:`group_size` codes (``scales``: Q4_0,
-    Q4_1, Q8_0 ``d``; Q4_K ``d · scale_j``; Q6_K ``d · scale_g``: each exact in float32) and,
-    for Q4_1 and Q4_K, the minimum of every 32 (``mins``: ``m``; ``dmin · min_j``), so that
-    value ``i`` is ``codes[i] · scales[i // G] (- mins[i // 32] for Q4_K, + for Q4_1)``."""
+    """Packed weight ``row`` of a FAST_QUANT_TYPES ``code`` as integer codes (float32,
+    ``codes`` (K,)), the scale of every group of :func:`group_size` codes (``scales``: the
+    block's or super-block's ``d``) and, for Q4_1 and Q4_K, the minimum of every 32
+    (``mins``: ``m``; ``dmin · min_j``), so that value ``i`` is
+    ``codes[i] · scales[i // G] (- mins[i // 32] for Q4_K, + for Q4_1)``.  A k-quant's codes
+    already carry their group's integer scale (``q · scale_j``, at most 63·15 for Q4_K and
+    128·32 for Q6_K: exact in float32), so that one super-block is one group: ggml multiplies
+    ``d`` by the integer sum of the whole super-block too."""
     rp = row.ctypes.data
     op = codes.ctypes.data
     if code == Q4_0:
@@ -219,10 +205,12 @@ def split_row(code, row, codes, scales, mins, table):
             d, dmin = _f16_at(row, o, table), _f16_at(row, o + 2, table)
             for j in range(8):
                 sc, mn = _k4_scale_min(row[o + 4:o + 16], j)
-                decode_nibbles32(rp + o + 16 + 32 * (j // 2), 4 * (j % 2),
-                                 op + 4 * (256 * b + 32 * j))
-                scales[8 * b + j] = d * np.float32(sc)
+                first = 256 * b + 32 * j
+                decode_nibbles32(rp + o + 16 + 32 * (j // 2), 4 * (j % 2), op + 4 * first)
+                for i in range(first, first + 32):
+                    codes[i] *= np.float32(sc)
                 mins[8 * b + j] = dmin * np.float32(mn)
+            scales[b] = d
     else:   # Q6_K
         for b in range(codes.shape[0] // 256):
             o = 210 * b
@@ -232,14 +220,17 @@ def split_row(code, row, codes, scales, mins, table):
                 qh = rp + o + 128 + 32 * n
                 sc = o + 192 + 8 * n
                 e = op + 4 * (256 * b + 128 * n)
-                g = 16 * b + 8 * n          # group index of values 128n + 16h + 32i
+                first = 256 * b + 128 * n
                 for h in range(2):
                     decode_q6_16(ql + 16 * h, 0, qh + 16 * h, 0, e + 64 * h)
                     decode_q6_16(ql + 32 + 16 * h, 0, qh + 16 * h, 2, e + 128 + 64 * h)
                     decode_q6_16(ql + 16 * h, 4, qh + 16 * h, 4, e + 256 + 64 * h)
                     decode_q6_16(ql + 32 + 16 * h, 4, qh + 16 * h, 6, e + 384 + 64 * h)
-                    for i in range(4):
-                        scales[g + h + 2 * i] = d * np.float32(np.int8(row[sc + h + 2 * i]))
+                    for i in range(4):      # values 16h + 32i .. +16 of this half
+                        s = np.float32(np.int8(row[sc + h + 2 * i]))
+                        for v in range(first + 16 * h + 32 * i, first + 16 * h + 32 * i + 16):
+                            codes[v] *= s
+            scales[b] = d
 
 
 @sized_kernel(2, cache=True, nogil=True)

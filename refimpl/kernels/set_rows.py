@@ -10,16 +10,17 @@ out-of-bounds write of llama.cpp issue #26912: an index out of range stops the g
 from __future__ import annotations
 
 import numpy as np
-from numba import prange
+from numba import njit, prange
 
 from ..graph.build import GraphInvalid, Node
 from ..graph.checks import (BF16, F16, F32, I32, I64, elementwise_strides, fail, no_src_beyond,
-                            require, src, type_in)
+                            overlaps, require, src, type_in)
 from ..graph.ops import Op
 from ..graph.registry import OpImpl, register
 from ..protocol.ggml_types import GgmlType
 from .cpu_tensors import f32_to_bf16, view
 from .parallel import sized_kernel
+from .simd import HAS_F16C, f16_bits
 
 _DST_TYPES = {F32, F16, BF16}
 
@@ -41,6 +42,36 @@ def scatter_rows(rows, idx, dst):
             j = idx[0, i3 % n12, i2 % n11, i]
             for c in range(nc):
                 dst[i3, i2, j, c] = rows[i3, i2, i, c]
+
+
+@njit(cache=True, nogil=True)
+def first_bad_index(idx, n_rows):
+    """The position (in C order) of the first index outside ``[0, n_rows)``, or -1."""
+    n3, n2, n1, n0 = idx.shape
+    for i3 in range(n3):
+        for i2 in range(n2):
+            for i1 in range(n1):
+                for i0 in range(n0):
+                    j = idx[i3, i2, i1, i0]
+                    if j < 0 or j >= n_rows:
+                        return ((i3 * n2 + i2) * n1 + i1) * n0 + i0
+    return -1
+
+
+@sized_kernel(0, cache=True, nogil=True)
+def scatter_rows_to_f16(rows, idx, dst):
+    """:func:`scatter_rows` from float32 ``rows`` into F16 ``dst`` (uint16 bits), each value
+    rounded to the nearest half as it is stored (:func:`.simd.f16_bits`; needs F16C).
+    ``idx`` may be int32 or int64.  ``rows`` must not overlap ``dst``."""
+    n3, n2, nr, nc = rows.shape
+    n12, n11 = idx.shape[1], idx.shape[2]
+    for p in prange(n3 * n2):
+        i3 = p // n2
+        i2 = p % n2
+        for i in range(nr):
+            j = idx[0, i3 % n12, i2 % n11, i]
+            for c in range(nc):
+                dst[i3, i2, j, c] = f16_bits(rows[i3, i2, i, c])
 
 
 def reference(dst: np.ndarray, rows: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -115,16 +146,36 @@ class SetRows(OpImpl):
         b, c = node.src[0], node.src[1]
         n_rows = node.ne[1]
         storage = np.float32 if node.type == GgmlType.F32 else np.uint16
+        if (HAS_F16C and node.type == F16 and b.type == F32 and b.nelements
+                and not overlaps(node, b)):
+            return self._bind_f32_to_f16(node, b, c, n_rows)
 
         def run():
             if b.nelements == 0:
                 return
             idx = view(c).astype(np.int64)
-            if idx.min() < 0 or idx.max() >= n_rows:          # two reductions, no temporaries
-                bad = (idx < 0) | (idx >= n_rows)
-                where = tuple(int(x) for x in np.argwhere(bad)[0])
-                raise GraphInvalid(f"node {node.describe()}: row index {int(idx[where])} at "
-                                   f"src1{list(where[::-1])} is outside [0, {n_rows})")
+            bad = first_bad_index(idx, n_rows)
+            if bad >= 0:
+                _refuse_index(node, idx, bad, n_rows)
             # _payload always makes a copy, so the scatter never reads what it writes
             scatter_rows(_payload(b, node.type), idx, view(node, storage))
         return run
+
+    @staticmethod
+    def _bind_f32_to_f16(node: Node, b: Node, c: Node, n_rows: int):
+        """The KV-cache store (F32 rows into an F16 cache), bound once: the indices are
+        checked, then the rows converted as they are scattered, with no temporary."""
+        rows, idx, dst = view(b), view(c), view(node, np.uint16)
+
+        def run():
+            bad = first_bad_index(idx, n_rows)
+            if bad >= 0:
+                _refuse_index(node, idx, bad, n_rows)
+            scatter_rows_to_f16(rows, idx, dst)
+        return run
+
+
+def _refuse_index(node: Node, idx: np.ndarray, flat: int, n_rows: int):
+    where = np.unravel_index(flat, idx.shape)
+    raise GraphInvalid(f"node {node.describe()}: row index {int(idx[where])} at "
+                       f"src1{[int(x) for x in where[::-1]]} is outside [0, {n_rows})")

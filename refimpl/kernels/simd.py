@@ -217,28 +217,30 @@ def _lanes8(builder, v):
 
 
 def _row_dot_kquant(kind):
-    """An intrinsic ``row_dot_<kind>(w, a, ad, nb, table, scales) -> float32``: the scaled
-    part of one output of a product with Q4_K or Q6_K weights (``nb`` super-blocks at ``w``)
+    """An intrinsic ``row_dot_<kind>(w, a, ad, nb, table, bsums) -> float32``: one output of a product with Q4_K or Q6_K weights (``nb`` super-blocks at ``w``)
     and Q8_K activations (int8 at ``a``, float32 scales at ``ad``):
     ``Σ_b d_a·d_w · Σ_g scale_g · Σ q·a``.  Per super-block the integer sums of every group,
     times its integer scale, add up in eight int32 lanes (exact), which are then scaled into
-    eight float32 lanes as ggml does.  Q4_K's eight 6-bit scales per super-block are given
-    decoded (int32 at ``scales``); Q6_K's are read from the row.  Q4_K's minimums are the
-    caller's (:func:`refimpl.kernels.matmul_fast.dot_q4_k`)."""
+    eight float32 lanes as ggml does.  Q6_K's scales are int8 in the row; Q4_K's eight 6-bit
+    scales and minimums per super-block are unpacked from its 12 bytes here, and its
+    minimums' part, ``d_a · dmin · Σ_j min_j · Σa`` per super-block with the activations'
+    integer sums of every 16 values at ``bsums`` (int32), is summed in float32 and taken off
+    at the end (``bsums`` is unused for Q6_K)."""
     q4 = kind == "q4_k"
     nbytes = 144 if q4 else 210
 
     @intrinsic
-    def row_dot(typingctx, w, a, ad, nb, table, scales):
+    def row_dot(typingctx, w, a, ad, nb, table, bsums):
         sig = types.float32(types.intp, types.intp, types.intp, types.intp, types.intp,
                             types.intp)
 
         def codegen(context, builder, signature, args):
-            wa, aa, da, nbv, ta, sa = args
+            wa, aa, da, nbv, ta, ba = args
             fp = _F32.as_pointer()
             acc_p = _float_lanes(builder, 8)
+            min_p = cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0))
             table_p, d_p = builder.inttoptr(ta, fp), builder.inttoptr(da, fp)
-            sc_p = builder.inttoptr(sa, _I32.as_pointer())
+            bs_p = builder.inttoptr(ba, _I32.as_pointer())
 
             def at(base, off):
                 return builder.add(base, ir.Constant(base.type, off))
@@ -246,12 +248,32 @@ def _row_dot_kquant(kind):
             def scaled(lanes, scale):
                 return builder.mul(lanes, _splat(builder, scale, _I32, 8))
 
+            def byte(addr):
+                return builder.zext(builder.load(builder.inttoptr(addr, _I8.as_pointer())),
+                                    _I32)
+
+            def c32(v):
+                return ir.Constant(_I32, v)
+
             with cgutils.for_range(builder, nbv) as loop:
                 b = loop.index
                 wb = builder.add(wa, builder.mul(b, ir.Constant(b.type, nbytes)))
                 ab = builder.add(aa, builder.mul(b, ir.Constant(b.type, 256)))
                 isum = ir.Constant(_vec(_I32, 8), [0] * 8)
-                if q4:      # sub-blocks 2j (low nibbles) and 2j+1 (high) share 32 bytes
+                if q4:
+                    # the 6-bit scale and min of sub-block j from the 12 bytes at offset 4
+                    sb = [byte(at(wb, 4 + i)) for i in range(12)]
+                    scale, low = [], []
+                    for j in range(8):
+                        if j < 4:
+                            scale.append(builder.and_(sb[j], c32(63)))
+                            low.append(builder.and_(sb[j + 4], c32(63)))
+                        else:
+                            top = builder.shl(builder.lshr(sb[j - 4], c32(6)), c32(4))
+                            scale.append(builder.or_(builder.and_(sb[j + 4], c32(15)), top))
+                            top = builder.shl(builder.lshr(sb[j], c32(6)), c32(4))
+                            low.append(builder.or_(builder.lshr(sb[j + 4], c32(4)), top))
+                    # sub-blocks 2j (low nibbles) and 2j+1 (high) share 32 bytes
                     for j in range(4):
                         qa = at(wb, 16 + 32 * j)
                         for half in range(2):
@@ -259,10 +281,18 @@ def _row_dot_kquant(kind):
                             acts = builder.sext(_load(builder, at(ab, 64 * j + 32 * half),
                                                       _I8, 32), _vec(_I16, 32))
                             lanes = _lanes8(builder, _madd(builder, codes, acts))
-                            sub = builder.add(builder.mul(b, ir.Constant(b.type, 8)),
-                                              ir.Constant(b.type, 2 * j + half))
-                            scale = builder.load(builder.gep(sc_p, [sub]))
-                            isum = builder.add(isum, scaled(lanes, scale))
+                            isum = builder.add(isum, scaled(lanes, scale[2 * j + half]))
+                    msum = c32(0)
+                    first = builder.mul(b, ir.Constant(b.type, 16))
+                    for j in range(8):
+                        pair = builder.add(
+                            builder.load(builder.gep(bs_p, [at(first, 2 * j)])),
+                            builder.load(builder.gep(bs_p, [at(first, 2 * j + 1)])))
+                        msum = builder.add(msum, builder.mul(low[j], pair))
+                    dmin = _f16_via(builder, table_p, at(wb, 2))
+                    part = builder.fmul(builder.load(builder.gep(d_p, [b])),
+                                        builder.fmul(dmin, builder.sitofp(msum, _F32)))
+                    builder.store(builder.fadd(builder.load(min_p), part), min_p)
                     dw = _f16_via(builder, table_p, wb)
                 else:       # 16 groups of 16: values 128n + 32i + 16h, scale 8n + h + 2i
                     for n in range(2):
@@ -281,7 +311,7 @@ def _row_dot_kquant(kind):
                     dw = _f16_via(builder, table_p, at(wb, 208))
                 _accumulate(builder, acc_p, isum,
                             builder.fmul(dw, builder.load(builder.gep(d_p, [b]))))
-            return _hsum8f(builder, builder.load(acc_p))
+            return builder.fsub(_hsum8f(builder, builder.load(acc_p)), builder.load(min_p))
 
         return sig, codegen
 
@@ -392,6 +422,100 @@ def row_dot_f16(typingctx, w, x, n):
         lo = builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, 8), list(range(8))))
         hi = builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, 8), list(range(8, 16))))
         return _hsum8f(builder, builder.fadd(lo, hi))
+
+    return sig, codegen
+
+
+def _half_steps(builder, n, body):
+    """Run ``body(offset)`` for every eight values of ``n`` (the caller's ``n % 8`` left)."""
+    with cgutils.for_range(builder, builder.udiv(n, ir.Constant(n.type, 8))) as loop:
+        body(builder.mul(loop.index, ir.Constant(n.type, 8)))
+
+
+def _to_half_and_back(builder, x):
+    """Eight float32 lanes rounded to the nearest half-precision value, ties to even (LLVM's
+    ``fptrunc`` to half, then ``fpext``: ``vcvtps2ph``/``vcvtph2ps`` with F16C)."""
+    return builder.fpext(builder.fptrunc(x, _vec(ir.HalfType(), 8)), _vec(_F32, 8))
+
+
+def _f32_at(builder, base, i):
+    return builder.inttoptr(builder.add(base, builder.mul(i, ir.Constant(i.type, 4))),
+                            _vec(_F32, 8).as_pointer())
+
+
+@intrinsic
+def round_f16_row(typingctx, src, dst, n):
+    """``dst[i]`` = ``src[i]`` rounded to half precision (kept as float32), for the first
+    ``n - n % 8`` float32 values; overflow gives infinity, NaN stays NaN.  The caller checks
+    :data:`HAS_F16C` first."""
+    sig = types.void(types.intp, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        sa, da, nv = args
+
+        def step(i):
+            x = builder.load(_f32_at(builder, sa, i), align=1)
+            builder.store(_to_half_and_back(builder, x), _f32_at(builder, da, i), align=1)
+        _half_steps(builder, nv, step)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def scale_round_f16(typingctx, acc, n, s):
+    """``acc[i] = half(acc[i] · s)`` for the first ``n - n % 8`` float32 values (ggml's
+    ``ggml_vec_scale_f16`` on an accumulator kept in half precision).  Needs F16C."""
+    sig = types.void(types.intp, types.intp, types.float32)
+
+    def codegen(context, builder, signature, args):
+        aa, nv, sv = args
+        sv8 = _splat(builder, sv, _F32, 8)
+
+        def step(i):
+            p = _f32_at(builder, aa, i)
+            x = builder.fmul(builder.load(p, align=1), sv8)
+            builder.store(_to_half_and_back(builder, x), p, align=1)
+        _half_steps(builder, nv, step)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def mad_round_f16(typingctx, acc, v, n, s):
+    """``acc[i] = half(fma(f32(v[i]), s, acc[i]))`` for the first ``n - n % 8`` values: half
+    precision ``v``, float32 ``acc`` holding half-precision values (ggml's
+    ``ggml_vec_mad_f16``: one fused multiply-add, then rounded).  Needs F16C."""
+    sig = types.void(types.intp, types.intp, types.intp, types.float32)
+
+    def codegen(context, builder, signature, args):
+        aa, va, nv, sv = args
+        sv8 = _splat(builder, sv, _F32, 8)
+
+        def step(i):
+            p = _f32_at(builder, aa, i)
+            vp = builder.add(va, builder.mul(i, ir.Constant(i.type, 2)))
+            vv = builder.fpext(builder.bitcast(_load(builder, vp, _I16, 8),
+                                               _vec(ir.HalfType(), 8)), _vec(_F32, 8))
+            fma = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(vv.type, [vv.type] * 3), "llvm.fma.v8f32")
+            x = builder.call(fma, [vv, sv8, builder.load(p, align=1)])
+            builder.store(_to_half_and_back(builder, x), p, align=1)
+        _half_steps(builder, nv, step)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def f16_bits(typingctx, x):
+    """The IEEE half nearest float32 ``x`` (ties to even; overflow to infinity, NaN kept), as
+    its uint16 bit pattern (``vcvtps2ph`` with F16C).  The caller checks :data:`HAS_F16C`."""
+    sig = types.uint16(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), _I16)
 
     return sig, codegen
 

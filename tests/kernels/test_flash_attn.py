@@ -208,3 +208,77 @@ def test_invalid_nodes_are_refused(case):
 
 def test_valid_node_compiles():
     _node("none").compile()
+
+
+def _count_in_place_runs(monkeypatch):
+    from refimpl.kernels import flash_attn
+    calls = []
+    real = flash_attn.flash_attn_f16_in_place
+
+    def counting(*args):
+        calls.append(1)
+        return real(*args)
+    monkeypatch.setattr(flash_attn, "flash_attn_f16_in_place", counting)
+    return calls
+
+
+@pytest.mark.parametrize("nq1,sinks,softcap", [(1, False, 0.0), (3, True, 0.0), (2, False, 20.0)])
+def test_f16_cache_read_in_place(monkeypatch, nq1, sinks, softcap):
+    """The common decode (F16 K and V, head sizes of 16·n): K and V are read where they lie, a
+    strided view of a cache, with grouped-query heads, a mask with -inf blocks, sinks and
+    soft-capping; the result is the oracle's, and the in-place kernel is the one that ran."""
+    calls = _count_in_place_runs(monkeypatch)
+    rng = np.random.default_rng(nq1)
+    dk, nkv, nq2, nk2 = 64, 70, 6, 2
+    g = GraphBuilder(4 << 20)
+    qv = rng.uniform(-1, 1, (1, nq2, nq1, dk)).astype(np.float32)
+    q = g.input(T.F32, (dk, nq1, nq2, 1), qv)
+    cache = g.input(T.F16, (dk * nk2, 96, 1, 1), rng.uniform(-1, 1, (1, 1, 96, dk * nk2)))
+    cvals = g.read(cache)[0, 0]
+    kv = g.view(cache, (dk, nkv, nk2, 1), (2, cache.nb[1], 2 * dk, cache.nb[3]))
+    kvals = np.stack([cvals[:nkv, dk * h:dk * (h + 1)] for h in range(nk2)])[None]
+    m = rng.uniform(-1, 1, (1, 1, nq1, nkv)).astype(np.float32)
+    m[..., 40:] = -np.inf
+    m[..., 0, 5:9] = -np.inf
+    mask = g.input(T.F16, (nkv, nq1, 1, 1), m)
+    srcs = [q, kv, kv, mask]
+    svals = None
+    if sinks:
+        svals = rng.uniform(-2, 2, nq2).astype(np.float32)
+        srcs.append(g.input(T.F32, (nq2,), svals))
+    out = g.node(Op.FLASH_ATTN_EXT, T.F32, (dk, nq2, nq1, 1), srcs, params=[0.125, 0.0, softcap, 0])
+    g.run()
+    want = reference(qv, kvals, kvals, g.read(mask), 0.125, 0.0, softcap, svals)
+    assert nmse(g.read(out), want) < 1e-5
+    assert calls == [1]
+
+
+def test_destination_over_its_cache_is_not_read_in_place(monkeypatch):
+    """A destination that overlaps K (a graph no client builds, but the wire allows it) makes
+    the kernel read copies: what it writes cannot change what it reads."""
+    calls = _count_in_place_runs(monkeypatch)
+    rng = np.random.default_rng(9)
+    g = GraphBuilder(1 << 20)
+    qv = rng.uniform(-1, 1, (1, 2, 4, 16)).astype(np.float32)
+    q = g.input(T.F32, (16, 4, 2, 1), qv)
+    # K and V are F16 (16, 32, 1, 1); dst (16, 2, 4, 1) of F32 takes the same 1024 bytes
+    k = g.input(T.F16, (16, 32, 1, 1), rng.uniform(-1, 1, (1, 1, 32, 16)))
+    kvals = g.read(k)
+    out = g.node(Op.FLASH_ATTN_EXT, T.F32, (16, 2, 4, 1), [q, k, k], params=[0.25, 0.0, 0.0, 0],
+                 inplace_of=k)
+    g.run()
+    assert nmse(g.read(out), reference(qv, kvals, kvals, None, 0.25)) < 1e-5
+    assert calls == []
+
+
+def test_overflowing_f16_accumulator_stays_infinite_in_place(monkeypatch):
+    """The in-place kernel's half-precision accumulator overflows to infinity, as ggml's."""
+    calls = _count_in_place_runs(monkeypatch)
+    g = GraphBuilder(1 << 20)
+    q = g.input(T.F32, (16, 1, 1, 1), np.zeros((1, 1, 1, 16)))
+    k = g.input(T.F16, (16, 4, 1, 1), np.zeros((1, 1, 4, 16)))
+    v = g.input(T.F16, (16, 4, 1, 1), np.full((1, 1, 4, 16), 60000.0))
+    out = g.node(Op.FLASH_ATTN_EXT, T.F32, (16, 1, 1, 1), [q, k, v], params=[1.0, 0.0, 0.0, 0])
+    g.run()
+    assert np.all(np.isposinf(g.read(out)))
+    assert calls == [1]

@@ -42,8 +42,10 @@ def test_decoders_match_references(seed):
 
 @pytest.mark.parametrize("wtype", sorted(fast.FAST_QUANT_TYPES), ids=lambda t: Q.GgmlType(t).name)
 def test_split_rows_give_ggml_dequantisation(wtype):
-    """codes · group scale (− Q4_K's minimum) is ggml's dequantised value, exactly; Q4_1's
-    minimum is left to the product (ggml pairs it with the activations' sums)."""
+    """codes · group scale (− Q4_K's minimum) is ggml's dequantised value: exactly for the
+    32-value blocks; for the k-quants, whose codes carry their integer group scale, up to
+    ggml's own rounding of ``d · scale`` (an ulp of each term).  Q4_1's minimum is left to the
+    product (ggml pairs it with the activations' sums)."""
     rng = np.random.default_rng(3)
     k, n = 512, 5
     rows = random_rows(rng, wtype, n, k)
@@ -52,12 +54,18 @@ def test_split_rows_give_ggml_dequantisation(wtype):
     scales = np.empty((n, k // g), np.float32)
     mins = np.zeros((n, k // 32), np.float32)
     fast.split_rows(wtype, rows, codes, scales, mins, Q.F16_TABLE)
-    assert np.array_equal(codes, np.round(codes)) and np.abs(codes).max() <= 128
+    assert np.array_equal(codes, np.round(codes)) and np.abs(codes).max() <= 128 * 32
     got = codes * np.repeat(scales, g, axis=1)
     if wtype == Q.Q4_K:
         got = got - np.repeat(mins, 32, axis=1)
     want = Q.dequantize_rows(wtype, rows, k, with_min=wtype != Q.Q4_1)
-    np.testing.assert_array_equal(got, want)
+    if wtype in (Q.Q4_K, Q.Q6_K):
+        assert g == 256
+        terms = np.abs(codes * np.repeat(scales, g, axis=1)) + np.repeat(np.abs(mins), 32, axis=1)
+        assert np.all(np.abs(got - want) <= 2.0 ** -22 * terms)
+        assert not np.array_equal(codes, np.clip(codes, -32, 31)), "codes carry their scales"
+    else:
+        np.testing.assert_array_equal(got, want)
     if wtype == Q.Q4_1:
         np.testing.assert_array_equal(mins, fast.block_mins(rows, 20))
 
@@ -74,3 +82,41 @@ def test_f16_widening_is_exact_both_ways(hardware):
     ok = finite.reshape(1, 4, 256, 64)[:, :, :, 3:]
     np.testing.assert_array_equal(got[ok], want[ok])
     assert np.isnan(got[~ok]).all()
+
+
+@njit
+def _half_ops(src, out_round, acc_scaled, s, acc_mad, v, t):
+    n = src.shape[0]
+    simd.round_f16_row(src.ctypes.data, out_round.ctypes.data, n)
+    simd.scale_round_f16(acc_scaled.ctypes.data, n, s)
+    simd.mad_round_f16(acc_mad.ctypes.data, v.ctypes.data, n, t)
+
+
+def _to_half(x):
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.asarray(x).astype(np.float16).astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_half_precision_accumulator_ops_match_references(seed):
+    """round_f16_row, scale_round_f16, mad_round_f16 (flash attention's F16 V accumulator)
+    against numpy's float16 round trip: ties to even, overflow to infinity, NaN kept; the
+    multiply-add is one rounding to float32 (fused), then one to half; the last n % 8 values
+    are left alone."""
+    if not simd.HAS_F16C:
+        pytest.fail("this host has no F16C: the half-precision intrinsics cannot run here")
+    rng = np.random.default_rng(seed)
+    n = 83
+    x = (rng.standard_normal(n) * 10.0 ** rng.uniform(-9, 5.5, n)).astype(np.float32)
+    x[:6] = [np.inf, -np.inf, np.nan, 65520.0, 65519.99, 2.0 ** -25]
+    acc = _to_half(rng.standard_normal(n).astype(np.float32) * 50)
+    v = rng.standard_normal(n).astype(np.float16)
+    s, t = np.float32(rng.uniform(0.1, 2)), np.float32(rng.uniform(0.1, 2))
+    out_round, scaled, mad = np.full(n, 7.0, np.float32), acc.copy(), acc.copy()
+    _half_ops(x, out_round, scaled, s, mad, v.view(np.uint16), t)
+    m = n - n % 8
+    fused = (v[:m].astype(np.float64) * np.float64(t) + acc[:m]).astype(np.float32)
+    for got, want, rest in ((out_round, _to_half(x[:m]), 7.0), (scaled, _to_half(acc[:m] * s), acc[m:]),
+                            (mad, _to_half(fused), acc[m:])):
+        np.testing.assert_array_equal(got[:m], want)
+        np.testing.assert_array_equal(got[m:], rest)

@@ -19,6 +19,7 @@ import numpy as np
 from numba import cuda
 
 from ...graph.build import Node
+from ...graph.checks import overlaps
 from ...protocol.ggml_types import GgmlType
 from . import _simfix
 from ..quants import (BF16_TABLE, F16_TABLE, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K,
@@ -116,15 +117,6 @@ def targ(node: Node, dtype=None, snapshot: bool = False) -> tuple:
         flat = mem.typed(dt)
         off = node.offset // size
     return (flat, off) + tuple(s // size for s in node.nb)
-
-
-def overlaps(a: Node, b: Node) -> bool:
-    """Whether two tensors' byte spans share a byte."""
-    if a is None or b is None or a.buffer is None or b.buffer is None:
-        return False
-    if a.buffer.memory is not b.buffer.memory or not a.nbytes or not b.nbytes:
-        return False
-    return a.offset < b.offset + b.nbytes and b.offset < a.offset + a.nbytes
 
 
 def same_place(a: Node, b: Node) -> bool:
