@@ -723,7 +723,7 @@ def _(ctx):
        "again from the cache by their hash", "spec/hash-cache.md#server-behaviour",
        needs=("cache",), versions=cache_flag)
 def _(ctx):
-    from refimpl.protocol.fnv import fnv1a_64
+    from refimpl.hashing import fnv1a_64
     w, h, base = buffer(ctx, 256)
     data = os.urandom(64)
     w.set_tensor(T(h, base, (64,), I8), data, cache_flag=1)

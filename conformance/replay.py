@@ -30,7 +30,7 @@ import numpy as np
 from refimpl.capture import fileformat as ff
 from refimpl.protocol import messages as m
 from refimpl.protocol.constants import Command
-from refimpl.protocol.fnv import fnv1a_64
+from refimpl.hashing import fnv1a_64
 from refimpl.protocol.observer import Observer
 from refimpl.protocol.profiles import LATEST, Profile
 from refimpl.protocol.tensor import RpcTensor, tensor_nbytes

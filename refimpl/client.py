@@ -31,7 +31,7 @@ from .protocol.connection import (NEED_DATA, ClientConnection, ConnectionClosed,
 from .protocol.constants import MAX_SRC, PROTOCOL_VERSION
 from .protocol.profiles import LATEST, PROFILES, SERVED, Profile, served_profile
 from .protocol.errors import HandshakeError, ProtocolError
-from .protocol.fnv import fnv1a_64
+from .hashing import fnv1a_64
 from .protocol.ggml_types import type_traits
 from .protocol.tensor import RpcTensor, contiguous_strides, tensor_nbytes
 

@@ -10,7 +10,7 @@ from .constants import (COMMAND_LIMIT, CONN_CAPS_SIZE, HASH_THRESHOLD, PROTOCOL_
                         Command)
 from .errors import (HandshakeError, LocalProtocolError, MalformedMessage, OversizeMessage,
                      ProtocolError, UnknownCommand)
-from .fnv import fnv1a_64
+from .fnv import fnv1a_64_reference
 from .ggml_types import GgmlType, type_name, type_traits
 from .messages import *  # noqa: F401,F403  (every message class)
 from .messages import REQUESTS, RESPONSES, has_response
