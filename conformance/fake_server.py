@@ -24,6 +24,7 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
+from refimpl.protocol import compat
 from refimpl.protocol import messages as m
 from refimpl.protocol.constants import Command
 from refimpl.protocol.errors import ProtocolError
@@ -192,7 +193,7 @@ class FakeServer:
         if e.message is None:
             return None if raw == e.raw else "request differs from the recorded (undecodable) one"
         try:
-            msg = m.decode(m.REQUESTS[Command(e.command)], raw[9:], e.profile)
+            msg = compat.decode(m.REQUESTS[Command(e.command)], raw[9:], e.profile)
         except (ProtocolError, ValueError) as exc:
             return f"request does not decode: {exc}"
         mapped = amap.request(msg, raw, to_new=False, profile=e.profile)

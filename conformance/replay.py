@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from refimpl.capture import fileformat as ff
+from refimpl.protocol import compat
 from refimpl.protocol import messages as m
 from refimpl.protocol.constants import Command
 from refimpl.hashing import fnv1a_64
@@ -90,7 +91,7 @@ class Exchange:
     @property
     def expects_reply(self) -> bool:
         """Whether the server answers this request (spec/transport.md, "Replies")."""
-        return self.message is not None and m.has_response(self.message.COMMAND, self.profile)
+        return self.message is not None and compat.has_response(self.message.COMMAND, self.profile)
 
     def where(self) -> str:
         """``c12 #46 GRAPH_COMPUTE``: where in the capture this is."""
@@ -318,12 +319,13 @@ class AddressMap:
             t = self.tensor(msg.tensor, to_new)
             if t == msg.tensor:
                 return raw
-            head = m.SetTensorRequest(t, msg.offset, b"", msg.cache_flag).encode_header(profile)
+            head = compat.encode_set_tensor_header(
+                m.SetTensorRequest(t, msg.offset, b"", msg.cache_flag), profile)
             return raw[:9] + head + raw[9 + profile.set_tensor_header_size:]
         mapped = self.message(msg, to_new)
         if mapped is msg:
             return raw
-        payload = m.encode(mapped, profile)
+        payload = compat.encode(mapped, profile)
         return struct.pack("<BQ", int(msg.COMMAND), len(payload)) + payload
 
     def message(self, msg, to_new: bool = True):
@@ -740,10 +742,10 @@ class Replayer:
     def _compare(self, e: Exchange, reply_raw: bytes, amap: AddressMap, prov: Provenance,
                  conn: _Conn) -> None:
         msg, rec = e.message, e.reply
-        if isinstance(rec, m.EmptyReply):
+        if isinstance(rec, compat.EmptyReply):
             return  # before 6.0.0: its length (0) was all there was to compare
         try:
-            got = m.decode(m.response_class(Command(e.command)), reply_raw[8:], e.profile)
+            got = compat.decode(compat.response_class(Command(e.command)), reply_raw[8:], e.profile)
         except Exception as exc:  # a fixed-size reply of the right length always decodes
             self.deviation(e, f"reply does not decode: {exc}", "spec/transport.md#replies")
             return
@@ -844,7 +846,7 @@ class Replayer:
             if data is None:
                 raise Inconclusive(f"{e.where()}: cache miss and the capture lacks the bytes")
             t = amap.tensor(msg.tensor)
-            head = m.SetTensorRequest(t, msg.offset, b"", 1).encode_header(e.profile)
+            head = compat.encode_set_tensor_header(m.SetTensorRequest(t, msg.offset, b"", 1), e.profile)
             conn.send(struct.pack("<BQ", int(Command.SET_TENSOR), len(head) + len(data))
                       + head + data)
             prov.mark(amap, msg.tensor, msg.offset, len(data), EXACT)
