@@ -111,7 +111,7 @@ class RecordedConnection:
 
 
 @dataclass
-class Session:
+class RecordedSession:
     """A whole capture: metadata and its connections in the order they were opened."""
 
     path: Path
@@ -153,7 +153,7 @@ class Session:
         return out
 
 
-def load(path) -> Session:
+def load(path) -> RecordedSession:
     """Parse a capture file into connections of request/reply exchanges.
 
     Replies are paired with requests as a client pairs them (spec/transport.md): in order, for
@@ -191,7 +191,7 @@ def load(path) -> Session:
     if len(versions) > 1:
         raise ValueError(f"{path}: connections speak different protocol versions: "
                          + ", ".join(sorted(p.name for p in versions.values())))
-    return Session(Path(path), cap.meta, [conns[n] for n in sorted(conns)],
+    return RecordedSession(Path(path), cap.meta, [conns[n] for n in sorted(conns)],
                    next(iter(versions.values()), LATEST))
 
 
@@ -592,7 +592,7 @@ class _Conn:
 
 
 class Replayer:
-    """Replays a :class:`Session` against a server address.
+    """Replays a :class:`RecordedSession` against a server address.
 
     ``cache`` says what is known of the server's hash cache (spec/replay.md, SET_TENSOR_HASH):
     ``"fresh"`` (enabled and empty when the replay starts: results must equal the recorded
@@ -602,7 +602,7 @@ class Replayer:
 
     MAX_DEVIATIONS = 40
 
-    def __init__(self, session: Session, address, *, cache: str = "unknown",
+    def __init__(self, session: RecordedSession, address, *, cache: str = "unknown",
                  timeout: float = 120.0, target_name: str = "server", log=None):
         self.s = session
         self.address = address

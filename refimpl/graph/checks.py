@@ -93,9 +93,3 @@ def is_contiguous(t: Node) -> bool:
             return False
         expected *= t.ne[i]
     return True
-
-
-def params_zero_from(node: Node, first: int) -> None:
-    """No op uses parameters beyond ``first``; ggml leaves them zero."""
-    # Deliberately lenient: ggml does not promise zeros there, so nothing is checked.
-    return None

@@ -24,7 +24,7 @@ from ..protocol.connection import (DEFAULT_MAX_MESSAGE_SIZE, NEED_DATA, Connecti
 from ..protocol.errors import PeerClosed, RemoteProtocolError
 from ..protocol.compat import set_tensor_header
 from ..protocol.profiles import LATEST, Profile
-from .buffers import AddressSpace, Rejected
+from ..buffers import AddressSpace, Rejected
 from .hash_cache import HashCache
 from .session import Session
 

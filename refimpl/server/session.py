@@ -19,7 +19,7 @@ from ..protocol.constants import MAX_SRC, Command
 from ..protocol.errors import LocalProtocolError
 from ..protocol.profiles import LATEST, Profile
 from ..protocol.tensor import tensor_nbytes_of
-from .buffers import AddressSpace, BufferTable, Placement, Rejected
+from ..buffers import AddressSpace, BufferTable, Placement, Rejected
 from .hash_cache import HashCache
 
 log = logging.getLogger("refimpl.server.session")
@@ -218,7 +218,7 @@ class Session:
         if self.graph_executor is None:
             raise Rejected("GRAPH_COMPUTE is not supported by this server build")
         self._device(req.device)
-        self.graph_executor.compute(self, req)
+        self.graph_executor.compute(req, self.buffers, self.profile)
         if "GRAPH_COMPUTE" in self.profile.no_reply:
             return None
         # 3.0.0 answers with ggml's status; a graph that passed validation always computes.
@@ -228,7 +228,7 @@ class Session:
         if self.graph_executor is None:
             raise Rejected("GRAPH_RECOMPUTE is not supported by this server build")
         self._device(req.device)
-        self.graph_executor.recompute(self, req.device)
+        self.graph_executor.recompute(req.device)
         return None
 
     #: The handler of every command but the two bulk ones (see :meth:`handle`).

@@ -24,7 +24,7 @@ from ..kernels.cpu_tensors import bf16_to_f32, f32_to_bf16
 from ..protocol.ggml_types import GgmlType, type_traits
 from ..protocol.messages import GraphComputeRequest
 from ..protocol.tensor import RpcTensor, contiguous_strides, tensor_nbytes
-from ..server.buffers import BufferTable
+from ..buffers import BufferTable
 
 _ALIGN = 32
 
