@@ -26,7 +26,7 @@ from refimpl.protocol.connection import NEED_DATA, ClientConnection, GetTensorSt
 from refimpl.protocol.constants import CONN_CAPS_SIZE, Command
 from refimpl.protocol.profiles import LATEST, Profile
 from refimpl.protocol.tensor import RpcTensor, contiguous_strides
-from refimpl.testing.processes import free_port, wait_for_port
+from tools.processes import free_port, wait_for_port
 
 
 class Closed(Exception):

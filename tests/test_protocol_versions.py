@@ -24,8 +24,8 @@ from refimpl.protocol.errors import HandshakeError, UnknownCommand
 from refimpl.protocol.ggml_types import GgmlType
 from refimpl.protocol.profiles import LATEST, PROFILES, SERVED, served_profile
 from refimpl.server import RpcServer
-from refimpl.testing.processes import ServerProcess
-from refimpl.testing.strategies import REQUEST_STRATEGIES, RESPONSE_STRATEGIES
+from tools.processes import ServerProcess
+from tools.strategies import REQUEST_STRATEGIES, RESPONSE_STRATEGIES
 
 from .conftest import make_config
 from .rawwire import frame, read_exactly, server_closes

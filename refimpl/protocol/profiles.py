@@ -4,11 +4,11 @@ A :class:`Profile` says everything that tells one protocol version apart from an
 wire: the HELLO shape, the ``rpc_tensor`` variant, fixed request sizes that changed, which
 command numbers exist, which commands are answered (and which with an empty reply), and which
 op table numbers ``rpc_tensor.op``.  The op tables themselves are data read from the real
-``ggml.h`` of each version (``op_tables.json``, written by ``python -m
-refimpl.testing.op_tables``).
+``ggml.h`` of each version (``op_tables.json``: product data, written by the repository's
+tool ``python -m tools.op_tables``).
 
-The connections (:mod:`.connection`), the per-profile codecs (:mod:`.compat`), the server (``refimpl-server --protocol``), the graph engine (its
-wire → op mapping) and the client take a profile; :data:`LATEST` (7.0.0) is the default, and
+The connections (:mod:`.connection`), the per-profile codecs (:mod:`.compat`), the server
+(``refimpl-server --protocol``), the graph engine (its wire → op mapping) and the client take a profile; :data:`LATEST` (7.0.0) is the default, and
 ``tests/test_profiles.py`` holds it equal to :mod:`.constants` and :mod:`refimpl.graph.ops`.
 :data:`SERVED` lists the versions that can be selected.
 """

@@ -20,15 +20,12 @@ from numba import cuda
 
 from ...graph.build import Node
 from ...protocol.ggml_types import GgmlType
-from . import _simfix
 from ..cpu_tensors import STORAGE
 from ..quants import (BF16_TABLE, F16_TABLE, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K,
                       Q6_K, Q8_0, Q8_1)
 
 #: True under NUMBA_ENABLE_CUDASIM=1.
 SIM = type(cuda.gpus).__name__ == "FakeDeviceList"
-if SIM:
-    _simfix.install()       # the simulator's shared arrays, made race-free (_simfix.py)
 
 #: Threads per block of elementwise kernels.
 TPB = 4 if SIM else 256

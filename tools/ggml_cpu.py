@@ -29,8 +29,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..kernels.cpu_tensors import f32_to_bf16
-from ..protocol.ggml_types import GgmlType, type_traits
+from refimpl.kernels.cpu_tensors import f32_to_bf16
+from refimpl.protocol.ggml_types import GgmlType, type_traits
 
 _LOADED: dict[str, "GgmlCpu"] = {}
 

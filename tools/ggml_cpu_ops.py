@@ -4,7 +4,7 @@ The peer build's ``libggml-base.so`` and ``libggml-cpu.so`` are loaded into this
 graph of one op is built with ggml's public constructors (``ggml_soft_max_ext``,
 ``ggml_rope_ext``, ``ggml_flash_attn_ext``, ...), computed with
 ``ggml_graph_compute_with_ctx`` on a chosen number of threads, and its result is read back as
-float32.  Kernel tests hold refimpl's result to this one (refimpl.testing.contract)::
+float32.  Kernel tests hold refimpl's result to this one (tools.contract)::
 
     cpu = GgmlCpu(peer_bin)
     with cpu.graph() as g:
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..kernels.cpu_tensors import bf16_to_f32, f32_to_bf16
-from ..protocol.ggml_types import GgmlType
+from refimpl.kernels.cpu_tensors import bf16_to_f32, f32_to_bf16
+from refimpl.protocol.ggml_types import GgmlType
 
 # Argument kinds: p = tensor (or None), f = float, i = int, b = bool, s = int[4] (sections).
 # The result is a tensor unless the signature starts with "v:".
