@@ -18,7 +18,8 @@ from .fnv import fnv1a_64_reference
 from .ggml_types import GgmlType, type_name, type_traits
 from .messages import *  # noqa: F401,F403  (every 7.0.0 message class, REQUESTS, RESPONSES)
 from .messages import __all__ as _messages_all
-from .compat import EmptyReply, decode, encode, has_response  # noqa: E402 (after messages' *)
+from .compat import (EmptyReply, GraphComputeResponse, decode, encode,  # noqa: E402
+                     has_response)  # after messages' *: compat's takes a profile
 from .profiles import LATEST, PROFILES, Profile, profile
 from .tensor import RPC_TENSOR, RPC_TENSOR_SIZE, RpcTensor, tensor_nbytes, tensor_problem
 
@@ -32,7 +33,8 @@ __all__ = [
     # tensors
     "RpcTensor", "RPC_TENSOR", "RPC_TENSOR_SIZE", "tensor_nbytes", "tensor_problem",
     # versions
-    "Profile", "PROFILES", "LATEST", "profile", "EmptyReply", "encode", "decode",
+    "Profile", "PROFILES", "LATEST", "profile", "EmptyReply", "GraphComputeResponse", "encode",
+    "decode",
     # errors
     "ProtocolError", "LocalProtocolError", "RemoteProtocolError", "MalformedMessage",
     "UnknownCommand", "OversizeMessage", "HandshakeError", "PeerClosed", "TruncatedMessage",
