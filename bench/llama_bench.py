@@ -28,10 +28,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.models import SHAPES, TYPES, model  # noqa: E402
-from refimpl.testing.e2e_report import host_line  # noqa: E402
-from refimpl.testing.llama_runs import tool_env  # noqa: E402
-from refimpl.testing.peers import ensure_peers  # noqa: E402
-from refimpl.testing.processes import ServerProcess  # noqa: E402
+from tools.e2e_report import host_line  # noqa: E402
+from tools.llama_runs import tool_env  # noqa: E402
+from tools.peers import ensure_peers  # noqa: E402
+from tools.processes import ServerProcess  # noqa: E402
 
 _LOAD = re.compile(r"load time\s*=\s*([0-9.]+) ms")
 

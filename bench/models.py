@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from refimpl.testing.models import LlamaSpec, quantize, write_llama_gguf
+from tools.models import LlamaSpec, quantize, write_llama_gguf
 
 SHAPES = {
     "135m": LlamaSpec(n_embd=576, n_layer=30, n_head=9, n_head_kv=3, n_ff=1536, n_vocab=49152,
@@ -21,7 +21,7 @@ SHAPES = {
                     n_ctx_train=2048, seed=12, output_scale=2.0),
 }
 
-#: Weight types measured, as refimpl.testing.models.QUANT_NAMES spells them (q4_k: Q4_K_S).
+#: Weight types measured, as tools.models.QUANT_NAMES spells them (q4_k: Q4_K_S).
 TYPES = ["f32", "f16", "q8_0", "q4_0", "q4_1", "q4_k", "q6_k"]
 
 

@@ -5,7 +5,7 @@
 
 For each op at the shapes of a real model (bench/models.py), one node is built twice: in a
 refimpl graph (bound once, then only its kernels run, as GRAPH_RECOMPUTE does) and in a ggml
-context of the peer build's libggml-cpu (refimpl.testing.ggml_cpu, `ggml_graph_compute`).
+context of the peer build's libggml-cpu (tools.ggml_cpu, `ggml_graph_compute`).
 Each is timed over repeated runs (median of several batches); the ratio is ggml's time over
 refimpl's (higher is better for refimpl; 1.0 is parity).  The two results are also held to the
 numerics contract (spec/numerics.md), so a fast wrong kernel cannot look good here.
@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.models import SHAPES  # noqa: E402
 from refimpl.graph import Op  # noqa: E402
 from refimpl.protocol import GgmlType as T  # noqa: E402
-from refimpl.testing.contract import nmse_bound, op_error  # noqa: E402
-from refimpl.testing.ggml_cpu import GgmlCpu  # noqa: E402
-from refimpl.testing.graphs import GraphBuilder  # noqa: E402
-from refimpl.testing.peers import ensure_peers  # noqa: E402
+from tools.contract import nmse_bound, op_error  # noqa: E402
+from tools.ggml_cpu import GgmlCpu  # noqa: E402
+from tools.graphs import GraphBuilder  # noqa: E402
+from tools.peers import ensure_peers  # noqa: E402
 
 TYPES = {"f32": T.F32, "f16": T.F16, "q8_0": T.Q8_0, "q4_0": T.Q4_0, "q4_1": T.Q4_1,
          "q4_k": T.Q4_K, "q6_k": T.Q6_K}

@@ -35,8 +35,8 @@ from refimpl.protocol.connection import (NEED_DATA, ClientConnection, GetTensorS
                                          hello_request)
 from refimpl.protocol.ggml_types import GgmlType  # noqa: E402
 from refimpl.protocol.tensor import RpcTensor, contiguous_strides  # noqa: E402
-from refimpl.testing.peers import ensure_peers  # noqa: E402
-from refimpl.testing.processes import ServerProcess  # noqa: E402
+from tools.peers import ensure_peers  # noqa: E402
+from tools.processes import ServerProcess  # noqa: E402
 
 
 class BlockingClient:

@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from refimpl.protocol import compat
 from refimpl.protocol import messages as m
 from refimpl.protocol.connection import hello_request
 from refimpl.protocol.constants import CONN_CAPS_SIZE, Command
@@ -241,7 +242,7 @@ def refusal(w: Wire, req) -> str:
         reply = w.call(req)
     except Closed:
         return "refused"
-    if m.has_response(req.COMMAND, w.profile):
+    if compat.has_response(req.COMMAND, w.profile):
         return f"answered {_short(reply)}"
     return after_no_reply(w)
 
@@ -723,7 +724,7 @@ def _(ctx):
        "again from the cache by their hash", "spec/hash-cache.md#server-behaviour",
        needs=("cache",), versions=cache_flag)
 def _(ctx):
-    from refimpl.protocol.fnv import fnv1a_64
+    from refimpl.hashing import fnv1a_64
     w, h, base = buffer(ctx, 256)
     data = os.urandom(64)
     w.set_tensor(T(h, base, (64,), I8), data, cache_flag=1)

@@ -24,11 +24,13 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
+from refimpl.protocol import compat
 from refimpl.protocol import messages as m
 from refimpl.protocol.constants import Command
 from refimpl.protocol.errors import ProtocolError
 
-from replay import AddressMap, Deviation, Exchange, RecordedConnection, Session, load, section
+from replay import (AddressMap, Deviation, Exchange, RecordedConnection, RecordedSession, load,
+                    section)
 
 #: Where the fake server's handles and base addresses start (far from any recorded value).
 FAKE_HANDLE0 = 0x5EED_0000_0000_1000
@@ -44,7 +46,7 @@ class FakeServer:
     :attr:`deviations`; :attr:`served` counts the connections played.
     """
 
-    def __init__(self, session: Session, host: str = "127.0.0.1", port: int = 0,
+    def __init__(self, session: RecordedSession, host: str = "127.0.0.1", port: int = 0,
                  relocate: bool = True, timeout: float = 30.0, log=None):
         self.session = session
         self.relocate = relocate
@@ -192,7 +194,7 @@ class FakeServer:
         if e.message is None:
             return None if raw == e.raw else "request differs from the recorded (undecodable) one"
         try:
-            msg = m.decode(m.REQUESTS[Command(e.command)], raw[9:], e.profile)
+            msg = compat.decode(m.REQUESTS[Command(e.command)], raw[9:], e.profile)
         except (ProtocolError, ValueError) as exc:
             return f"request does not decode: {exc}"
         mapped = amap.request(msg, raw, to_new=False, profile=e.profile)
@@ -271,7 +273,7 @@ def _tensor_difference(a, b) -> str:
 # refimpl's client, driven through a recorded session
 # ----------------------------------------------------------------------------------------------
 
-async def drive_client(session: Session, host: str, port: int) -> list[str]:
+async def drive_client(session: RecordedSession, host: str, port: int) -> list[str]:
     """Run refimpl's :class:`~refimpl.client.RpcClient` through ``session``'s requests against
     a server (normally a :class:`FakeServer` of the same session), one method call per
     recorded request.  Returns the problems found in what the client returned."""

@@ -35,7 +35,7 @@ from typing import Callable
 from refimpl.protocol import messages as m
 from refimpl.protocol.connection import hello_request
 from refimpl.protocol.constants import Command
-from refimpl.protocol.fnv import fnv1a_64
+from refimpl.hashing import fnv1a_64
 from refimpl.protocol.tensor import RpcTensor, contiguous_strides
 
 from support import Closed, NoAnswer, Target, Wire, frame

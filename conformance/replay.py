@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from refimpl.capture import fileformat as ff
+from refimpl.protocol import compat
 from refimpl.protocol import messages as m
 from refimpl.protocol.constants import Command
-from refimpl.protocol.fnv import fnv1a_64
+from refimpl.hashing import fnv1a_64
 from refimpl.protocol.observer import Observer
 from refimpl.protocol.profiles import LATEST, Profile
 from refimpl.protocol.tensor import RpcTensor, tensor_nbytes
@@ -90,7 +91,7 @@ class Exchange:
     @property
     def expects_reply(self) -> bool:
         """Whether the server answers this request (spec/transport.md, "Replies")."""
-        return self.message is not None and m.has_response(self.message.COMMAND, self.profile)
+        return self.message is not None and compat.has_response(self.message.COMMAND, self.profile)
 
     def where(self) -> str:
         """``c12 #46 GRAPH_COMPUTE``: where in the capture this is."""
@@ -110,7 +111,7 @@ class RecordedConnection:
 
 
 @dataclass
-class Session:
+class RecordedSession:
     """A whole capture: metadata and its connections in the order they were opened."""
 
     path: Path
@@ -152,7 +153,7 @@ class Session:
         return out
 
 
-def load(path) -> Session:
+def load(path) -> RecordedSession:
     """Parse a capture file into connections of request/reply exchanges.
 
     Replies are paired with requests as a client pairs them (spec/transport.md): in order, for
@@ -190,7 +191,7 @@ def load(path) -> Session:
     if len(versions) > 1:
         raise ValueError(f"{path}: connections speak different protocol versions: "
                          + ", ".join(sorted(p.name for p in versions.values())))
-    return Session(Path(path), cap.meta, [conns[n] for n in sorted(conns)],
+    return RecordedSession(Path(path), cap.meta, [conns[n] for n in sorted(conns)],
                    next(iter(versions.values()), LATEST))
 
 
@@ -318,12 +319,13 @@ class AddressMap:
             t = self.tensor(msg.tensor, to_new)
             if t == msg.tensor:
                 return raw
-            head = m.SetTensorRequest(t, msg.offset, b"", msg.cache_flag).encode_header(profile)
+            head = compat.encode_set_tensor_header(
+                m.SetTensorRequest(t, msg.offset, b"", msg.cache_flag), profile)
             return raw[:9] + head + raw[9 + profile.set_tensor_header_size:]
         mapped = self.message(msg, to_new)
         if mapped is msg:
             return raw
-        payload = m.encode(mapped, profile)
+        payload = compat.encode(mapped, profile)
         return struct.pack("<BQ", int(msg.COMMAND), len(payload)) + payload
 
     def message(self, msg, to_new: bool = True):
@@ -590,7 +592,7 @@ class _Conn:
 
 
 class Replayer:
-    """Replays a :class:`Session` against a server address.
+    """Replays a :class:`RecordedSession` against a server address.
 
     ``cache`` says what is known of the server's hash cache (spec/replay.md, SET_TENSOR_HASH):
     ``"fresh"`` (enabled and empty when the replay starts: results must equal the recorded
@@ -600,7 +602,7 @@ class Replayer:
 
     MAX_DEVIATIONS = 40
 
-    def __init__(self, session: Session, address, *, cache: str = "unknown",
+    def __init__(self, session: RecordedSession, address, *, cache: str = "unknown",
                  timeout: float = 120.0, target_name: str = "server", log=None):
         self.s = session
         self.address = address
@@ -740,10 +742,10 @@ class Replayer:
     def _compare(self, e: Exchange, reply_raw: bytes, amap: AddressMap, prov: Provenance,
                  conn: _Conn) -> None:
         msg, rec = e.message, e.reply
-        if isinstance(rec, m.EmptyReply):
+        if isinstance(rec, compat.EmptyReply):
             return  # before 6.0.0: its length (0) was all there was to compare
         try:
-            got = m.decode(m.response_class(Command(e.command)), reply_raw[8:], e.profile)
+            got = compat.decode(compat.response_class(Command(e.command)), reply_raw[8:], e.profile)
         except Exception as exc:  # a fixed-size reply of the right length always decodes
             self.deviation(e, f"reply does not decode: {exc}", "spec/transport.md#replies")
             return
@@ -844,7 +846,7 @@ class Replayer:
             if data is None:
                 raise Inconclusive(f"{e.where()}: cache miss and the capture lacks the bytes")
             t = amap.tensor(msg.tensor)
-            head = m.SetTensorRequest(t, msg.offset, b"", 1).encode_header(e.profile)
+            head = compat.encode_set_tensor_header(m.SetTensorRequest(t, msg.offset, b"", 1), e.profile)
             conn.send(struct.pack("<BQ", int(Command.SET_TENSOR), len(head) + len(data))
                       + head + data)
             prov.mark(amap, msg.tensor, msg.offset, len(data), EXACT)

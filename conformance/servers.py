@@ -30,7 +30,7 @@ def refimpl_factory(profile: Profile = LATEST) -> TargetFactory:
 def llama_factory(profile: Profile = LATEST) -> TargetFactory:
     """The ggml-rpc-server of the llama.cpp release that speaks ``profile`` (0.3.36 for
     7.0.0), built on first use (fails if it cannot be)."""
-    from refimpl.testing.peers import PeerUnavailable, ensure_peers, peer_env
+    from tools.peers import PeerUnavailable, ensure_peers, peer_env
     release = profile.peer_release
     try:
         bin_dir = ensure_peers(release)

@@ -20,12 +20,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from refimpl.protocol import compat
 from refimpl.protocol import messages as m
 from refimpl.protocol.connection import NEED_DATA, ClientConnection, GetTensorStart, hello_request
 from refimpl.protocol.constants import CONN_CAPS_SIZE, Command
 from refimpl.protocol.profiles import LATEST, Profile
 from refimpl.protocol.tensor import RpcTensor, contiguous_strides
-from refimpl.testing.processes import free_port, wait_for_port
+from tools.processes import free_port, wait_for_port
 
 
 class Closed(Exception):
@@ -95,7 +96,7 @@ class Wire:
     def call(self, req: m.Message):
         """Send a request; return its reply (bytes for GET_TENSOR), or None if it has none."""
         self.send_raw(self.conn.send(req))
-        if not m.has_response(req.COMMAND, self.profile):
+        if not compat.has_response(req.COMMAND, self.profile):
             return None
         return self._reply()
 

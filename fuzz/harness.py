@@ -34,8 +34,8 @@ from refimpl.protocol import messages as m
 from refimpl.protocol.constants import Command
 from refimpl.protocol.ggml_types import GgmlType
 from refimpl.protocol.tensor import RpcTensor, contiguous_strides
-from refimpl.testing.hostile import Arena, Frame, frame_of
-from refimpl.testing.processes import die_with_parent, free_port, wait_for_port
+from tools.hostile import Arena, Frame, frame_of
+from tools.processes import die_with_parent, free_port, wait_for_port
 
 MIB = 1 << 20
 #: The fuzzed server's limits: small, so that the caps are reached and checked.

@@ -21,7 +21,7 @@ from hypothesis.stateful import (Bundle, RuleBasedStateMachine, consumes, initia
 
 from refimpl.protocol import messages as m
 from refimpl.protocol.tensor import RpcTensor
-from refimpl.testing.hostile import Arena, hostile_requests
+from tools.hostile import Arena, hostile_requests
 
 from harness import STATS, Closed, PropertyViolation, RawConnection, check_properties
 
@@ -50,7 +50,7 @@ class SessionMachine(RuleBasedStateMachine):
 
     # -- helpers ----------------------------------------------------------------------------
     def _req(self, req) -> bytes | None:
-        from refimpl.testing.hostile import frame_of
+        from tools.hostile import frame_of
         return self.conn.request(frame_of(req))
 
     def _expect_answer(self, req) -> bytes:

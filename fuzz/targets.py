@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from refimpl.protocol import messages as m
 from refimpl.protocol.tensor import RpcTensor
-from refimpl.testing.hostile import Frame, frame_of, graphs, hostile_graphs, requests
+from tools.hostile import Frame, frame_of, graphs, hostile_graphs, requests
 
 from harness import (STATS, Closed, PropertyViolation, RawConnection, check_properties,
                      open_arena, run_frames)

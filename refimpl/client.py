@@ -25,13 +25,14 @@ from dataclasses import dataclass
 
 import trio
 
+from .protocol import compat
 from .protocol import messages as m
 from .protocol.connection import (NEED_DATA, ClientConnection, ConnectionClosed,
                                   GetTensorStart, hello_request)
 from .protocol.constants import MAX_SRC, PROTOCOL_VERSION
 from .protocol.profiles import LATEST, PROFILES, SERVED, Profile, served_profile
-from .protocol.errors import HandshakeError, ProtocolError
-from .protocol.fnv import fnv1a_64
+from .protocol.errors import HandshakeError, PeerClosed, RemoteProtocolError
+from .hashing import fnv1a_64
 from .protocol.ggml_types import type_traits
 from .protocol.tensor import RpcTensor, contiguous_strides, tensor_nbytes
 
@@ -188,9 +189,11 @@ class RpcClient:
                 err = VersionMismatch(str(exc))
                 err.server_version = self._conn.server_version
                 raise err from exc
-            except ProtocolError as exc:
-                if self._conn.buffered == 0 and "closed" in str(exc):
+            except PeerClosed as exc:
+                if self._conn.buffered == 0:
                     raise ServerClosedConnection(str(exc)) from exc
+                raise ProtocolViolation(str(exc)) from exc
+            except RemoteProtocolError as exc:
                 raise ProtocolViolation(str(exc)) from exc
             if event is not NEED_DATA:
                 if isinstance(event, ConnectionClosed):
@@ -205,7 +208,7 @@ class RpcClient:
     async def _call(self, request: m.Message):
         async with self._lock:
             await self._send(self._conn.send(request))
-            if not m.has_response(request.COMMAND, self.profile):
+            if not compat.has_response(request.COMMAND, self.profile):
                 return None
             return await self._next_event()
 

@@ -11,9 +11,9 @@ import trio
 from refimpl.devices import CpuDevice
 from refimpl.server import RpcServer, ServerConfig
 from refimpl.server.hash_cache import HashCache
-from refimpl.testing.peers import (PeerUnavailable, ensure_isa_libs, ensure_peers,
-                                   isa_host_problem, source_dir)
-from refimpl.testing.processes import ServerProcess
+from tools.peers import (PeerUnavailable, ensure_isa_libs, ensure_peers,
+                         isa_host_problem, source_dir)
+from tools.processes import ServerProcess
 
 SERVER_KINDS = ("refimpl", "llama.cpp")
 
@@ -34,7 +34,7 @@ def peer_bin(request) -> Path:
 
 
 def _isa_lib(request, level: str, what: str) -> Path:
-    """The ggml libraries of llama.cpp's build at that ISA level (refimpl.testing.peers
+    """The ggml libraries of llama.cpp's build at that ISA level (tools.peers
     ISA_LEVELS), built on first use; fails, never skips, when unavailable."""
     problem = isa_host_problem(level)
     if problem:

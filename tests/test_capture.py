@@ -72,7 +72,7 @@ async def test_proxy_records_and_is_transparent(server, tmp_path):
 
 
 def test_trace_lists_graph_nodes():
-    from refimpl.protocol import messages as m
+    from refimpl.protocol import compat, messages as m
     from refimpl.protocol.tensor import RpcTensor
     a = RpcTensor(id=1, name=b"x")
     b = RpcTensor(id=2, op=25, src=(1,) + (0,) * 9, name=b"normed")
@@ -89,7 +89,7 @@ def test_observer_learns_the_protocol_version_from_hello():
     # with an empty reply, the 304-byte SET_TENSOR header.  The observer must frame and decode
     # all of it with the 3.6.1 profile that the HELLO reply names.
     import struct
-    from refimpl.protocol import messages as m
+    from refimpl.protocol import compat, messages as m
     from refimpl.protocol.profiles import profile
     from refimpl.protocol.tensor import RpcTensor
     p361 = profile("3.6.1")
@@ -101,7 +101,7 @@ def test_observer_learns_the_protocol_version_from_hello():
     for direction, data in [
             (0, frame(14)), (1, reply(bytes([3, 6, 1]))),
             (0, frame(4, struct.pack("<Q", 7))), (1, reply()),
-            (0, frame(6, m.SetTensorRequest(t, 0, bytes(16)).encode_payload(p361))),
+            (0, frame(6, compat.encode(m.SetTensorRequest(t, 0, bytes(16)), p361))),
             (0, frame(8, m.GetTensorRequest(t, 0, 16).encode_payload())), (1, reply(bytes(16)))]:
         parsed = obs.from_client(data) if direction == 0 else obs.from_server(data)
         seen += [(type(o.message).__name__, o.error) for o in parsed]

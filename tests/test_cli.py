@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from refimpl.client import RpcClient
-from refimpl.testing.processes import ServerProcess
+from tools.processes import ServerProcess
 
 
 def run_cli(*args, timeout=60):

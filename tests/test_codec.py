@@ -12,7 +12,7 @@ from refimpl.protocol import messages as m
 from refimpl.protocol.constants import Command
 from refimpl.protocol.errors import MalformedMessage
 from refimpl.protocol.tensor import RPC_TENSOR_SIZE, RpcTensor
-from refimpl.testing.strategies import REQUEST_STRATEGIES, RESPONSE_STRATEGIES, rpc_tensors
+from tools.strategies import REQUEST_STRATEGIES, RESPONSE_STRATEGIES, rpc_tensors
 
 
 def test_every_command_has_a_request_strategy_and_class():

@@ -68,8 +68,8 @@ def test_version_detection_against_real_servers(release):
     on the 24-byte HELLO, a 4.x and later one on the empty HELLO)."""
     sys.path.insert(0, str(ROOT / "conformance"))
     from support import detect_version
-    from refimpl.testing.peers import ensure_peers
-    from refimpl.testing.processes import ServerProcess
+    from tools.peers import ensure_peers
+    from tools.processes import ServerProcess
     want = next(p for p in SERVED.values() if release in p.releases).version
     with ServerProcess("llama.cpp", bin_dir=ensure_peers(release)) as srv:
         assert detect_version(("127.0.0.1", srv.port)) == want
@@ -78,7 +78,7 @@ def test_version_detection_against_real_servers(release):
 
 @pytest.mark.parametrize("version", ["3.6.1", "4.0.2"])
 def test_suite_judges_a_running_server_in_its_version(version):
-    from refimpl.testing.processes import ServerProcess
+    from tools.processes import ServerProcess
     with ServerProcess("refimpl", args=["--protocol", version, "-m", "1024"]) as srv:
         proc = _conformance("--server", srv.endpoint)
         out = proc.stdout + proc.stderr
@@ -98,7 +98,7 @@ def test_op_table_of_a_3_0_0_capture_matters():
     told the 95-op table of later 3.0.0 builds misreads its graphs."""
     sys.path.insert(0, str(ROOT / "conformance"))
     from replay import load, Replayer
-    from refimpl.testing.processes import ServerProcess
+    from tools.processes import ServerProcess
     session = load(ROOT / "conformance" / "captures" / "backend-ops-v3.0.0.cap.gz")
     results = {}
     for count in ("90", "95"):

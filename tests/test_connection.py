@@ -16,7 +16,7 @@ from refimpl.protocol.constants import Command
 from refimpl.protocol.errors import (HandshakeError, LocalProtocolError, MalformedMessage,
                                      OversizeMessage, ProtocolError, UnknownCommand)
 from refimpl.protocol.tensor import RpcTensor
-from refimpl.testing.strategies import requests
+from tools.strategies import requests
 
 
 def frame(cmd: int, payload: bytes) -> bytes:

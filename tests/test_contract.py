@@ -1,4 +1,4 @@
-"""The numerics contract's arithmetic (refimpl.testing.contract, spec/numerics.md): the
+"""The numerics contract's arithmetic (tools.contract, spec/numerics.md): the
 per-op error as test-backend-ops computes it, and the end-to-end bands."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from refimpl.testing.contract import (KldResult, assert_op_within_contract, kld_verdict,
-                                      nmse, nmse_bound, op_error)
+from tools.contract import (KldResult, assert_op_within_contract, kld_verdict,
+                            nmse, nmse_bound, op_error)
 
 KLD_OUTPUT = """
 ====== Perplexity statistics ======

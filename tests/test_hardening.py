@@ -24,7 +24,7 @@ from refimpl.protocol.ggml_types import GgmlType
 from refimpl.protocol.tensor import RpcTensor
 from refimpl.server import RpcServer
 from refimpl.server import hash_cache as hc
-from refimpl.server.buffers import BufferTable, Rejected
+from refimpl.buffers import BufferTable, Rejected
 from refimpl.server.cli import build_parser, make_config
 from refimpl.server.net import MemoryBudget
 

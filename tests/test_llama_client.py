@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from refimpl.testing.peers import peer_env
-from refimpl.testing.processes import ServerProcess
+from tools.peers import peer_env
+from tools.processes import ServerProcess
 
 pytestmark = pytest.mark.peer
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 from refimpl.protocol.profiles import PROFILES, op_tables
-from refimpl.testing import op_tables as ot
-from refimpl.testing.peers import PeerUnavailable
+from tools import op_tables as ot
+from tools.peers import PeerUnavailable
 
 pytestmark = pytest.mark.peer
 
@@ -31,12 +31,12 @@ def tables():
 
 
 def test_op_tables_json_matches_the_headers(tables):
-    assert ot.load_tables() == tables, "run python -m refimpl.testing.op_tables"
+    assert ot.load_tables() == tables, "run python -m tools.op_tables"
     assert ot.JSON_PATH.read_text() == ot.render_json(tables)
 
 
 def test_op_tables_spec_page_is_current(tables):
-    assert ot.SPEC_PATH.read_text() == ot.render_markdown(tables), "run python -m refimpl.testing.op_tables"
+    assert ot.SPEC_PATH.read_text() == ot.render_markdown(tables), "run python -m tools.op_tables"
 
 
 @pytest.mark.parametrize("release", ot.RELEASES)

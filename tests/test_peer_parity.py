@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from refimpl.client import RpcClient
-from refimpl.protocol.fnv import fnv1a_64
+from refimpl.hashing import fnv1a_64
 from refimpl.protocol.ggml_types import GgmlType
 from refimpl.protocol.tensor import RpcTensor
 

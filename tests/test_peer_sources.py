@@ -113,8 +113,8 @@ def _struct_nmse_bound(source: str, struct: str) -> str:
 
 
 def test_nmse_bounds_are_test_backend_ops(peer_source):
-    """spec/numerics.md's per-op bounds are test-backend-ops' (refimpl.testing.contract)."""
-    from refimpl.testing.contract import DEFAULT_NMSE_BOUND, NMSE_BOUNDS
+    """spec/numerics.md's per-op bounds are test-backend-ops' (tools.contract)."""
+    from tools.contract import DEFAULT_NMSE_BOUND, NMSE_BOUNDS
     src = (peer_source / "tests/test-backend-ops.cpp").read_text()
     default = re.search(r"virtual double max_nmse_err\(\) \{\s*return ([0-9.e-]+);", src)
     assert float(default.group(1)) == DEFAULT_NMSE_BOUND

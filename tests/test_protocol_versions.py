@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from refimpl.client import RpcClient, ServerClosedConnection, VersionMismatch
 from refimpl.graph.ops import Op, UnaryOp, GluOp, wire_number
+from refimpl.protocol import compat
 from refimpl.protocol import messages as m
 from refimpl.protocol.connection import (ClientConnection, ServerConnection, SetTensorStart,
                                          hello_request)
@@ -23,8 +24,8 @@ from refimpl.protocol.errors import HandshakeError, UnknownCommand
 from refimpl.protocol.ggml_types import GgmlType
 from refimpl.protocol.profiles import LATEST, PROFILES, SERVED, served_profile
 from refimpl.server import RpcServer
-from refimpl.testing.processes import ServerProcess
-from refimpl.testing.strategies import REQUEST_STRATEGIES, RESPONSE_STRATEGIES
+from tools.processes import ServerProcess
+from tools.strategies import REQUEST_STRATEGIES, RESPONSE_STRATEGIES
 
 from .conftest import make_config
 from .rawwire import frame, read_exactly, server_closes
@@ -61,14 +62,14 @@ def test_request_round_trip_per_profile(name, data):
     if cls is not m.HelloRequest:
         server.receive_data(wire)
         server.next_event()
-        if m.has_response(Command.HELLO, p):
+        if compat.has_response(Command.HELLO, p):
             server.send(m.HelloResponse(*p.version))
         wire = client.send(msg)
-    payload = m.encode(msg, p)
-    size = m.payload_size(cls, p)
+    payload = compat.encode(msg, p)
+    size = compat.payload_size(cls, p)
     assert size is None or len(payload) == size
-    again = m.decode(cls, payload, p)
-    assert m.encode(again, p) == payload
+    again = compat.decode(cls, payload, p)
+    assert compat.encode(again, p) == payload
     if cls is m.HelloRequest and p.hello_request_size == 0:
         assert again == m.HelloRequest()
     elif cls is m.SetTensorRequest and p.set_tensor_header_size == 304:
@@ -87,7 +88,7 @@ def test_request_round_trip_per_profile(name, data):
         assert (event.tensor, event.offset, event.size) == (msg.tensor, msg.offset, len(msg.data))
         assert event.cache_flag == (msg.cache_flag if p.set_tensor_header_size == 305 else 0)
     else:
-        assert m.encode(event, p) == payload
+        assert compat.encode(event, p) == payload
 
 
 @pytest.mark.parametrize("name", SERVED_NAMES)
@@ -97,9 +98,9 @@ def test_response_round_trip_per_profile(name, data):
     p = served_profile(name)
     cls = data.draw(st.sampled_from(list(RESPONSE_STRATEGIES)))
     msg = data.draw(RESPONSE_STRATEGIES[cls])
-    payload = m.encode(msg, p)
-    again = m.decode(cls, payload, p)
-    assert m.encode(again, p) == payload
+    payload = compat.encode(msg, p)
+    again = compat.decode(cls, payload, p)
+    assert compat.encode(again, p) == payload
     if cls is m.HelloResponse and p.hello_response_size == 3:
         assert len(payload) == 3 and again == m.HelloResponse(msg.major, msg.minor, msg.patch)
     else:
@@ -109,11 +110,11 @@ def test_response_round_trip_per_profile(name, data):
 def test_layout_differences():
     t = m.RpcTensor(id=5)
     st7 = m.SetTensorRequest(t, 9, b"ab", 1)
-    assert len(m.encode(st7)) == 305 + 2
-    assert m.encode(st7, V5) == t.encode() + struct.pack("<Q", 9) + b"ab"
-    assert m.encode(m.HelloRequest(), V361) == b""
-    assert m.encode(m.HelloResponse(3, 6, 1), V361) == bytes([3, 6, 1])
-    assert len(m.encode(m.HelloResponse(5, 0, 0), V5)) == 28
+    assert len(compat.encode(st7)) == 305 + 2
+    assert compat.encode(st7, V5) == t.encode() + struct.pack("<Q", 9) + b"ab"
+    assert compat.encode(m.HelloRequest(), V361) == b""
+    assert compat.encode(m.HelloResponse(3, 6, 1), V361) == bytes([3, 6, 1])
+    assert len(compat.encode(m.HelloResponse(5, 0, 0), V5)) == 28
 
 
 def _hello_server(p):
@@ -135,7 +136,7 @@ def test_server_connection_rules_per_profile():
     server = _hello_server(V5)
     server.receive_data(frame(Command.FREE_BUFFER, bytes(8)))
     assert isinstance(server.next_event(), m.FreeBufferRequest)
-    assert server.send(m.EmptyReply(Command.FREE_BUFFER)) == bytes(8)
+    assert server.send(compat.EmptyReply(Command.FREE_BUFFER)) == bytes(8)
     # Each side of the 3.x / 4.x boundary closes on the other's HELLO.
     for p, length in ((V361, 24), (V5, 0)):
         server = ServerConnection(profile=p)
@@ -152,7 +153,7 @@ def test_client_connection_empty_reply():
     client.send(m.MemsetTensorRequest())
     assert client.pending == 1
     client.receive_data(bytes(8))
-    assert client.next_event() == m.EmptyReply(Command.MEMSET_TENSOR)
+    assert client.next_event() == compat.EmptyReply(Command.MEMSET_TENSOR)
 
 
 # -- a server speaking another version ---------------------------------------------------------

@@ -12,7 +12,7 @@ from refimpl.client import AllocationFailed, RpcClient, ServerClosedConnection
 from refimpl.devices import CpuDevice
 from refimpl.protocol import messages as m
 from refimpl.protocol.constants import Command
-from refimpl.protocol.fnv import fnv1a_64
+from refimpl.hashing import fnv1a_64
 from refimpl.protocol.ggml_types import GgmlType
 from refimpl.protocol.tensor import RpcTensor
 from refimpl.server import RpcServer

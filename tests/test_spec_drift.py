@@ -137,7 +137,7 @@ def _number(text: str) -> float:
 
 
 def test_nmse_bounds_match_contract_code():
-    from refimpl.testing.contract import DEFAULT_NMSE_BOUND, nmse_bound
+    from tools.contract import DEFAULT_NMSE_BOUND, nmse_bound
     _, rows = NUMERICS["nmse-bounds"]
     assert rows
     for ops, bound in rows:
@@ -155,7 +155,7 @@ def test_nmse_bounds_match_contract_code():
 
 
 def test_e2e_bands_match_contract_code():
-    from refimpl.testing import contract as c
+    from tools import contract as c
     _, rows = NUMERICS["e2e-bands"]
     bands = {stat: rule for stat, rule in rows}
     kld = bands["mean KLD"]

@@ -8,7 +8,8 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from hypothesis import given
 from hypothesis import strategies as st
 
-from refimpl.protocol.fnv import fnv1a_64, fnv1a_64_reference
+from refimpl.hashing import fnv1a_64
+from refimpl.protocol.fnv import fnv1a_64_reference
 from refimpl.protocol.ggml_types import REMOVED_TYPES, TYPE_COUNT, GgmlType, type_traits
 from refimpl.protocol.tensor import RpcTensor, contiguous_strides, tensor_nbytes, tensor_problem
 

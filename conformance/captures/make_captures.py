@@ -7,8 +7,8 @@
 
 Every capture is taken from llama.cpp's own programs talking to llama.cpp's own
 ``ggml-rpc-server``, both built from the ``llama-cpp-python`` 0.3.36 sdist
-(``refimpl.testing.peers``), with the ``refimpl-capture`` proxy (spec/captures.md) in between.
-The models are tiny random llama models written on the spot (``refimpl.testing.models``), so
+(``tools.peers``), with the ``refimpl-capture`` proxy (spec/captures.md) in between.
+The models are tiny random llama models written on the spot (``tools.models``), so
 each capture is small; nothing of the models is needed later, because a capture holds every
 byte that went over the wire.  ``MANIFEST.json`` records what was run for each file; the
 README in this folder explains it.
@@ -35,10 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
-from refimpl.testing.models import LlamaSpec, quantize, write_llama_gguf
 from refimpl.protocol.profiles import SERVED
-from refimpl.testing.peers import DEFAULT_VERSION, ensure_peers, older_releases, peer_env
-from refimpl.testing.processes import ServerProcess, free_port
+from tools.models import LlamaSpec, quantize, write_llama_gguf
+from tools.peers import DEFAULT_VERSION, ensure_peers, older_releases, peer_env
+from tools.processes import ServerProcess, free_port
 
 HERE = Path(__file__).resolve().parent
 
@@ -242,18 +242,18 @@ class Maker:
     def backend_ops_history(self, name: str) -> dict:
         """A version no release carries (ggml history peers): the first cases of the ops a
         llama model uses, as this ggml's own test-backend-ops lists them, through its own RPC
-        server (refimpl/testing/ggml_history_peers.py)."""
-        from refimpl.testing.backend_ops import list_cases
+        server (tools/ggml_history_peers.py)."""
+        from tools.backend_ops import list_cases
         cases = [c for op, pick in HISTORY_OPS.items() for c in _pick(list_cases(self.bin, op), pick)]
         return self._backend_ops(
             name, cases, f"ggml's test-backend-ops test -b RPC0 on {len(cases)} cases of "
                          f"{', '.join(HISTORY_OPS)}, against ggml's own RPC server",
-            "ggml-rpc-server -p PORT (refimpl/testing/ggml_rpc_launcher.c over the library's "
+            "ggml-rpc-server -p PORT (tools/ggml_rpc_launcher.c over the library's "
             "ggml_backend_rpc_start_server)")
 
     def _backend_ops(self, name: str, cases: list[str], desc: str, server: str) -> dict:
         """Record test-backend-ops running ``cases`` on RPC0 (the preload shim's device)."""
-        from refimpl.testing.backend_ops import build_shim
+        from tools.backend_ops import build_shim
         out = self.out / f"{name}.cap.gz"
         cmds: list = []
         env = dict(self.env)
@@ -268,7 +268,7 @@ class Maker:
                 rec.stop()
         return {"files": [out.name], "description": desc, "commands": cmds, "server": server,
                 "environment": "LD_PRELOAD=rpc_preload.so REFIMPL_RPC_ENDPOINT=PROXY "
-                               "(refimpl/testing/rpc_preload.c)"}
+                               "(tools/rpc_preload.c)"}
 
 
 #: For the versions no release carries: op -> which of test-backend-ops' cases to record,
@@ -347,7 +347,7 @@ def main(argv=None) -> int:
     manifest_path = args.out / "MANIFEST.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     if args.ggml_history:
-        from refimpl.testing.ggml_history_peers import PEER_TABLES
+        from tools.ggml_history_peers import PEER_TABLES
         for version in args.protocol or list(PEER_TABLES):
             _make_history(args, version, manifest)
             manifest_path.write_text(json.dumps(dict(sorted(manifest.items())), indent=1) + "\n")
@@ -360,7 +360,7 @@ def main(argv=None) -> int:
 
 
 def _make_history(args, version: str, manifest: dict) -> None:
-    from refimpl.testing.ggml_history_peers import commit_of, ensure_ggml_peer
+    from tools.ggml_history_peers import commit_of, ensure_ggml_peer
     bin_dir = ensure_ggml_peer(args.ggml_history, version)
     name = f"backend-ops-v{version}"
     with tempfile.TemporaryDirectory(prefix="make-captures-") as work:

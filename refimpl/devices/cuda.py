@@ -22,7 +22,6 @@ memory are then the host's, since that is where simulated device memory lives.
 from __future__ import annotations
 
 import contextlib
-import sys
 import threading
 
 import numpy as np
@@ -42,8 +41,6 @@ STAGING_POOL_MAX = 256 << 20
 UPLOAD_CHUNK = 4 << 20
 #: Smallest staging buffer allocated (small transfers reuse it).
 _STAGING_MIN = 1 << 20
-#: Python's thread switch interval while the CUDA simulator is in use (seconds).
-SIM_SWITCH_INTERVAL = 5e-5
 
 
 def _numba_cuda():
@@ -271,11 +268,6 @@ class CudaDevice(Device):
         self.kind = "cuda"
         self.name = f"CUDA{index}"
         self.simulated = simulated()
-        if self.simulated:
-            # The simulator runs each CUDA thread as a Python thread and every barrier hands
-            # the GIL around; at Python's default 5 ms switch interval a __syncthreads costs
-            # milliseconds.  (Only ever under NUMBA_ENABLE_CUDASIM: tests and experiments.)
-            sys.setswitchinterval(min(sys.getswitchinterval(), SIM_SWITCH_INTERVAL))
         self.explicit_capacity = capacity is not None
         self.activate()
         _, total = self._memory_info()

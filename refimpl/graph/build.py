@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..buffers import AllocatedBuffer, BufferTable, Rejected
 from ..protocol.constants import MAX_SRC
 from ..protocol.ggml_types import type_traits
 from ..protocol.messages import GraphComputeRequest
-from ..protocol.tensor import tensor_nbytes, tensor_problem
-from ..server.buffers import BufferTable, Rejected, RemoteBuffer
 from ..protocol.profiles import LATEST, Profile
+from ..protocol.tensor import tensor_nbytes, tensor_problem
 from .ops import FUNCTION_POINTER_OPS, OP_COUNT, VIEW_OPS, Op, WireOps, op_name, wire_ops
 
 
@@ -50,7 +50,7 @@ class Node:
     op_params: np.ndarray  # int32[16]
     flags: int
     name: str
-    buffer: RemoteBuffer | None
+    buffer: AllocatedBuffer | None
     offset: int            # byte offset of element 0 inside ``buffer`` (0 without a buffer)
     nbytes: int
     view_offs: int

@@ -104,8 +104,3 @@ def overlaps(a: Node | None, b: Node | None) -> bool:
         return False
     return a.offset < b.offset + b.nbytes and b.offset < a.offset + a.nbytes
 
-
-def params_zero_from(node: Node, first: int) -> None:
-    """No op uses parameters beyond ``first``; ggml leaves them zero."""
-    # Deliberately lenient: ggml does not promise zeros there, so nothing is checked.
-    return None

@@ -15,12 +15,13 @@ import threading
 import time
 from dataclasses import dataclass
 
+from ..buffers import BufferTable
 from ..devices import Device
 from ..protocol.messages import GraphComputeRequest
-from ..protocol.profiles import LATEST
+from ..protocol.profiles import LATEST, Profile
 from ..protocol.tensor import RPC_TENSOR_SIZE
 from .build import NODE_COST, Graph, GraphInvalid, GraphLimits, build_graph
-from .ops import VIEW_OPS, op_name
+from .ops import VIEW_OPS
 from .registry import Runner, bind_node
 
 log = logging.getLogger("refimpl.graph")
@@ -82,12 +83,13 @@ class GraphExecutor:
         """Drop stored graphs (a buffer they may use was freed, or the connection ended)."""
         self._stored.clear()
 
-    def compute(self, session, req: GraphComputeRequest) -> None:
-        """GRAPH_COMPUTE: build, validate, bind, run, store."""
+    def compute(self, req: GraphComputeRequest, buffers: BufferTable,
+                profile: Profile = LATEST) -> None:
+        """GRAPH_COMPUTE: build (placing tensors in ``buffers``, reading op numbers as
+        ``profile`` numbers them), validate, bind, run, store."""
         self._stored.pop(req.device, None)
         t0 = time.perf_counter()
-        profile = getattr(session, "profile", LATEST)
-        graph = build_graph(req, session.buffers, self.limits, profile)
+        graph = build_graph(req, buffers, self.limits, profile)
         device = self.devices[req.device]
         plan = compile_graph(graph, device)
         t1 = time.perf_counter()
@@ -98,7 +100,7 @@ class GraphExecutor:
                      "run=%.1fms", req.device, len(graph.nodes), len(graph.tensors),
                      len(plan.steps), (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3)
 
-    def recompute(self, session, device_index: int) -> None:
+    def recompute(self, device_index: int) -> None:
         """GRAPH_RECOMPUTE: run the stored plan again."""
         plan = self._stored.get(device_index)
         if plan is None:
@@ -116,9 +118,3 @@ class GraphExecutor:
             except GraphInvalid:
                 self._stored.pop(plan.graph.device, None)
                 raise
-
-
-def supported_op_names() -> list[str]:
-    """Names of the ops with an implementation (for docs and banners)."""
-    from .registry import registered_ops
-    return [op_name(o) for o in registered_ops()]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 from .build import GraphInvalid, Node
-from .ops import Op, op_name
+from .ops import op_name
 
 #: A bound kernel: runs one node on data already in place.
 Runner = Callable[[], None]
@@ -61,21 +61,6 @@ def register_kernel(device_kind: str, *ops):
             _DEVICE_KERNELS[key] = fn
         return fn
     return deco
-
-
-def device_kernel_ops(device_kind: str) -> list[Op]:
-    """Ops with a registered kernel for ``device_kind`` (besides the no-work view ops)."""
-    return sorted(Op(op) for op, kind in _DEVICE_KERNELS if kind == device_kind)
-
-
-def implementation(op: int) -> OpImpl | None:
-    """The registered implementation of ``op``, if any."""
-    return _REGISTRY.get(op)
-
-
-def registered_ops() -> list[Op]:
-    """Every op with an implementation."""
-    return sorted(Op(o) for o in _REGISTRY)
 
 
 def bind_node(node: Node, device_kind: str) -> Runner | None:

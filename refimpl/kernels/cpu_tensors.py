@@ -20,7 +20,9 @@ from .parallel import sized_kernel
 from .quants import F16_TABLE
 from .simd import HAS_F16C, widen_f16_16
 
-_NUMPY_TYPES = {
+#: Storage dtype of the element types kernels read element by element (BF16 as its bits);
+#: block formats have none.  The CUDA kernels use the same table.
+STORAGE = {
     GgmlType.F32: np.float32, GgmlType.F16: np.float16, GgmlType.BF16: np.uint16,
     GgmlType.I8: np.int8, GgmlType.I16: np.int16, GgmlType.I32: np.int32,
     GgmlType.I64: np.int64, GgmlType.F64: np.float64,
@@ -35,7 +37,7 @@ def view(node: Node, dtype=None) -> np.ndarray:
     key = dtype or node.type
     v = node.views.get(key)
     if v is None:      # made once per node: a bound graph runs many times
-        dt = np.dtype(dtype or _NUMPY_TYPES[node.type])
+        dt = np.dtype(dtype or STORAGE[node.type])
         ne, nb = node.ne, node.nb
         v = np.ndarray((ne[3], ne[2], ne[1], ne[0]), dtype=dt, buffer=node.buffer.memory.array,
                        offset=node.offset, strides=(nb[3], nb[2], nb[1], nb[0]))

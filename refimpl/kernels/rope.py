@@ -50,6 +50,32 @@ class RopeParams:
         return bool(self.mode & MODE_MROPE)
 
 
+def mrope_section(sector, imrope, s0, s1, s2):
+    """Which of a token's four positions (0 time, 1 height, 2 width, 3 extra) rotates pair
+    ``sector`` (its index modulo the sum of the sections) in the multi-section modes:
+    contiguous sections, or for IMROPE interleaved ones (ggml's ``rope_yarn`` choice).
+
+    Plain Python, compiled for the CPU (:data:`_mrope_section`) and for the GPU."""
+    if imrope:
+        if sector % 3 == 1 and sector < 3 * s1:
+            return 1
+        if sector % 3 == 2 and sector < 3 * s2:
+            return 2
+        if sector % 3 == 0 and sector < 3 * s0:
+            return 0
+        return 3
+    if sector < s0:
+        return 0
+    if sector < s0 + s1:
+        return 1
+    if sector < s0 + s1 + s2:
+        return 2
+    return 3
+
+
+_mrope_section = njit(cache=True, nogil=True, inline="always")(mrope_section)
+
+
 @njit(cache=True, nogil=True)
 def _fmax(a, b):
     return a if a > b else b
@@ -100,9 +126,9 @@ def rope_cache(pos, ff, use_ff, n, n2, mode, sections, freq_scale, ext_factor, a
     """
     f32 = np.float32
     cache = np.empty((n2, n), np.float32)
-    is_multi = (mode & 8) != 0
-    is_imrope = mode == 40
-    indep = mode == 24
+    is_multi = (mode & MODE_MROPE) != 0
+    is_imrope = mode == MODE_IMROPE
+    indep = mode == MODE_VISION
     s0, s1, s2, s3 = sections[0], sections[1], sections[2], sections[3]
     sect_dims = s0 + s1 + s2 + s3
     sec_w = s0 + s1
@@ -134,23 +160,8 @@ def rope_cache(pos, ff, use_ff, n, n2, mode, sections, freq_scale, ext_factor, a
                         tw = base_w
                     elif sector == sec_e:
                         te = base_e
-                theta = tt
-                if is_imrope:
-                    if sector % 3 == 1 and sector < 3 * s1:
-                        theta = th
-                    elif sector % 3 == 2 and sector < 3 * s2:
-                        theta = tw
-                    elif sector % 3 == 0 and sector < 3 * s0:
-                        theta = tt
-                    else:
-                        theta = te
-                else:
-                    if sector >= s0 and sector < sec_w:
-                        theta = th
-                    elif sector >= sec_w and sector < sec_w + s2:
-                        theta = tw
-                    elif sector >= sec_w + s2:
-                        theta = te
+                w = _mrope_section(sector, is_imrope, s0, s1, s2)
+                theta = tt if w == 0 else th if w == 1 else tw if w == 2 else te
                 c, s = _yarn(theta / f, freq_scale, low, high, i0, ext_factor, attn_factor)
                 cache[i2, i0] = c
                 cache[i2, i0 + 1] = s
@@ -173,7 +184,7 @@ def rope_rows(x, out, cache, n_dims, n_offs, mode):
         i3 = r // (n2 * n1)
         i2 = (r // n1) % n2
         i1 = r % n1
-        if mode == 24:
+        if mode == MODE_VISION:
             for i0 in range(0, n0, 2):
                 ic = i0 // 2
                 c = cache[i2, i0]
@@ -185,7 +196,7 @@ def rope_rows(x, out, cache, n_dims, n_offs, mode):
             continue
         for i0 in range(0, n_offs):
             out[i3, i2, i1, i0] = x[i3, i2, i1, i0]
-        if mode == 0:
+        if mode == MODE_NORMAL:
             for i0 in range(0, n_dims, 2):
                 c = cache[i2, i0]
                 s = cache[i2, i0 + 1]
@@ -273,17 +284,7 @@ def reference(x: np.ndarray, pos: np.ndarray, n_dims: int, mode: int = MODE_NORM
             expo = np.empty(n // 2)
             for k in range(n // 2):
                 sector = k % sect_dims
-                if mode == MODE_IMROPE:
-                    if sector % 3 == 1 and sector < 3 * s1:
-                        w = 1
-                    elif sector % 3 == 2 and sector < 3 * s2:
-                        w = 2
-                    elif sector % 3 == 0 and sector < 3 * s0:
-                        w = 0
-                    else:
-                        w = 3
-                else:
-                    w = 0 if sector < s0 else 1 if sector < s0 + s1 else 2 if sector < s0 + s1 + s2 else 3
+                w = mrope_section(sector, mode == MODE_IMROPE, s0, s1, s2)
                 theta_base[k] = p4[w]
                 if vision:
                     start = [0, s0, s0 + s1, s0 + s1 + s2][w]

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import enum
 
+__all__ = [
+    "PROTOCOL_VERSION", "MAX_DIMS", "MAX_SRC", "MAX_OP_PARAMS", "MAX_NAME", "CONN_CAPS_SIZE",
+    "REQUEST_HEADER_SIZE", "RESPONSE_HEADER_SIZE", "HASH_THRESHOLD", "Command", "COMMAND_LIMIT",
+]
+
 #: The protocol version this package speaks (spec/versions.md).
 PROTOCOL_VERSION = (7, 0, 0)
 

@@ -2,14 +2,14 @@
 
 ``hash = 0xcbf29ce484222325; for each byte b: hash = (hash XOR b) * 0x100000001b3 mod 2**64``.
 
-:func:`fnv1a_64_reference` is the plain definition (the test oracle); :func:`fnv1a_64` is the
-numba-compiled version used on payloads of many megabytes.
+:func:`fnv1a_64_reference` is the plain definition (the test oracle, fine for small inputs).
+The compiled version used on payloads of many megabytes is :func:`refimpl.hashing.fnv1a_64`,
+outside the protocol core so that the core needs nothing beyond the standard library and numpy.
 """
 
 from __future__ import annotations
 
-import numpy as np
-from numba import njit, uint64
+__all__ = ["FNV_OFFSET_BASIS", "FNV_PRIME", "fnv1a_64_reference"]
 
 FNV_OFFSET_BASIS = 0xCBF29CE484222325
 FNV_PRIME = 0x100000001B3
@@ -21,19 +21,3 @@ def fnv1a_64_reference(data) -> int:
     for b in bytes(data):
         h = ((h ^ b) * FNV_PRIME) & 0xFFFFFFFFFFFFFFFF
     return h
-
-
-@njit(cache=True, nogil=True)
-def _fnv1a_kernel(data):
-    h = uint64(FNV_OFFSET_BASIS)
-    prime = uint64(FNV_PRIME)
-    for i in range(data.shape[0]):
-        h = (h ^ uint64(data[i])) * prime
-    return h
-
-
-def fnv1a_64(data) -> int:
-    """FNV-1a 64 of any bytes-like object (bytes, bytearray, memoryview, numpy array)."""
-    arr = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) \
-        else data.reshape(-1).view(np.uint8)
-    return int(_fnv1a_kernel(arr))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+__all__ = ["GgmlType", "TYPE_COUNT", "REMOVED_TYPES", "TypeTraits", "type_traits", "type_name"]
+
 
 class GgmlType(enum.IntEnum):
     """ggml's ``enum ggml_type`` for protocol 7.0.0 (llama.cpp as vendored by llama-cpp-python 0.3.36)."""

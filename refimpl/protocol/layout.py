@@ -13,6 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import LocalProtocolError
+
+__all__ = ["Field", "Layout"]
+
 # field kind -> (struct code, size in bytes, numpy scalar type)
 _KINDS: dict[str, tuple[str, int, str]] = {
     "u8": ("B", 1, "u1"),
@@ -21,6 +25,12 @@ _KINDS: dict[str, tuple[str, int, str]] = {
     "i32": ("i", 4, "<i4"),
     "u64": ("Q", 8, "<u8"),
     "char": ("s", 1, "S1"),  # a run of raw bytes; count gives the length
+}
+
+# integer kind -> the values it holds
+_RANGES: dict[str, tuple[int, int]] = {
+    "u8": (0, 1 << 8), "u16": (0, 1 << 16), "u32": (0, 1 << 32),
+    "i32": (-(1 << 31), 1 << 31), "u64": (0, 1 << 64),
 }
 
 
@@ -94,8 +104,28 @@ class Layout:
                 i += f.count
         return out
 
+    def check(self, values: dict) -> None:
+        """Raise LocalProtocolError unless every integer in ``values`` (a field -> value dict,
+        fields may be missing) fits its field; ``char`` runs are not checked."""
+        for f in self.fields:
+            if f.name not in values or f.kind == "char":
+                continue
+            v = values[f.name]
+            lo, hi = _RANGES[f.kind]
+            for x in ((v,) if f.count == 1 else v):
+                try:
+                    fits = lo <= x < hi and x == int(x)
+                except (TypeError, ValueError):
+                    fits = False
+                if not fits:
+                    raise LocalProtocolError(
+                        f"{self.name}.{f.name} = {x!r} does not fit a {f.kind}")
+
     def pack(self, values: dict) -> bytes:
-        """Encode a field -> value dict (array fields as sequences)."""
+        """Encode a field -> value dict (array fields as sequences).
+
+        Raises LocalProtocolError when a value does not fit its field.
+        """
         flat = []
         for f in self.fields:
             v = values[f.name]
@@ -103,9 +133,14 @@ class Layout:
                 flat.append(v)
             else:
                 if len(v) != f.count:
-                    raise ValueError(f"{self.name}.{f.name} needs {f.count} values, got {len(v)}")
+                    raise LocalProtocolError(
+                        f"{self.name}.{f.name} needs {f.count} values, got {len(v)}")
                 flat.extend(v)
-        return self.struct.pack(*flat)
+        try:
+            return self.struct.pack(*flat)
+        except struct.error as exc:
+            self.check(values)  # names the field when it is a range
+            raise LocalProtocolError(f"{self.name}: {exc}") from None
 
     def offsets(self) -> list[tuple[str, int, int]]:
         """``(field, offset, size)`` rows, as the spec's layout tables list them."""

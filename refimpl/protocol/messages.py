@@ -1,9 +1,12 @@
-"""Request and response messages of protocol 7.0.0 and their payload codecs (spec/commands.md).
+"""The catalogue of protocol 7.0.0: every request and response and its payload codec
+(spec/commands.md).
 
 Each class knows its command number and how to turn itself into a payload and back.  Framing
 (command byte and length prefix) is the connection's job (:mod:`refimpl.protocol.connection`).
 Decoders check lengths and nothing else: whether a handle is live or a region is in bounds
-is for the server to decide.
+is for the server to decide.  Constructors check that every number fits its field
+(LocalProtocolError).  What older protocol versions do differently is a layer on top:
+:mod:`refimpl.protocol.compat`.
 """
 
 from __future__ import annotations
@@ -16,8 +19,26 @@ import numpy as np
 from .constants import CONN_CAPS_SIZE, MAX_SRC, Command
 from .errors import MalformedMessage
 from .layout import Layout
-from .profiles import LATEST, Profile
 from .tensor import RPC_TENSOR, RPC_TENSOR_SIZE, RpcTensor
+
+__all__ = [
+    # the shape every message has
+    "Message", "FixedMessage",
+    # requests
+    "HelloRequest", "DeviceCountRequest", "AllocBufferRequest", "GetAlignmentRequest",
+    "GetMaxSizeRequest", "BufferGetBaseRequest", "FreeBufferRequest", "BufferClearRequest",
+    "SetTensorRequest", "SetTensorHashRequest", "GetTensorRequest", "CopyTensorRequest",
+    "GraphComputeRequest", "GraphRecomputeRequest", "GetDeviceMemoryRequest",
+    "InitTensorRequest", "GetAllocSizeRequest", "MemsetTensorRequest",
+    # responses
+    "HelloResponse", "DeviceCountResponse", "AllocBufferResponse", "GetAlignmentResponse",
+    "GetMaxSizeResponse", "BufferGetBaseResponse", "SetTensorHashResponse",
+    "GetTensorResponse", "CopyTensorResponse", "GetDeviceMemoryResponse",
+    "GetAllocSizeResponse",
+    # tables and layouts
+    "REQUESTS", "RESPONSES", "has_response", "SET_TENSOR_HEADER", "SET_TENSOR_HEADER_SIZE",
+    "GRAPH_HEADER", "graph_payload_size",
+]
 
 _TENSOR_FIELD = "tensor"
 
@@ -58,6 +79,10 @@ class FixedMessage(Message):
             else:
                 rows.append((name, kind, count))
         cls.LAYOUT = Layout(cls.__name__, rows)
+
+    def __post_init__(self):
+        self.LAYOUT.check({row[0]: getattr(self, row[0])
+                           for row in self.FIELDS if row[1] != _TENSOR_FIELD})
 
     @classmethod
     def payload_size(cls) -> int:
@@ -257,22 +282,14 @@ class MemsetTensorRequest(FixedMessage):
 SET_TENSOR_HEADER = Layout("set_tensor_header", [
     ("tensor", "char", RPC_TENSOR_SIZE), ("cache_flag", "u8"), ("offset", "u64")])
 SET_TENSOR_HEADER_SIZE = SET_TENSOR_HEADER.size
-#: The same before 7.0.0: tensor, offset (u64); no cache flag (spec/versions.md, 6.0.0).
-SET_TENSOR_HEADER_NO_FLAG = Layout("set_tensor_header_no_flag", [
-    ("tensor", "char", RPC_TENSOR_SIZE), ("offset", "u64")])
-_SET_TENSOR_HEADERS = {L.size: L for L in (SET_TENSOR_HEADER, SET_TENSOR_HEADER_NO_FLAG)}
-
-
-def set_tensor_header(profile: Profile | None = None) -> Layout:
-    """The SET_TENSOR header layout of ``profile`` (default: the newest)."""
-    return _SET_TENSOR_HEADERS[(profile or LATEST).set_tensor_header_size]
 
 
 @dataclass(frozen=True)
 class SetTensorRequest(Message):
     """SET_TENSOR: write ``data`` into a tensor at byte ``offset`` (no response).
 
-    ``cache_flag`` 1 asks a server with a hash cache to keep a copy of the data.
+    ``cache_flag`` 1 asks a server with a hash cache to keep a copy of the data.  (Versions
+    before 7.0.0 have no flag: :mod:`.compat` lays the header out for them.)
     """
 
     COMMAND = Command.SET_TENSOR
@@ -281,30 +298,36 @@ class SetTensorRequest(Message):
     data: bytes = b""
     cache_flag: int = 0
 
-    def encode_header(self, profile: Profile | None = None) -> bytes:
-        """The payload bytes that precede the data (a profile without the flag drops it)."""
-        return set_tensor_header(profile).pack(
-            {"tensor": self.tensor.encode(), "cache_flag": self.cache_flag, "offset": self.offset})
+    def __post_init__(self):
+        SET_TENSOR_HEADER.check({"cache_flag": self.cache_flag, "offset": self.offset})
 
-    def encode_payload(self, profile: Profile | None = None) -> bytes:
+    def header_values(self) -> dict:
+        """The header's fields as a field -> value dict (for :class:`Layout` packing)."""
+        return {"tensor": self.tensor.encode(), "cache_flag": self.cache_flag,
+                "offset": self.offset}
+
+    def encode_header(self) -> bytes:
+        """The payload bytes that precede the data."""
+        return SET_TENSOR_HEADER.pack(self.header_values())
+
+    def encode_payload(self) -> bytes:
         """Header followed by the data."""
-        return self.encode_header(profile) + bytes(self.data)
+        return self.encode_header() + bytes(self.data)
 
     @classmethod
-    def decode_header(cls, header, profile: Profile | None = None) -> tuple[RpcTensor, int, int]:
-        """Decode the fixed part: ``(tensor, cache_flag, offset)`` (flag 0 where it is absent)."""
-        v = set_tensor_header(profile).unpack(header)
-        return RpcTensor.decode(v["tensor"]), v.get("cache_flag", 0), v["offset"]
+    def decode_header(cls, header) -> tuple[RpcTensor, int, int]:
+        """Decode the fixed part: ``(tensor, cache_flag, offset)``."""
+        v = SET_TENSOR_HEADER.unpack(header)
+        return RpcTensor.decode(v["tensor"]), v["cache_flag"], v["offset"]
 
     @classmethod
-    def decode_payload(cls, payload, profile: Profile | None = None):
+    def decode_payload(cls, payload):
         """Decode a complete SET_TENSOR payload."""
-        size = set_tensor_header(profile).size
-        if len(payload) < size:
-            raise MalformedMessage(
-                f"SET_TENSOR payload must be at least {size} bytes, got {len(payload)}")
-        tensor, flag, offset = cls.decode_header(payload, profile)
-        return cls(tensor, offset, bytes(payload[size:]), flag)
+        if len(payload) < SET_TENSOR_HEADER_SIZE:
+            raise MalformedMessage(f"SET_TENSOR payload must be at least "
+                                   f"{SET_TENSOR_HEADER_SIZE} bytes, got {len(payload)}")
+        tensor, flag, offset = cls.decode_header(payload)
+        return cls(tensor, offset, bytes(payload[SET_TENSOR_HEADER_SIZE:]), flag)
 
 
 #: The fixed part at the start of a GRAPH_COMPUTE payload: device (u32), n_nodes (u32).
@@ -328,6 +351,9 @@ class GraphComputeRequest(Message):
     device: int = 0
     nodes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
     tensors: np.ndarray = field(default_factory=lambda: np.zeros(0, RPC_TENSOR.dtype))
+
+    def __post_init__(self):
+        GRAPH_HEADER.check({"device": self.device})
 
     @classmethod
     def from_tensors(cls, device: int, nodes, tensors) -> "GraphComputeRequest":
@@ -472,16 +498,6 @@ class GetTensorResponse(Message):
 
 
 @dataclass(frozen=True)
-class GraphComputeResponse(FixedMessage):
-    """Reply to GRAPH_COMPUTE in protocol 3.0.0 only (spec/versions.md#300): ggml's status
-    of the computation, 0 for success.  From 3.5.0 on GRAPH_COMPUTE has no reply."""
-
-    COMMAND = Command.GRAPH_COMPUTE
-    FIELDS = [("status", "u8")]
-    status: int = 0
-
-
-@dataclass(frozen=True)
 class CopyTensorResponse(FixedMessage):
     """Reply to COPY_TENSOR: 1 when the copy was made."""
 
@@ -532,108 +548,7 @@ RESPONSES: dict[Command, type[Message]] = {
 }
 
 
-#: Replies that only older protocol versions send (which versions: ``Profile.no_reply``).
-OLDER_RESPONSES: dict[Command, type[Message]] = {Command.GRAPH_COMPUTE: GraphComputeResponse}
-
-
-def response_class(command: Command) -> type[Message]:
-    """The reply class of ``command`` in whichever version answers it (KeyError: none does)."""
-    cls = RESPONSES.get(command)
-    return cls if cls is not None else OLDER_RESPONSES[command]
-
-
-def reply_payload_size(request: Message, profile: Profile) -> int:
-    """Payload bytes of the reply to ``request`` (a command that has one) under ``profile``:
-    GET_TENSOR's is the size it asked for, an empty reply's 0, any other the reply's fixed
-    size (spec/commands.md)."""
-    if request.COMMAND is Command.GET_TENSOR:
-        return request.size
-    if request.COMMAND.name in profile.empty_reply:
-        return 0
-    return payload_size(response_class(request.COMMAND), profile)
-
-
-def decode_reply(command: Command, payload, profile: Profile) -> Message:
-    """The reply to ``command`` decoded from ``payload`` (its length already checked against
-    :func:`reply_payload_size`): an :class:`EmptyReply` for commands answered empty."""
-    if command.name in profile.empty_reply:
-        return EmptyReply(command)
-    return decode(response_class(command), payload, profile)
-
-
-def has_response(command: Command, profile: Profile | None = None) -> bool:
-    """Whether the server answers ``command`` (spec/commands.md, "Which commands answer");
-    with an empty reply counts (``profile``'s ``empty_reply``, before 6.0.0)."""
-    if profile is None or profile is LATEST:
-        return command in RESPONSES
-    return command.name in profile.commands and command.name not in profile.no_reply
-
-
-@dataclass(frozen=True)
-class EmptyReply(Message):
-    """The reply of length 0 that versions before 6.0.0 send to FREE_BUFFER, BUFFER_CLEAR,
-    INIT_TENSOR (and MEMSET_TENSOR in 5.x): the 8-byte size and no payload."""
-
-    command: Command = Command.FREE_BUFFER
-
-    @property
-    def COMMAND(self):  # noqa: N802 - the attribute every message has
-        return self.command
-
-    def encode_payload(self) -> bytes:
-        return b""
-
-    @classmethod
-    def decode_payload(cls, payload):  # pragma: no cover - decode_reply builds it
-        if len(payload):
-            raise MalformedMessage(f"an empty reply has {len(payload)} bytes")
-        return cls()
-
-
-# ------------------------------------------------------------------------------------------
-# Per-profile codecs: what differs between versions is data in the Profile
-# ------------------------------------------------------------------------------------------
-#
-# Where an older version's fixed payload is shorter, the missing part is always a suffix of
-# the 7.0.0 layout that the old version does not have (HELLO's capability block, the sources
-# of GET_ALLOC_SIZE before 3.6.0): encoding truncates, decoding pads it with zeros.
-
-def _profile_size(cls: type[Message], profile: Profile | None) -> int | None:
-    """The fixed payload size of ``cls`` under ``profile`` (None: not a fixed message)."""
-    if not issubclass(cls, FixedMessage):
-        return None
-    if profile is not None and profile is not LATEST:
-        if cls is HelloRequest:
-            return profile.hello_request_size
-        if cls is HelloResponse:
-            return profile.hello_response_size
-        if cls is GetAllocSizeRequest:
-            return profile.get_alloc_size_request_size
-    return cls.payload_size()
-
-
-def payload_size(cls: type[Message], profile: Profile | None = None) -> int | None:
-    """Exact payload size of a fixed message under ``profile`` (None for variable ones)."""
-    return _profile_size(cls, profile)
-
-
-def encode(message: Message, profile: Profile | None = None) -> bytes:
-    """The payload of ``message`` as ``profile`` (default: the newest) lays it out."""
-    if isinstance(message, SetTensorRequest):
-        return message.encode_payload(profile)
-    payload = message.encode_payload()
-    size = _profile_size(type(message), profile)
-    return payload if size is None or size == len(payload) else payload[:size]
-
-
-def decode(cls: type[Message], payload, profile: Profile | None = None) -> Message:
-    """Decode a complete payload of ``cls`` as ``profile`` lays it out."""
-    if cls is SetTensorRequest:
-        return cls.decode_payload(payload, profile)
-    size = _profile_size(cls, profile)
-    if size is not None and size != cls.payload_size():
-        if len(payload) != size:
-            raise MalformedMessage(
-                f"{cls.__name__} payload must be {size} bytes, got {len(payload)}")
-        payload = bytes(payload) + bytes(cls.payload_size() - size)
-    return cls.decode_payload(payload)
+def has_response(command: Command) -> bool:
+    """Whether a 7.0.0 server answers ``command`` (spec/commands.md, "Which commands answer");
+    other versions: :func:`.compat.has_response`."""
+    return command in RESPONSES

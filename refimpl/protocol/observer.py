@@ -20,11 +20,13 @@ import collections
 import struct
 from dataclasses import dataclass
 
+from .compat import decode, decode_reply, has_response, reply_payload_size
 from .constants import Command
 from .errors import ProtocolError
-from .messages import (REQUESTS, HelloResponse, decode, decode_reply, has_response,
-                       reply_payload_size)
+from .messages import REQUESTS, HelloResponse
 from .profiles import LATEST, PROFILES, Profile
+
+__all__ = ["CLIENT_TO_SERVER", "SERVER_TO_CLIENT", "Observed", "Observer"]
 
 _REQ_HEADER = struct.Struct("<BQ")
 _U64 = struct.Struct("<Q")

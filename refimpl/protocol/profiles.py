@@ -4,12 +4,11 @@ A :class:`Profile` says everything that tells one protocol version apart from an
 wire: the HELLO shape, the ``rpc_tensor`` variant, fixed request sizes that changed, which
 command numbers exist, which commands are answered (and which with an empty reply), and which
 op table numbers ``rpc_tensor.op``.  The op tables themselves are data read from the real
-``ggml.h`` of each version (``op_tables.json``, written by ``python -m
-refimpl.testing.op_tables``).
+``ggml.h`` of each version (``op_tables.json``: product data, written by the repository's
+tool ``python -m tools.op_tables``).
 
-The connections (:mod:`.connection`), the per-profile codecs (:func:`.messages.encode`,
-:func:`.messages.decode`), the server (``refimpl-server --protocol``), the graph engine (its
-wire → op mapping) and the client take a profile; :data:`LATEST` (7.0.0) is the default, and
+The connections (:mod:`.connection`), the per-profile codecs (:mod:`.compat`), the server
+(``refimpl-server --protocol``), the graph engine (its wire → op mapping) and the client take a profile; :data:`LATEST` (7.0.0) is the default, and
 ``tests/test_profiles.py`` holds it equal to :mod:`.constants` and :mod:`refimpl.graph.ops`.
 :data:`SERVED` lists the versions that can be selected.
 """
@@ -24,25 +23,19 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping
 
+from .constants import Command
+
+__all__ = ["Version", "Profile", "PROFILES", "LATEST", "SERVED", "profile", "served_profile",
+           "op_tables"]
+
 Version = tuple[int, int, int]
 
 _OP_TABLES = Path(__file__).with_name("op_tables.json")
 
-#: Command numbers.  No command was ever renumbered from 1.0.0 on; versions differ only in
-#: how many of these exist.  (Number 18 is a client-internal marker from 6.0.0 on and never
-#: goes on the wire.)
-_COMMAND_IDS = {
-    "ALLOC_BUFFER": 0, "GET_ALIGNMENT": 1, "GET_MAX_SIZE": 2, "BUFFER_GET_BASE": 3,
-    "FREE_BUFFER": 4, "BUFFER_CLEAR": 5, "SET_TENSOR": 6, "SET_TENSOR_HASH": 7,
-    "GET_TENSOR": 8, "COPY_TENSOR": 9, "GRAPH_COMPUTE": 10, "GET_DEVICE_MEMORY": 11,
-    "INIT_TENSOR": 12, "GET_ALLOC_SIZE": 13, "HELLO": 14, "DEVICE_COUNT": 15,
-    "GRAPH_RECOMPUTE": 16, "MEMSET_TENSOR": 17,
-}
-
-
 def _commands(last: str) -> Mapping[str, int]:
-    n = _COMMAND_IDS[last] + 1
-    return MappingProxyType({k: v for k, v in _COMMAND_IDS.items() if v < n})
+    """Name → number of every command up to ``last``.  No command was ever renumbered from
+    1.0.0 on; versions differ only in how many of :class:`.constants.Command` exist."""
+    return MappingProxyType({c.name: int(c) for c in Command if c <= Command[last]})
 
 
 @functools.cache

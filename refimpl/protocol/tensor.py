@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from .constants import MAX_DIMS, MAX_NAME, MAX_OP_PARAMS, MAX_SRC
 from .ggml_types import TYPE_COUNT, type_traits
 from .layout import Layout
+
+__all__ = ["RPC_TENSOR", "RPC_TENSOR_SIZE", "RpcTensor", "tensor_nbytes", "tensor_nbytes_of",
+           "tensor_problem", "contiguous_strides"]
 
 RPC_TENSOR = Layout(
     "rpc_tensor",
@@ -102,11 +103,6 @@ class RpcTensor:
     def is_null(self) -> bool:
         """True for the all-zero encoding a client sends for "no tensor" (id 0)."""
         return self.id == 0
-
-
-def decode_tensor_array(data, offset: int, count: int) -> np.ndarray:
-    """View ``count`` consecutive encoded tensors as a numpy structured array (no copy)."""
-    return np.frombuffer(data, dtype=RPC_TENSOR.dtype, count=count, offset=offset)
 
 
 def tensor_nbytes(type_number: int, ne, nb) -> int:

@@ -11,7 +11,7 @@ import os as _os
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 _os.environ.setdefault("GOMP_SPINCOUNT", "2000")
 
-from .buffers import Rejected  # noqa: E402
+from ..buffers import Rejected  # noqa: E402
 from .net import RpcServer, ServerConfig  # noqa: E402
 from .session import Session  # noqa: E402
 

@@ -21,7 +21,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from ..protocol.fnv import fnv1a_64
+from ..hashing import fnv1a_64
 
 log = logging.getLogger("refimpl.server.cache")
 

@@ -21,10 +21,10 @@ from ..devices.base import WriteRegion
 from ..protocol import messages as m
 from ..protocol.connection import (DEFAULT_MAX_MESSAGE_SIZE, NEED_DATA, ConnectionClosed,
                                    ServerConnection, SetTensorStart)
-from ..protocol.errors import ProtocolError
-from ..protocol.messages import set_tensor_header
+from ..protocol.errors import PeerClosed, RemoteProtocolError
+from ..protocol.compat import set_tensor_header
 from ..protocol.profiles import LATEST, Profile
-from .buffers import AddressSpace, Rejected
+from ..buffers import AddressSpace, Rejected
 from .hash_cache import HashCache
 from .session import Session
 
@@ -194,7 +194,7 @@ class RpcServer:
         progress = _Progress(self._next_key)
         try:
             await self._run(stream, conn, session, progress)
-        except ProtocolError as exc:
+        except RemoteProtocolError as exc:
             log.warning("%s: protocol error: %s; closing the connection", peer, exc)
         except Rejected as exc:
             log.warning("%s: request rejected: %s; closing the connection", peer, exc)
@@ -313,7 +313,7 @@ class RpcServer:
             with self._deadline(conn, progress):
                 n = await sock.recv_into(view[filled:])
             if n == 0:
-                raise ProtocolError(
+                raise PeerClosed(
                     f"connection closed with {len(view) - filled} payload bytes still due")
             conn.payload_received(n)
             filled += n

@@ -11,13 +11,15 @@ from __future__ import annotations
 import logging
 
 from ..devices import Device
+from ..protocol import compat
 from ..protocol import messages as m
 from ..protocol.connection import SetTensorStart
-from ..protocol.constants import MAX_SRC
 from ..protocol.connection import hello_response
+from ..protocol.constants import MAX_SRC, Command
+from ..protocol.errors import LocalProtocolError
 from ..protocol.profiles import LATEST, Profile
 from ..protocol.tensor import tensor_nbytes_of
-from .buffers import AddressSpace, BufferTable, Placement, Rejected
+from ..buffers import AddressSpace, BufferTable, Placement, Rejected
 from .hash_cache import HashCache
 
 log = logging.getLogger("refimpl.server.session")
@@ -42,11 +44,17 @@ class Session:
 
     # -- dispatch ------------------------------------------------------------------------------
     def handle(self, request: m.Message) -> m.Message | None:
-        """Carry out a request (other than SET_TENSOR data) and return its reply, if any."""
-        handler = getattr(self, "_on_" + request.COMMAND.name.lower())
-        reply = handler(request)
+        """Carry out a request and return its reply, if any.
+
+        SET_TENSOR and GET_TENSOR move bulk data, which the network layer does itself with
+        :meth:`set_tensor_destination` and :meth:`get_tensor_source`; they have no handler.
+        """
+        handler = self.HANDLERS.get(request.COMMAND)
+        if handler is None:
+            raise LocalProtocolError(f"{request.COMMAND.name} is served by the network layer")
+        reply = handler(self, request)
         if reply is None and request.COMMAND.name in self.profile.empty_reply:
-            reply = m.EmptyReply(request.COMMAND)
+            reply = compat.EmptyReply(request.COMMAND)
         return reply
 
     def close(self) -> None:
@@ -191,9 +199,6 @@ class Session:
         cmdlog.debug("get_tensor '%s' offset=%d size=%d", req.tensor.label, req.offset, req.size)
         return p.buffer.memory.read_region(p.offset, p.nbytes)
 
-    def _on_get_tensor(self, req: m.GetTensorRequest):
-        return m.GetTensorResponse(bytes(self.get_tensor_source(req)))
-
     def _on_copy_tensor(self, req: m.CopyTensorRequest):
         src = self.buffers.place(req.src, "COPY_TENSOR src")
         dst_start = self.buffers.place(req.dst, "COPY_TENSOR dst")
@@ -213,15 +218,35 @@ class Session:
         if self.graph_executor is None:
             raise Rejected("GRAPH_COMPUTE is not supported by this server build")
         self._device(req.device)
-        self.graph_executor.compute(self, req)
+        self.graph_executor.compute(req, self.buffers, self.profile)
         if "GRAPH_COMPUTE" in self.profile.no_reply:
             return None
         # 3.0.0 answers with ggml's status; a graph that passed validation always computes.
-        return m.GraphComputeResponse(0)
+        return compat.GraphComputeResponse(0)
 
     def _on_graph_recompute(self, req: m.GraphRecomputeRequest):
         if self.graph_executor is None:
             raise Rejected("GRAPH_RECOMPUTE is not supported by this server build")
         self._device(req.device)
-        self.graph_executor.recompute(self, req.device)
+        self.graph_executor.recompute(req.device)
         return None
+
+    #: The handler of every command but the two bulk ones (see :meth:`handle`).
+    HANDLERS = {
+        Command.HELLO: _on_hello,
+        Command.DEVICE_COUNT: _on_device_count,
+        Command.GET_ALIGNMENT: _on_get_alignment,
+        Command.GET_MAX_SIZE: _on_get_max_size,
+        Command.GET_DEVICE_MEMORY: _on_get_device_memory,
+        Command.ALLOC_BUFFER: _on_alloc_buffer,
+        Command.BUFFER_GET_BASE: _on_buffer_get_base,
+        Command.FREE_BUFFER: _on_free_buffer,
+        Command.BUFFER_CLEAR: _on_buffer_clear,
+        Command.INIT_TENSOR: _on_init_tensor,
+        Command.GET_ALLOC_SIZE: _on_get_alloc_size,
+        Command.MEMSET_TENSOR: _on_memset_tensor,
+        Command.SET_TENSOR_HASH: _on_set_tensor_hash,
+        Command.COPY_TENSOR: _on_copy_tensor,
+        Command.GRAPH_COMPUTE: _on_graph_compute,
+        Command.GRAPH_RECOMPUTE: _on_graph_recompute,
+    }

@@ -4,7 +4,10 @@ NUMBA_ENABLE_CUDASIM must be in effect when numba.cuda is first imported, which 
 refimpl does before a CUDA device opens.  This file runs when pytest collects tests/cuda, so
 it switches the simulator on here, for this process only: the variable is removed again
 afterwards (numba.cuda stays the simulator), so server processes that other tests start do
-not inherit it.  Servers that the CUDA tests start get it explicitly (``SIM_ENV``).
+not inherit it.  Under the simulator it then calls the one hook that prepares a process for
+it (:func:`tools.cuda_sim.install`; refimpl itself runs no simulator code).  Servers that the
+CUDA tests start get the variable explicitly (``SIM_ENV``) and run the hook too
+(``SERVER_MODULE``).
 
 On a machine with a CUDA driver the tests run on the real GPU instead, unless
 REFIMPL_CUDA_TESTS=sim asks for the simulator.
@@ -15,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -47,12 +51,20 @@ def _select_backend() -> bool:
                 else:
                     os.environ["NUMBA_ENABLE_CUDASIM"] = had
     from refimpl.devices.cuda import simulated
-    return simulated()
+    if simulated():
+        from tools import cuda_sim
+        cuda_sim.install()
+        return True
+    return False
 
 
 SIMULATED = _select_backend()
 #: Environment for server processes the CUDA tests start.
-SIM_ENV = {"NUMBA_ENABLE_CUDASIM": "1"} if SIMULATED else {}
+SIM_ENV = {"NUMBA_ENABLE_CUDASIM": "1", "PYTHONPATH": os.pathsep.join(
+    [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])} \
+    if SIMULATED else {}
+#: The module those servers run as: refimpl-server, after the simulator hook where simulated.
+SERVER_MODULE = "tools.cuda_sim" if SIMULATED else "refimpl.server"
 
 
 @pytest.fixture(scope="session")

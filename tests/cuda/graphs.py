@@ -8,7 +8,7 @@ import numpy as np
 from refimpl.kernels.cpu_tensors import f32_to_bf16
 from refimpl.protocol.ggml_types import GgmlType, type_traits
 from refimpl.protocol.tensor import tensor_nbytes
-from refimpl.testing.graphs import GraphBuilder, tensor_values
+from tools.graphs import GraphBuilder, tensor_values
 
 
 class CudaGraphBuilder(GraphBuilder):
@@ -49,5 +49,5 @@ class CudaGraphBuilder(GraphBuilder):
         return np.frombuffer(bytes(self.buf.memory.read_region(at, n)), np.uint8).copy()
 
     def read(self, t) -> np.ndarray:
-        """A contiguous tensor's values (see :func:`refimpl.testing.graphs.tensor_values`)."""
+        """A contiguous tensor's values (see :func:`tools.graphs.tensor_values`)."""
         return tensor_values(t, self.raw(t))

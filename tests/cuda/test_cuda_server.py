@@ -14,11 +14,11 @@ from refimpl.client import RpcClient, ServerClosedConnection
 from refimpl.graph import GluOp, Op
 from refimpl.kernels.rope import MODE_NEOX
 from refimpl.protocol import GgmlType as T
-from refimpl.testing.graphs import GraphBuilder
-from refimpl.testing.processes import ServerProcess
+from tools.graphs import GraphBuilder
+from tools.processes import ServerProcess
 
 from ..kernels.test_quants import random_rows
-from .conftest import SIM_ENV
+from .conftest import SERVER_MODULE, SIM_ENV
 
 MIB = 1 << 20
 
@@ -26,7 +26,8 @@ MIB = 1 << 20
 @pytest.fixture(scope="module")
 def gpu_server(tmp_path_factory):
     with ServerProcess("refimpl", args=["--device", "cpu,cuda0", "-m", "256", "-c"],
-                       env=SIM_ENV, cache_dir=tmp_path_factory.mktemp("cache")) as srv:
+                       env=SIM_ENV, cache_dir=tmp_path_factory.mktemp("cache"),
+                       module=SERVER_MODULE) as srv:
         yield srv
 
 

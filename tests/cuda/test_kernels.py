@@ -21,7 +21,7 @@ from refimpl.kernels.softmax import reference as softmax_reference
 from refimpl.protocol import GgmlType as T
 
 from ..kernels.test_quants import GGUF_TYPE, random_rows
-from refimpl.testing.graphs import GraphBuilder
+from tools.graphs import GraphBuilder
 
 from .graphs import CudaGraphBuilder
 

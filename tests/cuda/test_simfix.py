@@ -1,4 +1,4 @@
-"""refimpl.kernels.cuda._simfix: under the simulator, every thread of a block that asks for
+"""tools.cuda_sim: under the simulator, every thread of a block that asks for
 the same ``cuda.shared.array`` gets the same array, however the interpreter switches
 threads (the simulator's own allocation lets two threads keep private copies; CI saw a block
 reduction come out wrong that way)."""
@@ -22,7 +22,8 @@ def _shared_arrays_seen_by(n_threads: int, monkeypatch) -> list:
     the first allocation is stored (the switch that CI hit by chance, forced)."""
     from numba.cuda.simulator.kernelapi import FakeCUDAShared
 
-    from refimpl.kernels.cuda import _common  # noqa: F401  (installs the fix)
+    from tools import cuda_sim
+    cuda_sim.install()  # idempotent: conftest.py installed the fix already
 
     allocate = np.empty
 
@@ -56,7 +57,8 @@ def test_every_thread_of_a_block_gets_one_shared_array(monkeypatch):
 def test_different_call_sites_get_different_arrays():
     from numba.cuda.simulator.kernelapi import FakeCUDAShared
 
-    from refimpl.kernels.cuda import _common  # noqa: F401
+    from tools import cuda_sim
+    cuda_sim.install()
 
     shared = FakeCUDAShared(64)
     a = shared.array(4, np.float32)

@@ -2,7 +2,7 @@
 
 Every case of the ops the graph engine implements, for the types it implements, must pass
 (spec/graph-ops.md).  The cases listed below as required are run here; the full catalogue,
-including the cases refimpl refuses, is measured by ``python -m refimpl.testing.backend_ops``
+including the cases refimpl refuses, is measured by ``python -m tools.backend_ops``
 and reported in docs/backend-ops.md.
 """
 
@@ -12,8 +12,8 @@ import re
 
 import pytest
 
-from refimpl.testing.backend_ops import list_cases, run_cases
-from refimpl.testing.processes import ServerProcess
+from tools.backend_ops import list_cases, run_cases
+from tools.processes import ServerProcess
 
 pytestmark = [pytest.mark.peer, pytest.mark.slow]
 

@@ -12,7 +12,7 @@ with flash attention off and on (spec/numerics.md, "End to end"):
   another order than the native build's on every x86-64 host) and its native build without
   weight repacking (``--no-repack``: what its own ggml-rpc-server computes), and, with every
   layer on it, refimpl-server.  refimpl's mean KLD, same-top-token rate and perplexity ratio must
-  lie within the contract's bands around the alternatives' (refimpl.testing.contract).  The realistic
+  lie within the contract's bands around the alternatives' (tools.contract).  The realistic
   shape runs batched (perplexity's 128-token graphs) and one token per graph (``-ub 1``, what
   generation sends).
 * ``llama-completion --temp 0 --ignore-eos`` through refimpl agrees with the CPU run at least
@@ -31,11 +31,11 @@ from pathlib import Path
 
 import pytest
 
-from refimpl.testing.contract import kld_verdict
-from refimpl.testing.llama_runs import (RunSettings, agreement, completion, kl_divergence,
-                                        sample_text, save_base_logits)
-from refimpl.testing.models import LlamaSpec, quantize, write_llama_gguf
-from refimpl.testing.processes import ServerProcess
+from tools.contract import kld_verdict
+from tools.llama_runs import (RunSettings, agreement, completion, kl_divergence,
+                              sample_text, save_base_logits)
+from tools.models import LlamaSpec, quantize, write_llama_gguf
+from tools.processes import ServerProcess
 
 pytestmark = [pytest.mark.peer, pytest.mark.slow]
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 
 from refimpl.protocol.profiles import LATEST, SERVED
-from refimpl.testing.llama_runs import RunSettings, agreement, completion
-from refimpl.testing.models import LlamaSpec, write_llama_gguf
-from refimpl.testing.peers import PeerUnavailable, ensure_peers
-from refimpl.testing.processes import ServerProcess
+from tools.llama_runs import RunSettings, agreement, completion
+from tools.models import LlamaSpec, write_llama_gguf
+from tools.peers import PeerUnavailable, ensure_peers
+from tools.processes import ServerProcess
 
 pytestmark = [pytest.mark.peer, pytest.mark.slow]
 

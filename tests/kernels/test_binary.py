@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from refimpl.graph import GraphInvalid, Op
 from refimpl.kernels.binary import reference
 from refimpl.protocol import GgmlType as T
-from refimpl.testing.graphs import GraphBuilder
+from tools.graphs import GraphBuilder
 
 TOL = {T.F32: 0, T.F16: 2e-3, T.BF16: 1e-2}
 

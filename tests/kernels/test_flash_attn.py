@@ -15,7 +15,7 @@ from refimpl.graph import GraphInvalid, Op
 from refimpl.kernels.flash_attn import (TILED_MIN_ROWS, reference, round_f16_finite,
                                        round_f16_inplace)
 from refimpl.protocol import GgmlType as T
-from refimpl.testing.graphs import GraphBuilder
+from tools.graphs import GraphBuilder
 
 
 def nmse(got, want):

@@ -13,7 +13,7 @@ from refimpl.graph import GraphInvalid, Op
 from refimpl.kernels import quants as Q
 from refimpl.kernels.get_rows import reference
 from refimpl.protocol import GgmlType as T
-from refimpl.testing.graphs import GraphBuilder
+from tools.graphs import GraphBuilder
 
 from .test_quants import GGUF_TYPE, random_rows
 
@@ -168,7 +168,7 @@ def test_invalid_nodes_are_refused(case):
 @pytest.mark.parametrize("type_", PLAIN + QUANT, ids=lambda t: t.name)
 def test_matches_ggml(peer_bin, type_):
     """Bit for bit against ggml's own CPU backend (the peer's libggml-cpu, in process)."""
-    from refimpl.testing.ggml_cpu import GgmlCpu
+    from tools.ggml_cpu import GgmlCpu
 
     rng = np.random.default_rng(int(type_))
     bs = Q.BLOCK[int(type_)][0] if type_ in QUANT else 1

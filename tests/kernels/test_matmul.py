@@ -17,7 +17,7 @@ from refimpl.kernels import quants as Q
 from refimpl.kernels.matmul import reference
 from refimpl.protocol import GgmlType as T
 from refimpl.protocol.tensor import contiguous_strides
-from refimpl.testing.graphs import GraphBuilder
+from tools.graphs import GraphBuilder
 
 from .test_quants import GGUF_TYPE, pack_activations, random_rows
 

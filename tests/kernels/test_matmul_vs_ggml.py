@@ -1,6 +1,6 @@
 """MUL_MAT against ggml's own CPU backend (the peer build's libggml-cpu, run in process through
-refimpl.testing.ggml_cpu), judged by the numerics contract of spec/numerics.md (NMSE within
-test-backend-ops' bound for MUL_MAT, refimpl.testing.contract): every weight type, activation
+tools.ggml_cpu), judged by the numerics contract of spec/numerics.md (NMSE within
+test-backend-ops' bound for MUL_MAT, tools.contract): every weight type, activation
 counts on both sides of each of ggml's kernel switches (1, 2, 8 rows), broadcast batches,
 permuted and pre-quantised activations, padded weight views, and the attention products of a
 KV cache.  The oracle is built for the host (-march=native), so nothing compares bits."""
@@ -16,9 +16,9 @@ from refimpl.graph import Op
 from refimpl.kernels import quants as Q
 from refimpl.protocol import GgmlType as T
 from refimpl.protocol.tensor import contiguous_strides
-from refimpl.testing.contract import assert_op_within_contract
-from refimpl.testing.ggml_cpu import GgmlCpu
-from refimpl.testing.graphs import GraphBuilder
+from tools.contract import assert_op_within_contract
+from tools.ggml_cpu import GgmlCpu
+from tools.graphs import GraphBuilder
 
 from .test_quants import pack_activations, random_rows
 

@@ -11,7 +11,7 @@ from refimpl.graph import GraphInvalid, Op
 from refimpl.kernels import copy as cp
 from refimpl.kernels.norm import reference_norm, reference_rms_norm
 from refimpl.protocol import GgmlType as T
-from refimpl.testing.graphs import GraphBuilder
+from tools.graphs import GraphBuilder
 
 dims = st.lists(st.integers(1, 6), min_size=4, max_size=4).map(tuple)
 

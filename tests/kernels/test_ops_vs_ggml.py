@@ -1,7 +1,7 @@
 """Every op on the llama path other than MUL_MAT against ggml's own CPU backend (the peer
-build's libggml-cpu, run in process through refimpl.testing.ggml_cpu_ops), judged by the numerics
+build's libggml-cpu, run in process through tools.ggml_cpu_ops), judged by the numerics
 contract of spec/numerics.md: NaN and infinities where ggml has them, and the NMSE within the
-bound test-backend-ops gives the op (refimpl.testing.contract).  SOFT_MAX, the UNARY and GLU
+bound test-backend-ops gives the op (tools.contract).  SOFT_MAX, the UNARY and GLU
 activations, RMS_NORM and NORM, SCALE, the binary ops, ROPE in every mode, FLASH_ATTN_EXT on
 both of ggml's paths, SET_ROWS and CPY.  Rows of 8k, 8k+1 .. 8k+7 elements exercise ggml's
 8-lane SIMD groups and their scalar tails; ggml runs with 1 and 2 threads.
@@ -20,9 +20,9 @@ from refimpl.graph.ops import GluOp, UnaryOp
 from refimpl.kernels import flash_attn
 from refimpl.kernels.rope import MODE_IMROPE, MODE_MROPE, MODE_NEOX, MODE_NORMAL, MODE_VISION
 from refimpl.protocol import GgmlType as T
-from refimpl.testing.contract import assert_op_within_contract
-from refimpl.testing.ggml_cpu_ops import GgmlCpu
-from refimpl.testing.graphs import GraphBuilder
+from tools.contract import assert_op_within_contract
+from tools.ggml_cpu_ops import GgmlCpu
+from tools.graphs import GraphBuilder
 
 pytestmark = pytest.mark.peer
 

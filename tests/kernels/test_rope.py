@@ -13,7 +13,7 @@ from refimpl.graph import GraphInvalid, Op
 from refimpl.kernels.rope import (MODE_IMROPE, MODE_MROPE, MODE_NEOX, MODE_NORMAL, MODE_VISION,
                                   reference)
 from refimpl.protocol import GgmlType as T
-from refimpl.testing.graphs import GraphBuilder
+from tools.graphs import GraphBuilder
 
 # angles are accumulated in float32 by repeated multiplication (as ggml does), the oracle uses
 # the closed form in float64: allow for that drift (positions < 512) and for F16 storage

@@ -13,7 +13,7 @@ from refimpl.graph import GraphInvalid, Op
 from refimpl.kernels.cpu_tensors import round_to
 from refimpl.kernels.set_rows import reference
 from refimpl.protocol import GgmlType as T
-from refimpl.testing.graphs import GraphBuilder
+from tools.graphs import GraphBuilder
 
 
 @st.composite

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from refimpl.graph import GraphInvalid, Op
 from refimpl.kernels.softmax import alibi_slopes, reference
 from refimpl.protocol import GgmlType as T
-from refimpl.testing.graphs import GraphBuilder
+from tools.graphs import GraphBuilder
 
 
 @st.composite

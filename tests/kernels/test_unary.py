@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from refimpl.graph import GluOp, GraphInvalid, Op, UnaryOp
 from refimpl.kernels.unary import reference_glu, reference_scale, reference_unary
 from refimpl.protocol import GgmlType as T
-from refimpl.testing.graphs import GraphBuilder
+from tools.graphs import GraphBuilder
 
 FLOATS = [T.F32, T.F16, T.BF16]
 TOL = {T.F32: 2e-6, T.F16: 2e-3, T.BF16: 1.6e-2}

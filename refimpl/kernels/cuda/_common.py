@@ -21,14 +21,12 @@ from numba import cuda
 from ...graph.build import Node
 from ...graph.checks import overlaps
 from ...protocol.ggml_types import GgmlType
-from . import _simfix
+from ..cpu_tensors import STORAGE
 from ..quants import (BF16_TABLE, F16_TABLE, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K,
                       Q6_K, Q8_0, Q8_1)
 
 #: True under NUMBA_ENABLE_CUDASIM=1.
 SIM = type(cuda.gpus).__name__ == "FakeDeviceList"
-if SIM:
-    _simfix.install()       # the simulator's shared arrays, made race-free (_simfix.py)
 
 #: Threads per block of elementwise kernels.
 TPB = 4 if SIM else 256
@@ -41,11 +39,6 @@ _MAX_BLOCKS = 2 if SIM else 16384
 
 F32, F16, BF16 = int(GgmlType.F32), int(GgmlType.F16), int(GgmlType.BF16)
 I32, I64 = int(GgmlType.I32), int(GgmlType.I64)
-
-#: Storage dtype of the element types kernels read element by element.
-STORAGE = {GgmlType.F32: np.float32, GgmlType.F16: np.float16, GgmlType.BF16: np.uint16,
-           GgmlType.I8: np.int8, GgmlType.I16: np.int16, GgmlType.I32: np.int32,
-           GgmlType.I64: np.int64, GgmlType.F64: np.float64}
 
 #: Block formats the kernels dequantise (weights of MUL_MAT, sources of GET_ROWS and CPY).
 DEQUANT_TYPES = frozenset({Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K})

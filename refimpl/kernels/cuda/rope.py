@@ -16,9 +16,12 @@ from numba import cuda
 
 from ...graph.ops import Op
 from ...graph.registry import register_kernel
-from ..rope import MODE_IMROPE, MODE_NORMAL, MODE_VISION, RopeParams, yarn_corr_dims
+from ..rope import (MODE_IMROPE, MODE_NORMAL, MODE_VISION, RopeParams, mrope_section,
+                    yarn_corr_dims)
 from ._common import (device, hi, is_bf16, launch, ld, lo, reads_safely, runner, st,
                       tables, targ, unravel)
+
+_section = device(mrope_section)
 
 
 @device
@@ -28,24 +31,7 @@ def _angle(k, i2, n2, pos, po, ps, multi, mode, s0, s1, s2, s3):
         return np.float32(pos[po + i2 * ps]), k
     sect = s0 + s1 + s2 + s3
     sector = k % sect
-    if mode == MODE_IMROPE:
-        if sector % 3 == 1 and sector < 3 * s1:
-            w = 1
-        elif sector % 3 == 2 and sector < 3 * s2:
-            w = 2
-        elif sector % 3 == 0 and sector < 3 * s0:
-            w = 0
-        else:
-            w = 3
-    else:
-        if sector < s0:
-            w = 0
-        elif sector < s0 + s1:
-            w = 1
-        elif sector < s0 + s1 + s2:
-            w = 2
-        else:
-            w = 3
+    w = _section(sector, mode == MODE_IMROPE, s0, s1, s2)
     expo = k
     if mode == MODE_VISION:
         start = 0

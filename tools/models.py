@@ -5,7 +5,7 @@ any two correct implementations agree on.  The vocabulary holds printable pieces
 outputs compare as text.  Quantised variants are made with the peer's own ``llama-quantize``
 (the same code users run), never by hand.
 
-    from refimpl.testing.models import LlamaSpec, write_llama_gguf
+    from tools.models import LlamaSpec, write_llama_gguf
     path = write_llama_gguf(tmp_path / "m.gguf", LlamaSpec(n_layer=2, n_head=4, n_head_kv=2))
 """
 

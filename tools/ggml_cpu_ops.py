@@ -4,7 +4,7 @@ The peer build's ``libggml-base.so`` and ``libggml-cpu.so`` are loaded into this
 graph of one op is built with ggml's public constructors (``ggml_soft_max_ext``,
 ``ggml_rope_ext``, ``ggml_flash_attn_ext``, ...), computed with
 ``ggml_graph_compute_with_ctx`` on a chosen number of threads, and its result is read back as
-float32.  Kernel tests hold refimpl's result to this one (refimpl.testing.contract)::
+float32.  Kernel tests hold refimpl's result to this one (tools.contract)::
 
     cpu = GgmlCpu(peer_bin)
     with cpu.graph() as g:
@@ -25,8 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..kernels.cpu_tensors import bf16_to_f32, f32_to_bf16
-from ..protocol.ggml_types import GgmlType
+from refimpl.kernels.cpu_tensors import bf16_to_f32, f32_to_bf16
+from refimpl.protocol.ggml_types import GgmlType
+
+from .ggml_cpu import InitParams, open_libraries
 
 # Argument kinds: p = tensor (or None), f = float, i = int, b = bool, s = int[4] (sections).
 # The result is a tensor unless the signature starts with "v:".
@@ -47,10 +49,6 @@ _CTYPES = {"p": C.c_void_p, "f": C.c_float, "i": C.c_int, "b": C.c_bool,
            "s": C.POINTER(C.c_int)}
 
 
-class _InitParams(C.Structure):
-    _fields_ = [("mem_size", C.c_size_t), ("mem_buffer", C.c_void_p), ("no_alloc", C.c_bool)]
-
-
 class _TensorHead(C.Structure):
     """The leading fields of ``struct ggml_tensor``."""
     _fields_ = [("type", C.c_int), ("buffer", C.c_void_p), ("ne", C.c_int64 * 4),
@@ -65,25 +63,9 @@ class GgmlCpu:
     def __init__(self, bin_dir: str | Path):
         key = str(Path(bin_dir).resolve())
         if key not in self._loaded:
-            mode = C.RTLD_GLOBAL
-            base = C.CDLL(str(Path(key) / "libggml-base.so"), mode=mode)
-            cpu = C.CDLL(str(Path(key) / "libggml-cpu.so"), mode=mode)
-            base.ggml_init.restype = C.c_void_p
-            base.ggml_init.argtypes = [_InitParams]
-            base.ggml_free.argtypes = [C.c_void_p]
-            base.ggml_new_tensor.restype = C.c_void_p
-            base.ggml_new_tensor.argtypes = [C.c_void_p, C.c_int, C.c_int, C.POINTER(C.c_int64)]
+            base, cpu = open_libraries(Path(key))
             base.ggml_new_graph_custom.restype = C.c_void_p
             base.ggml_new_graph_custom.argtypes = [C.c_void_p, C.c_size_t, C.c_bool]
-            base.ggml_build_forward_expand.argtypes = [C.c_void_p, C.c_void_p]
-            base.ggml_get_data.restype = C.c_void_p
-            base.ggml_get_data.argtypes = [C.c_void_p]
-            base.ggml_nbytes.restype = C.c_size_t
-            base.ggml_nbytes.argtypes = [C.c_void_p]
-            cpu.ggml_graph_compute_with_ctx.argtypes = [C.c_void_p, C.c_void_p, C.c_int]
-            cpu.ggml_graph_compute_with_ctx.restype = C.c_int
-            cpu.ggml_cpu_init.argtypes = []
-            cpu.ggml_cpu_init()
             for name, sig in SIGNATURES.items():
                 fn = getattr(base, name)
                 if sig.startswith("v:"):
@@ -105,7 +87,7 @@ class OneGraph:
 
     def __init__(self, owner: GgmlCpu, mem_bytes: int):
         self.base, self.cpu = owner.base, owner.cpu
-        self.ctx = self.base.ggml_init(_InitParams(mem_bytes, None, False))
+        self.ctx = self.base.ggml_init(InitParams(mem_bytes, None, False))
         if not self.ctx:
             raise MemoryError("ggml_init failed")
 

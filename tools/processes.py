@@ -55,7 +55,7 @@ class ServerProcess:
     """
 
     def __init__(self, kind: str, *, bin_dir: Path | None = None, args=(), env=None,
-                 cache_dir: Path | None = None):
+                 cache_dir: Path | None = None, module: str = "refimpl.server"):
         self.kind = kind
         self.port = free_port()
         self._log = tempfile.NamedTemporaryFile(prefix=f"{kind}-server-", suffix=".log",
@@ -65,7 +65,7 @@ class ServerProcess:
             base_env["LLAMA_CACHE"] = str(cache_dir)
         base_env.update(env or {})
         if kind == "refimpl":
-            cmd = [sys.executable, "-m", "refimpl.server", "-p", str(self.port), *args]
+            cmd = [sys.executable, "-m", module, "-p", str(self.port), *args]
         elif kind == "llama.cpp":
             if bin_dir is None:
                 raise ValueError("the llama.cpp server needs bin_dir")

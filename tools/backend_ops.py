@@ -1,6 +1,6 @@
 """Run llama.cpp's own ``test-backend-ops`` against a ggml RPC server, case by case.
 
-    python -m refimpl.testing.backend_ops -o MUL_MAT,GET_ROWS [--server HOST:PORT] [--json F]
+    python -m tools.backend_ops -o MUL_MAT,GET_ROWS [--server HOST:PORT] [--json F]
 
 ``test-backend-ops`` compares every op case computed by a backend with ggml's CPU backend.
 Here the backend is a ggml RPC server, registered in the tool's process by a small preload
@@ -153,7 +153,7 @@ def run_cases(bin_dir: Path, endpoint: str, cases: list[str], *, log=None,
 
 def main(argv=None) -> int:
     """CLI: run test-backend-ops cases against refimpl-server (or --server) and summarise."""
-    p = argparse.ArgumentParser(prog="python -m refimpl.testing.backend_ops",
+    p = argparse.ArgumentParser(prog="python -m tools.backend_ops",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("-o", "--ops", required=True, help="op filter as test-backend-ops takes it")
     p.add_argument("--server", help="HOST:PORT of a running server (default: start refimpl)")

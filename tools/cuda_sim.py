@@ -1,4 +1,14 @@
-"""A fix for a race in numba's CUDA simulator that reducing kernels would otherwise hit.
+"""The test configuration's hook for numba's CUDA simulator: :func:`install`.
+
+Nothing in ``refimpl`` runs simulator code: tests/cuda/conftest.py calls :func:`install`
+once it has switched numba to the simulator, and a server process the CUDA tests start under
+the simulator runs as ``python -m tools.cuda_sim ARGS`` (the hook, then ``refimpl-server
+ARGS``).  On a real GPU none of this is called.  The hook does two things:
+
+* it shortens Python's thread switch interval: the simulator runs each CUDA thread as a
+  Python thread and every barrier hands the GIL around; at Python's default 5 ms switch
+  interval a ``__syncthreads`` costs milliseconds;
+* it fixes a race in the simulator that reducing kernels would otherwise hit (below).
 
 The simulator runs every CUDA thread of a block as a Python thread.  ``cuda.shared.array``
 is meant to hand all of them one array, but the simulator creates it lazily, per call site,
@@ -19,20 +29,21 @@ from __future__ import annotations
 import sys
 import threading
 
-import numpy as np
-from numba.core import types
-from numba.np import numpy_support
+#: Python's thread switch interval under the simulator, in seconds.
+SIM_SWITCH_INTERVAL = 5e-5
 
 _lock = threading.Lock()
 _installed = False
 
 
 def install() -> bool:
-    """Make the simulator's ``cuda.shared.array`` allocation atomic; True if it was patched
-    now (False when already patched, or when numba has no simulator class to patch)."""
+    """Prepare this process for the simulator: a short thread switch interval, and the
+    simulator's ``cuda.shared.array`` allocation made atomic.  True if it was patched now
+    (False when already patched, or when numba has no simulator class to patch)."""
     global _installed
     if _installed:
         return False
+    sys.setswitchinterval(min(sys.getswitchinterval(), SIM_SWITCH_INTERVAL))
     try:
         from numba.cuda.simulator.kernelapi import FakeCUDAShared
     except ImportError:
@@ -50,6 +61,10 @@ def _locked(unlocked):
     shared memory (size 0, one preallocated array per block, race-free) is left to the
     simulator's own method."""
 
+    import numpy as np  # here, not at the top: main() lets refimpl.server load them first
+    from numba.core import types
+    from numba.np import numpy_support
+
     def array(self, shape, dtype):
         if shape == 0:
             return unlocked(self, shape, dtype)
@@ -64,3 +79,15 @@ def _locked(unlocked):
         return res
 
     return array
+
+
+def main(argv=None) -> None:
+    """``python -m tools.cuda_sim ARGS``: refimpl-server ARGS in a process prepared for the
+    simulator (NUMBA_ENABLE_CUDASIM=1 must be in its environment)."""
+    from refimpl.server.cli import main as server_main  # sets the thread pools' environment
+    install()
+    sys.exit(server_main(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -2,7 +2,7 @@
 3.6.0, 4.0.3, 5.1.0), built from the history of the ggml repository.
 
 The ggml repository mirrors llama.cpp's ``ggml/`` directory, RPC backend included, commit by
-commit.  At the commit of :data:`refimpl.testing.op_tables.HISTORY` that holds a version's
+commit.  At the commit of :data:`tools.op_tables.HISTORY` that holds a version's
 default op table, it has the library's RPC server and client and ggml's own
 ``test-backend-ops``, but not llama.cpp's ``rpc-server`` program, so the server is started
 by ``ggml_rpc_launcher.c`` (the device choice and the call into the library that
@@ -11,7 +11,7 @@ They serve one purpose: recording the committed captures of those versions
 (``python -m conformance.captures.make_captures --ggml-history DIR``), which CI then replays
 against refimpl.  CI does not build them: a clone of github.com/ggml-org/ggml is needed.
 
-    python -m refimpl.testing.ggml_history_peers DIR 3.0.0    # build, print the bin dir
+    python -m tools.ggml_history_peers DIR 3.0.0    # build, print the bin dir
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import tempfile
 from pathlib import Path
 
 from refimpl.protocol.profiles import SERVED
-from refimpl.testing.op_tables import HISTORY
-from refimpl.testing.peers import PeerUnavailable, cache_root
+from tools.op_tables import HISTORY
+from tools.peers import PeerUnavailable, cache_root
 
 #: Version -> the HISTORY table whose commit is built (the version's default op table).
 PEER_TABLES = {p.name: p.op_table for p in SERVED.values() if p.source == "ggml"}
@@ -82,7 +82,7 @@ def ensure_ggml_peer(git_dir: Path, version: str, *, log=sys.stderr) -> Path:
 
 def main(argv=None) -> int:
     """CLI: build one version's peer and print its bin directory."""
-    p = argparse.ArgumentParser(prog="python -m refimpl.testing.ggml_history_peers",
+    p = argparse.ArgumentParser(prog="python -m tools.ggml_history_peers",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("git_dir", type=Path, help="a clone of github.com/ggml-org/ggml")
     p.add_argument("version", choices=sorted(PEER_TABLES))

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from ..protocol import messages as m
-from ..protocol.constants import CONN_CAPS_SIZE, MAX_NAME, MAX_OP_PARAMS, MAX_SRC
+from refimpl.protocol import messages as m
+from refimpl.protocol.constants import CONN_CAPS_SIZE, MAX_NAME, MAX_OP_PARAMS, MAX_SRC
 
 u8 = st.integers(0, 2**8 - 1)
 u32 = st.integers(0, 2**32 - 1)

@@ -1,7 +1,7 @@
 """Render the end-to-end measurements as the tables of docs/e2e.md.
 
     REFIMPL_E2E_REPORT=e2e.json pytest tests/e2e/test_llama_models.py
-    python -m refimpl.testing.e2e_report e2e.json > tables.md
+    python -m tools.e2e_report e2e.json > tables.md
 
 The first table is the numerics contract's (spec/numerics.md, "End to end"): per model, step
 mode and flash-attention setting, the mean KLD, same-top-token rate and perplexity ratio of
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     """CLI: print the tables of the report file named on the command line."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m refimpl.testing.e2e_report REPORT.json", file=sys.stderr)
+        print("usage: python -m tools.e2e_report REPORT.json", file=sys.stderr)
         return 2
     with open(argv[0]) as f:
         print(render(json.load(f)), end="")

@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 
 from hypothesis import strategies as st
 
-from ..graph.ops import FUNCTION_POINTER_OPS, OP_COUNT, GluOp, Op, UnaryOp, op_name
-from ..protocol import messages as m
-from ..protocol.constants import COMMAND_LIMIT, CONN_CAPS_SIZE, Command
-from ..protocol.ggml_types import REMOVED_TYPES, TYPE_COUNT, GgmlType, type_traits
-from ..protocol.messages import SET_TENSOR_HEADER_SIZE
-from ..protocol.tensor import RPC_TENSOR_SIZE, RpcTensor, contiguous_strides, tensor_nbytes
+from refimpl.graph.ops import FUNCTION_POINTER_OPS, OP_COUNT, GluOp, Op, UnaryOp, op_name
+from refimpl.protocol import messages as m
+from refimpl.protocol.constants import COMMAND_LIMIT, CONN_CAPS_SIZE, Command
+from refimpl.protocol.ggml_types import REMOVED_TYPES, TYPE_COUNT, GgmlType, type_traits
+from refimpl.protocol.messages import SET_TENSOR_HEADER_SIZE
+from refimpl.protocol.tensor import RPC_TENSOR_SIZE, RpcTensor, contiguous_strides, tensor_nbytes
 from .strategies import rpc_tensors
 
 F32, F16, BF16, I32, I64 = GgmlType.F32, GgmlType.F16, GgmlType.BF16, GgmlType.I32, GgmlType.I64

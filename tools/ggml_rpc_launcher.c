@@ -10,7 +10,7 @@
  *      -lggml-rpc [-DREFIMPL_START_SERVER_WITH_MEMORY]   # 3.0.0's signature passes the memory
  *   ggml-rpc-server [-H HOST] [-p PORT] [-t THREADS]     # llama.cpp rpc-server's flags
  *
- * Part of refimpl's test tooling; built at test time (refimpl/testing/ggml_history_peers.py).
+ * Part of refimpl's test tooling; built at test time (tools/ggml_history_peers.py).
  */
 #include <stdio.h>
 #include <stdlib.h>

@@ -17,14 +17,14 @@ import itertools
 
 import numpy as np
 
-from ..devices import CpuDevice
-from ..graph import Op, compile_graph
-from ..graph.build import build_graph
-from ..kernels.cpu_tensors import bf16_to_f32, f32_to_bf16
-from ..protocol.ggml_types import GgmlType, type_traits
-from ..protocol.messages import GraphComputeRequest
-from ..protocol.tensor import RpcTensor, contiguous_strides, tensor_nbytes
-from ..server.buffers import BufferTable
+from refimpl.devices import CpuDevice
+from refimpl.graph import Op, compile_graph
+from refimpl.graph.build import build_graph
+from refimpl.kernels.cpu_tensors import bf16_to_f32, f32_to_bf16
+from refimpl.protocol.ggml_types import GgmlType, type_traits
+from refimpl.protocol.messages import GraphComputeRequest
+from refimpl.protocol.tensor import RpcTensor, contiguous_strides, tensor_nbytes
+from refimpl.buffers import BufferTable
 
 _ALIGN = 32
 
@@ -33,7 +33,7 @@ class GraphBuilder:
     """A graph under construction over one arena buffer."""
 
     def __init__(self, arena_bytes: int = 64 << 20, device: CpuDevice | None = None):
-        from .. import kernels  # noqa: F401  (register op implementations)
+        from refimpl import kernels  # noqa: F401  (register op implementations)
 
         self.device = device or CpuDevice(capacity=max(arena_bytes, 1 << 20))
         self.table = BufferTable([self.device])

@@ -5,11 +5,11 @@ Source: the ``llama-cpp-python`` sdist from PyPI, which vendors all of llama.cpp
 (``$REFIMPL_PEERS_CACHE``, default ``~/.cache/refimpl-peers``); nothing of llama.cpp is ever
 copied into the repository.
 
-    python -m refimpl.testing.peers            # build 0.3.36 (protocol 7.0.0), print bin dir
-    python -m refimpl.testing.peers --version 0.3.36 --source   # print the source dir
-    python -m refimpl.testing.peers --older    # the peers of every older served protocol
-    python -m refimpl.testing.peers --portable # 0.3.36's ggml libraries, GGML_NATIVE=OFF
-    python -m refimpl.testing.peers --sse42    # the same with nothing above SSE4.2
+    python -m tools.peers            # build 0.3.36 (protocol 7.0.0), print bin dir
+    python -m tools.peers --version 0.3.36 --source   # print the source dir
+    python -m tools.peers --older    # the peers of every older served protocol
+    python -m tools.peers --portable # 0.3.36's ggml libraries, GGML_NATIVE=OFF
+    python -m tools.peers --sse42    # the same with nothing above SSE4.2
 
 ``$REFIMPL_PEER_BIN`` overrides the whole thing with a directory of ready binaries;
 ``$REFIMPL_PORTABLE_LIB`` and ``$REFIMPL_SSE42_LIB`` do the same for the ggml libraries.
@@ -292,7 +292,7 @@ def peer_env(bin_dir: Path) -> dict:
 
 def main(argv=None) -> int:
     """CLI: build or locate the peers and print the bin (or source) directory."""
-    p = argparse.ArgumentParser(prog="python -m refimpl.testing.peers", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m tools.peers", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", default=DEFAULT_VERSION, help="llama-cpp-python release")
     p.add_argument("--source", action="store_true", help="print the source tree instead")

@@ -29,14 +29,39 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..kernels.cpu_tensors import f32_to_bf16
-from ..protocol.ggml_types import GgmlType, type_traits
+from refimpl.kernels.cpu_tensors import f32_to_bf16
+from refimpl.protocol.ggml_types import GgmlType, type_traits
 
 _LOADED: dict[str, "GgmlCpu"] = {}
 
 
-class _InitParams(C.Structure):
+class InitParams(C.Structure):
+    """``struct ggml_init_params``."""
     _fields_ = [("mem_size", C.c_size_t), ("mem_buffer", C.c_void_p), ("no_alloc", C.c_bool)]
+
+
+def open_libraries(bin_dir: Path) -> tuple[C.CDLL, C.CDLL]:
+    """``(libggml-base, libggml-cpu)`` of a peer build, with the signatures every user here
+    needs declared (context, tensors, graph building and computing) and the CPU backend
+    initialised.  (Both oracles, this module's and :mod:`.ggml_cpu_ops`, open them so.)"""
+    base = C.CDLL(str(Path(bin_dir) / "libggml-base.so"), mode=C.RTLD_GLOBAL)
+    cpu = C.CDLL(str(Path(bin_dir) / "libggml-cpu.so"), mode=C.RTLD_GLOBAL)
+    base.ggml_init.restype = C.c_void_p
+    base.ggml_init.argtypes = [InitParams]
+    base.ggml_free.argtypes = [C.c_void_p]
+    base.ggml_new_tensor.restype = C.c_void_p
+    base.ggml_new_tensor.argtypes = [C.c_void_p, C.c_int, C.c_int, C.POINTER(C.c_int64)]
+    base.ggml_build_forward_expand.argtypes = [C.c_void_p, C.c_void_p]
+    base.ggml_get_data.restype = C.c_void_p
+    base.ggml_get_data.argtypes = [C.c_void_p]
+    base.ggml_nbytes.restype = C.c_size_t
+    base.ggml_nbytes.argtypes = [C.c_void_p]
+    cpu.ggml_graph_compute_with_ctx.restype = C.c_int
+    cpu.ggml_graph_compute_with_ctx.argtypes = [C.c_void_p, C.c_void_p, C.c_int]
+    cpu.ggml_cpu_init.restype = None
+    cpu.ggml_cpu_init.argtypes = []
+    cpu.ggml_cpu_init()
+    return base, cpu
 
 
 class _CPlan(C.Structure):
@@ -81,28 +106,12 @@ class GgmlCpu:
     """The two shared libraries of one peer build, loaded once per process."""
 
     def __init__(self, bin_dir: Path):
-        bin_dir = Path(bin_dir)
-        self.base = C.CDLL(str(bin_dir / "libggml-base.so"), mode=C.RTLD_GLOBAL)
-        self.cpu = C.CDLL(str(bin_dir / "libggml-cpu.so"), mode=C.RTLD_GLOBAL)
+        self.base, self.cpu = open_libraries(bin_dir)
         b = self.base
-        b.ggml_init.restype = C.c_void_p
-        b.ggml_init.argtypes = [_InitParams]
-        b.ggml_free.argtypes = [C.c_void_p]
-        b.ggml_new_tensor.restype = C.c_void_p
-        b.ggml_new_tensor.argtypes = [C.c_void_p, C.c_int, C.c_int, C.POINTER(C.c_int64)]
         b.ggml_view_4d.restype = C.c_void_p
         b.ggml_view_4d.argtypes = [C.c_void_p, C.c_void_p] + [C.c_int64] * 4 + [C.c_size_t] * 4
         b.ggml_new_graph.restype = C.c_void_p
         b.ggml_new_graph.argtypes = [C.c_void_p]
-        b.ggml_build_forward_expand.argtypes = [C.c_void_p, C.c_void_p]
-        b.ggml_get_data.restype = C.c_void_p
-        b.ggml_get_data.argtypes = [C.c_void_p]
-        b.ggml_nbytes.restype = C.c_size_t
-        b.ggml_nbytes.argtypes = [C.c_void_p]
-        self.cpu.ggml_graph_compute_with_ctx.restype = C.c_int
-        self.cpu.ggml_graph_compute_with_ctx.argtypes = [C.c_void_p, C.c_void_p, C.c_int]
-        self.cpu.ggml_cpu_init.restype = None
-        self.cpu.ggml_cpu_init()
 
     @classmethod
     def load(cls, bin_dir: Path) -> "GgmlCpu":
@@ -149,7 +158,7 @@ class Context:
 
     def __init__(self, lib: GgmlCpu, mem_size: int):
         self.lib = lib
-        self.ptr = lib.base.ggml_init(_InitParams(mem_size, None, False))
+        self.ptr = lib.base.ggml_init(InitParams(mem_size, None, False))
         if not self.ptr:
             raise MemoryError(f"ggml_init could not reserve {mem_size} bytes")
 

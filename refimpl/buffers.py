@@ -1,4 +1,7 @@
-"""Per-connection buffer table: handles and addresses (spec/handles.md).
+"""The buffers one connection holds: handles, addresses and placements (spec/handles.md).
+
+Shared by the server's sessions and the graph engine (which places graph tensors in the same
+table), so neither imports the other.
 
 Handles and base addresses are opaque values chosen here, never reused while the server runs,
 so a stale handle or address from a freed buffer can never reach a newer buffer, and one
@@ -11,8 +14,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from ..devices import Device, DeviceBuffer
-from ..protocol.tensor import RpcTensor, tensor_nbytes_of, tensor_problem
+from .devices import Device, DeviceBuffer
+from .protocol.tensor import RpcTensor, tensor_nbytes_of, tensor_problem
 
 #: First base address handed out, and the granularity and gap between buffers' ranges.
 ADDRESS_START = 0x1_0000_0000
@@ -21,14 +24,17 @@ ADDRESS_GAP = 1 << 20
 #: First handle value.
 HANDLE_START = 0x100
 
+__all__ = ["Rejected", "AllocatedBuffer", "Placement", "AddressSpace", "BufferTable"]
+
 
 class Rejected(Exception):
     """A request the server refuses: the connection is closed after logging the reason."""
 
 
 @dataclass
-class RemoteBuffer:
-    """A buffer as one connection sees it."""
+class AllocatedBuffer:
+    """A buffer one client allocated, as the server holds it: handle, base address, device
+    and memory.  (The client's view of the same buffer is :class:`refimpl.client.RemoteBuffer`.)"""
 
     handle: int
     base: int
@@ -50,7 +56,7 @@ class RemoteBuffer:
 class Placement:
     """Where a wire tensor's bytes live: ``nbytes`` bytes at ``offset`` inside ``buffer``."""
 
-    buffer: RemoteBuffer
+    buffer: AllocatedBuffer
     offset: int
     nbytes: int
 
@@ -84,7 +90,7 @@ class BufferTable:
     def __init__(self, devices: list[Device], space: AddressSpace | None = None):
         self.devices = devices
         self.space = space or AddressSpace()
-        self._by_handle: dict[int, RemoteBuffer] = {}
+        self._by_handle: dict[int, AllocatedBuffer] = {}
 
     def __len__(self):
         return len(self._by_handle)
@@ -92,14 +98,14 @@ class BufferTable:
     def __iter__(self):
         return iter(list(self._by_handle.values()))
 
-    def add(self, device_index: int, memory: DeviceBuffer) -> RemoteBuffer:
+    def add(self, device_index: int, memory: DeviceBuffer) -> AllocatedBuffer:
         """Register a freshly allocated buffer; returns it with its new handle and base."""
         handle, base = self.space.assign(memory.size, self.devices[device_index].alignment)
-        buf = RemoteBuffer(handle, base, device_index, memory)
+        buf = AllocatedBuffer(handle, base, device_index, memory)
         self._by_handle[buf.handle] = buf
         return buf
 
-    def get(self, handle: int) -> RemoteBuffer:
+    def get(self, handle: int) -> AllocatedBuffer:
         """The live buffer with this handle; Rejected if there is none."""
         buf = self._by_handle.get(handle)
         if buf is None:
