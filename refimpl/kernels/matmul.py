@@ -38,8 +38,8 @@ from ..graph.checks import (block_rows, elementwise_strides, no_src_beyond, requ
 from ..graph.ops import Op
 from ..graph.registry import OpImpl, register
 from . import matmul_fast as fast
-from .cpu_tensors import bf16_to_f32, f16_to_f32, f32_to_bf16, load_f32, rows_u8, view
-from .numeric import fma32
+from .cpu_tensors import bf16_to_f32, f16_to_f32, load_f32, round_to, rows_u8, view
+from .numeric import fma32, hsum8_f32
 from .quants import (BF16, F16, F16_TABLE, F32, K_QUANT_TYPES, Q2_K, Q4_0, Q4_1, Q4_K, Q5_0,
                      Q5_1, Q5_K, Q6_K, Q8_0, Q8_1, Q8_K, QUANT_WEIGHT_TYPES, VEC_DOT_TYPE,
                      dequantize_rows, quantize_activations, quantize_q8_32, quantize_q8_k,
@@ -68,13 +68,6 @@ ROW_CHUNK = 16
 
 # ------------------------------------------------------------------------------------------
 # helpers
-
-
-@njit(cache=True, nogil=True, inline="always")
-def hsum8(a):
-    """ggml's horizontal sum of eight float32 lanes (high half plus low half, then the two
-    pairs of the result, then the two halves): ``((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7))``."""
-    return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -228,7 +221,7 @@ def _dot_k_vec(code, wq, sc, mn, wd, wdm, aq, ad, bsums):
                                   + bsums[s0 + 2 * p + 1] * sc[s0 + 2 * p + 1])
         for p in range(8):
             acc[p] = fma32(d, np.float32(lanes[p]), acc[p])
-    v = hsum8(acc)
+    v = hsum8_f32(acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7])
     if code == Q4_K:
         v = v + ((accm[0] + accm[2]) + (accm[1] + accm[3]))
     elif code == Q5_K:
@@ -284,22 +277,11 @@ def reference(w: np.ndarray, x: np.ndarray) -> np.ndarray:
 # the op
 
 
-def round_activations(x: np.ndarray, wtype: int) -> np.ndarray:
-    """float32 activations ``x`` as weights of ``wtype`` meet them in ggml's dot products:
-    rounded to F16 or BF16 for such weights, as they are for F32."""
-    if wtype == F32:
-        return x
-    with np.errstate(over="ignore", invalid="ignore"):
-        if wtype == F16:
-            return x.astype(np.float16).astype(np.float32)
-        return bf16_to_f32(f32_to_bf16(x).reshape(x.shape))
-
-
 def _float_activations(a: Node, b: Node, m: int) -> np.ndarray:
     """src1 as C-ordered float32 (m, K) values in float weights' activation format (F32, or
     rounded to F16 / BF16)."""
     x = np.ascontiguousarray(load_f32(b)).reshape(m, a.ne[0])
-    return x if b.type == a.type else round_activations(x, a.type)
+    return x if b.type == a.type else round_to(x, a.type)
 
 
 def _quant_activations(a: Node, b: Node, m: int):

@@ -272,24 +272,15 @@ def dequantize_row(code, row, out, table, with_min, q):
             else:
                 for i in range(32):
                     out[b * 32 + i] = np.float32(q[i]) * d
-    elif code == Q4_K:
+    elif code == Q4_K or code == Q5_K:     # the same header; Q5_K adds the fifth bits
         for b in range(n // 256):
-            o = b * 144
+            o = b * (144 if code == Q4_K else 176)
             d = _f16_at(row, o, table)
             dmin = _f16_at(row, o + 2, table)
-            _unpack_q4_k(row, o, q)
-            for j in range(8):
-                sc, mn = _k4_scale_min(row[o + 4:o + 16], j)
-                d1 = d * np.float32(sc)
-                m1 = dmin * np.float32(mn)
-                for l in range(32):
-                    out[b * 256 + 32 * j + l] = d1 * np.float32(q[32 * j + l]) - m1
-    elif code == Q5_K:
-        for b in range(n // 256):
-            o = b * 176
-            d = _f16_at(row, o, table)
-            dmin = _f16_at(row, o + 2, table)
-            _unpack_q5_k(row, o, q)
+            if code == Q4_K:
+                _unpack_q4_k(row, o, q)
+            else:
+                _unpack_q5_k(row, o, q)
             for j in range(8):
                 sc, mn = _k4_scale_min(row[o + 4:o + 16], j)
                 d1 = d * np.float32(sc)

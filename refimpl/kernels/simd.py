@@ -109,7 +109,8 @@ def _madd(builder, x, y):
 
 
 def _hsum8f(builder, v):
-    """The sum of eight float32 lanes (halves, then pairs, then the last two)."""
+    """The sum of eight float32 lanes (halves, then pairs, then the last two): the order of
+    :func:`refimpl.kernels.numeric.hsum8_f32`, as vector IR."""
     def half(x, lanes):
         return builder.shuffle_vector(x, x, ir.Constant(_vec(_I32, len(lanes)), lanes))
     s4 = builder.fadd(half(v, [0, 1, 2, 3]), half(v, [4, 5, 6, 7]))

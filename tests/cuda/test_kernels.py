@@ -230,7 +230,7 @@ def test_activation_rounding_on_the_gpu_is_the_cpus_bit_for_bit(cuda_device, wty
     from numba import cuda
     from refimpl.kernels.cuda._activations import round_kernel
     from refimpl.kernels.cuda._common import launch, tables
-    from refimpl.kernels.matmul import round_activations
+    from refimpl.kernels.cpu_tensors import round_to
     values = _activation_rows(np.random.default_rng(22), 64)
     values[0, :4] = [65520.0, -65519.0, 1e-8, 3.0000002]     # F16 overflow, tie, subnormal
     stored, host = _stored_as(values, xtype)
@@ -242,7 +242,7 @@ def test_activation_rounding_on_the_gpu_is_the_cpus_bit_for_bit(cuda_device, wty
                                   384, xtype == T.BF16, bft, out, out_bf16)
     got = out.copy_to_host()
     got = bf16_to_f32(got) if out_bf16 else got.astype(np.float32)
-    want = round_activations(host.reshape(-1, 64), int(wtype)).ravel()
+    want = round_to(host.reshape(-1, 64), int(wtype)).ravel()
     assert np.array_equal(got, want, equal_nan=True)
 
 
