@@ -33,8 +33,6 @@ class GraphBuilder:
     """A graph under construction over one arena buffer."""
 
     def __init__(self, arena_bytes: int = 64 << 20, device: CpuDevice | None = None):
-        from refimpl import kernels  # noqa: F401  (register op implementations)
-
         self.device = device or CpuDevice(capacity=max(arena_bytes, 1 << 20))
         self.table = BufferTable([self.device])
         memory = self.device.allocate(arena_bytes)

@@ -274,8 +274,8 @@ class CudaDevice(Device):
         super().__init__(capacity if capacity is not None else total)
         self.description = self._gpu_name()
         self.staging = _Staging(self.cuda)
-        from ..kernels import cuda as cuda_kernels
-        cuda_kernels.load()
+        from ..graph.registry import load_kernels
+        load_kernels("cuda")
 
     def activate(self) -> None:
         """Make this GPU's primary context current in the calling thread (numba keeps it

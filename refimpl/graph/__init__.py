@@ -3,11 +3,11 @@
 from .build import Graph, GraphInvalid, GraphLimits, Node, build_graph
 from .engine import GraphExecutor, compile_graph
 from .ops import Op, UnaryOp, GluOp
+from . import validators  # noqa: F401  (every op's validator, registered on import)
 
 
 def make_executor(devices):
-    """Executor factory for ServerConfig.graph_executor_factory (loads every kernel module)."""
-    from .. import kernels  # noqa: F401  (registers the op implementations)
+    """Executor factory for ServerConfig.graph_executor_factory."""
     return GraphExecutor(devices)
 
 

@@ -1,80 +1,98 @@
-"""Which ops the server can run, on which device, with which types (spec/graph-ops.md).
+"""Which ops the server knows, and which device computes them (spec/graph-ops.md).
 
-An op implementation validates a node (device-independent: types, shapes, strides, op
-parameters, exactly what the ggml constructor of that op would accept and the kernel needs)
-and binds it to a kernel of one device.  Binding happens for every node before any kernel
-runs, so a graph with anything unsupported is refused whole, never computed half.
+Two tables, filled the same way for every op and device:
+
+* **validators** (:func:`validates`): what ggml accepts: the types, shapes, strides and op
+  parameters the ggml constructor of the op would accept and a kernel needs.  They are
+  device-independent and live graph side, in :mod:`refimpl.graph.validators`, loaded with
+  :mod:`refimpl.graph` itself;
+* **kernels** (:func:`kernel`): how one kind of device computes a validated node: a function
+  that binds it to a runner, or returns None when that device has no kernel for the node's
+  types or parameters.  The CPU's live in :mod:`refimpl.kernels`, CUDA's in
+  :mod:`refimpl.kernels.cuda`; :func:`load_kernels` imports a device kind's package when the
+  engine first binds a graph for such a device.
+
+Binding happens for every node before any kernel runs, so a graph with anything unsupported
+is refused whole, never computed half.  A new op is one validator, one kernel per device and
+one test.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable
 
 from .build import GraphInvalid, Node
-from .ops import op_name
+from .ops import VIEW_OPS, op_name
 
 #: A bound kernel: runs one node on data already in place.
 Runner = Callable[[], None]
+#: A validator: raises GraphInvalid unless the node is an instance of its op ggml accepts.
+Validator = Callable[[Node], None]
+#: A kernel binder: a runner for a validated node, or None (no kernel for these types).
+Binder = Callable[[Node], "Runner | None"]
+
+_VALIDATORS: dict[int, Validator] = {}
+_KERNELS: dict[tuple[int, str], Binder] = {}
+
+#: The package holding each device kind's kernels.
+KERNEL_PACKAGES = {"cpu": "refimpl.kernels", "cuda": "refimpl.kernels.cuda"}
 
 
-class OpImpl:
-    """Base class of op implementations; subclasses set ``ops`` and override the hooks."""
-
-    #: The op numbers this implementation handles.
-    ops: tuple = ()
-
-    def check(self, node: Node) -> None:
-        """Raise GraphInvalid unless the node is a valid instance of the op (any device)."""
-
-    def bind(self, node: Node, device_kind: str) -> Runner | None:
-        """A runner for ``node`` on a device of kind ``device_kind``; None when this device
-        has no kernel for the node's types or parameters."""
-        raise NotImplementedError
-
-
-_REGISTRY: dict[int, OpImpl] = {}
-
-#: Kernels of devices other than the CPU, by (op, device kind): each takes an already
-#: validated node and returns a runner, or None when that device has no kernel for the node's
-#: types or parameters.  Validation stays with the op's OpImpl, so it is shared by every device.
-_DEVICE_KERNELS: dict[tuple[int, str], Callable[[Node], "Runner | None"]] = {}
-
-
-def register(impl_cls):
-    """Class decorator: register an OpImpl subclass for each op in its ``ops``."""
-    impl = impl_cls()
-    for op in impl.ops:
-        if op in _REGISTRY:
-            raise RuntimeError(f"op {op_name(op)} registered twice")
-        _REGISTRY[op] = impl
-    return impl_cls
-
-
-def register_kernel(device_kind: str, *ops):
-    """Decorator: ``fn(node) -> Runner | None`` binds validated nodes of ``ops`` on devices of
-    kind ``device_kind`` (the CPU's kernels are bound by the OpImpl itself)."""
-    def deco(fn):
+def validates(*ops):
+    """Decorator: ``fn(node)`` validates nodes of ``ops`` (for every device)."""
+    def deco(fn: Validator) -> Validator:
         for op in ops:
-            key = (int(op), device_kind)
-            if key in _DEVICE_KERNELS:
-                raise RuntimeError(f"{device_kind} kernel for {op_name(op)} registered twice")
-            _DEVICE_KERNELS[key] = fn
+            if int(op) in _VALIDATORS:
+                raise RuntimeError(f"op {op_name(op)} has two validators")
+            _VALIDATORS[int(op)] = fn
         return fn
     return deco
 
 
+def kernel(device_kind: str, *ops):
+    """Decorator: ``fn(node) -> Runner | None`` binds validated nodes of ``ops`` on devices
+    of kind ``device_kind``."""
+    def deco(fn: Binder) -> Binder:
+        for op in ops:
+            key = (int(op), device_kind)
+            if key in _KERNELS:
+                raise RuntimeError(f"{device_kind} kernel for {op_name(op)} registered twice")
+            _KERNELS[key] = fn
+        return fn
+    return deco
+
+
+def load_kernels(device_kind: str) -> None:
+    """Import the kernels of ``device_kind`` (once; later calls cost a dict lookup)."""
+    package = KERNEL_PACKAGES.get(device_kind)
+    if package is None:
+        raise GraphInvalid(f"no kernels for devices of kind {device_kind!r}")
+    importlib.import_module(package)
+
+
+def validated_ops() -> frozenset[int]:
+    """The ops this server knows (has a validator for)."""
+    return frozenset(_VALIDATORS)
+
+
 def bind_node(node: Node, device_kind: str) -> Runner | None:
-    """Validate ``node`` and bind it; returns None for nodes that need no work (views)."""
-    impl = _REGISTRY.get(node.op)
-    if impl is None:
+    """Validate ``node`` and bind it to a kernel of ``device_kind`` (whose kernels must be
+    loaded); returns None for the view ops, which need no work."""
+    validator = _VALIDATORS.get(node.op)
+    if validator is None:
         raise GraphInvalid(f"node {node.describe()}: op {op_name(node.op)} is not implemented "
                            f"by this server")
-    impl.check(node)
-    kernel = _DEVICE_KERNELS.get((node.op, device_kind))
-    runner = kernel(node) if kernel is not None else impl.bind(node, device_kind)
-    if runner is None and not getattr(impl, "no_work", False):
-        raise GraphInvalid(f"node {node.describe()}: no {device_kind} kernel for this type "
-                           f"combination ({describe_types(node)})")
+    validator(node)
+    if node.op in VIEW_OPS:
+        return None
+    binder = _KERNELS.get((node.op, device_kind))
+    runner = binder(node) if binder is not None else None
+    if runner is None:
+        what = ("this type combination" if binder is not None
+                else f"op {op_name(node.op)}")
+        raise GraphInvalid(f"node {node.describe()}: no {device_kind} kernel for {what} "
+                           f"({describe_types(node)})")
     return runner
 
 

@@ -1,13 +1,9 @@
-"""CPU kernels, one op family per module; importing this package registers them all.
-
-Every module pairs numba kernels (what the server runs) with a plain-numpy ``reference``
-(what the tests compare against) and an ``OpImpl`` registered for its ops.  Modules are
-discovered automatically: adding a file here is all it takes.
+"""CPU kernels, one op family per module: each pairs numba kernels (what the server runs)
+with a plain-numpy ``reference`` (what the tests compare against) and registers a binder per
+op with :func:`refimpl.graph.registry.kernel`.  The engine imports this package when it first
+binds a graph for a CPU device (:func:`refimpl.graph.registry.load_kernels`); CUDA's kernels
+are the subpackage :mod:`refimpl.kernels.cuda`, imported only for CUDA devices.
 """
 
-import importlib
-import pkgutil
-
-for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-    if not _info.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_info.name}")
+from . import (binary, copy, flash_attn, get_rows, matmul, norm, rope, set_rows,  # noqa: F401
+               softmax, unary)

@@ -10,10 +10,8 @@ import numpy as np
 from numba import njit, prange
 
 from ..graph.build import Node
-from ..graph.checks import (FLOAT_TYPES, can_repeat, elementwise_strides, no_src_beyond,
-                            require, same_shape, src, type_in)
 from ..graph.ops import Op
-from ..graph.registry import OpImpl, register
+from ..graph.registry import kernel
 from .cpu_tensors import load_f32, store_f32, view
 from .parallel import sized_kernel
 
@@ -70,34 +68,18 @@ def reference(op: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
             Op.DIV: np.divide}[Op(op)](a.astype(np.float32), tiled.astype(np.float32))
 
 
-@register
-class BinaryOps(OpImpl):
-    """ADD, SUB, MUL, DIV."""
+@kernel("cpu", Op.ADD, Op.SUB, Op.MUL, Op.DIV)
+def bind_binary_ops(node: Node):
+    """ADD, SUB, MUL, DIV: the CPU runner of a validated node."""
+    a, b = node.src[0], node.src[1]
+    code = _CODES[Op(node.op)]
+    if node.type == 0 and b.type == 0 and not np.may_share_memory(view(node), view(b)):
+        av, bv, out = view(a), view(b), view(node)    # made once: views of fixed bytes
+        return lambda: binary_f32(av, bv, out, code)
 
-    ops = (Op.ADD, Op.SUB, Op.MUL, Op.DIV)
-
-    def check(self, node: Node) -> None:
-        a, b = src(node, 0), src(node, 1)
-        no_src_beyond(node, 2)
-        for t, what in ((node, "dst"), (a, "src0"), (b, "src1")):
-            type_in(t, FLOAT_TYPES, node, what)
-            elementwise_strides(t, node, what)
-        same_shape(node, a, node, "dst and src0")
-        require(node.type == a.type, node, "dst must have src0's type")
-        require(can_repeat(b, a), node, f"src1 {list(b.ne)} does not tile src0 {list(a.ne)}")
-
-    def bind(self, node: Node, device_kind: str):
-        if device_kind != "cpu":
-            return None
-        a, b = node.src[0], node.src[1]
-        code = _CODES[Op(node.op)]
-        if node.type == 0 and b.type == 0 and not np.may_share_memory(view(node), view(b)):
-            av, bv, out = view(a), view(b), view(node)    # made once: views of fixed bytes
-            return lambda: binary_f32(av, bv, out, code)
-
-        def run():
-            av = load_f32(a)
-            out = np.empty(av.shape, np.float32)
-            binary_f32(av, load_f32(b), out, code)
-            store_f32(node, out)
-        return run
+    def run():
+        av = load_f32(a)
+        out = np.empty(av.shape, np.float32)
+        binary_f32(av, load_f32(b), out, code)
+        store_f32(node, out)
+    return run

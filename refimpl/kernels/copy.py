@@ -14,16 +14,15 @@ import numpy as np
 from numba import prange
 
 from ..graph.build import Node
-from ..graph.checks import block_rows, elementwise_strides, fail, no_src_beyond, require, src
 from ..graph.ops import Op
-from ..graph.registry import OpImpl, register
+from ..graph.registry import kernel
+from ..graph.validators.copy import _PLAIN
 from ..protocol.ggml_types import GgmlType
 from .cpu_tensors import load_f32, rows_u8, store_f32, view
 from .parallel import sized_kernel
 from .quants import QUANT_WEIGHT_TYPES, dequantize_rows
 
-_FLOATS = {GgmlType.F32, GgmlType.F16, GgmlType.BF16}
-_PLAIN = _FLOATS | {GgmlType.I32, GgmlType.I16, GgmlType.I8, GgmlType.I64, GgmlType.F64}
+
 
 
 @sized_kernel(1, cache=True, nogil=True)
@@ -55,68 +54,33 @@ def _rows_2d(r: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(r).reshape(-1, r.shape[-1])
 
 
-@register
-class CopyOps(OpImpl):
-    """CPY (src0 into the layout of src1, dst aliases src1), CONT and DUP (fresh copies)."""
-
-    ops = (Op.CPY, Op.CONT, Op.DUP)
-
-    def check(self, node: Node) -> None:
-        a = src(node, 0)
-        if node.op == Op.CPY:
-            b = src(node, 1)
-            no_src_beyond(node, 2)
-            require(node.type == b.type and node.ne == b.ne, node,
-                    "CPY's dst must describe src1 (same type and shape)")
-        else:
-            no_src_beyond(node, 1)
-            require(node.type == a.type, node, f"{Op(node.op).name} keeps the type")
-        require(node.nelements == a.nelements, node,
-                f"src0 has {a.nelements} elements, dst {node.nelements}")
-        if a.type == node.type and a.type not in _PLAIN:
-            block_rows(a, node, "src0")
-            block_rows(node, node, "dst")
-            require(a.ne[0] == node.ne[0], node, "block copies need equal row lengths")
-            return
-        if a.type in QUANT_WEIGHT_TYPES and node.type in _FLOATS:
-            block_rows(a, node, "src0")
-            elementwise_strides(node, node, "dst")
-            return
-        for t, what in ((a, "src0"), (node, "dst")):
-            if t.type not in _PLAIN:
-                fail(node, f"{what} type {t.traits.name}: conversions to or from block types "
-                           f"are not implemented")
-            elementwise_strides(t, node, what)
-        ok = a.type == node.type or (a.type in _FLOATS and node.type in _FLOATS) or \
-            {a.type, node.type} == {GgmlType.I32, GgmlType.F32}
-        require(ok, node, f"no conversion from {a.traits.name} to {node.traits.name}")
-
-    def bind(self, node: Node, device_kind: str):
-        if device_kind != "cpu":
-            return None
-        a = node.src[0]
-        shape = (node.ne[3], node.ne[2], node.ne[1], node.ne[0])
-        if a.type == node.type and a.type not in _PLAIN:
-            def run_blocks():
-                s = _flat_rows(a)
-                d = rows_u8(node)
-                if np.may_share_memory(s, d):
-                    s = s.copy()
-                d2 = d.reshape(-1, d.shape[-1]) if d.flags.c_contiguous else None
-                if d2 is not None:
-                    copy_rows_u8(s, d2)
-                else:
-                    d[...] = s.reshape(d.shape)
-            return run_blocks
-        if a.type in QUANT_WEIGHT_TYPES:
-            return lambda: store_f32(node, dequantize_rows(a.type, rows_u8(a), a.ne[0]).reshape(shape))
-        if a.type == node.type:
-            def run_same():
-                values = view(a).reshape(-1)  # copies only when src0 is strided
-                view(node)[...] = values.reshape(shape)
-            return run_same
-        if node.type == GgmlType.I32:
-            return lambda: view(node).__setitem__(..., load_f32(a).reshape(shape).astype(np.int32))
-        if a.type == GgmlType.I32:
-            return lambda: store_f32(node, view(a).astype(np.float32).reshape(shape))
-        return lambda: store_f32(node, np.array(load_f32(a), np.float32).reshape(shape))
+@kernel("cpu", Op.CPY, Op.CONT, Op.DUP)
+def bind_copy_ops(node: Node):
+    """CPY (src0 into the layout of src1, dst aliases src1), CONT and DUP (fresh copies): the
+    CPU runner of a validated node."""
+    a = node.src[0]
+    shape = (node.ne[3], node.ne[2], node.ne[1], node.ne[0])
+    if a.type == node.type and a.type not in _PLAIN:
+        def run_blocks():
+            s = _flat_rows(a)
+            d = rows_u8(node)
+            if np.may_share_memory(s, d):
+                s = s.copy()
+            d2 = d.reshape(-1, d.shape[-1]) if d.flags.c_contiguous else None
+            if d2 is not None:
+                copy_rows_u8(s, d2)
+            else:
+                d[...] = s.reshape(d.shape)
+        return run_blocks
+    if a.type in QUANT_WEIGHT_TYPES:
+        return lambda: store_f32(node, dequantize_rows(a.type, rows_u8(a), a.ne[0]).reshape(shape))
+    if a.type == node.type:
+        def run_same():
+            values = view(a).reshape(-1)  # copies only when src0 is strided
+            view(node)[...] = values.reshape(shape)
+        return run_same
+    if node.type == GgmlType.I32:
+        return lambda: view(node).__setitem__(..., load_f32(a).reshape(shape).astype(np.int32))
+    if a.type == GgmlType.I32:
+        return lambda: store_f32(node, view(a).astype(np.float32).reshape(shape))
+    return lambda: store_f32(node, np.array(load_f32(a), np.float32).reshape(shape))

@@ -32,10 +32,9 @@ import numpy as np
 from numba import njit, prange
 
 from ..graph.build import Node
-from ..graph.checks import (BF16, F16, F32, elementwise_strides, fail, is_contiguous,
-                            no_src_beyond, require, src, type_in)
+from ..graph.checks import (BF16, F16, F32)
 from ..graph.ops import Op
-from ..graph.registry import OpImpl, register
+from ..graph.registry import kernel
 from ..graph.checks import overlaps
 from .cpu_tensors import bf16_to_f32, f16_to_f32, round_to, view
 from .numeric import fma32, hsum8_f32, vexp8_sub_f32
@@ -44,8 +43,6 @@ from .quants import F16_TABLE
 from .simd import HAS_F16C, mad_round_f16, round_f16_row, row_dot_f16, scale_round_f16
 from .softmax import alibi_slopes
 
-PREC_DEFAULT, PREC_F32 = 0, 10
-_KV_TYPES = {F32, F16, BF16}
 #: ggml's CPU backend switches to its tiled (all-float32) kernel from this many query rows.
 TILED_MIN_ROWS = 64
 #: ggml splits a one-query decode over its threads from this many keys (F32 or F16 K and V).
@@ -659,8 +656,7 @@ def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | No
     return o.transpose(0, 2, 1, 3).astype(np.float32)
 
 
-def _divides(d: int, n: int) -> bool:
-    return d > 0 and n % d == 0
+
 
 
 def _packed_f32(t: Node) -> np.ndarray:
@@ -680,117 +676,68 @@ def _row_block(n_items: int, rows: int) -> int:
     return qb
 
 
-@register
-class FlashAttnExt(OpImpl):
-    """FLASH_ATTN_EXT (ggml_flash_attn_ext) with F32, F16 or BF16 K and V."""
+@kernel("cpu", Op.FLASH_ATTN_EXT)
+def bind_flash_attn_ext(node: Node):
+    """FLASH_ATTN_EXT (ggml_flash_attn_ext) with F32, F16 or BF16 K and V: the CPU runner of a
+    validated node."""
+    q_t, k_t, v_t = node.src[0], node.src[1], node.src[2]
+    mask_t = node.src[3] if len(node.src) > 3 else None
+    sinks_t = node.src[4] if len(node.src) > 4 else None
+    scale = np.float32(node.param_f32(0))
+    softcap = np.float32(node.param_f32(2))
+    if softcap != 0:
+        scale = np.float32(scale / softcap)
+    nq3, nq2, nq1 = q_t.ne[3], q_t.ne[2], q_t.ne[1]
+    n_kv = k_t.ne[1]
+    slopes = alibi_slopes(nq2, node.param_f32(1))
+    tiled = k_t.type == v_t.type and k_t.type in (F32, F16) and nq1 >= TILED_MIN_ROWS
+    v_f16 = (not tiled) and v_t.type == F16
+    dot_kind = {F16: DOT_F16, BF16: DOT_BF16}.get(k_t.type, DOT_F32)
+    group = math.gcd(nq2 // k_t.ne[2], nq2 // v_t.ne[2]) if nq2 else 1
+    qb = _row_block(nq3 * (nq2 // group if nq2 else 0), group * nq1)
+    split = (nq1 == 1 and nq3 == 1 and k_t.type == v_t.type and k_t.type in (F32, F16)
+             and k_t.ne[1] >= SPLIT_MIN_KV)
+    n_split = SPLIT_THREADS if split else 1
+    if (HAS_F16C and k_t.type == v_t.type == F16 and not tiled and n_split == 1
+            and k_t.ne[0] % 16 == 0 and v_t.ne[0] % 8 == 0
+            and not any(overlaps(node, t) for t in (q_t, k_t, v_t, mask_t, sinks_t))):
+        return _bind_f16_in_place(node, scale, softcap, slopes, group, qb)
 
-    ops = (Op.FLASH_ATTN_EXT,)
+    def run():
+        if node.nelements == 0:
+            return
+        q = np.array(view(q_t), dtype=np.float32, order="C", copy=True)
+        if not tiled:
+            q = np.ascontiguousarray(round_to(q, k_t.type))
+        k, v = _packed_f32(k_t), _packed_f32(v_t)
+        if mask_t is not None:      # only the rows of the queries and columns of the keys
+            mask = f16_to_f32(view(mask_t)[:, :, :nq1, :n_kv])
+        else:
+            mask = np.zeros((1, 1, 1, 1), np.float32)
+        if sinks_t is not None:
+            sinks = np.array(view(sinks_t)[0, 0, 0, :], dtype=np.float32, order="C", copy=True)
+        else:
+            sinks = np.zeros(1, np.float32)
+        flash_attn_f32(q, k, v, mask, sinks, slopes, view(node), scale, softcap,
+                       mask_t is not None, sinks_t is not None, tiled, dot_kind, v_f16,
+                       group, qb, n_split)
+    return run
 
-    def check(self, node: Node) -> None:
-        q, k, v = src(node, 0, "q"), src(node, 1, "k"), src(node, 2, "v")
-        no_src_beyond(node, 5)
-        type_in(node, {F32}, node, "dst")
-        type_in(q, {F32}, node, "q")
-        type_in(k, _KV_TYPES, node, "k")
-        type_in(v, _KV_TYPES, node, "v")
-        for t, what in ((node, "dst"), (q, "q"), (k, "k"), (v, "v")):
-            elementwise_strides(t, node, what)
-            require(t.nb[0] == t.traits.type_size, node, f"{what} rows must be packed (nb[0])")
-        require(is_contiguous(node), node, "dst must be contiguous")
-        dk, dv, nkv = k.ne[0], v.ne[0], k.ne[1]
-        require(q.ne[0] == dk, node, f"q head size {q.ne[0]} differs from k head size {dk}")
-        require(v.ne[1] == nkv, node, f"v has {v.ne[1]} rows, k has {nkv}")
-        require(q.ne[3] == k.ne[3] == v.ne[3], node,
-                f"q, k and v differ in ne[3] ({q.ne[3]}, {k.ne[3]}, {v.ne[3]})")
-        require(_divides(k.ne[2], q.ne[2]), node, f"k heads {k.ne[2]} do not divide q heads {q.ne[2]}")
-        require(_divides(v.ne[2], q.ne[2]), node, f"v heads {v.ne[2]} do not divide q heads {q.ne[2]}")
-        expect = (dv, q.ne[2], q.ne[1], q.ne[3])
-        require(node.ne == expect, node, f"dst shape {list(node.ne)}, expected {list(expect)}")
-        mask = node.src[3] if len(node.src) > 3 else None
-        if mask is not None:
-            mask = src(node, 3, "mask")
-            type_in(mask, {F16}, node, "mask")
-            elementwise_strides(mask, node, "mask")
-            require(is_contiguous(mask), node, "mask must be contiguous")
-            require(mask.ne[0] >= nkv, node, f"mask ne[0]={mask.ne[0]} is shorter than n_kv={nkv}")
-            require(mask.ne[1] >= q.ne[1], node, f"mask has {mask.ne[1]} rows, q has {q.ne[1]}")
-            for d in (2, 3):
-                require(_divides(mask.ne[d], q.ne[d]), node,
-                        f"mask ne[{d}]={mask.ne[d]} does not divide q ne[{d}]={q.ne[d]}")
-        if node.param_f32(1) > 0.0 and mask is None:
-            fail(node, "ALiBi (max_bias > 0) needs a mask")
-        sinks = node.src[4] if len(node.src) > 4 else None
-        if sinks is not None:
-            sinks = src(node, 4, "sinks")
-            type_in(sinks, {F32}, node, "sinks")
-            elementwise_strides(sinks, node, "sinks")
-            require(sinks.ne[0] == q.ne[2], node, f"sinks ne[0]={sinks.ne[0]} differs from the "
-                                                  f"number of heads {q.ne[2]}")
-        prec = node.param_i32(3)
-        require(prec in (PREC_DEFAULT, PREC_F32), node, f"precision {prec} is not 0 (default) or 10 (f32)")
-        require(node.param_i32(4) >= 0, node, f"n_kv_max={node.param_i32(4)} is negative")
 
-    def bind(self, node: Node, device_kind: str):
-        if device_kind != "cpu":
-            return None
-        q_t, k_t, v_t = node.src[0], node.src[1], node.src[2]
-        mask_t = node.src[3] if len(node.src) > 3 else None
-        sinks_t = node.src[4] if len(node.src) > 4 else None
-        scale = np.float32(node.param_f32(0))
-        softcap = np.float32(node.param_f32(2))
-        if softcap != 0:
-            scale = np.float32(scale / softcap)
-        nq3, nq2, nq1 = q_t.ne[3], q_t.ne[2], q_t.ne[1]
-        n_kv = k_t.ne[1]
-        slopes = alibi_slopes(nq2, node.param_f32(1))
-        tiled = k_t.type == v_t.type and k_t.type in (F32, F16) and nq1 >= TILED_MIN_ROWS
-        v_f16 = (not tiled) and v_t.type == F16
-        dot_kind = {F16: DOT_F16, BF16: DOT_BF16}.get(k_t.type, DOT_F32)
-        group = math.gcd(nq2 // k_t.ne[2], nq2 // v_t.ne[2]) if nq2 else 1
-        qb = _row_block(nq3 * (nq2 // group if nq2 else 0), group * nq1)
-        split = (nq1 == 1 and nq3 == 1 and k_t.type == v_t.type and k_t.type in (F32, F16)
-                 and k_t.ne[1] >= SPLIT_MIN_KV)
-        n_split = SPLIT_THREADS if split else 1
-        if (HAS_F16C and k_t.type == v_t.type == F16 and not tiled and n_split == 1
-                and k_t.ne[0] % 16 == 0 and v_t.ne[0] % 8 == 0
-                and not any(overlaps(node, t) for t in (q_t, k_t, v_t, mask_t, sinks_t))):
-            return self._bind_f16_in_place(node, scale, softcap, slopes, group, qb)
+def _bind_f16_in_place(node: Node, scale, softcap, slopes, group: int, qb: int):
+    """The common decode: F16 K/V cache read in place, nothing copied per run."""
+    q_t, k_t, v_t = node.src[0], node.src[1], node.src[2]
+    mask_t = node.src[3] if len(node.src) > 3 else None
+    sinks_t = node.src[4] if len(node.src) > 4 else None
+    no_mask = np.zeros((1, 1, 1, 1), np.uint16)
+    no_sinks = np.zeros(1, np.float32)
 
-        def run():
-            if node.nelements == 0:
-                return
-            q = np.array(view(q_t), dtype=np.float32, order="C", copy=True)
-            if not tiled:
-                q = np.ascontiguousarray(round_to(q, k_t.type))
-            k, v = _packed_f32(k_t), _packed_f32(v_t)
-            if mask_t is not None:      # only the rows of the queries and columns of the keys
-                mask = f16_to_f32(view(mask_t)[:, :, :nq1, :n_kv])
-            else:
-                mask = np.zeros((1, 1, 1, 1), np.float32)
-            if sinks_t is not None:
-                sinks = np.array(view(sinks_t)[0, 0, 0, :], dtype=np.float32, order="C", copy=True)
-            else:
-                sinks = np.zeros(1, np.float32)
-            flash_attn_f32(q, k, v, mask, sinks, slopes, view(node), scale, softcap,
-                           mask_t is not None, sinks_t is not None, tiled, dot_kind, v_f16,
-                           group, qb, n_split)
-        return run
-
-    @staticmethod
-    def _bind_f16_in_place(node: Node, scale, softcap, slopes, group: int, qb: int):
-        """The common decode: F16 K/V cache read in place, nothing copied per run."""
-        q_t, k_t, v_t = node.src[0], node.src[1], node.src[2]
-        mask_t = node.src[3] if len(node.src) > 3 else None
-        sinks_t = node.src[4] if len(node.src) > 4 else None
-        no_mask = np.zeros((1, 1, 1, 1), np.uint16)
-        no_sinks = np.zeros(1, np.float32)
-
-        def run():
-            if node.nelements == 0:
-                return
-            mask = view(mask_t, np.uint16) if mask_t is not None else no_mask
-            sinks = view(sinks_t)[0, 0, 0, :] if sinks_t is not None else no_sinks
-            flash_attn_f16_in_place(view(q_t), view(k_t, np.uint16), view(v_t, np.uint16),
-                                    mask, sinks, slopes, F16_TABLE, view(node), scale, softcap,
-                                    mask_t is not None, sinks_t is not None, group, qb)
-        return run
+    def run():
+        if node.nelements == 0:
+            return
+        mask = view(mask_t, np.uint16) if mask_t is not None else no_mask
+        sinks = view(sinks_t)[0, 0, 0, :] if sinks_t is not None else no_sinks
+        flash_attn_f16_in_place(view(q_t), view(k_t, np.uint16), view(v_t, np.uint16),
+                                mask, sinks, slopes, F16_TABLE, view(node), scale, softcap,
+                                mask_t is not None, sinks_t is not None, group, qb)
+    return run

@@ -15,15 +15,13 @@ import numpy as np
 from numba import prange
 
 from ..graph.build import GraphInvalid, Node
-from ..graph.checks import block_rows, elementwise_strides, no_src_beyond, require, src, type_in
 from ..graph.ops import Op
-from ..graph.registry import OpImpl, register
+from ..graph.registry import kernel
 from .cpu_tensors import rows_u8, view
 from .parallel import sized_kernel
-from .quants import BF16, F16, F16_TABLE, F32, I32, QUANT_WEIGHT_TYPES, dequantize_row
+from .quants import BF16, F16, F16_TABLE, F32, I32, dequantize_row
 
 #: Source types GET_ROWS serves.
-SRC_TYPES = frozenset({F32, F16, BF16, I32}) | QUANT_WEIGHT_TYPES
 
 
 def _quiet_f16_table() -> np.ndarray:
@@ -140,31 +138,9 @@ def _run(node: Node, a: Node, b: Node) -> None:
     view(node)[...] = out
 
 
-@register
-class GetRows(OpImpl):
-    """GET_ROWS from F32, F16, BF16, I32 and Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K,
-    Q5_K, Q6_K rows."""
-
-    ops = (Op.GET_ROWS,)
-
-    def check(self, node: Node) -> None:
-        a, b = src(node, 0, "rows"), src(node, 1, "indices")
-        no_src_beyond(node, 2)
-        type_in(a, SRC_TYPES, node, "src0")
-        type_in(b, {I32}, node, "src1")
-        want = I32 if a.type == I32 else F32
-        require(node.type == want, node, f"dst must be {'i32' if want == I32 else 'f32'}")
-        require(b.ne[3] == 1, node, "src1 must have ne[3] == 1")
-        require(a.ne[2] == b.ne[1] and a.ne[3] == b.ne[2], node,
-                f"src1 batches {list(b.ne[1:3])} must equal src0's {list(a.ne[2:])}")
-        expect = (a.ne[0], b.ne[0], b.ne[1], b.ne[2])
-        require(node.ne == expect, node, f"dst shape must be {list(expect)}")
-        block_rows(a, node, "src0")
-        elementwise_strides(b, node, "src1")
-        elementwise_strides(node, node, "dst")
-
-    def bind(self, node: Node, device_kind: str):
-        if device_kind != "cpu":
-            return None
-        a, b = node.src[0], node.src[1]
-        return lambda: _run(node, a, b)
+@kernel("cpu", Op.GET_ROWS)
+def bind_get_rows(node: Node):
+    """GET_ROWS from F32, F16, BF16, I32 and Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K,:
+    the CPU runner of a validated node."""
+    a, b = node.src[0], node.src[1]
+    return lambda: _run(node, a, b)

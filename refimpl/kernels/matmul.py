@@ -33,21 +33,19 @@ import numpy as np
 from numba import njit, prange
 
 from ..graph.build import Node
-from ..graph.checks import (block_rows, elementwise_strides, no_src_beyond, require, src,
-                            type_in)
 from ..graph.ops import Op
-from ..graph.registry import OpImpl, register
+from ..graph.registry import kernel
+from ..graph.validators.matmul import WEIGHT_TYPES
 from . import matmul_fast as fast
 from .cpu_tensors import bf16_to_f32, f16_to_f32, load_f32, round_to, rows_u8, view
 from .numeric import fma32, hsum8_f32
 from .quants import (BF16, F16, F16_TABLE, F32, K_QUANT_TYPES, Q2_K, Q4_0, Q4_1, Q4_K, Q5_0,
-                     Q5_1, Q5_K, Q6_K, Q8_0, Q8_1, Q8_K, QUANT_WEIGHT_TYPES, VEC_DOT_TYPE,
+                     Q5_1, Q5_K, Q6_K, Q8_0, Q8_1, Q8_K, VEC_DOT_TYPE,
                      dequantize_rows, quantize_activations, quantize_q8_32, quantize_q8_k,
                      table_for, unpack_activations, unpack_k_row, unpack_q32_row)
 from .simd import HAS_F16C
 
 #: Types accepted as weights (src0).
-WEIGHT_TYPES = frozenset({F32, F16, BF16}) | QUANT_WEIGHT_TYPES
 
 #: The kernels (see :func:`choose_kernel`).
 BLAS, PACKED, UNPACKED = "blas", "packed", "unpacked"
@@ -481,41 +479,15 @@ class _BoundPacked:
         fast.mm_packed(*self.args)
 
 
-@register
-class MatMul(OpImpl):
-    """MUL_MAT with F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K and
-    Q6_K weights."""
-
-    ops = (Op.MUL_MAT,)
-
-    def check(self, node: Node) -> None:
-        a, b = src(node, 0, "weights"), src(node, 1, "activations")
-        no_src_beyond(node, 2)
-        type_in(a, WEIGHT_TYPES, node, "src0")
-        type_in(b, {F32, F16, BF16, VEC_DOT_TYPE[a.type]}, node, "src1")
-        require(node.type == F32, node, "dst must be f32")
-        require(a.ne[0] == b.ne[0], node, f"src0 and src1 rows differ in length "
-                                          f"({a.ne[0]} and {b.ne[0]})")
-        require(a.ne[2] > 0 and a.ne[3] > 0, node, "src0 has an empty batch dimension")
-        require(b.ne[2] % a.ne[2] == 0 and b.ne[3] % a.ne[3] == 0, node,
-                f"src0 batches {list(a.ne[2:])} do not divide src1 batches {list(b.ne[2:])}")
-        expect = (a.ne[1], b.ne[1], b.ne[2], b.ne[3])
-        require(node.ne == expect, node, f"dst shape must be {list(expect)}")
-        block_rows(a, node, "src0")
-        require(a.nb[0] <= a.nb[1], node, "src0 is transposed (nb[0] > nb[1])")
-        block_rows(b, node, "src1")
-        elementwise_strides(node, node, "dst")
-        require(node.nelements == 0 or node.nb[0] == 4 <= node.nb[1] <= node.nb[2] <= node.nb[3],
-                node, f"dst must not be transposed or permuted (nb={list(node.nb)})")
-
-    def bind(self, node: Node, device_kind: str):
-        if device_kind != "cpu":
-            return None
-        a, b = node.src[0], node.src[1]
-        if a.type not in WEIGHT_TYPES:
-            return None
-        kernel = choose_kernel(a.type, b.ne[1])    # types and shapes are fixed: once per node
-        if (kernel == PACKED and a.type in fast.PACKED_TYPES and b.type in (F32, F16, BF16)
-                and node.nelements and a.ne[0]):
-            return _BoundPacked(node, a, b)
-        return lambda: _run(node, a, b, kernel)
+@kernel("cpu", Op.MUL_MAT)
+def bind_mat_mul(node: Node):
+    """MUL_MAT with F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K and:
+    the CPU runner of a validated node."""
+    a, b = node.src[0], node.src[1]
+    if a.type not in WEIGHT_TYPES:
+        return None
+    kernel = choose_kernel(a.type, b.ne[1])    # types and shapes are fixed: once per node
+    if (kernel == PACKED and a.type in fast.PACKED_TYPES and b.type in (F32, F16, BF16)
+            and node.nelements and a.ne[0]):
+        return _BoundPacked(node, a, b)
+    return lambda: _run(node, a, b, kernel)

@@ -15,10 +15,8 @@ import numpy as np
 from numba import prange
 
 from ..graph.build import Node
-from ..graph.checks import elementwise_strides, no_src_beyond, require, same_shape, src, type_in
 from ..graph.ops import Op
-from ..graph.registry import OpImpl, register
-from ..protocol.ggml_types import GgmlType
+from ..graph.registry import kernel
 from .cpu_tensors import view
 from .numeric import hsum8_f32
 from .parallel import sized_kernel
@@ -88,27 +86,11 @@ def reference_norm(x: np.ndarray, eps: float) -> np.ndarray:
     return d / np.sqrt(np.mean(d * d, axis=-1, keepdims=True) + eps)
 
 
-@register
-class NormOps(OpImpl):
-    """RMS_NORM and NORM: F32 in, F32 out, same shape; op_params[0] is eps (float, >= 0)."""
-
-    ops = (Op.RMS_NORM, Op.NORM)
-
-    def check(self, node: Node) -> None:
-        a = src(node, 0)
-        no_src_beyond(node, 1)
-        for t, what in ((node, "dst"), (a, "src0")):
-            type_in(t, {GgmlType.F32}, node, what)
-            elementwise_strides(t, node, what)
-        same_shape(node, a, node, "dst and src0")
-        eps = node.param_f32(0)
-        require(eps >= 0.0 and math.isfinite(eps), node, f"eps must be finite and >= 0, got {eps}")
-        require(a.ne[0] > 0, node, "rows must not be empty")
-
-    def bind(self, node: Node, device_kind: str):
-        if device_kind != "cpu":
-            return None
-        a = node.src[0]
-        eps = np.float32(node.param_f32(0))
-        kernel = rms_norm_f32 if node.op == Op.RMS_NORM else norm_f32
-        return lambda: kernel(view(a), view(node), eps)
+@kernel("cpu", Op.RMS_NORM, Op.NORM)
+def bind_norm_ops(node: Node):
+    """RMS_NORM and NORM: F32 in, F32 out, same shape; op_params[0] is eps (float, >= 0): the
+    CPU runner of a validated node."""
+    a = node.src[0]
+    eps = np.float32(node.param_f32(0))
+    kernel = rms_norm_f32 if node.op == Op.RMS_NORM else norm_f32
+    return lambda: kernel(view(a), view(node), eps)

@@ -44,6 +44,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ..graph.validators.types import K_QUANT_TYPES, QUANT_WEIGHT_TYPES, VEC_DOT_TYPE  # noqa: F401
 from ..protocol.ggml_types import GgmlType
 from .numeric import round_f16
 from .parallel import sized_kernel
@@ -54,18 +55,6 @@ Q5_0, Q5_1 = int(GgmlType.Q5_0), int(GgmlType.Q5_1)
 Q8_0, Q8_1, Q4_K, Q6_K, Q8_K = (int(GgmlType.Q8_0), int(GgmlType.Q8_1), int(GgmlType.Q4_K),
                                 int(GgmlType.Q6_K), int(GgmlType.Q8_K))
 Q2_K, Q3_K, Q5_K = int(GgmlType.Q2_K), int(GgmlType.Q3_K), int(GgmlType.Q5_K)
-
-#: Block formats refimpl can dequantise (weights of MUL_MAT and sources of GET_ROWS).
-QUANT_WEIGHT_TYPES = frozenset({Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K})
-
-#: The k-quant weight formats (256-value super-blocks, Q8_K activations).
-K_QUANT_TYPES = frozenset({Q2_K, Q3_K, Q4_K, Q5_K, Q6_K})
-
-#: The activation format ggml's CPU backend pairs with each weight type (``vec_dot_type``).
-VEC_DOT_TYPE = {F32: F32, F16: F16, BF16: BF16,
-                Q4_0: Q8_0, Q5_0: Q8_0, Q8_0: Q8_0,
-                Q4_1: Q8_1, Q5_1: Q8_1,
-                Q2_K: Q8_K, Q3_K: Q8_K, Q4_K: Q8_K, Q5_K: Q8_K, Q6_K: Q8_K}
 
 #: (values per block, bytes per block) of every format this module reads or writes.
 BLOCK = {Q4_0: (32, 18), Q4_1: (32, 20), Q5_0: (32, 22), Q5_1: (32, 24), Q8_0: (32, 34),

@@ -20,34 +20,16 @@ import numpy as np
 from numba import njit, prange
 
 from ..graph.build import Node
-from ..graph.checks import (F16, F32, I32, elementwise_strides, fail, no_src_beyond, require,
-                            same_shape, src, type_in)
+from ..graph.checks import (F32)
 from ..graph.ops import Op
-from ..graph.registry import OpImpl, register
+from ..graph.registry import kernel
+from ..graph.validators.rope import (MODE_IMROPE, MODE_MROPE, MODE_NEOX, MODE_NORMAL,  # noqa: F401
+                                        MODE_VISION, MODES, RopeParams)
 from .cpu_tensors import load_f32, store_f32, view
 from .numeric import fma32
 from .parallel import sized_kernel
 
-MODE_NORMAL, MODE_NEOX, MODE_MROPE, MODE_VISION, MODE_IMROPE = 0, 2, 8, 24, 40
-MODES = (MODE_NORMAL, MODE_NEOX, MODE_MROPE, MODE_VISION, MODE_IMROPE)
 
-
-class RopeParams:
-    """The op parameters of a ROPE node, decoded."""
-
-    def __init__(self, node: Node):
-        self.n_dims = node.param_i32(1)
-        self.mode = node.param_i32(2)
-        self.n_ctx_orig = node.param_i32(4)
-        (self.freq_base, self.freq_scale, self.ext_factor, self.attn_factor,
-         self.beta_fast, self.beta_slow) = (np.float32(node.param_f32(i)) for i in range(5, 11))
-        self.sections = tuple(node.param_i32(i) for i in range(11, 15))
-        self.n_offs = node.param_i32(15)
-
-    @property
-    def multi(self) -> bool:
-        """Multi-section modes (MROPE, VISION, IMROPE) take four positions per token."""
-        return bool(self.mode & MODE_MROPE)
 
 
 def mrope_section(sector, imrope, s0, s1, s2):
@@ -310,81 +292,35 @@ def reference(x: np.ndarray, pos: np.ndarray, n_dims: int, mode: int = MODE_NORM
     return out
 
 
-@register
-class Rope(OpImpl):
-    """ROPE (ggml_rope_ext, ggml_rope_multi) in normal, NeoX, MRoPE, IMRoPE and vision modes."""
+@kernel("cpu", Op.ROPE)
+def bind_rope(node: Node):
+    """ROPE (ggml_rope_ext, ggml_rope_multi) in normal, NeoX, MRoPE, IMRoPE and vision modes:
+    the CPU runner of a validated node."""
+    a, pos_t = node.src[0], node.src[1]
+    ff_t = node.src[2] if len(node.src) > 2 else None
+    p = RopeParams(node)
+    n0, n2 = a.ne[0], a.ne[2]
+    if node.nelements == 0:
+        return lambda: None
+    constants = _angle_constants(p, n0)        # bound once: fixed by the op's parameters
+    in_place = False
+    if node.type == F32 and a.type == F32:
+        x, out = view(a), view(node)
+        same = (out.__array_interface__["data"][0] == x.__array_interface__["data"][0]
+                and out.strides == x.strides)
+        in_place = same or not np.may_share_memory(out, x)
 
-    ops = (Op.ROPE,)
-
-    def check(self, node: Node) -> None:
-        a = src(node, 0, "input")
-        pos = src(node, 1, "positions")
-        no_src_beyond(node, 3)
-        type_in(a, {F32, F16}, node, "src0")
-        require(node.type == a.type, node, "dst must have src0's type")
-        same_shape(node, a, node, "dst and src0")
-        for t, what in ((node, "dst"), (a, "src0")):
-            elementwise_strides(t, node, what)
-            require(t.nb[0] == t.traits.type_size, node, f"{what} rows must be packed (nb[0])")
-        p = RopeParams(node)
-        if p.mode not in MODES:
-            fail(node, f"rope mode {p.mode} is not one of {list(MODES)}")
-        n0 = a.ne[0]
-        require(n0 % 2 == 0, node, f"ne[0]={n0} must be even")
-        require(p.n_dims > 0 and p.n_dims % 2 == 0, node, f"n_dims={p.n_dims} must be even and positive")
-        require(p.n_offs >= 0 and p.n_offs % 2 == 0, node, f"n_offs={p.n_offs} must be even and >= 0")
-        require(p.n_offs + p.n_dims <= n0, node,
-                f"n_offs + n_dims = {p.n_offs + p.n_dims} exceeds ne[0]={n0}")
-        if p.multi:
-            secs = p.sections
-            require(all(s >= 0 for s in secs) and sum(secs) > 0, node,
-                    f"sections {list(secs)} must be >= 0 with a positive sum")
-            require(sum(secs) <= n0, node, f"sections {list(secs)} exceed ne[0]={n0}")
-        if p.mode == MODE_VISION:
-            require(p.n_dims * 2 == n0, node, f"vision mode needs n_dims = ne[0]/2 (n_dims={p.n_dims})")
-            require(p.n_offs == 0, node, "vision mode has no offset")
-        type_in(pos, {I32}, node, "src1")
-        elementwise_strides(pos, node, "src1")
-        require(pos.ne[1] == pos.ne[2] == pos.ne[3] == 1, node, "src1 must be a vector")
-        need = a.ne[2] * (4 if p.multi else 1)
-        require(pos.ne[0] == need, node, f"src1 holds {pos.ne[0]} positions, {need} needed")
-        ff = node.src[2] if len(node.src) > 2 else None
-        if ff is not None:
-            ff = src(node, 2, "frequency factors")
-            type_in(ff, {F32}, node, "src2")
-            elementwise_strides(ff, node, "src2")
-            need_ff = n0 // 2 if p.mode == MODE_VISION else p.n_dims // 2
-            require(ff.ne[0] >= need_ff, node, f"src2 holds {ff.ne[0]} frequency factors, "
-                                               f"{need_ff} needed")
-
-    def bind(self, node: Node, device_kind: str):
-        if device_kind != "cpu":
-            return None
-        a, pos_t = node.src[0], node.src[1]
-        ff_t = node.src[2] if len(node.src) > 2 else None
-        p = RopeParams(node)
-        n0, n2 = a.ne[0], a.ne[2]
-        if node.nelements == 0:
-            return lambda: None
-        constants = _angle_constants(p, n0)        # bound once: fixed by the op's parameters
-        in_place = False
-        if node.type == F32 and a.type == F32:
-            x, out = view(a), view(node)
-            same = (out.__array_interface__["data"][0] == x.__array_interface__["data"][0]
-                    and out.strides == x.strides)
-            in_place = same or not np.may_share_memory(out, x)
-
-        def run():
-            pos = np.ascontiguousarray(view(pos_t)[0, 0, 0, :], dtype=np.int32)
-            ff = None
-            if ff_t is not None:
-                ff = np.ascontiguousarray(view(ff_t)[0, 0, 0, :], dtype=np.float32)
-            cache = _angles(p, pos, ff, n0, n2, constants)
-            x = load_f32(a)
-            if in_place:
-                rope_rows(x, view(node), cache, p.n_dims, p.n_offs, p.mode)
-            else:
-                tmp = np.empty(x.shape, np.float32)
-                rope_rows(x, tmp, cache, p.n_dims, p.n_offs, p.mode)
-                store_f32(node, tmp)
-        return run
+    def run():
+        pos = np.ascontiguousarray(view(pos_t)[0, 0, 0, :], dtype=np.int32)
+        ff = None
+        if ff_t is not None:
+            ff = np.ascontiguousarray(view(ff_t)[0, 0, 0, :], dtype=np.float32)
+        cache = _angles(p, pos, ff, n0, n2, constants)
+        x = load_f32(a)
+        if in_place:
+            rope_rows(x, view(node), cache, p.n_dims, p.n_offs, p.mode)
+        else:
+            tmp = np.empty(x.shape, np.float32)
+            rope_rows(x, tmp, cache, p.n_dims, p.n_offs, p.mode)
+            store_f32(node, tmp)
+    return run

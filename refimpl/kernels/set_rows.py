@@ -13,16 +13,14 @@ import numpy as np
 from numba import njit, prange
 
 from ..graph.build import GraphInvalid, Node
-from ..graph.checks import (BF16, F16, F32, I32, I64, elementwise_strides, fail, no_src_beyond,
-                            overlaps, require, src, type_in)
+from ..graph.checks import (F16, F32, overlaps)
 from ..graph.ops import Op
-from ..graph.registry import OpImpl, register
+from ..graph.registry import kernel
 from ..protocol.ggml_types import GgmlType
 from .cpu_tensors import f32_to_bf16, view
 from .parallel import sized_kernel
 from .simd import HAS_F16C, f16_bits
 
-_DST_TYPES = {F32, F16, BF16}
 
 
 @sized_kernel(0, cache=True, nogil=True)
@@ -105,74 +103,39 @@ def _payload(rows_node: Node, dst_type: int) -> np.ndarray:
     return f32_to_bf16(values).reshape(values.shape)
 
 
-@register
-class SetRows(OpImpl):
-    """SET_ROWS (ggml_set_rows)."""
+@kernel("cpu", Op.SET_ROWS)
+def bind_set_rows(node: Node):
+    """SET_ROWS (ggml_set_rows): the CPU runner of a validated node."""
+    b, c = node.src[0], node.src[1]
+    n_rows = node.ne[1]
+    storage = np.float32 if node.type == GgmlType.F32 else np.uint16
+    if (HAS_F16C and node.type == F16 and b.type == F32 and b.nelements
+            and not overlaps(node, b)):
+        return _bind_f32_to_f16(node, b, c, n_rows)
 
-    ops = (Op.SET_ROWS,)
+    def run():
+        if b.nelements == 0:
+            return
+        idx = view(c).astype(np.int64)
+        bad = first_bad_index(idx, n_rows)
+        if bad >= 0:
+            _refuse_index(node, idx, bad, n_rows)
+        # _payload always makes a copy, so the scatter never reads what it writes
+        scatter_rows(_payload(b, node.type), idx, view(node, storage))
+    return run
 
-    def check(self, node: Node) -> None:
-        b = src(node, 0, "rows")
-        c = src(node, 1, "indices")
-        no_src_beyond(node, 3)
-        type_in(node, _DST_TYPES, node, "dst")
-        type_in(b, {F32, F16}, node, "src0")
-        type_in(c, {I32, I64}, node, "src1")
-        for t, what in ((node, "dst"), (b, "src0"), (c, "src1")):
-            elementwise_strides(t, node, what)
-        require(node.nb[0] == node.traits.type_size, node, "dst rows must be packed (nb[0])")
-        require(b.nb[0] == b.traits.type_size, node, "src0 rows must be packed (nb[0])")
-        require(b.ne[0] == node.ne[0], node, f"src0 rows have {b.ne[0]} elements, dst rows {node.ne[0]}")
-        require(b.ne[2] == node.ne[2] and b.ne[3] == node.ne[3], node,
-                f"src0 {list(b.ne)} and dst {list(node.ne)} differ in dimensions 2 and 3")
-        require(c.ne[0] == b.ne[1], node, f"src1 has {c.ne[0]} indices per row group, src0 has "
-                                          f"{b.ne[1]} rows")
-        require(c.ne[1] > 0 and b.ne[2] % c.ne[1] == 0, node,
-                f"src1 ne[1]={c.ne[1]} does not divide src0 ne[2]={b.ne[2]}")
-        require(c.ne[2] > 0 and b.ne[3] % c.ne[2] == 0, node,
-                f"src1 ne[2]={c.ne[2]} does not divide src0 ne[3]={b.ne[3]}")
-        require(c.ne[3] == 1, node, f"src1 ne[3]={c.ne[3]} must be 1")
-        a = node.src[2] if len(node.src) > 2 else None
-        if a is not None:
-            a = src(node, 2, "destination")
-            if (a.type != node.type or a.ne != node.ne or a.nb != node.nb
-                    or a.buffer is not node.buffer or a.offset != node.offset):
-                fail(node, f"dst is not a view of src2 '{a.name}' (same type, shape, strides "
-                           f"and bytes)")
 
-    def bind(self, node: Node, device_kind: str):
-        if device_kind != "cpu":
-            return None
-        b, c = node.src[0], node.src[1]
-        n_rows = node.ne[1]
-        storage = np.float32 if node.type == GgmlType.F32 else np.uint16
-        if (HAS_F16C and node.type == F16 and b.type == F32 and b.nelements
-                and not overlaps(node, b)):
-            return self._bind_f32_to_f16(node, b, c, n_rows)
+def _bind_f32_to_f16(node: Node, b: Node, c: Node, n_rows: int):
+    """The KV-cache store (F32 rows into an F16 cache), bound once: the indices are
+    checked, then the rows converted as they are scattered, with no temporary."""
+    rows, idx, dst = view(b), view(c), view(node, np.uint16)
 
-        def run():
-            if b.nelements == 0:
-                return
-            idx = view(c).astype(np.int64)
-            bad = first_bad_index(idx, n_rows)
-            if bad >= 0:
-                _refuse_index(node, idx, bad, n_rows)
-            # _payload always makes a copy, so the scatter never reads what it writes
-            scatter_rows(_payload(b, node.type), idx, view(node, storage))
-        return run
-
-    @staticmethod
-    def _bind_f32_to_f16(node: Node, b: Node, c: Node, n_rows: int):
-        """The KV-cache store (F32 rows into an F16 cache), bound once: the indices are
-        checked, then the rows converted as they are scattered, with no temporary."""
-        rows, idx, dst = view(b), view(c), view(node, np.uint16)
-
-        def run():
-            bad = first_bad_index(idx, n_rows)
-            if bad >= 0:
-                _refuse_index(node, idx, bad, n_rows)
-            scatter_rows_to_f16(rows, idx, dst)
-        return run
+    def run():
+        bad = first_bad_index(idx, n_rows)
+        if bad >= 0:
+            _refuse_index(node, idx, bad, n_rows)
+        scatter_rows_to_f16(rows, idx, dst)
+    return run
 
 
 def _refuse_index(node: Node, idx: np.ndarray, flat: int, n_rows: int):

@@ -17,10 +17,8 @@ import numpy as np
 from numba import prange
 
 from ..graph.build import Node
-from ..graph.checks import (F16, F32, elementwise_strides, fail, is_contiguous, no_src_beyond,
-                            require, same_shape, src, type_in)
 from ..graph.ops import Op
-from ..graph.registry import OpImpl, register
+from ..graph.registry import kernel
 from .cpu_tensors import load_f32, view
 from .numeric import fma32, vexp8_sub_f32
 from .parallel import sized_kernel
@@ -123,66 +121,29 @@ def reference(x: np.ndarray, mask: np.ndarray | None = None, scale: float = 1.0,
     return (e / total).astype(np.float32)
 
 
-@register
-class SoftMax(OpImpl):
-    """SOFT_MAX (ggml_soft_max_ext, with optional sinks)."""
+@kernel("cpu", Op.SOFT_MAX)
+def bind_soft_max(node: Node):
+    """SOFT_MAX (ggml_soft_max_ext, with optional sinks): the CPU runner of a validated node."""
+    a = node.src[0]
+    mask = node.src[1] if len(node.src) > 1 else None
+    sinks = node.src[2] if len(node.src) > 2 else None
+    scale = np.float32(node.param_f32(0))
+    slopes = alibi_slopes(a.ne[2], node.param_f32(1))
 
-    ops = (Op.SOFT_MAX,)
-
-    def check(self, node: Node) -> None:
-        a = src(node, 0, "logits")
-        no_src_beyond(node, 3)
-        for t, what in ((node, "dst"), (a, "src0")):
-            type_in(t, {F32}, node, what)
-            elementwise_strides(t, node, what)
-            require(is_contiguous(t), node, f"{what} must be contiguous")
-        same_shape(node, a, node, "dst and src0")
-        mask = node.src[1] if len(node.src) > 1 else None
-        if mask is not None:
-            mask = src(node, 1, "mask")
-            type_in(mask, {F32, F16}, node, "mask")
-            elementwise_strides(mask, node, "mask")
-            require(is_contiguous(mask), node, "mask must be contiguous")
-            require(mask.ne[0] == a.ne[0], node, f"mask ne[0]={mask.ne[0]} differs from src0 "
-                                                 f"ne[0]={a.ne[0]}")
-            require(mask.ne[1] >= a.ne[1], node, f"mask has {mask.ne[1]} rows, src0 needs {a.ne[1]}")
-            for d in (2, 3):
-                require(mask.ne[d] > 0 and a.ne[d] % mask.ne[d] == 0, node,
-                        f"mask ne[{d}]={mask.ne[d]} does not divide src0 ne[{d}]={a.ne[d]}")
-        max_bias = node.param_f32(1)
-        if max_bias > 0.0 and mask is None:
-            fail(node, "ALiBi (max_bias > 0) needs a mask")
-        sinks = node.src[2] if len(node.src) > 2 else None
+    def run():
+        x = view(a)
+        m = np.ascontiguousarray(load_f32(mask)) if mask is not None else np.zeros((1, 1, 1, 1), np.float32)
         if sinks is not None:
-            sinks = src(node, 2, "sinks")
-            type_in(sinks, {F32}, node, "sinks")
-            elementwise_strides(sinks, node, "sinks")
-            require(sinks.ne[0] == a.ne[2], node, f"sinks ne[0]={sinks.ne[0]} differs from the "
-                                                  f"number of heads {a.ne[2]}")
-
-    def bind(self, node: Node, device_kind: str):
-        if device_kind != "cpu":
-            return None
-        a = node.src[0]
-        mask = node.src[1] if len(node.src) > 1 else None
-        sinks = node.src[2] if len(node.src) > 2 else None
-        scale = np.float32(node.param_f32(0))
-        slopes = alibi_slopes(a.ne[2], node.param_f32(1))
-
-        def run():
-            x = view(a)
-            m = np.ascontiguousarray(load_f32(mask)) if mask is not None else np.zeros((1, 1, 1, 1), np.float32)
-            if sinks is not None:
-                sk = np.ascontiguousarray(view(sinks)[0, 0, 0, :], dtype=np.float32)
-            else:
-                sk = np.zeros(1, np.float32)
-            out = view(node)
-            if np.may_share_memory(out, m) or np.may_share_memory(out, sk) or (
-                    np.may_share_memory(out, x) and out.__array_interface__["data"][0]
-                    != x.__array_interface__["data"][0]):
-                tmp = np.empty(x.shape, np.float32)
-                softmax_f32(x, m, sk, tmp, scale, slopes, mask is not None, sinks is not None)
-                out[...] = tmp
-            else:
-                softmax_f32(x, m, sk, out, scale, slopes, mask is not None, sinks is not None)
-        return run
+            sk = np.ascontiguousarray(view(sinks)[0, 0, 0, :], dtype=np.float32)
+        else:
+            sk = np.zeros(1, np.float32)
+        out = view(node)
+        if np.may_share_memory(out, m) or np.may_share_memory(out, sk) or (
+                np.may_share_memory(out, x) and out.__array_interface__["data"][0]
+                != x.__array_interface__["data"][0]):
+            tmp = np.empty(x.shape, np.float32)
+            softmax_f32(x, m, sk, tmp, scale, slopes, mask is not None, sinks is not None)
+            out[...] = tmp
+        else:
+            softmax_f32(x, m, sk, out, scale, slopes, mask is not None, sinks is not None)
+    return run

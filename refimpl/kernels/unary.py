@@ -18,10 +18,9 @@ import numpy as np
 from numba import njit, prange
 
 from ..graph.build import Node
-from ..graph.checks import (F32, FLOAT_TYPES, elementwise_strides, no_src_beyond, overlaps,
-                            require, same_shape, src, type_in)
+from ..graph.checks import (F32, overlaps)
 from ..graph.ops import GluOp, Op, UnaryOp
-from ..graph.registry import OpImpl, register
+from ..graph.registry import kernel
 from ..protocol.ggml_types import GgmlType
 from .cpu_tensors import load_f32, store_f32, view
 from .numeric import fma32, round_f16, vsilu_f32
@@ -265,123 +264,70 @@ def _run_into(node: Node, compute, *inputs) -> None:
         store_f32(node, out)
 
 
-def _float_operands(node: Node, *ts) -> None:
-    for t, what in ((node, "dst"), *ts):
-        type_in(t, FLOAT_TYPES, node, what)
-        elementwise_strides(t, node, what)
 
 
-@register
-class UnaryOps(OpImpl):
-    """UNARY: op_params[0] selects the function (``UnaryOp``)."""
 
-    ops = (Op.UNARY,)
+@kernel("cpu", Op.UNARY)
+def bind_unary_ops(node: Node):
+    """UNARY: op_params[0] selects the function (``UnaryOp``): the CPU runner of a validated
+    node."""
+    a = node.src[0]
+    code = node.param_i32(0)
+    table = _uses_table(node.type)
+    ps = [node.param_f32(i) for i in (1, 2, 3, 4)] if code == UnaryOp.XIELU else [0.0] * 4
 
-    def check(self, node: Node) -> None:
-        a = src(node, 0)
-        no_src_beyond(node, 1)
-        _float_operands(node, (a, "src0"))
-        same_shape(node, a, node, "dst and src0")
-        require(node.type == a.type, node, "dst must have src0's type")
-        code = node.param_i32(0)
-        require(0 <= code < len(UnaryOp), node, f"unknown unary op {code}")
-
-    def bind(self, node: Node, device_kind: str):
-        if device_kind != "cpu":
-            return None
-        a = node.src[0]
-        code = node.param_i32(0)
-        table = _uses_table(node.type)
-        ps = [node.param_f32(i) for i in (1, 2, 3, 4)] if code == UnaryOp.XIELU else [0.0] * 4
-
-        def run():
-            av = load_f32(a)
-            simd = node.type == GgmlType.F32
-            _run_into(node, lambda out: unary_f32(av, out, code, table, simd,
-                                                  *[np.float32(p) for p in ps]), av)
-        return run
-
-
-@register
-class GluOps(OpImpl):
-    """GLU: ``act(x) * g`` with x and g the two halves of src0 (op_params[1] swaps them) or
-    src0 and src1."""
-
-    ops = (Op.GLU,)
-
-    def check(self, node: Node) -> None:
-        a = src(node, 0)
-        no_src_beyond(node, 2)
-        b = node.src[1]
-        _float_operands(node, (a, "src0"))
-        require(node.type == a.type, node, "dst must have src0's type")
-        code = node.param_i32(0)
-        require(0 <= code < len(GluOp), node, f"unknown GLU op {code}")
-        if b is not None:
-            src(node, 1)
-            _float_operands(node, (b, "src1"))
-            require(b.type == a.type, node, "src0 and src1 must share a type")
-            same_shape(a, b, node, "src0 and src1")
-            same_shape(node, a, node, "dst and src0")
-        else:
-            require(node.ne == (a.ne[0] // 2, *a.ne[1:]), node,
-                    f"dst {list(node.ne)} must be src0 {list(a.ne)} with ne[0] halved")
-
-    def bind(self, node: Node, device_kind: str):
-        if device_kind != "cpu":
-            return None
-        a, b = node.src[0], node.src[1]
-        code = node.param_i32(0)
-        swapped = node.param_i32(1) != 0
-        alpha, limit = np.float32(node.param_f32(2)), np.float32(node.param_f32(3))
-        table = _uses_table(node.type)
-        nc = node.ne[0]
+    def run():
+        av = load_f32(a)
         simd = node.type == GgmlType.F32
-        if simd and a.type == F32 and not overlaps(node, a) and not overlaps(node, b):
-            # bound once: float32 views straight into the kernel, nothing made per run
-            av, out = view(a), view(node)
-            if b is not None:
-                x, g = av, view(b)
-            else:
-                lo, hi = av[..., :nc], av[..., nc:2 * nc]
-                x, g = (hi, lo) if swapped else (lo, hi)
-            return lambda: glu_f32(x, g, out, code, table, True, alpha, limit)
-
-        def run():
-            av = load_f32(a)
-            if b is not None:
-                x, g = av, load_f32(b)
-            else:
-                lo, hi = av[..., :nc], av[..., nc:2 * nc]
-                x, g = (hi, lo) if swapped else (lo, hi)
-            simd = node.type == GgmlType.F32
-            _run_into(node, lambda out: glu_f32(x, g, out, code, table, simd, alpha, limit), x, g)
-        return run
+        _run_into(node, lambda out: unary_f32(av, out, code, table, simd,
+                                              *[np.float32(p) for p in ps]), av)
+    return run
 
 
-@register
-class ScaleOp(OpImpl):
-    """SCALE: ``dst = src0 * s + b`` with s, b in op_params[0], [1] (floats)."""
+@kernel("cpu", Op.GLU)
+def bind_glu_ops(node: Node):
+    """GLU: ``act(x) * g`` with x and g the two halves of src0 (op_params[1] swaps them) or: the
+    CPU runner of a validated node."""
+    a, b = node.src[0], node.src[1]
+    code = node.param_i32(0)
+    swapped = node.param_i32(1) != 0
+    alpha, limit = np.float32(node.param_f32(2)), np.float32(node.param_f32(3))
+    table = _uses_table(node.type)
+    nc = node.ne[0]
+    simd = node.type == GgmlType.F32
+    if simd and a.type == F32 and not overlaps(node, a) and not overlaps(node, b):
+        # bound once: float32 views straight into the kernel, nothing made per run
+        av, out = view(a), view(node)
+        if b is not None:
+            x, g = av, view(b)
+        else:
+            lo, hi = av[..., :nc], av[..., nc:2 * nc]
+            x, g = (hi, lo) if swapped else (lo, hi)
+        return lambda: glu_f32(x, g, out, code, table, True, alpha, limit)
 
-    ops = (Op.SCALE,)
+    def run():
+        av = load_f32(a)
+        if b is not None:
+            x, g = av, load_f32(b)
+        else:
+            lo, hi = av[..., :nc], av[..., nc:2 * nc]
+            x, g = (hi, lo) if swapped else (lo, hi)
+        simd = node.type == GgmlType.F32
+        _run_into(node, lambda out: glu_f32(x, g, out, code, table, simd, alpha, limit), x, g)
+    return run
 
-    def check(self, node: Node) -> None:
-        a = src(node, 0)
-        no_src_beyond(node, 1)
-        _float_operands(node, (a, "src0"))
-        same_shape(node, a, node, "dst and src0")
-        require(node.type == a.type, node, "dst must have src0's type")
 
-    def bind(self, node: Node, device_kind: str):
-        if device_kind != "cpu":
-            return None
-        a = node.src[0]
-        s, b = node.param_f32(0), node.param_f32(1)
+@kernel("cpu", Op.SCALE)
+def bind_scale_op(node: Node):
+    """SCALE: ``dst = src0 * s + b`` with s, b in op_params[0], [1] (floats): the CPU runner of
+    a validated node."""
+    a = node.src[0]
+    s, b = node.param_f32(0), node.param_f32(1)
 
-        def run():
-            av = load_f32(a)
-            _run_into(node, lambda out: scale_f32(av, out, s, b), av)
-        return run
+    def run():
+        av = load_f32(a)
+        _run_into(node, lambda out: scale_f32(av, out, s, b), av)
+    return run
 
 
 def reference_scale(x: np.ndarray, s: float, b: float) -> np.ndarray:

@@ -205,7 +205,6 @@ def make_config(args) -> tuple[ServerConfig, object]:
         except ValueError:
             raise ValueError(f"--allow {cidr!r} is not a network (e.g. 10.0.0.0/8)") from None
     from ..graph import GraphLimits, GraphExecutor
-    from .. import kernels  # noqa: F401  (registers the op implementations)
     limits = GraphLimits(max_nodes=args.max_graph_nodes)
     return ServerConfig(devices=devices, host=args.host, port=args.port, cache=cache,
                         graph_executor_factory=lambda devs: GraphExecutor(devs, limits),

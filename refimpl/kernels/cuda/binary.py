@@ -10,7 +10,7 @@ from __future__ import annotations
 from numba import cuda
 
 from ...graph.ops import Op
-from ...graph.registry import register_kernel
+from ...graph.registry import kernel
 from ._common import is_bf16, launch, ld, reads_safely, runner, st, tables, targ, unravel
 
 _CODES = {Op.ADD: 0, Op.SUB: 1, Op.MUL: 2, Op.DIV: 3}
@@ -37,7 +37,7 @@ def binary_kernel(code, n0, n1, n2, n3, a, ao, as0, as1, as2, as3, abf,
         st(d, do + i0 * ds0 + i1 * ds1 + i2 * ds2 + i3 * ds3, v, dbf)
 
 
-@register_kernel("cuda", Op.ADD, Op.SUB, Op.MUL, Op.DIV)
+@kernel("cuda", Op.ADD, Op.SUB, Op.MUL, Op.DIV)
 def bind(node):
     a, b = node.src[0], node.src[1]
     code = _CODES[Op(node.op)]

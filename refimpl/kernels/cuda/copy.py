@@ -12,7 +12,7 @@ import numpy as np
 from numba import cuda
 
 from ...graph.ops import Op
-from ...graph.registry import register_kernel
+from ...graph.registry import kernel
 from ...protocol.ggml_types import GgmlType
 from ._common import (DEQUANT_TYPES, STORAGE, dequant, is_bf16, launch, ld, overlaps,
                       runner, same_place, st, tables, targ, unravel)
@@ -50,7 +50,7 @@ def copy_kernel(mode, code, n, sn0, sn1, sn2, s, so, ss0, ss1, ss2, ss3, sbf,
             st(d, di, ld(s, si, sbf, bft), dbf)
 
 
-@register_kernel("cuda", Op.CPY, Op.CONT, Op.DUP)
+@kernel("cuda", Op.CPY, Op.CONT, Op.DUP)
 def bind(node):
     a = node.src[0]
     blocks_same = a.type == node.type and a.type not in STORAGE

@@ -17,7 +17,7 @@ import numpy as np
 from numba import cuda
 
 from ...graph.ops import Op
-from ...graph.registry import register_kernel
+from ...graph.registry import kernel
 from ..softmax import alibi_slopes
 from ._common import (SMEM, is_bf16, launch_rows, ld, lo, overlaps, runner, tables, targ,
                       unravel)
@@ -104,7 +104,7 @@ def fa_kernel(DK, DV, nq1, nq2, nq3, nkv, gk, gv, q, qo, qs0, qs1, qs2, qs3,
         cuda.syncthreads()
 
 
-@register_kernel("cuda", Op.FLASH_ATTN_EXT)
+@kernel("cuda", Op.FLASH_ATTN_EXT)
 def bind(node):
     q_t, k_t, v_t = node.src[0], node.src[1], node.src[2]
     mask_t = node.src[3] if len(node.src) > 3 else None

@@ -24,7 +24,7 @@ import numpy as np
 from numba import cuda
 
 from ...graph.ops import Op
-from ...graph.registry import register_kernel
+from ...graph.registry import kernel
 from ...protocol.ggml_types import GgmlType
 from ._activations import q8_values_kernel, round_kernel
 from ._common import (DEQUANT_TYPES, SMEM, block_sum, dequant, is_bf16, launch,
@@ -61,7 +61,7 @@ def mm_kernel(wq, wcode, K, N, T, B2, B3, r2, r3, w, wo, ws0, ws1, ws2, ws3, wbf
             d[do + n * ds0 + t * ds1 + i2 * ds2 + i3 * ds3] = total
 
 
-@register_kernel("cuda", Op.MUL_MAT)
+@kernel("cuda", Op.MUL_MAT)
 def bind(node):
     a, b = node.src[0], node.src[1]
     wq = a.type in DEQUANT_TYPES

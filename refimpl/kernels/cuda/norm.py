@@ -9,7 +9,7 @@ import numpy as np
 from numba import cuda
 
 from ...graph.ops import Op
-from ...graph.registry import register_kernel
+from ...graph.registry import kernel
 from ._common import SMEM, block_sum, launch_rows, reads_safely, runner, targ, unravel
 
 
@@ -39,7 +39,7 @@ def norm_kernel(rms, eps, n0, n1, n2, n3, x, xo, xs0, xs1, xs2, xs3, d, do, ds0,
             d[db + i0 * ds0] = (x[xb + i0 * xs0] - mean) * scale
 
 
-@register_kernel("cuda", Op.RMS_NORM, Op.NORM)
+@kernel("cuda", Op.RMS_NORM, Op.NORM)
 def bind(node):
     a = node.src[0]
     eps = np.float32(node.param_f32(0))

@@ -15,7 +15,7 @@ import numpy as np
 from numba import cuda
 
 from ...graph.ops import Op
-from ...graph.registry import register_kernel
+from ...graph.registry import kernel
 from ..rope import (MODE_IMROPE, MODE_NORMAL, MODE_VISION, RopeParams, mrope_section,
                     yarn_corr_dims)
 from ._common import (device, hi, is_bf16, launch, ld, lo, reads_safely, runner, st,
@@ -92,7 +92,7 @@ def rope_kernel(n0, n1, n2, n3, x, xo, xs0, xs1, xs2, xs3, bf, d, do, ds0, ds1, 
         st(d, db + eb * ds0, x0 * s + x1 * c, bf)
 
 
-@register_kernel("cuda", Op.ROPE)
+@kernel("cuda", Op.ROPE)
 def bind(node):
     a, pos_t = node.src[0], node.src[1]
     ff_t = node.src[2] if len(node.src) > 2 else None

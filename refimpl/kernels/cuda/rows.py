@@ -15,7 +15,7 @@ from numba import cuda
 
 from ...graph.build import GraphInvalid
 from ...graph.ops import Op
-from ...graph.registry import register_kernel
+from ...graph.registry import kernel
 from ...protocol.ggml_types import GgmlType
 from ._common import (DEQUANT_TYPES, dequant, host_copy, is_bf16, launch, ld, overlaps,
                       runner, st, storage, tables, targ, unravel)
@@ -53,7 +53,7 @@ def set_rows_kernel(n0, nr, n2, n3, s, so, ss0, ss1, ss2, ss3, sbf, idx, n12, n1
         st(d, do + c * ds0 + j * ds1 + i2 * ds2 + i3 * ds3, v, dbf)
 
 
-@register_kernel("cuda", Op.GET_ROWS)
+@kernel("cuda", Op.GET_ROWS)
 def bind_get_rows(node):
     a, b = node.src[0], node.src[1]
     if a.type in (GgmlType.F32, GgmlType.I32):
@@ -85,7 +85,7 @@ def bind_get_rows(node):
     return runner(node, run)
 
 
-@register_kernel("cuda", Op.SET_ROWS)
+@kernel("cuda", Op.SET_ROWS)
 def bind_set_rows(node):
     b, c = node.src[0], node.src[1]
     n_rows = node.ne[1]

@@ -10,7 +10,7 @@ import numpy as np
 from numba import cuda
 
 from ...graph.ops import Op
-from ...graph.registry import register_kernel
+from ...graph.registry import kernel
 from ..softmax import alibi_slopes
 from ._common import (SMEM, block_max, block_sum, device, launch_rows, ld, reads_safely,
                       runner, tables, targ, unravel)
@@ -60,7 +60,7 @@ def softmax_kernel(n0, n1, n2, n3, x, xo, xs0, xs1, xs2, xs3, use_mask, m, mo, m
             d[db + i0 * ds0] = np.float32(math.exp(v - mx)) * inv
 
 
-@register_kernel("cuda", Op.SOFT_MAX)
+@kernel("cuda", Op.SOFT_MAX)
 def bind(node):
     a = node.src[0]
     mask = node.src[1] if len(node.src) > 1 else None

@@ -13,7 +13,7 @@ import numpy as np
 from numba import cuda
 
 from ...graph.ops import Op, UnaryOp
-from ...graph.registry import register_kernel
+from ...graph.registry import kernel
 from ._common import (device, hi, is_bf16, launch, ld, lo, reads_safely, runner, st,
                       tables, targ, unravel)
 
@@ -155,19 +155,19 @@ def _unary_like(node, code, ps, s, bias):
     return runner(node, run)
 
 
-@register_kernel("cuda", Op.UNARY)
+@kernel("cuda", Op.UNARY)
 def bind_unary(node):
     code = node.param_i32(0)
     ps = [node.param_f32(i) for i in (1, 2, 3, 4)] if code == UnaryOp.XIELU else [0.0] * 4
     return _unary_like(node, code, ps, 1.0, 0.0)
 
 
-@register_kernel("cuda", Op.SCALE)
+@kernel("cuda", Op.SCALE)
 def bind_scale(node):
     return _unary_like(node, -1, [0.0] * 4, node.param_f32(0), node.param_f32(1))
 
 
-@register_kernel("cuda", Op.GLU)
+@kernel("cuda", Op.GLU)
 def bind_glu(node):
     a, b = node.src[0], node.src[1]
     code = node.param_i32(0)

@@ -1,0 +1,45 @@
+"""What ggml accepts for the ops of :mod:`refimpl.kernels.matmul` (validation, any device)."""
+
+from __future__ import annotations
+
+from ..build import Node
+from ..checks import (
+    BF16,
+    F16,
+    F32,
+    block_rows,
+    elementwise_strides,
+    no_src_beyond,
+    require,
+    src,
+    type_in,
+)
+from ..ops import Op
+from ..registry import validates
+from .types import QUANT_WEIGHT_TYPES, VEC_DOT_TYPE
+
+WEIGHT_TYPES = frozenset({F32, F16, BF16}) | QUANT_WEIGHT_TYPES
+
+
+@validates(Op.MUL_MAT)
+def check_mat_mul(node: Node) -> None:
+    """MUL_MAT with F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K and
+Q6_K weights: raise GraphInvalid unless ggml would accept the node."""
+    a, b = src(node, 0, "weights"), src(node, 1, "activations")
+    no_src_beyond(node, 2)
+    type_in(a, WEIGHT_TYPES, node, "src0")
+    type_in(b, {F32, F16, BF16, VEC_DOT_TYPE[a.type]}, node, "src1")
+    require(node.type == F32, node, "dst must be f32")
+    require(a.ne[0] == b.ne[0], node, f"src0 and src1 rows differ in length "
+                                      f"({a.ne[0]} and {b.ne[0]})")
+    require(a.ne[2] > 0 and a.ne[3] > 0, node, "src0 has an empty batch dimension")
+    require(b.ne[2] % a.ne[2] == 0 and b.ne[3] % a.ne[3] == 0, node,
+            f"src0 batches {list(a.ne[2:])} do not divide src1 batches {list(b.ne[2:])}")
+    expect = (a.ne[1], b.ne[1], b.ne[2], b.ne[3])
+    require(node.ne == expect, node, f"dst shape must be {list(expect)}")
+    block_rows(a, node, "src0")
+    require(a.nb[0] <= a.nb[1], node, "src0 is transposed (nb[0] > nb[1])")
+    block_rows(b, node, "src1")
+    elementwise_strides(node, node, "dst")
+    require(node.nelements == 0 or node.nb[0] == 4 <= node.nb[1] <= node.nb[2] <= node.nb[3],
+            node, f"dst must not be transposed or permuted (nb={list(node.nb)})")

@@ -1,0 +1,87 @@
+"""What ggml accepts for the ops of :mod:`refimpl.kernels.rope` (validation, any device)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..build import Node
+from ..checks import (
+    F16,
+    F32,
+    I32,
+    elementwise_strides,
+    fail,
+    no_src_beyond,
+    require,
+    same_shape,
+    src,
+    type_in,
+)
+from ..ops import Op
+from ..registry import validates
+
+MODE_NORMAL, MODE_NEOX, MODE_MROPE, MODE_VISION, MODE_IMROPE = 0, 2, 8, 24, 40
+MODES = (MODE_NORMAL, MODE_NEOX, MODE_MROPE, MODE_VISION, MODE_IMROPE)
+
+
+class RopeParams:
+    """The op parameters of a ROPE node, decoded."""
+
+    def __init__(self, node: Node):
+        self.n_dims = node.param_i32(1)
+        self.mode = node.param_i32(2)
+        self.n_ctx_orig = node.param_i32(4)
+        (self.freq_base, self.freq_scale, self.ext_factor, self.attn_factor,
+         self.beta_fast, self.beta_slow) = (np.float32(node.param_f32(i)) for i in range(5, 11))
+        self.sections = tuple(node.param_i32(i) for i in range(11, 15))
+        self.n_offs = node.param_i32(15)
+
+    @property
+    def multi(self) -> bool:
+        """Multi-section modes (MROPE, VISION, IMROPE) take four positions per token."""
+        return bool(self.mode & MODE_MROPE)
+
+
+@validates(Op.ROPE)
+def check_rope(node: Node) -> None:
+    """ROPE (ggml_rope_ext, ggml_rope_multi) in normal, NeoX, MRoPE, IMRoPE and vision modes:
+    raise GraphInvalid unless ggml would accept the node."""
+    a = src(node, 0, "input")
+    pos = src(node, 1, "positions")
+    no_src_beyond(node, 3)
+    type_in(a, {F32, F16}, node, "src0")
+    require(node.type == a.type, node, "dst must have src0's type")
+    same_shape(node, a, node, "dst and src0")
+    for t, what in ((node, "dst"), (a, "src0")):
+        elementwise_strides(t, node, what)
+        require(t.nb[0] == t.traits.type_size, node, f"{what} rows must be packed (nb[0])")
+    p = RopeParams(node)
+    if p.mode not in MODES:
+        fail(node, f"rope mode {p.mode} is not one of {list(MODES)}")
+    n0 = a.ne[0]
+    require(n0 % 2 == 0, node, f"ne[0]={n0} must be even")
+    require(p.n_dims > 0 and p.n_dims % 2 == 0, node, f"n_dims={p.n_dims} must be even and positive")
+    require(p.n_offs >= 0 and p.n_offs % 2 == 0, node, f"n_offs={p.n_offs} must be even and >= 0")
+    require(p.n_offs + p.n_dims <= n0, node,
+            f"n_offs + n_dims = {p.n_offs + p.n_dims} exceeds ne[0]={n0}")
+    if p.multi:
+        secs = p.sections
+        require(all(s >= 0 for s in secs) and sum(secs) > 0, node,
+                f"sections {list(secs)} must be >= 0 with a positive sum")
+        require(sum(secs) <= n0, node, f"sections {list(secs)} exceed ne[0]={n0}")
+    if p.mode == MODE_VISION:
+        require(p.n_dims * 2 == n0, node, f"vision mode needs n_dims = ne[0]/2 (n_dims={p.n_dims})")
+        require(p.n_offs == 0, node, "vision mode has no offset")
+    type_in(pos, {I32}, node, "src1")
+    elementwise_strides(pos, node, "src1")
+    require(pos.ne[1] == pos.ne[2] == pos.ne[3] == 1, node, "src1 must be a vector")
+    need = a.ne[2] * (4 if p.multi else 1)
+    require(pos.ne[0] == need, node, f"src1 holds {pos.ne[0]} positions, {need} needed")
+    ff = node.src[2] if len(node.src) > 2 else None
+    if ff is not None:
+        ff = src(node, 2, "frequency factors")
+        type_in(ff, {F32}, node, "src2")
+        elementwise_strides(ff, node, "src2")
+        need_ff = n0 // 2 if p.mode == MODE_VISION else p.n_dims // 2
+        require(ff.ne[0] >= need_ff, node, f"src2 holds {ff.ne[0]} frequency factors, "
+                                           f"{need_ff} needed")

@@ -1,0 +1,26 @@
+"""The type tables validation needs: which block formats refimpl computes with, and the
+activation format ggml's CPU backend pairs with each weight type (spec/ops/matmul.md)."""
+
+from __future__ import annotations
+
+from ...protocol.ggml_types import GgmlType
+
+F32, F16, BF16 = int(GgmlType.F32), int(GgmlType.F16), int(GgmlType.BF16)
+Q4_0, Q4_1 = int(GgmlType.Q4_0), int(GgmlType.Q4_1)
+Q5_0, Q5_1 = int(GgmlType.Q5_0), int(GgmlType.Q5_1)
+Q8_0, Q8_1, Q8_K = int(GgmlType.Q8_0), int(GgmlType.Q8_1), int(GgmlType.Q8_K)
+Q2_K, Q3_K, Q4_K = int(GgmlType.Q2_K), int(GgmlType.Q3_K), int(GgmlType.Q4_K)
+Q5_K, Q6_K = int(GgmlType.Q5_K), int(GgmlType.Q6_K)
+
+#: Block formats refimpl can dequantise (weights of MUL_MAT and sources of GET_ROWS).
+QUANT_WEIGHT_TYPES = frozenset({Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K})
+
+#: The k-quant weight formats (256-value super-blocks, Q8_K activations).
+K_QUANT_TYPES = frozenset({Q2_K, Q3_K, Q4_K, Q5_K, Q6_K})
+
+#: The activation format ggml's CPU backend pairs with each weight type (``vec_dot_type``).
+VEC_DOT_TYPE = {F32: F32, F16: F16, BF16: BF16,
+                Q4_0: Q8_0, Q5_0: Q8_0, Q8_0: Q8_0,
+                Q4_1: Q8_1, Q5_1: Q8_1,
+                Q2_K: Q8_K, Q3_K: Q8_K, Q4_K: Q8_K, Q5_K: Q8_K, Q6_K: Q8_K}
+

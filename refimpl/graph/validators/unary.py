@@ -1,0 +1,68 @@
+"""What ggml accepts for the ops of :mod:`refimpl.kernels.unary` (validation, any device)."""
+
+from __future__ import annotations
+
+from ..build import Node
+from ..checks import (
+    FLOAT_TYPES,
+    elementwise_strides,
+    no_src_beyond,
+    require,
+    same_shape,
+    src,
+    type_in,
+)
+from ..ops import GluOp, Op, UnaryOp
+from ..registry import validates
+
+
+def _float_operands(node: Node, *ts) -> None:
+    for t, what in ((node, "dst"), *ts):
+        type_in(t, FLOAT_TYPES, node, what)
+        elementwise_strides(t, node, what)
+
+
+@validates(Op.UNARY)
+def check_unary_ops(node: Node) -> None:
+    """UNARY: op_params[0] selects the function (``UnaryOp``): raise GraphInvalid unless ggml
+    would accept the node."""
+    a = src(node, 0)
+    no_src_beyond(node, 1)
+    _float_operands(node, (a, "src0"))
+    same_shape(node, a, node, "dst and src0")
+    require(node.type == a.type, node, "dst must have src0's type")
+    code = node.param_i32(0)
+    require(0 <= code < len(UnaryOp), node, f"unknown unary op {code}")
+
+
+@validates(Op.GLU)
+def check_glu_ops(node: Node) -> None:
+    """GLU: ``act(x) * g`` with x and g the two halves of src0 (op_params[1] swaps them) or
+src0 and src1: raise GraphInvalid unless ggml would accept the node."""
+    a = src(node, 0)
+    no_src_beyond(node, 2)
+    b = node.src[1]
+    _float_operands(node, (a, "src0"))
+    require(node.type == a.type, node, "dst must have src0's type")
+    code = node.param_i32(0)
+    require(0 <= code < len(GluOp), node, f"unknown GLU op {code}")
+    if b is not None:
+        src(node, 1)
+        _float_operands(node, (b, "src1"))
+        require(b.type == a.type, node, "src0 and src1 must share a type")
+        same_shape(a, b, node, "src0 and src1")
+        same_shape(node, a, node, "dst and src0")
+    else:
+        require(node.ne == (a.ne[0] // 2, *a.ne[1:]), node,
+                f"dst {list(node.ne)} must be src0 {list(a.ne)} with ne[0] halved")
+
+
+@validates(Op.SCALE)
+def check_scale_op(node: Node) -> None:
+    """SCALE: ``dst = src0 * s + b`` with s, b in op_params[0], [1] (floats): raise GraphInvalid
+    unless ggml would accept the node."""
+    a = src(node, 0)
+    no_src_beyond(node, 1)
+    _float_operands(node, (a, "src0"))
+    same_shape(node, a, node, "dst and src0")
+    require(node.type == a.type, node, "dst must have src0's type")
