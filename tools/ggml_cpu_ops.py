@@ -171,8 +171,12 @@ class OneGraph:
         return self.read(out)
 
     def read(self, t: int) -> np.ndarray:
-        """A tensor's values as float32 (numpy order), honouring its strides."""
+        """A tensor's values as float32 (numpy order), honouring its strides; a contiguous
+        block-format tensor as its bytes (uint8, flat)."""
         head = _TensorHead.from_address(t)
+        if head.type not in (GgmlType.F32, GgmlType.F16, GgmlType.BF16, GgmlType.I32):
+            n = self.base.ggml_nbytes(t)
+            return np.ctypeslib.as_array((C.c_uint8 * n).from_address(self.base.ggml_get_data(t))).copy()
         ne = tuple(head.ne)
         nb = tuple(head.nb)
         dt = {GgmlType.F32: np.float32, GgmlType.F16: np.float16, GgmlType.BF16: np.uint16,

@@ -14,12 +14,15 @@ import numpy as np
 from numba import prange
 
 from ..graph.build import Node
+from ..graph.checks import overlaps
 from ..graph.ops import Op
 from ..graph.registry import kernel
 from ..graph.validators.copy import _PLAIN
+from ..graph.validators.types import QUANTIZE_TYPES
 from ..protocol.ggml_types import GgmlType
 from .cpu_tensors import load_f32, rows_u8, store_f32, view
 from .parallel import sized_kernel
+from .quantize import quantize_rows, row_bytes
 from .quants import QUANT_WEIGHT_TYPES, dequantize_rows
 
 
@@ -74,6 +77,17 @@ def bind_copy_ops(node: Node):
         return run_blocks
     if a.type in QUANT_WEIGHT_TYPES:
         return lambda: store_f32(node, dequantize_rows(a.type, rows_u8(a), a.ne[0]).reshape(shape))
+    if node.type in QUANTIZE_TYPES:
+        k = a.ne[0]
+        copy_first = overlaps(node, a)
+
+        def run_quantize():
+            values = load_f32(a).reshape(-1, k)       # a view only for packed F32 rows
+            if copy_first:
+                values = values.copy()
+            out = rows_u8(node).reshape(-1, row_bytes(node.type, k))   # dst is contiguous
+            quantize_rows(node.type, values, out)
+        return run_quantize
     if a.type == node.type:
         def run_same():
             values = view(a).reshape(-1)  # copies only when src0 is strided

@@ -32,14 +32,14 @@ import numpy as np
 from numba import njit, prange
 
 from ..graph.build import Node
-from ..graph.checks import (BF16, F16, F32)
+from ..graph.checks import BF16, F16, F32, overlaps
 from ..graph.ops import Op
 from ..graph.registry import kernel
-from ..graph.checks import overlaps
-from .cpu_tensors import bf16_to_f32, f16_to_f32, round_to, view
+from ..graph.validators.types import QUANTIZE_TYPES, VEC_DOT_TYPE
+from .cpu_tensors import bf16_to_f32, f16_to_f32, round_to, rows_u8, view
 from .numeric import fma32, hsum8_f32, vexp8_sub_f32
 from .parallel import sized_kernel
-from .quants import F16_TABLE
+from .quants import F16_TABLE, dequantize_rows, quantize_activations
 from .simd import HAS_F16C, mad_round_f16, round_f16_row, row_dot_f16, scale_round_f16
 from .softmax import alibi_slopes
 
@@ -657,10 +657,22 @@ def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | No
 
 
 
+def _q_as_k_meets_it(q: np.ndarray, k_type: int) -> np.ndarray:
+    """Q converted to K's ``vec_dot_type``, as ggml's one-row path converts it before the dot
+    products, as float32 values: rounded to F16 or BF16 for such K; for a block-format K,
+    quantised to Q8_0 or Q8_1 (:func:`.quants.quantize_activations`) and taken as the exact
+    values ``d · q`` those blocks stand for."""
+    if k_type in QUANTIZE_TYPES:
+        rows = q.reshape(-1, q.shape[-1])
+        return quantize_activations(rows, VEC_DOT_TYPE[k_type]).dequantized().reshape(q.shape)
+    return np.ascontiguousarray(round_to(q, k_type))
 
 
 def _packed_f32(t: Node) -> np.ndarray:
-    """The tensor's values as a C-contiguous float32 copy (F32, F16 or BF16)."""
+    """The tensor's values as a C-contiguous float32 copy (F32, F16, BF16, or a block format
+    dequantised as ggml's ``to_float`` does)."""
+    if t.type in QUANTIZE_TYPES:
+        return dequantize_rows(t.type, rows_u8(t), t.ne[0])
     if t.type == BF16:
         return bf16_to_f32(np.ascontiguousarray(view(t)))
     if t.type == F16:
@@ -708,7 +720,7 @@ def bind_flash_attn_ext(node: Node):
             return
         q = np.array(view(q_t), dtype=np.float32, order="C", copy=True)
         if not tiled:
-            q = np.ascontiguousarray(round_to(q, k_t.type))
+            q = _q_as_k_meets_it(q, k_t.type)
         k, v = _packed_f32(k_t), _packed_f32(v_t)
         if mask_t is not None:      # only the rows of the queries and columns of the keys
             mask = f16_to_f32(view(mask_t)[:, :, :nq1, :n_kv])

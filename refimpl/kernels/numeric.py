@@ -37,6 +37,23 @@ def round_f16(x):
 
 
 @njit(cache=True, inline="always")
+def f16_bits(x):
+    """The IEEE half nearest the float32 ``x`` (ties to even; overflow to infinity, NaN to a
+    quiet NaN) as its bit pattern, in any CPU's arithmetic (:func:`round_f16`, then the
+    half's fields read off the rounded value)."""
+    r = round_f16(x)
+    u = f32_bits(r)
+    sign = np.int32((u >> np.uint32(16)) & np.uint32(0x8000))
+    a = u & np.uint32(0x7FFFFFFF)
+    if a >= np.uint32(0x7F800000):                       # inf, or NaN (quiet)
+        return sign | 0x7C00 | (0x200 if a > np.uint32(0x7F800000) else 0)
+    if a < np.uint32(0x38800000):                        # half subnormal: a multiple of 2^-24
+        return sign | np.int32(abs(np.float64(r)) * 16777216.0)
+    exp = np.int32(a >> np.uint32(23)) - 112             # rebias 127 -> 15
+    return sign | (exp << 10) | np.int32((a >> np.uint32(13)) & np.uint32(0x3FF))
+
+
+@njit(cache=True, inline="always")
 def round_bf16(x):
     """``x`` rounded to the nearest bfloat16 value (ties to even), returned as float32."""
     ax = abs(x)

@@ -13,12 +13,14 @@ import numpy as np
 from numba import njit, prange
 
 from ..graph.build import GraphInvalid, Node
-from ..graph.checks import (F16, F32, overlaps)
+from ..graph.checks import F16, F32, overlaps
+from ..graph.validators.types import QUANTIZE_TYPES
 from ..graph.ops import Op
 from ..graph.registry import kernel
 from ..protocol.ggml_types import GgmlType
-from .cpu_tensors import f32_to_bf16, view
+from .cpu_tensors import f32_to_bf16, load_f32, rows_u8, view
 from .parallel import sized_kernel
+from .quantize import quantize_rows, row_bytes
 from .simd import HAS_F16C, f16_bits
 
 
@@ -89,8 +91,15 @@ def reference(dst: np.ndarray, rows: np.ndarray, idx: np.ndarray) -> np.ndarray:
 
 
 def _payload(rows_node: Node, dst_type: int) -> np.ndarray:
-    """A copy of src0's rows in the destination's storage format (float32, or uint16 bits for
-    F16/BF16)."""
+    """A copy of src0's rows in the destination's storage format (float32, uint16 bits for
+    F16/BF16, or packed row bytes for a block format, quantised as ggml's ``from_float``
+    does: :func:`.quantize.quantize_rows`)."""
+    if dst_type in QUANTIZE_TYPES:
+        values = np.ascontiguousarray(load_f32(rows_node), np.float32)
+        n3, n2, nr, k = values.shape
+        out = np.empty((n3 * n2 * nr, row_bytes(dst_type, k)), np.uint8)
+        quantize_rows(dst_type, values.reshape(-1, k), out)
+        return out.reshape(n3, n2, nr, -1)
     rows = view(rows_node)
     if dst_type == GgmlType.F32:
         return rows.astype(np.float32)          # F16 -> F32 is exact
@@ -109,6 +118,8 @@ def bind_set_rows(node: Node):
     b, c = node.src[0], node.src[1]
     n_rows = node.ne[1]
     storage = np.float32 if node.type == GgmlType.F32 else np.uint16
+    if node.type in QUANTIZE_TYPES:
+        storage = "rows"        # scattered as whole row bytes
     if (HAS_F16C and node.type == F16 and b.type == F32 and b.nelements
             and not overlaps(node, b)):
         return _bind_f32_to_f16(node, b, c, n_rows)
@@ -121,7 +132,8 @@ def bind_set_rows(node: Node):
         if bad >= 0:
             _refuse_index(node, idx, bad, n_rows)
         # _payload always makes a copy, so the scatter never reads what it writes
-        scatter_rows(_payload(b, node.type), idx, view(node, storage))
+        dst = rows_u8(node) if storage == "rows" else view(node, storage)
+        scatter_rows(_payload(b, node.type), idx, dst)
     return run
 
 

@@ -18,6 +18,7 @@ import pytest
 from refimpl.graph import Op
 from refimpl.graph.ops import GluOp, UnaryOp
 from refimpl.kernels import flash_attn
+from refimpl.kernels.quantize import reference as quantize_reference
 from refimpl.kernels.rope import MODE_IMROPE, MODE_MROPE, MODE_NEOX, MODE_NORMAL, MODE_VISION
 from refimpl.protocol import GgmlType as T
 from tools.contract import assert_op_within_contract
@@ -35,9 +36,11 @@ def cpu(peer_bin) -> GgmlCpu:
 
 
 def run_ours(op, type_, ne, inputs, params=None):
-    """One node over fresh inputs ((values, type) pairs, None for an absent source)."""
+    """One node over fresh inputs ((values, type) pairs, or (bytes, type, ne) for a block
+    format; None for an absent source)."""
     g = GraphBuilder(64 << 20)
-    srcs = [None if v is None else g.input(t, v.shape[::-1], v) for v, t in inputs]
+    srcs = [None if x[0] is None else g.input(x[1], x[2] if len(x) > 2 else x[0].shape[::-1], x[0])
+            for x in inputs]
     while srcs and srcs[-1] is None:
         srcs.pop()
     out = g.node(op, type_, ne, srcs, params=params)
@@ -217,6 +220,15 @@ def test_rope(cpu, mode, n0, n_dims, sections, type_, yarn, ff):
 
 # -- FLASH_ATTN_EXT -----------------------------------------------------------------------------
 
+def _ggml_input(g, values, type_, ne=None):
+    """A ggml tensor of float ``values``, or of a block format's bytes with shape ``ne``."""
+    if ne is None:
+        return g.tensor(values, type_)
+    t = g.empty(type_, ne)
+    g.write(t, values)
+    return t
+
+
 def flash_attn_case(cpu, *, dk, dv, nkv, nq1, nq2=4, nk2=2, nr3=1, kt=T.F16, vt=None,
                     mask=True, max_bias=0.0, softcap=0.0, sinks=False, prec=0, threads=1,
                     seed=0, inf_frac=0.3, causal=False, qscale=1.0):
@@ -227,6 +239,12 @@ def flash_attn_case(cpu, *, dk, dv, nkv, nq1, nq2=4, nk2=2, nr3=1, kt=T.F16, vt=
     q = (rng.uniform(-1, 1, (nr3, nq2, nq1, dk)) * qscale).astype(np.float32)
     k = rng.uniform(-1, 1, (nr3, nk2, nkv, dk)).astype(np.float32)
     v = rng.uniform(-1, 1, (nr3, nk2, nkv, dv)).astype(np.float32)
+    # a quantised cache arrives as its blocks (what SET_ROWS stored), on both sides
+    k_in, v_in = (k, kt), (v, vt)
+    if kt in KV_QUANT_TYPES:
+        k_in = (quantize_reference(kt, k.reshape(-1, dk)).reshape(-1), kt, (dk, nkv, nk2, nr3))
+    if vt in KV_QUANT_TYPES:
+        v_in = (quantize_reference(vt, v.reshape(-1, dv)).reshape(-1), vt, (dv, nkv, nk2, nr3))
     m = sk = None
     if mask:
         m = rng.uniform(-1, 1, (1, 1, nq1, nkv)).astype(np.float32)
@@ -240,7 +258,7 @@ def flash_attn_case(cpu, *, dk, dv, nkv, nq1, nq2=4, nk2=2, nr3=1, kt=T.F16, vt=
         sk = rng.uniform(-3, 3, nq2).astype(np.float32)
     scale = float(np.float32(1 / np.sqrt(dk)))
     with cpu.graph() as g:
-        out = g.call("ggml_flash_attn_ext", g.tensor(q), g.tensor(k, kt), g.tensor(v, vt),
+        out = g.call("ggml_flash_attn_ext", g.tensor(q), _ggml_input(g, *k_in), _ggml_input(g, *v_in),
                      None if m is None else g.tensor(m, T.F16), scale, max_bias, softcap)
         if prec:
             g.call("ggml_flash_attn_ext_set_prec", out, prec)
@@ -251,13 +269,14 @@ def flash_attn_case(cpu, *, dk, dv, nkv, nq1, nq2=4, nk2=2, nr3=1, kt=T.F16, vt=
     flash_attn.SPLIT_THREADS = threads
     try:
         got = run_ours(Op.FLASH_ATTN_EXT, T.F32, (dv, nq2, nq1, nr3),
-                       [(q, T.F32), (k, kt), (v, vt), (m, T.F16), (sk, T.F32)],
+                       [(q, T.F32), k_in, v_in, (m, T.F16), (sk, T.F32)],
                        [scale, max_bias, softcap, prec])
     finally:
         flash_attn.SPLIT_THREADS = saved
     assert_op_within_contract(got, want, "FLASH_ATTN_EXT")
 
 
+KV_QUANT_TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1]
 KV_PAIRS = [(T.F16, T.F16), (T.F32, T.F32), (T.F16, T.F32), (T.BF16, T.BF16), (T.F32, T.F16)]
 
 
@@ -351,3 +370,57 @@ def test_cpy(cpu, src_type, dst_type):
     gb.run()
     assert_op_within_contract(gb.read(out), want, "CPY",
                               same_type_copy=src_type == dst_type)
+
+
+# -- quantised destinations (a quantised KV cache) --------------------------------------------
+
+
+@pytest.mark.parametrize("dst_type", KV_QUANT_TYPES, ids=lambda t: T(t).name)
+@pytest.mark.parametrize("src_type", [T.F32, T.F16])
+def test_set_rows_into_blocks(cpu, dst_type, src_type):
+    """SET_ROWS into a quantised cache: every row ggml's ``from_float`` would write, byte for
+    byte; rows no index names keep their bytes."""
+    rng = np.random.default_rng(int(dst_type))
+    dst = (rng.standard_normal((1, 2, 40, 128)) * 3).astype(np.float32)
+    rows = (rng.standard_normal((1, 2, 7, 128)) * rng.uniform(0.01, 50, (1, 2, 7, 1))).astype(np.float32)
+    rows[0, 0, 0, :5] = [0.0, -0.0, 1e-30, 70000.0, -3.0]
+    idx = rng.permutation(40)[:7].astype(np.int32)
+    with cpu.graph() as g:
+        d = g.empty(dst_type, (128, 40, 2, 1))
+        g.write(d, quantize_reference(dst_type, dst.reshape(-1, 128)).reshape(-1))
+        out = g.call("ggml_set_rows", d, g.tensor(rows, src_type), g.tensor(idx, T.I32))
+        want = g.compute(out, 2)
+    gb = GraphBuilder(16 << 20)
+    dn = gb.input(dst_type, (128, 40, 2, 1), quantize_reference(dst_type, dst.reshape(-1, 128)))
+    before = gb.read(dn)
+    out = gb.node(Op.SET_ROWS, dst_type, (128, 40, 2, 1),
+                  [gb.input(src_type, (128, 7, 2, 1), rows), gb.input(T.I32, (7,), idx)], inplace_of=dn)
+    gb.run()
+    got = gb.read(out)
+    np.testing.assert_array_equal(got.reshape(-1), want.reshape(-1))
+    assert not np.array_equal(got, before)
+
+
+@pytest.mark.parametrize("dst_type", KV_QUANT_TYPES, ids=lambda t: T(t).name)
+@pytest.mark.parametrize("src_type", [T.F32, T.F16, T.BF16])
+def test_cpy_into_blocks(cpu, src_type, dst_type):
+    """CPY of float rows into a block format, as ggml quantises them, byte for byte."""
+    x = (np.random.default_rng(8).standard_normal((2, 6, 64)) * 7).astype(np.float32)
+    with cpu.graph() as g:
+        want = g.compute(g.call("ggml_cpy", g.tensor(x, src_type), g.empty(dst_type, (64, 6, 2))), 1)
+    gb = GraphBuilder(16 << 20)
+    a, b = gb.input(src_type, (64, 6, 2), x), gb.input(dst_type, (64, 6, 2))
+    out = gb.node(Op.CPY, dst_type, (64, 6, 2), [a, b], inplace_of=b)
+    gb.run()
+    np.testing.assert_array_equal(gb.read(out).reshape(-1), want.reshape(-1))
+
+
+@pytest.mark.parametrize("kt,vt", [(t, t) for t in KV_QUANT_TYPES] + [(T.Q8_0, T.F16), (T.F16, T.Q4_0),
+                                                                      (T.Q4_1, T.Q5_0)],
+                         ids=lambda t: T(t).name)
+@pytest.mark.parametrize("nq1", [1, 7, 70])
+def test_flash_attn_quantised_cache(cpu, kt, vt, nq1):
+    """A quantised KV cache (``-ctk q8_0 -ctv q8_0 -fa on``, mixed types too): Q meets K in
+    K's activation format, V is dequantised and accumulated in float32, as ggml does."""
+    flash_attn_case(cpu, dk=128, dv=128, nkv=96, nq1=nq1, kt=kt, vt=vt, sinks=nq1 == 7,
+                    seed=int(kt) + 3 * int(vt) + nq1)

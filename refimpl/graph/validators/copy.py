@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from ...protocol.ggml_types import GgmlType
 from ..build import Node
-from ..checks import block_rows, elementwise_strides, fail, no_src_beyond, require, src
+from ..checks import (block_rows, elementwise_strides, fail, is_contiguous, no_src_beyond,
+                      require, src)
 from ..ops import Op
 from ..registry import validates
-from .types import QUANT_WEIGHT_TYPES
+from .types import QUANT_WEIGHT_TYPES, QUANTIZE_TYPES
 
 _FLOATS = {GgmlType.F32, GgmlType.F16, GgmlType.BF16}
 _PLAIN = _FLOATS | {GgmlType.I32, GgmlType.I16, GgmlType.I8, GgmlType.I64, GgmlType.F64}
@@ -36,6 +37,14 @@ def check_copy_ops(node: Node) -> None:
     if a.type in QUANT_WEIGHT_TYPES and node.type in _FLOATS:
         block_rows(a, node, "src0")
         elementwise_strides(node, node, "dst")
+        return
+    if node.type in QUANTIZE_TYPES and a.type in _FLOATS:
+        # ggml quantises src0's rows one after the other into a contiguous dst
+        elementwise_strides(a, node, "src0")
+        require(a.nb[0] == a.traits.type_size, node, "src0 rows must be packed (nb[0])")
+        require(is_contiguous(node), node, "a quantised dst must be contiguous")
+        require(a.ne[0] % node.traits.block_size == 0, node,
+                f"src0 rows of {a.ne[0]} values are not whole {node.traits.name} blocks")
         return
     for t, what in ((a, "src0"), (node, "dst")):
         if t.type not in _PLAIN:

@@ -7,6 +7,7 @@ from ..checks import (
     BF16,
     F16,
     F32,
+    block_rows,
     elementwise_strides,
     fail,
     is_contiguous,
@@ -17,9 +18,11 @@ from ..checks import (
 )
 from ..ops import Op
 from ..registry import validates
+from .types import QUANTIZE_TYPES
 
 PREC_DEFAULT, PREC_F32 = 0, 10
-_KV_TYPES = {F32, F16, BF16}
+#: K and V types: floats, and the block formats of a quantised KV cache.
+_KV_TYPES = {F32, F16, BF16} | QUANTIZE_TYPES
 
 
 def _divides(d: int, n: int) -> bool:
@@ -28,8 +31,8 @@ def _divides(d: int, n: int) -> bool:
 
 @validates(Op.FLASH_ATTN_EXT)
 def check_flash_attn_ext(node: Node) -> None:
-    """FLASH_ATTN_EXT (ggml_flash_attn_ext) with F32, F16 or BF16 K and V: raise GraphInvalid
-    unless ggml would accept the node."""
+    """FLASH_ATTN_EXT (ggml_flash_attn_ext) with F32, F16, BF16 or quantised (Q8_0, Q4_0,
+    Q4_1, Q5_0, Q5_1) K and V: raise GraphInvalid unless ggml would accept the node."""
     q, k, v = src(node, 0, "q"), src(node, 1, "k"), src(node, 2, "v")
     no_src_beyond(node, 5)
     type_in(node, {F32}, node, "dst")
@@ -37,8 +40,9 @@ def check_flash_attn_ext(node: Node) -> None:
     type_in(k, _KV_TYPES, node, "k")
     type_in(v, _KV_TYPES, node, "v")
     for t, what in ((node, "dst"), (q, "q"), (k, "k"), (v, "v")):
-        elementwise_strides(t, node, what)
-        require(t.nb[0] == t.traits.type_size, node, f"{what} rows must be packed (nb[0])")
+        block_rows(t, node, what)        # packed rows; plain types: element-aligned strides
+        require(t.ne[0] % t.traits.block_size == 0, node,
+                f"{what} rows of {t.ne[0]} values are not whole {t.traits.name} blocks")
     require(is_contiguous(node), node, "dst must be contiguous")
     dk, dv, nkv = k.ne[0], v.ne[0], k.ne[1]
     require(q.ne[0] == dk, node, f"q head size {q.ne[0]} differs from k head size {dk}")

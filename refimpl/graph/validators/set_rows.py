@@ -9,6 +9,7 @@ from ..checks import (
     F32,
     I32,
     I64,
+    block_rows,
     elementwise_strides,
     fail,
     no_src_beyond,
@@ -18,8 +19,9 @@ from ..checks import (
 )
 from ..ops import Op
 from ..registry import validates
+from .types import QUANTIZE_TYPES
 
-_DST_TYPES = {F32, F16, BF16}
+_DST_TYPES = {F32, F16, BF16} | QUANTIZE_TYPES
 
 
 @validates(Op.SET_ROWS)
@@ -31,9 +33,11 @@ def check_set_rows(node: Node) -> None:
     type_in(node, _DST_TYPES, node, "dst")
     type_in(b, {F32, F16}, node, "src0")
     type_in(c, {I32, I64}, node, "src1")
-    for t, what in ((node, "dst"), (b, "src0"), (c, "src1")):
+    for t, what in ((b, "src0"), (c, "src1")):
         elementwise_strides(t, node, what)
-    require(node.nb[0] == node.traits.type_size, node, "dst rows must be packed (nb[0])")
+    block_rows(node, node, "dst")            # plain types: element-aligned strides too
+    require(node.ne[0] % node.traits.block_size == 0, node,
+            f"dst rows of {node.ne[0]} values are not whole {node.traits.name} blocks")
     require(b.nb[0] == b.traits.type_size, node, "src0 rows must be packed (nb[0])")
     require(b.ne[0] == node.ne[0], node, f"src0 rows have {b.ne[0]} elements, dst rows {node.ne[0]}")
     require(b.ne[2] == node.ne[2] and b.ne[3] == node.ne[3], node,

@@ -15,6 +15,10 @@ Q5_K, Q6_K = int(GgmlType.Q5_K), int(GgmlType.Q6_K)
 #: Block formats refimpl can dequantise (weights of MUL_MAT and sources of GET_ROWS).
 QUANT_WEIGHT_TYPES = frozenset({Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K})
 
+#: Block formats refimpl quantises float rows into (SET_ROWS and CPY into a quantised
+#: tensor: the KV-cache types llama.cpp offers).
+QUANTIZE_TYPES = frozenset({Q8_0, Q4_0, Q4_1, Q5_0, Q5_1})
+
 #: The k-quant weight formats (256-value super-blocks, Q8_K activations).
 K_QUANT_TYPES = frozenset({Q2_K, Q3_K, Q4_K, Q5_K, Q6_K})
 
