@@ -144,6 +144,21 @@ def test_numpy_example_runs():
     exec(code, {"np": np, "contiguous_strides": contiguous_strides, "GgmlType": GgmlType})
 
 
+def test_graph_example_is_what_the_encoder_writes():
+    from tools.wire_example import add_graph_frame, annotated_dump, parse_dump
+    text = (SPEC / "graph.md").read_text()
+    block = re.search(r"<!-- graph-example -->\n```\n(.*?)```", text, re.S).group(1)
+    frame = add_graph_frame()
+    assert parse_dump(block) == frame, "the hex of spec/graph.md's example is not the encoding"
+    assert block.rstrip("\n") == annotated_dump(frame), "run python -m tools.wire_example"
+
+
+def test_tensor_flag_table():
+    from tools.wire_example import FLAG_NAMES
+    [(doc, rows)] = tables_after(r"<!-- (tensor-flags) -->").values()
+    assert {int(r[0]): r[1] for r in rows} == FLAG_NAMES
+
+
 def test_protocol_version_in_spec_title():
     from refimpl.protocol.constants import PROTOCOL_VERSION
     assert "version %d.%d.%d" % PROTOCOL_VERSION in (SPEC / "README.md").read_text()
