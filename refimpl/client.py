@@ -33,9 +33,9 @@ from .protocol.constants import MAX_SRC, PROTOCOL_VERSION
 from .protocol.profiles import LATEST, PROFILES, SERVED, Profile, served_profile
 from .protocol.errors import HandshakeError, PeerClosed, RemoteProtocolError
 from .hashing import fnv1a_64
-from .streams import Receiver
 from .protocol.ggml_types import type_traits
 from .protocol.tensor import RpcTensor, contiguous_strides, tensor_nbytes
+from .streams import Receiver
 
 _RECV_CHUNK = 256 * 1024
 #: What sending or receiving raises when the connection is gone.
