@@ -35,8 +35,11 @@ from .protocol.errors import HandshakeError, PeerClosed, RemoteProtocolError
 from .hashing import fnv1a_64
 from .protocol.ggml_types import type_traits
 from .protocol.tensor import RpcTensor, contiguous_strides, tensor_nbytes
+from .streams import Receiver
 
 _RECV_CHUNK = 256 * 1024
+#: What sending or receiving raises when the connection is gone.
+_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 _tensor_ids = itertools.count(1)  # client-side tensor identities (any unique non-zero u64)
 
 
@@ -92,11 +95,13 @@ class RemoteBuffer:
 
 
 class RpcClient:
-    """One connection to a ggml RPC server.  Create with :meth:`connect`."""
+    """One connection to a ggml RPC server.  Create with :meth:`connect` (TCP), or over any
+    other trio stream with ``RpcClient(stream)`` followed by ``await client.hello()``."""
 
-    def __init__(self, stream: trio.SocketStream, version=PROTOCOL_VERSION, *,
+    def __init__(self, stream: trio.abc.Stream, version=PROTOCOL_VERSION, *,
                  profile: Profile | None = None):
         self._stream = stream
+        self._receiver = Receiver(stream)
         self._conn = ClientConnection(version if profile is None else profile.version,
                                       profile=profile)
         #: The protocol version this client speaks.
@@ -178,7 +183,7 @@ class RpcClient:
             for piece in pieces:
                 if len(piece):
                     await self._stream.send_all(piece)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        except _STREAM_ERRORS as exc:
             raise ServerClosedConnection(f"send failed: {exc}") from exc
 
     async def _next_event(self):
@@ -200,8 +205,8 @@ class RpcClient:
                     raise ServerClosedConnection("the server closed the connection")
                 return event
             try:
-                data = await self._stream.receive_some(_RECV_CHUNK)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                data = await self._receiver.receive_some(_RECV_CHUNK)
+            except _STREAM_ERRORS as exc:
                 raise ServerClosedConnection(f"receive failed: {exc}") from exc
             self._conn.receive_data(data)
 
@@ -296,11 +301,10 @@ class RpcClient:
 
     async def _receive_payload(self, view: memoryview) -> None:
         filled = self._conn.readinto(view)
-        sock = self._stream.socket
         while filled < len(view):
             try:
-                n = await sock.recv_into(view[filled:])
-            except OSError as exc:
+                n = await self._receiver.receive_into(view[filled:])
+            except _STREAM_ERRORS as exc:
                 raise ServerClosedConnection(f"receive failed: {exc}") from exc
             if n == 0:
                 raise ServerClosedConnection("the server closed the connection mid-reply")

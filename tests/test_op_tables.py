@@ -70,3 +70,15 @@ def test_profile_matches_the_release(release):
     table = op_tables()[p.op_table]
     assert (info["ops"], info["unary"], info["glu"]) == (dict(table["ops"]), dict(table["unary"]),
                                                         dict(table["glu"]))
+
+
+def test_tensor_flags_match_the_header():
+    """spec/graph.md's tensor flags are ggml's enum ggml_tensor_flag of the 7.0.0 release."""
+    import re
+    from tools.wire_example import FLAG_NAMES
+    try:
+        header = ot.vendor_files("0.3.36")["ggml.h"].read_text()
+    except PeerUnavailable as exc:
+        pytest.fail(f"llama-cpp-python 0.3.36 sources unavailable: {exc}", pytrace=False)
+    found = {int(v): name for name, v in re.findall(r"GGML_TENSOR_FLAG_(\w+)\s*=\s*(\d+)", header)}
+    assert found == FLAG_NAMES

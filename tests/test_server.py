@@ -112,6 +112,25 @@ async def test_alloc_size_and_init_tensor(server):
         await c.ping()
 
 
+async def test_graph_fields_and_id_0_outside_graphs(server):
+    """spec/graph.md, "Tensors outside graphs": id 0 is allowed, and op, op_params, flags,
+    src, view_src, view_offs and use_count are ignored."""
+    import dataclasses
+    async with await connect(server) as c:
+        buf = await c.alloc_buffer(4096)
+        plain = buf.tensor(GgmlType.F32, (16,))
+        odd = dataclasses.replace(plain, id=0, op=27, op_params=(7,) * 16, flags=31,
+                                  src=(123,) * 10, view_src=456, view_offs=8, use_count=5)
+        await c.set_tensor(odd, bytes(range(64)))
+        assert await c.get_tensor(odd, 0, 64) == bytes(range(64))
+        await c.memset_tensor(odd, 0, 4, 0)
+        assert await c.copy_tensor(odd, buf.tensor(GgmlType.F32, (16,), offset=64))
+        await c.init_tensor(odd)
+        assert await c.get_tensor(plain, 0, 8) == bytes(4) + bytes(range(4, 8))
+        with pytest.raises(ServerClosedConnection):  # GET_ALLOC_SIZE: id 0 is "no tensor"
+            await c.get_alloc_size(odd)
+
+
 async def test_zero_size_allocations_and_writes(server):
     async with await connect(server) as c:
         z = await c.alloc_buffer_raw(0)

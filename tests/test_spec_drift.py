@@ -119,6 +119,46 @@ def test_type_table_matches_code():
     assert documented == actual
 
 
+def test_stride_examples_match_code():
+    from refimpl.protocol.tensor import contiguous_strides, tensor_nbytes
+    [(doc, rows)] = tables_after(r"<!-- (strides) -->").values()
+    assert rows
+    numbers = lambda cell: tuple(int(x) for x in cell.strip("[]").split(","))
+    for _, type_name, ne, nb, nbytes in rows:
+        t = GgmlType[type_name]
+        assert contiguous_strides(t, numbers(ne)) == numbers(nb), (type_name, ne)
+        assert tensor_nbytes(t, numbers(ne), numbers(nb)) == int(nbytes), (type_name, ne)
+
+
+def python_blocks(name: str, heading: str) -> list[str]:
+    """The ```python blocks of section ``heading`` of spec/``name``."""
+    text = (SPEC / name).read_text()
+    section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
+def test_numpy_example_runs():
+    import numpy as np
+    from refimpl.protocol.tensor import contiguous_strides
+    [code] = python_blocks("tensor.md", "Shape and strides")
+    exec(code, {"np": np, "contiguous_strides": contiguous_strides, "GgmlType": GgmlType})
+
+
+def test_graph_example_is_what_the_encoder_writes():
+    from tools.wire_example import add_graph_frame, annotated_dump, parse_dump
+    text = (SPEC / "graph.md").read_text()
+    block = re.search(r"<!-- graph-example -->\n```\n(.*?)```", text, re.S).group(1)
+    frame = add_graph_frame()
+    assert parse_dump(block) == frame, "the hex of spec/graph.md's example is not the encoding"
+    assert block.rstrip("\n") == annotated_dump(frame), "run python -m tools.wire_example"
+
+
+def test_tensor_flag_table():
+    from tools.wire_example import FLAG_NAMES
+    [(doc, rows)] = tables_after(r"<!-- (tensor-flags) -->").values()
+    assert {int(r[0]): r[1] for r in rows} == FLAG_NAMES
+
+
 def test_protocol_version_in_spec_title():
     from refimpl.protocol.constants import PROTOCOL_VERSION
     assert "version %d.%d.%d" % PROTOCOL_VERSION in (SPEC / "README.md").read_text()

@@ -1,5 +1,8 @@
 """The trio network layer of refimpl-server: accept connections, move bytes, nothing else.
 
+It reads through :class:`refimpl.streams.Receiver`, so a connection may be any trio stream;
+TCP sockets get the zero-copy receive of bulk payloads.
+
 Each connection gets a :class:`ServerConnection` (framing, sans-IO) and a :class:`Session`
 (what the commands do).  A connection that breaks the protocol or asks for something the
 server refuses is logged and closed; every other connection carries on (spec/errors.md).
@@ -25,6 +28,7 @@ from ..protocol.errors import PeerClosed, RemoteProtocolError
 from ..protocol.compat import set_tensor_header
 from ..protocol.profiles import LATEST, Profile
 from ..buffers import AddressSpace, Rejected
+from ..streams import Receiver, socket_stream_of
 from .hash_cache import HashCache
 from .session import Session
 
@@ -148,7 +152,7 @@ class RpcServer:
         serve until cancelled."""
         await self.bind()
         task_status.started(self)
-        await trio.serve_listeners(self._serve_connection, self.listeners)
+        await trio.serve_listeners(self.serve_stream, self.listeners)
 
     def _refusal(self, address: str | None) -> str | None:
         """Why a new connection from ``address`` may not be served, or None."""
@@ -165,22 +169,31 @@ class RpcServer:
             return f"{self.connections} clients already connected (--max-connections)"
         return None
 
-    async def _serve_connection(self, stream: trio.SocketStream) -> None:
-        try:
-            address = stream.socket.getpeername()[0]
-            peer = "{}:{}".format(*stream.socket.getpeername()[:2])
-        except OSError:
-            address, peer = None, "?"
+    async def serve_stream(self, stream: trio.abc.Stream) -> None:
+        """Serve one client connection over ``stream`` until it ends, then close it.
+
+        :meth:`serve` calls it for every accepted TCP connection; any other trio stream (TLS,
+        ``trio.testing``'s memory streams) is served the same way.  The peer's address, which
+        ``--allow`` checks, is read from the socket under the stream: a stream without one
+        counts as an unknown address.
+        """
+        sock = socket_stream_of(stream)
+        address, peer = None, "?"
+        if sock is not None:
+            try:
+                address = sock.socket.getpeername()[0]
+                peer = "{}:{}".format(*sock.socket.getpeername()[:2])
+            except OSError:
+                pass
         refusal = self._refusal(address)
         if refusal:
             log.warning("refused connection from %s: %s", peer, refusal)
             with trio.CancelScope(shield=True):
                 await stream.aclose()
             return
-        try:
-            stream.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, True)
-        except OSError:
-            pass
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, True)
         self.connections += 1
         log.info("accepted client connection from %s", peer)
         executor = (self.config.graph_executor_factory(self.config.devices)
@@ -212,13 +225,13 @@ class RpcServer:
                 await stream.aclose()
             log.info("client connection from %s closed", peer)
 
-    async def _run(self, stream: trio.SocketStream, conn: ServerConnection,
+    async def _run(self, stream: trio.abc.Stream, conn: ServerConnection,
                    session: Session, progress: _Progress) -> None:
-        sock = stream.socket
+        receiver = Receiver(stream)
         while True:
             event = conn.next_event()
             if event is NEED_DATA:
-                data = await self._recv(sock, conn, progress)
+                data = await self._recv(receiver, conn, progress)
                 conn.receive_data(data)
                 self._charge(conn, session, progress)
                 continue
@@ -228,7 +241,7 @@ class RpcServer:
                 place = session.set_tensor_destination(event)
                 progress.message_size = set_tensor_header(conn.profile).size + event.size
                 with place.buffer.memory.write_region(place.offset, place.nbytes) as region:
-                    await self._receive_payload(sock, conn, region, progress)
+                    await self._receive_payload(receiver, conn, region, progress)
                 progress.message_started, progress.message_size = None, 0
                 if event.cache_flag and session.cache is not None:
                     await trio.to_thread.run_sync(session.set_tensor_landed, event, place)
@@ -294,24 +307,26 @@ class RpcServer:
         except trio.TooSlowError:
             raise TimedOut(reason) from None
 
-    async def _recv(self, sock, conn: ServerConnection, progress: _Progress) -> bytes:
+    async def _recv(self, receiver: Receiver, conn: ServerConnection,
+                    progress: _Progress) -> bytes:
         with self._deadline(conn, progress):
-            data = await sock.recv(RECV_CHUNK)
+            data = await receiver.receive_some(RECV_CHUNK)
         if data and progress.message_started is None:
             progress.message_started = trio.current_time()
         return data
 
-    async def _receive_payload(self, sock, conn: ServerConnection, region: WriteRegion,
-                               progress: _Progress) -> None:
+    async def _receive_payload(self, receiver: Receiver, conn: ServerConnection,
+                               region: WriteRegion, progress: _Progress) -> None:
         """Move a bulk payload into ``region.view``: buffered bytes first, then straight from
-        the socket, telling the region how much has landed as it goes (a GPU buffer copies
-        those bytes to the device while the rest arrives)."""
+        the stream (from a socket without any copy, refimpl.streams), telling the region how
+        much has landed as it goes (a GPU buffer copies those bytes to the device while the
+        rest arrives)."""
         view = region.view
         filled = conn.readinto(view)
         region.landed(filled)
         while filled < len(view):
             with self._deadline(conn, progress):
-                n = await sock.recv_into(view[filled:])
+                n = await receiver.receive_into(view[filled:])
             if n == 0:
                 raise PeerClosed(
                     f"connection closed with {len(view) - filled} payload bytes still due")
