@@ -93,6 +93,10 @@ class RunSettings:
     #: ``-ub``: tokens per graph (None: llama.cpp's default); 1 runs one token per step, as
     #: generation does
     ubatch: int | None = None
+    #: ``-ctk`` / ``-ctv``: the KV cache's types (None: llama.cpp's default, F16); a quantised
+    #: V cache needs flash attention
+    cache_k: str | None = None
+    cache_v: str | None = None
 
 
 def _common(settings: RunSettings, rpc: str | None) -> list[str]:
@@ -102,6 +106,10 @@ def _common(settings: RunSettings, rpc: str | None) -> list[str]:
         args.append("--no-repack")
     if settings.ubatch:
         args += ["-ub", str(settings.ubatch)]
+    if settings.cache_k:
+        args += ["-ctk", settings.cache_k]
+    if settings.cache_v:
+        args += ["-ctv", settings.cache_v]
     if rpc:
         args += ["-ngl", "99", "--rpc", rpc]
     else:

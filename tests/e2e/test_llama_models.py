@@ -120,6 +120,41 @@ def test_logits_within_contract(peer_bin, portable_lib, sse42_lib, models, text_
     assert refimpl_server.alive()
 
 
+#: (model, step, -ctk, -ctv, flash attention): quantised KV caches, as users run them
+KV_CASES = [("f16-gqa2-3L", "batched", "q8_0", "q8_0", True),
+            ("q8_0-576-4L", "ub1", "q8_0", "q8_0", True),
+            ("q4_0-576-4L", "batched", "q4_0", "q4_1", True),
+            ("q4_0-hd64-1L", "batched", "q5_0", "q5_1", True),
+            ("q4_k-576-4L", "batched", "q8_0", None, False)]
+
+
+@pytest.mark.parametrize("name,step,ctk,ctv,fa", KV_CASES,
+                         ids=[f"{m}-{s}-k{k}-v{v or 'f16'}-{'fa' if f else 'nofa'}"
+                              for m, s, k, v, f in KV_CASES])
+def test_quantised_kv_cache_within_contract(peer_bin, portable_lib, sse42_lib, models, text_file,
+                                            refimpl_server, tmp_path, name, step, ctk, ctv, fa):
+    """``-ctk``/``-ctv`` quantised caches: SET_ROWS into the blocks, FLASH_ATTN_EXT over them
+    (or, without flash attention, MUL_MAT with a quantised K view), judged as above."""
+    settings, chunks = STEPS[step]
+    s = replace(settings, flash_attn=fa, threads=1, cache_k=ctk, cache_v=ctv)
+    base = tmp_path / "base.kld"
+    save_base_logits(peer_bin, models[name], text_file, s, base, chunks=chunks)
+    alternatives = {
+        "portable": kl_divergence(peer_bin, models[name], base, s, lib_dir=portable_lib,
+                                  chunks=chunks),
+        "no-repack": kl_divergence(peer_bin, models[name], base, replace(s, repack=False),
+                                   chunks=chunks),
+        "sse42": kl_divergence(peer_bin, models[name], base, s, lib_dir=sse42_lib,
+                               chunks=chunks)}
+    ours = kl_divergence(peer_bin, models[name], base, s, rpc=refimpl_server.endpoint,
+                         chunks=chunks)
+    _results.setdefault("kld", {})[f"{name}/{step}/k{ctk}-v{ctv or 'f16'}/{'fa' if fa else 'nofa'}"] = {
+        **{k: vars(v) for k, v in alternatives.items()}, "refimpl": vars(ours)}
+    problems = kld_verdict(ours, alternatives)
+    assert not problems, "; ".join(problems)
+    assert refimpl_server.alive()
+
+
 @pytest.mark.parametrize("fa", [False, True], ids=["fa-off", "fa-on"])
 @pytest.mark.parametrize("name", [m for m in MODELS if "-576-" not in m])
 def test_greedy_text_agrees_with_cpu(peer_bin, portable_lib, sse42_lib, models,
