@@ -38,7 +38,7 @@ def check_unary_ops(node: Node) -> None:
 @validates(Op.GLU)
 def check_glu_ops(node: Node) -> None:
     """GLU: ``act(x) * g`` with x and g the two halves of src0 (op_params[1] swaps them) or
-src0 and src1: raise GraphInvalid unless ggml would accept the node."""
+    src0 and src1: raise GraphInvalid unless ggml would accept the node."""
     a = src(node, 0)
     no_src_beyond(node, 2)
     b = node.src[1]
