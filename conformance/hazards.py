@@ -480,6 +480,27 @@ def p_set_rows_oob(ctx):
         ctx.check_intact(w, c, "SET_ROWS")
 
 
+@probe("H33", "GET_ROWS with more indices than dst has rows (out-of-bounds write)",
+       PR + "25542", "spec/ops/get_rows.md", "corrupt",
+       "writes dst + i*nb1 for every index: the neighbouring buffer is overwritten")
+def p_get_rows_oob_write(ctx):
+    w = ctx.connect()
+    (d, dbase), (v, vbase) = _two_buffers(w)
+    c = Canary(v, vbase, canary_bytes(64, 9))
+    w.set_tensor(c.tensor(), c.data)
+    delta = vbase - dbase
+    rows = T(id=30, buffer=d, data=dbase + 16, ne=(4, 2, 1, 1))
+    ids = T(id=31, type=I32, buffer=d, data=dbase + 48, ne=(2, 1, 1, 1))
+    # dst claims one row (ne[1] = 1 leaves nb[1] out of its size) but receives two
+    dst = T(id=32, buffer=d, data=dbase, ne=(4, 1, 1, 1), nb=(4, delta, delta, delta),
+            op=OP_GET_ROWS, src=(30, 31), flags=FLAG_COMPUTE)
+    w.set_tensor(T(buffer=d, data=dbase + 16, ne=(8,)), f32(1, 2, 3, 4, 41, 42, 43, 44))
+    w.set_tensor(T(type=I32, buffer=d, data=dbase + 48, ne=(2,)), struct.pack("<2i", 0, 1))
+    w.graph_compute([32], [rows, ids, dst])
+    if ctx.expect_closed_or_answer(w, "GET_ROWS graph"):
+        ctx.check_intact(w, c, "GET_ROWS")
+
+
 @probe("H13", "graph node id 0 (a NULL node)",
        ISSUE + "25299", "spec/graph.md#checks", "crash", "NULL dereference: SIGSEGV")
 def p_node_id0(ctx):
