@@ -33,7 +33,7 @@ from tools.graphs import GraphBuilder  # noqa: E402
 from tools.peers import ensure_peers  # noqa: E402
 
 TYPES = {"f32": T.F32, "f16": T.F16, "q8_0": T.Q8_0, "q4_0": T.Q4_0, "q4_1": T.Q4_1,
-         "q4_k": T.Q4_K, "q6_k": T.Q6_K}
+         "q4_k": T.Q4_K, "q5_k": T.Q5_K, "q6_k": T.Q6_K}
 
 
 def _timed(fn, min_seconds: float = 0.3, batches: int = 5) -> float:
@@ -159,7 +159,7 @@ def run(shape_name: str, types: list[str], ops: list[str], threads: int, tokens_
                 for what, (k, n) in {"attn_q": (e, e), "attn_kv": (e, kv), "ffn_up": (e, f),
                                      "ffn_down": (f, e), "output": (e, shape.n_vocab)}.items():
                     wtype = TYPES[tname]
-                    if wtype in (T.Q4_K, T.Q6_K) and k % 256:
+                    if wtype in (T.Q4_K, T.Q5_K, T.Q6_K) and k % 256:
                         continue          # llama-quantize stores such rows in a fallback type
                     o, t, ours, theirs = bench_mul_mat(cpu, wtype, k, n, tokens, threads)
                     err, problem = op_error(theirs, ours)

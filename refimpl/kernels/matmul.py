@@ -16,10 +16,10 @@ computes them is decided once, when the node is bound (:func:`choose_kernel`):
   Q4_0, Q4_1, Q8_0, Q4_K and Q6_K with ggml's per-group arithmetic (exact integer group
   sums by sgemm, then the scales: :func:`_blas_groups`); the other block formats
   dequantised exactly, activations too (:func:`_blas`);
-* ``PACKED``: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q6_K weights with fewer activation
+* ``PACKED``: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K weights with fewer activation
   rows: integer dot products on the packed blocks; F16 weights likewise, widened by the CPU
   (F16C) (refimpl.kernels.matmul_fast);
-* ``UNPACKED``: the other block formats (Q2_K, Q3_K, Q5_K) with few activation rows: each
+* ``UNPACKED``: the other block formats (Q2_K, Q3_K) with few activation rows: each
   weight row unpacked to integers, then ggml's x86 dot products lane by lane (the
   kernels below; integer sums of four products per lane, scales applied with fused
   multiply-adds into eight float32 lanes).

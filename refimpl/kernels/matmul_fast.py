@@ -32,13 +32,13 @@ import numpy as np
 from numba import njit, prange
 
 from .parallel import sized_kernel
-from .quants import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q6_K, Q8_0, _f16_at, _k4_scale_min
+from .quants import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, _f16_at, _k4_scale_min
 from .simd import (decode_i8_32, decode_nibbles16_pair, decode_nibbles32, decode_q6_16,
                    row_dot_f16, row_dot_q4_0, row_dot_q4_1, row_dot_q4_k, row_dot_q5_0,
-                   row_dot_q5_1, row_dot_q6_k, row_dot_q8_0)
+                   row_dot_q5_1, row_dot_q5_k, row_dot_q6_k, row_dot_q8_0)
 
 #: Weight types with a packed-block dot product here (:func:`mm_packed`) ...
-PACKED_TYPES = frozenset({Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K})
+PACKED_TYPES = frozenset({Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K})
 #: ... and those :func:`split_rows` splits into codes and group scales.
 FAST_QUANT_TYPES = frozenset({Q4_0, Q4_1, Q8_0, Q4_K, Q6_K})
 
@@ -94,6 +94,8 @@ def _mm_packed(w, aq, ad, asum, bsums, out, table):
                     o[r] = row_dot_q8_0(rp, ap, dp, sp, nb, tp)
                 elif CODE == Q4_K:
                     o[r] = row_dot_q4_k(rp, ap, dp, nb, tp, bp)
+                elif CODE == Q5_K:
+                    o[r] = row_dot_q5_k(rp, ap, dp, nb, tp, bp)
                 else:
                     o[r] = row_dot_q6_k(rp, ap, dp, nb, tp, 0)
 

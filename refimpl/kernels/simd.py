@@ -227,8 +227,10 @@ def _row_dot_kquant(kind):
     minimums' part, ``d_a · dmin · Σ_j min_j · Σa`` per super-block with the activations'
     integer sums of every 16 values at ``bsums`` (int32), is summed in float32 and taken off
     at the end (``bsums`` is unused for Q6_K)."""
-    q4 = kind == "q4_k"
-    nbytes = 144 if q4 else 210
+    q4 = kind in ("q4_k", "q5_k")      # Q5_K: Q4_K's layout plus a fifth bit per value
+    q5 = kind == "q5_k"
+    nbytes = {"q4_k": 144, "q5_k": 176, "q6_k": 210}[kind]
+    qs_at = 48 if q5 else 16           # where the nibbles start (Q5_K's 32 bytes of qh at 16)
 
     @intrinsic
     def row_dot(typingctx, w, a, ad, nb, table, bsums):
@@ -275,10 +277,18 @@ def _row_dot_kquant(kind):
                             top = builder.shl(builder.lshr(sb[j], c32(6)), c32(4))
                             low.append(builder.or_(builder.lshr(sb[j + 4], c32(4)), top))
                     # sub-blocks 2j (low nibbles) and 2j+1 (high) share 32 bytes
+                    if q5:      # bit 2j+half of qh[l] is the fifth bit of value 64j+32half+l
+                        qh = builder.zext(_load(builder, at(wb, 16), _I8, 32), _vec(_I16, 32))
                     for j in range(4):
-                        qa = at(wb, 16 + 32 * j)
+                        qa = at(wb, qs_at + 32 * j)
                         for half in range(2):
                             codes = _nibbles(builder, qa, ir.Constant(_I32, 4 * half), 32)
+                            if q5:
+                                bit = builder.and_(
+                                    builder.lshr(qh, ir.Constant(_vec(_I16, 32), [2 * j + half] * 32)),
+                                    ir.Constant(_vec(_I16, 32), [1] * 32))
+                                codes = builder.or_(codes, builder.shl(
+                                    bit, ir.Constant(_vec(_I16, 32), [4] * 32)))
                             acts = builder.sext(_load(builder, at(ab, 64 * j + 32 * half),
                                                       _I8, 32), _vec(_I16, 32))
                             lanes = _lanes8(builder, _madd(builder, codes, acts))
@@ -321,6 +331,7 @@ def _row_dot_kquant(kind):
 
 
 row_dot_q4_k = _row_dot_kquant("q4_k")
+row_dot_q5_k = _row_dot_kquant("q5_k")
 row_dot_q6_k = _row_dot_kquant("q6_k")
 
 
