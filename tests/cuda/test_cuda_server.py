@@ -191,3 +191,39 @@ def test_a_graph_the_gpu_cannot_run_is_refused_and_the_connection_closed(gpu_ser
             assert await c.device_count() == 2         # the server goes on
     trio.run(main)
     assert "no cuda kernel" in gpu_server.log_text()
+
+
+def _set_rows_into_q8_0():
+    g = GraphBuilder(1 << 16)
+    cache = g.input(T.Q8_0, (64, 8), np.zeros(8 * 68, np.uint8))
+    rows = g.input(T.F32, (64, 2), np.ones((1, 1, 2, 64)))
+    idx = g.input(T.I32, (2,), np.array([1, 5]))
+    g.node(Op.SET_ROWS, T.Q8_0, (64, 8), [rows, idx, cache], inplace_of=cache)
+    return g
+
+
+def _flash_attn_over_q8_0():
+    g = GraphBuilder(1 << 16)
+    q = g.input(T.F32, (64, 1, 2, 1), np.ones((1, 2, 1, 64)))
+    kv = g.input(T.Q8_0, (64, 4, 1, 1), np.zeros(4 * 68, np.uint8))
+    g.node(Op.FLASH_ATTN_EXT, T.F32, (64, 2, 1, 1), [q, kv, kv], params=[0.125, 0.0, 0.0, 0])
+    return g
+
+
+@pytest.mark.parametrize("build,op", [(_set_rows_into_q8_0, "SET_ROWS"),
+                                      (_flash_attn_over_q8_0, "FLASH_ATTN_EXT")])
+def test_a_quantised_cache_runs_on_the_cpu_and_is_refused_by_the_gpu(gpu_server, build, op):
+    """The CUDA device has no kernels for a quantised KV cache yet: such a graph is refused on
+    device 1 with a message naming the op, runs on device 0, and the server goes on."""
+    g = build()
+
+    async def main():
+        async with await RpcClient.connect(*gpu_server.address) as c:
+            await _run_remote(c, g, 0, [])
+            with pytest.raises(ServerClosedConnection):
+                await _run_remote(c, g, 1, [])
+                await c.device_count()
+        async with await RpcClient.connect(*gpu_server.address) as c:
+            assert await c.device_count() == 2
+    trio.run(main)
+    assert any(op in line and "no cuda kernel" in line for line in gpu_server.log_text().splitlines())

@@ -18,9 +18,12 @@ from numba import cuda
 
 from ...graph.ops import Op
 from ...graph.registry import kernel
+from ...protocol.ggml_types import GgmlType
 from ..softmax import alibi_slopes
 from ._common import (SMEM, is_bf16, launch_rows, ld, lo, overlaps, runner, tables, targ,
                       unravel)
+
+_FLOAT_KV = {GgmlType.F32, GgmlType.F16, GgmlType.BF16}
 
 #: Largest V head size served (the accumulator lives in shared memory).
 MAX_DV = 1024
@@ -110,7 +113,7 @@ def bind(node):
     mask_t = node.src[3] if len(node.src) > 3 else None
     sinks_t = node.src[4] if len(node.src) > 4 else None
     dk, dv, nkv = k_t.ne[0], v_t.ne[0], k_t.ne[1]
-    if dv > MAX_DV:
+    if dv > MAX_DV or not {k_t.type, v_t.type} <= _FLOAT_KV:   # quantised caches: CPU only
         return None
     nq1, nq2, nq3 = q_t.ne[1], q_t.ne[2], q_t.ne[3]
     scale = np.float32(node.param_f32(0))

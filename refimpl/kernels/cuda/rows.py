@@ -17,6 +17,8 @@ from ...graph.build import GraphInvalid
 from ...graph.ops import Op
 from ...graph.registry import kernel
 from ...protocol.ggml_types import GgmlType
+
+_FLOAT_DST = (GgmlType.F32, GgmlType.F16, GgmlType.BF16)
 from ._common import (DEQUANT_TYPES, dequant, host_copy, is_bf16, launch, ld, overlaps,
                       runner, st, storage, tables, targ, unravel)
 
@@ -89,6 +91,8 @@ def bind_get_rows(node):
 def bind_set_rows(node):
     b, c = node.src[0], node.src[1]
     n_rows = node.ne[1]
+    if node.type not in _FLOAT_DST:       # no quantising kernel on this device yet
+        return None
 
     def run():
         if b.nelements == 0:
