@@ -68,7 +68,7 @@ def test_architecture_logits_within_contract(peer_bin, portable_lib, sse42_lib, 
                                              fa):
     settings, chunks = STEPS["batched"]
     s = replace(settings, flash_attn=fa, threads=1, cache_k=cache, cache_v=cache)
-    step = f"batched, KV {cache}" if cache else "batched"
+    step = f"batched/k{cache}-v{cache}" if cache else "batched"  # test_llama_models' keys
     assert_logits_within_contract(peer_bin, portable_lib, sse42_lib, arch_models[arch],
                                   text_file, refimpl_server, tmp_path, s, chunks,
                                   f"{arch}-f16/{step}/{'fa' if fa else 'nofa'}")
