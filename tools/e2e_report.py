@@ -62,7 +62,8 @@ def render(report: dict) -> str:
            "| Model | Step | FA | " + " | ".join(ALTERNATIVES.values()) + " | refimpl | within |",
            "|---|---|---|" + "---|" * len(ALTERNATIVES) + "---|---|"]
     for key, runs in report.get("kld", {}).items():
-        model, step, fa = key.split("/")
+        model, *steps, fa = key.split("/")  # the KV-cache cases add a part: step/kK-vV
+        step = ", ".join(steps)
         alts = {k: KldResult(**runs[k]) for k in ALTERNATIVES if k in runs}
         ok = not kld_verdict(KldResult(**runs["refimpl"]), alts)
         out.append(f"| {model} | {step} | {'on' if fa == 'fa' else 'off'} | "

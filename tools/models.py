@@ -1,12 +1,18 @@
-"""Small random llama-architecture GGUF models for end-to-end tests.
+"""Small random GGUF models for end-to-end tests: llama and the architectures built like it.
 
 Weights are random (seeded), so a model's text is gibberish, but deterministic gibberish that
 any two correct implementations agree on.  The vocabulary holds printable pieces only, so
 outputs compare as text.  Quantised variants are made with the peer's own ``llama-quantize``
 (the same code users run), never by hand.
 
-    from tools.models import LlamaSpec, write_llama_gguf
+    from tools.models import LlamaSpec, ModelSpec, write_gguf, write_llama_gguf
     path = write_llama_gguf(tmp_path / "m.gguf", LlamaSpec(n_layer=2, n_head=4, n_head_kv=2))
+    path = write_gguf(tmp_path / "g.gguf", ModelSpec(arch="gemma3", n_embd=128, key_length=64))
+
+Besides ``llama``, :data:`ARCH_FEATURES` lists the architectures written and what each adds to
+llama's block (tensor names and hyper-parameters as llama.cpp 0.3.36 loads them,
+src/models/<arch>.cpp).  What an architecture computes without a tensor of its own (qwen's
+NEOX rope, gemma3's embedding scaling by sqrt(n_embd) and GELU-gated FFN) is llama.cpp's part.
 """
 
 from __future__ import annotations
@@ -22,10 +28,19 @@ import numpy as np
 QUANT_NAMES = {"q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1": "Q5_1",
                "q4_k": "Q4_K_S", "q6_k": "Q6_K", "bf16": "BF16", "f16": "F16"}
 
+#: architecture -> what its blocks add to (or change in) llama's
+ARCH_FEATURES = {
+    "llama": frozenset(),
+    "qwen2": frozenset({"qkv_bias"}),                       # biases on Q, K and V
+    "qwen3": frozenset({"qk_norm"}),                        # per-head RMS norm of Q and K
+    "phi3": frozenset({"fused_qkv", "fused_up"}),           # attn_qkv; ffn_up holds gate and up
+    "gemma3": frozenset({"qk_norm", "post_norms", "tied_output"}),  # + post-attn/ffw norms
+}
+
 
 @dataclass(frozen=True)
-class LlamaSpec:
-    """Hyper-parameters of a tiny llama model."""
+class ModelSpec:
+    """Hyper-parameters of a tiny model of one of :data:`ARCH_FEATURES`' architectures."""
 
     n_embd: int = 64
     n_layer: int = 2
@@ -41,15 +56,27 @@ class LlamaSpec:
     #: vocabulary size; None is the small printable test vocabulary (:func:`vocabulary`), a
     #: larger number pads it with synthetic pieces (benchmarks: a real model's output matrix)
     n_vocab: int | None = None
+    arch: str = "llama"
+    #: head size when it is not n_embd / n_head (``attention.key_length``, as gemma3 and qwen3)
+    key_length: int | None = None
+    #: sliding-window attention (gemma3): window, every how many layers one is global, and the
+    #: local layers' rope base
+    sliding_window: int = 0
+    swa_pattern: int = 0
+    rope_theta_swa: float = 0.0
 
     @property
     def head_dim(self) -> int:
         """Size of one attention head."""
-        return self.n_embd // self.n_head
+        return self.key_length or self.n_embd // self.n_head
 
-    def named(self, **kw) -> "LlamaSpec":
+    def named(self, **kw) -> "ModelSpec":
         """A copy with some fields changed."""
         return replace(self, **kw)
+
+
+#: the name the llama tests, benchmarks and captures use
+LlamaSpec = ModelSpec
 
 
 def vocabulary(n_vocab: int | None = None) -> list[str]:
@@ -69,15 +96,21 @@ def vocabulary(n_vocab: int | None = None) -> list[str]:
     return pieces
 
 
-def write_llama_gguf(path: Path, spec: LlamaSpec = LlamaSpec()) -> Path:
+def write_llama_gguf(path: Path, spec: ModelSpec = ModelSpec()) -> Path:
     """Write an F32 llama model with random weights to ``path``."""
+    return write_gguf(path, replace(spec, arch="llama"))
+
+
+def write_gguf(path: Path, spec: ModelSpec) -> Path:
+    """Write an F32 model of ``spec.arch`` with random weights to ``path``."""
     import gguf  # imported here: only model-writing tests need it
 
+    features = ARCH_FEATURES[spec.arch]
     path = Path(path)
     rng = np.random.default_rng(spec.seed)
     vocab = vocabulary(spec.n_vocab)
     n_vocab = len(vocab)
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), spec.arch)
     w.add_name(f"refimpl-test-{spec.n_layer}L-{spec.n_embd}d")
     w.add_context_length(spec.n_ctx_train)
     w.add_embedding_length(spec.n_embd)
@@ -85,8 +118,15 @@ def write_llama_gguf(path: Path, spec: LlamaSpec = LlamaSpec()) -> Path:
     w.add_feed_forward_length(spec.n_ff)
     w.add_head_count(spec.n_head)
     w.add_head_count_kv(spec.n_head_kv)
+    if spec.key_length:
+        w.add_key_length(spec.key_length)
+        w.add_value_length(spec.key_length)
     w.add_rope_dimension_count(spec.head_dim)
     w.add_rope_freq_base(spec.rope_theta)
+    if spec.sliding_window:
+        w.add_sliding_window(spec.sliding_window)
+        w.add_sliding_window_pattern(spec.swa_pattern)
+        w.add_rope_freq_base_swa(spec.rope_theta_swa)
     w.add_layer_norm_rms_eps(spec.rms_eps)
     w.add_vocab_size(n_vocab)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
@@ -107,20 +147,43 @@ def write_llama_gguf(path: Path, spec: LlamaSpec = LlamaSpec()) -> Path:
     def norm(n: int) -> np.ndarray:
         return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
 
-    e, kv = spec.n_embd, spec.n_head_kv * spec.head_dim
-    w.add_tensor("token_embd.weight", rng.standard_normal((n_vocab, e)).astype(np.float32))
+    def bias(n: int) -> np.ndarray:
+        return (0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    e, q, kv, ff = spec.n_embd, spec.n_head * spec.head_dim, spec.n_head_kv * spec.head_dim, spec.n_ff
+    embd = rng.standard_normal((n_vocab, e)).astype(np.float32)
+    if "tied_output" in features:  # the output is the embedding: gemma scales it by sqrt(n_embd)
+        embd *= np.float32(spec.output_scale / np.sqrt(e))
+    w.add_tensor("token_embd.weight", embd)
     for i in range(spec.n_layer):
-        w.add_tensor(f"blk.{i}.attn_norm.weight", norm(e))
-        w.add_tensor(f"blk.{i}.attn_q.weight", mat(e, e))
-        w.add_tensor(f"blk.{i}.attn_k.weight", mat(kv, e))
-        w.add_tensor(f"blk.{i}.attn_v.weight", mat(kv, e))
-        w.add_tensor(f"blk.{i}.attn_output.weight", mat(e, e))
-        w.add_tensor(f"blk.{i}.ffn_norm.weight", norm(e))
-        w.add_tensor(f"blk.{i}.ffn_gate.weight", mat(spec.n_ff, e))
-        w.add_tensor(f"blk.{i}.ffn_up.weight", mat(spec.n_ff, e))
-        w.add_tensor(f"blk.{i}.ffn_down.weight", mat(e, spec.n_ff))
+        blk = f"blk.{i}"
+        w.add_tensor(f"{blk}.attn_norm.weight", norm(e))
+        if "fused_qkv" in features:
+            w.add_tensor(f"{blk}.attn_qkv.weight", mat(q + 2 * kv, e))
+        else:
+            w.add_tensor(f"{blk}.attn_q.weight", mat(q, e))
+            w.add_tensor(f"{blk}.attn_k.weight", mat(kv, e))
+            w.add_tensor(f"{blk}.attn_v.weight", mat(kv, e))
+        w.add_tensor(f"{blk}.attn_output.weight", mat(e, q))
+        w.add_tensor(f"{blk}.ffn_norm.weight", norm(e))
+        if "fused_up" in features:
+            w.add_tensor(f"{blk}.ffn_up.weight", mat(2 * ff, e))
+        else:
+            w.add_tensor(f"{blk}.ffn_gate.weight", mat(ff, e))
+            w.add_tensor(f"{blk}.ffn_up.weight", mat(ff, e))
+        w.add_tensor(f"{blk}.ffn_down.weight", mat(e, ff))
+        if "qkv_bias" in features:
+            for name, n in (("attn_q", q), ("attn_k", kv), ("attn_v", kv)):
+                w.add_tensor(f"{blk}.{name}.bias", bias(n))
+        if "qk_norm" in features:
+            w.add_tensor(f"{blk}.attn_q_norm.weight", norm(spec.head_dim))
+            w.add_tensor(f"{blk}.attn_k_norm.weight", norm(spec.head_dim))
+        if "post_norms" in features:
+            w.add_tensor(f"{blk}.post_attention_norm.weight", norm(e))
+            w.add_tensor(f"{blk}.post_ffw_norm.weight", norm(e))
     w.add_tensor("output_norm.weight", norm(e))
-    w.add_tensor("output.weight", mat(n_vocab, e) * spec.output_scale)
+    if "tied_output" not in features:
+        w.add_tensor("output.weight", mat(n_vocab, e) * spec.output_scale)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

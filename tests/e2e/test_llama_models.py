@@ -33,7 +33,7 @@ import pytest
 
 from tools.contract import kld_verdict
 from tools.llama_runs import (RunSettings, agreement, completion, kl_divergence,
-                              sample_text, save_base_logits)
+                              save_base_logits)
 from tools.models import LlamaSpec, quantize, write_llama_gguf
 from tools.processes import ServerProcess
 
@@ -78,19 +78,6 @@ def models(tmp_path_factory, peer_bin) -> dict:
 
 
 @pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("text") / "text.txt"
-    p.write_text(sample_text())
-    return p
-
-
-@pytest.fixture(scope="module")
-def refimpl_server():
-    with ServerProcess("refimpl", args=["--log-level", "warning"]) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
 def llama_server(peer_bin):
     with ServerProcess("llama.cpp", bin_dir=peer_bin) as srv:
         yield srv
@@ -102,22 +89,30 @@ def test_logits_within_contract(peer_bin, portable_lib, sse42_lib, models, text_
                                 refimpl_server, tmp_path, name, step, fa):
     settings, chunks = STEPS[step]
     s = replace(settings, flash_attn=fa, threads=1)
+    assert_logits_within_contract(peer_bin, portable_lib, sse42_lib, models[name], text_file,
+                                  refimpl_server, tmp_path, s, chunks,
+                                  f"{name}/{step}/{'fa' if fa else 'nofa'}")
+
+
+def assert_logits_within_contract(peer_bin, portable_lib, sse42_lib, model, text_file,
+                                  server, tmp_path, s, chunks, key, results=_results):
+    """The contract's check of ``model`` with settings ``s``: the native CPU run's logits
+    (``chunks`` chunks of ``text_file``), llama.cpp's three alternatives' and ``server``'s
+    KLD from them, recorded in ``results["kld"][key]``; asserts the verdict."""
     base = tmp_path / "base.kld"
-    save_base_logits(peer_bin, models[name], text_file, s, base, chunks=chunks)
+    save_base_logits(peer_bin, model, text_file, s, base, chunks=chunks)
     alternatives = {
-        "portable": kl_divergence(peer_bin, models[name], base, s, lib_dir=portable_lib,
+        "portable": kl_divergence(peer_bin, model, base, s, lib_dir=portable_lib,
                                   chunks=chunks),
-        "no-repack": kl_divergence(peer_bin, models[name], base, replace(s, repack=False),
+        "no-repack": kl_divergence(peer_bin, model, base, replace(s, repack=False),
                                    chunks=chunks),
-        "sse42": kl_divergence(peer_bin, models[name], base, s, lib_dir=sse42_lib,
-                               chunks=chunks)}
-    ours = kl_divergence(peer_bin, models[name], base, s, rpc=refimpl_server.endpoint,
-                         chunks=chunks)
-    _results.setdefault("kld", {})[f"{name}/{step}/{'fa' if fa else 'nofa'}"] = {
+        "sse42": kl_divergence(peer_bin, model, base, s, lib_dir=sse42_lib, chunks=chunks)}
+    ours = kl_divergence(peer_bin, model, base, s, rpc=server.endpoint, chunks=chunks)
+    results.setdefault("kld", {})[key] = {
         **{k: vars(v) for k, v in alternatives.items()}, "refimpl": vars(ours)}
     problems = kld_verdict(ours, alternatives)
     assert not problems, "; ".join(problems)
-    assert refimpl_server.alive()
+    assert server.alive()
 
 
 #: (model, step, -ctk, -ctv, flash attention): quantised KV caches, as users run them
@@ -137,22 +132,9 @@ def test_quantised_kv_cache_within_contract(peer_bin, portable_lib, sse42_lib, m
     (or, without flash attention, MUL_MAT with a quantised K view), judged as above."""
     settings, chunks = STEPS[step]
     s = replace(settings, flash_attn=fa, threads=1, cache_k=ctk, cache_v=ctv)
-    base = tmp_path / "base.kld"
-    save_base_logits(peer_bin, models[name], text_file, s, base, chunks=chunks)
-    alternatives = {
-        "portable": kl_divergence(peer_bin, models[name], base, s, lib_dir=portable_lib,
-                                  chunks=chunks),
-        "no-repack": kl_divergence(peer_bin, models[name], base, replace(s, repack=False),
-                                   chunks=chunks),
-        "sse42": kl_divergence(peer_bin, models[name], base, s, lib_dir=sse42_lib,
-                               chunks=chunks)}
-    ours = kl_divergence(peer_bin, models[name], base, s, rpc=refimpl_server.endpoint,
-                         chunks=chunks)
-    _results.setdefault("kld", {})[f"{name}/{step}/k{ctk}-v{ctv or 'f16'}/{'fa' if fa else 'nofa'}"] = {
-        **{k: vars(v) for k, v in alternatives.items()}, "refimpl": vars(ours)}
-    problems = kld_verdict(ours, alternatives)
-    assert not problems, "; ".join(problems)
-    assert refimpl_server.alive()
+    assert_logits_within_contract(peer_bin, portable_lib, sse42_lib, models[name], text_file,
+                                  refimpl_server, tmp_path, s, chunks,
+                                  f"{name}/{step}/k{ctk}-v{ctv or 'f16'}/{'fa' if fa else 'nofa'}")
 
 
 @pytest.mark.parametrize("fa", [False, True], ids=["fa-off", "fa-on"])
