@@ -1,0 +1,180 @@
+"""The ops of MoE routing against ggml's own CPU backend (the peer build's libggml-cpu, in
+process through tools.ggml_cpu), judged by the numerics contract (tools.contract): SUM_ROWS,
+CLAMP, FILL, ARGSORT, TOP_K, ADD_ID and MUL_MAT_ID; plus each kernel against its numpy
+``reference`` and the run-time refusal of out-of-range expert ids."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from refimpl.graph import GraphInvalid, Op
+from refimpl.kernels import binary, reduce, sort, unary
+from refimpl.protocol import GgmlType as T
+from refimpl.protocol.tensor import contiguous_strides
+from tools.contract import assert_op_within_contract
+from tools.ggml_cpu import GgmlCpu, run_op
+from tools.graphs import GraphBuilder
+
+pytestmark = pytest.mark.peer
+
+
+@pytest.fixture(scope="module")
+def cpu(peer_bin) -> GgmlCpu:
+    return GgmlCpu.load(peer_bin)
+
+
+def ne_of(x: np.ndarray):
+    return tuple(x.shape[::-1]) + (1,) * (4 - x.ndim)
+
+
+# -- SUM_ROWS ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n0", [1, 5, 33, 1003])
+@pytest.mark.parametrize("permuted", [False, True])
+def test_sum_rows(cpu, n0, permuted):
+    x = (np.random.default_rng(n0).standard_normal((3, 4, 5, n0)) * 10).astype(np.float32)
+    g = GraphBuilder(16 << 20)
+    a = g.input(T.F32, ne_of(x), x)
+    if permuted:    # ggml_permute(a, 0, 2, 3, 1): ne (n0, 3, 5, 4)
+        ne = (n0, 3, 5, 4)
+        nb = (a.nb[0], a.nb[3], a.nb[1], a.nb[2])
+        a = g.view(a, ne, nb, op=Op.PERMUTE)
+        want = run_op(cpu, lambda ctx, t: ctx.call("ggml_sum_rows",
+                                                   ctx.call("ggml_permute", t, 0, 2, 3, 1)),
+                      [(T.F32, ne_of(x), x)])
+    else:
+        ne = ne_of(x)
+        want = run_op(cpu, lambda ctx, t: ctx.call("ggml_sum_rows", t), [(T.F32, ne, x)])
+    out = g.node(Op.SUM_ROWS, T.F32, (1, *ne[1:]), [a])
+    g.run()
+    got = g.read(out)
+    assert_op_within_contract(got, want, "SUM_ROWS")
+    logical = x.transpose(1, 2, 0, 3) if permuted else x
+    np.testing.assert_allclose(got, reduce.reference(logical), rtol=1e-6, atol=1e-5)
+
+
+# -- CLAMP, FILL ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("type_", [T.F32, T.F16])
+@pytest.mark.parametrize("lo,hi", [(-0.5, 0.5), (6.103515625e-5, np.inf), (-np.inf, 2.0)])
+def test_clamp(cpu, type_, lo, hi):
+    x = (np.random.default_rng(1).standard_normal((2, 7, 37)) * 2).astype(np.float32)
+    x[0, 0, :4] = [np.nan, np.inf, -np.inf, 0.0]
+    want = run_op(cpu, lambda ctx, t: ctx.call("ggml_clamp", t, float(lo), float(hi)),
+                  [(type_, ne_of(x), x)])
+    g = GraphBuilder(16 << 20)
+    out = g.node(Op.CLAMP, type_, ne_of(x), [g.input(type_, ne_of(x), x)],
+                 params=[float(lo), float(hi)])
+    g.run()
+    got = g.read(out)
+    assert_op_within_contract(got, want, "CLAMP")
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    xr = x.astype(np.float16).astype(np.float32) if type_ == T.F16 else x
+    np.testing.assert_allclose(got, unary.reference_clamp(xr, np.float32(lo), np.float32(hi))
+                               .reshape(got.shape), rtol=1e-3)
+
+
+@pytest.mark.parametrize("type_", [T.F32, T.F16])
+@pytest.mark.parametrize("value", [0.0, -np.inf, 3.1416, 70000.0])
+def test_fill(cpu, type_, value):
+    x = np.random.default_rng(2).standard_normal((3, 5, 9)).astype(np.float32)
+    want = run_op(cpu, lambda ctx, t: ctx.call("ggml_fill", t, float(value)),
+                  [(type_, ne_of(x), x)])
+    g = GraphBuilder(16 << 20)
+    out = g.node(Op.FILL, type_, ne_of(x), [g.input(type_, ne_of(x), x)], params=[float(value)])
+    g.run()
+    got = g.read(out)
+    np.testing.assert_array_equal(got, want)
+    with np.errstate(over="ignore"):
+        ref = unary.reference_fill(got.shape, value).astype(np.float16 if type_ == T.F16 else
+                                                            np.float32)
+    np.testing.assert_array_equal(got, ref.astype(np.float32))
+
+
+# -- ARGSORT, TOP_K ---------------------------------------------------------------------------
+
+def _unique_rows(rng, shape):
+    """Rows of distinct values (as test-backend-ops makes them: a shuffled 0..n-1), scaled."""
+    rows = np.stack([rng.permutation(shape[-1]) for _ in range(int(np.prod(shape[:-1])))])
+    return (rows.reshape(shape) * 0.37 - 3).astype(np.float32)
+
+
+@pytest.mark.parametrize("n0", [1, 2, 16, 60, 1025])
+@pytest.mark.parametrize("order", [0, 1])
+def test_argsort(cpu, n0, order):
+    x = _unique_rows(np.random.default_rng(n0), (2, 3, 4, n0))
+    want = run_op(cpu, lambda ctx, t: ctx.call("ggml_argsort", t, order), [(T.F32, ne_of(x), x)])
+    g = GraphBuilder(16 << 20)
+    out = g.node(Op.ARGSORT, T.I32, ne_of(x), [g.input(T.F32, ne_of(x), x)], params=[order])
+    g.run()
+    got = g.read(out)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got, sort.reference(x, order == 1))
+
+
+def test_argsort_ties_are_stable():
+    """Equal values keep their index order (ggml's std::sort leaves it unspecified)."""
+    x = np.array([[[[1.0, 3.0, 1.0, 3.0, 2.0, 1.0]]]], np.float32)
+    for order, expect in ((0, [0, 2, 5, 4, 1, 3]), (1, [1, 3, 4, 0, 2, 5])):
+        g = GraphBuilder(1 << 20)
+        out = g.node(Op.ARGSORT, T.I32, (6, 1, 1, 1), [g.input(T.F32, (6, 1, 1, 1), x)],
+                     params=[order])
+        g.run()
+        assert g.read(out).ravel().tolist() == expect
+        assert sort.reference(x, order == 1).ravel().tolist() == expect
+
+
+@pytest.mark.parametrize("n0,k", [(1, 1), (16, 4), (60, 8), (1025, 100), (32, 32)])
+def test_top_k(cpu, n0, k):
+    x = _unique_rows(np.random.default_rng(k), (2, 3, n0))
+    want = run_op(cpu, lambda ctx, t: ctx.call("ggml_top_k", t, k), [(T.F32, ne_of(x), x)])
+    g = GraphBuilder(16 << 20)
+    out = g.node(Op.TOP_K, T.I32, (k, 3, 2, 1), [g.input(T.F32, ne_of(x), x)])
+    g.run()
+    got = g.read(out)
+    # ggml's order within the k is unspecified: compare the sets
+    np.testing.assert_array_equal(np.sort(got, axis=-1), np.sort(want, axis=-1))
+    np.testing.assert_array_equal(got.reshape(2, 3, k), sort.reference(x, True, k))
+
+
+# -- ADD_ID -----------------------------------------------------------------------------------
+
+def _ids(rng, n_expert, n_used, n_tokens):
+    return np.stack([rng.permutation(n_expert)[:n_used] for _ in range(n_tokens)]).astype(np.int32)
+
+
+@pytest.mark.parametrize("n_embd,n_expert,n_used,n_tokens", [(32, 4, 1, 1), (129, 8, 4, 32),
+                                                              (64, 8, 2, 129)])
+def test_add_id(cpu, n_embd, n_expert, n_used, n_tokens):
+    rng = np.random.default_rng(n_tokens)
+    a = rng.standard_normal((n_tokens, n_used, n_embd)).astype(np.float32)
+    b = rng.standard_normal((n_expert, n_embd)).astype(np.float32)
+    ids = _ids(rng, n_expert, n_used, n_tokens)
+    want = run_op(cpu, lambda ctx, x, y, i: ctx.call("ggml_add_id", x, y, i),
+                  [(T.F32, ne_of(a), a), (T.F32, ne_of(b), b), (T.I32, ne_of(ids), ids)])
+    g = GraphBuilder(16 << 20)
+    out = g.node(Op.ADD_ID, T.F32, ne_of(a), [g.input(T.F32, ne_of(a), a),
+                                              g.input(T.F32, ne_of(b), b),
+                                              g.input(T.I32, ne_of(ids), ids)])
+    g.run()
+    got = g.read(out)
+    assert_op_within_contract(got, want, "ADD_ID")
+    np.testing.assert_allclose(got.reshape(a.shape), binary.reference_add_id(a, b, ids),
+                               rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [-1, 4, 1 << 30])
+def test_add_id_refuses_out_of_range_ids(bad):
+    """ggml's CPU backend asserts on such an id (its server dies); refimpl refuses the graph
+    before writing anything (spec/hazards.md)."""
+    a = np.ones((3, 2, 8), np.float32)
+    ids = np.array([[0, 1], [2, 3], [1, bad]], np.int32)
+    g = GraphBuilder(1 << 20)
+    out = g.node(Op.ADD_ID, T.F32, ne_of(a), [g.input(T.F32, ne_of(a), a),
+                                              g.input(T.F32, (8, 4), np.zeros((4, 8))),
+                                              g.input(T.I32, ne_of(ids), ids)])
+    g.write(out, np.full(a.shape, 7.0, np.float32))
+    with pytest.raises(GraphInvalid, match=f"expert id {bad} .*outside \\[0, 4\\)"):
+        g.run()
+    assert (g.read(out) == 7.0).all()
