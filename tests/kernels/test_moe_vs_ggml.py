@@ -10,11 +10,15 @@ import pytest
 
 from refimpl.graph import GraphInvalid, Op
 from refimpl.kernels import binary, reduce, sort, unary
+from refimpl.kernels import quants as Q
+from refimpl.kernels.cpu_tensors import round_to
+from refimpl.kernels.matmul import reference_id
 from refimpl.protocol import GgmlType as T
-from refimpl.protocol.tensor import contiguous_strides
 from tools.contract import assert_op_within_contract
 from tools.ggml_cpu import GgmlCpu, run_op
 from tools.graphs import GraphBuilder
+
+from .test_quants import random_rows
 
 pytestmark = pytest.mark.peer
 
@@ -176,5 +180,62 @@ def test_add_id_refuses_out_of_range_ids(bad):
                                               g.input(T.I32, ne_of(ids), ids)])
     g.write(out, np.full(a.shape, 7.0, np.float32))
     with pytest.raises(GraphInvalid, match=f"expert id {bad} .*outside \\[0, 4\\)"):
+        g.run()
+    assert (g.read(out) == 7.0).all()
+
+
+# -- MUL_MAT_ID -------------------------------------------------------------------------------
+
+MM_TYPES = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K,
+            T.Q4_K, T.Q5_K, T.Q6_K]
+
+
+def _experts(rng, type_, n_expert, n, k):
+    """Expert weights: (values for our graph and ggml's, values the product sees (E, N, K))."""
+    if type_ in (T.F32, T.F16, T.BF16):
+        w = rng.standard_normal((n_expert, n, k)).astype(np.float32)
+        seen = w if type_ == T.F32 else round_to(w, type_)
+        return w, seen
+    raw = random_rows(rng, type_, n_expert * n, k)
+    return raw, Q.dequantize_rows(type_, raw, k).reshape(n_expert, n, k)
+
+
+@pytest.mark.parametrize("type_", MM_TYPES)
+@pytest.mark.parametrize("n_tokens,b1", [(1, 1), (3, 4), (17, 1)])
+def test_mul_mat_id(cpu, type_, n_tokens, b1):
+    n_expert, n_used, n, k = 8, 4, 48, 256
+    rng = np.random.default_rng(int(type_) * 100 + n_tokens)
+    w, seen = _experts(rng, type_, n_expert, n, k)
+    x = rng.standard_normal((n_tokens, b1, k)).astype(np.float32)
+    ids = _ids(rng, n_expert, n_used, n_tokens)
+    w_ne = (k, n, n_expert, 1)
+    want = run_op(cpu, lambda ctx, ww, xx, ii: ctx.call("ggml_mul_mat_id", ww, xx, ii),
+                  [(type_, w_ne, w), (T.F32, ne_of(x), x), (T.I32, ne_of(ids), ids)], 2)
+    g = GraphBuilder(32 << 20)
+    out = g.node(Op.MUL_MAT_ID, T.F32, (n, n_used, n_tokens, 1),
+                 [g.input(type_, w_ne, w), g.input(T.F32, ne_of(x), x),
+                  g.input(T.I32, ne_of(ids), ids)])
+    g.run()
+    got = g.read(out)
+    assert_op_within_contract(got, want, "MUL_MAT_ID")
+    if type_ in (T.F32, T.F16, T.BF16):
+        ref = reference_id(seen, round_to(x, type_), ids)
+        assert_op_within_contract(got.reshape(ref.shape), ref, "MUL_MAT_ID")
+
+
+@pytest.mark.parametrize("bad", [-1, 8, -(1 << 31)])
+def test_mul_mat_id_refuses_out_of_range_ids(bad):
+    """An expert id outside [0, n_expert) makes ggml's CPU backend write outside its scratch
+    memory (its check is an assert, compiled out); refimpl refuses the graph before writing
+    anything (spec/hazards.md)."""
+    k, n = 32, 4
+    ids = np.array([[0, 1], [2, bad]], np.int32)
+    g = GraphBuilder(1 << 20)
+    out = g.node(Op.MUL_MAT_ID, T.F32, (n, 2, 2, 1),
+                 [g.input(T.F32, (k, n, 8, 1), np.ones((8, n, k))),
+                  g.input(T.F32, (k, 1, 2, 1), np.ones((2, 1, k))),
+                  g.input(T.I32, ne_of(ids), ids)])
+    g.write(out, np.full((2, 2, n), 7.0, np.float32))
+    with pytest.raises(GraphInvalid, match=f"expert id {bad} .*outside \\[0, 8\\)"):
         g.run()
     assert (g.read(out) == 7.0).all()
