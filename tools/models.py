@@ -1,4 +1,4 @@
-"""Small random llama-architecture GGUF models for end-to-end tests.
+"""Small random llama-architecture (and qwen3moe) GGUF models for end-to-end tests.
 
 Weights are random (seeded), so a model's text is gibberish, but deterministic gibberish that
 any two correct implementations agree on.  The vocabulary holds printable pieces only, so
@@ -41,6 +41,11 @@ class LlamaSpec:
     #: vocabulary size; None is the small printable test vocabulary (:func:`vocabulary`), a
     #: larger number pads it with synthetic pieces (benchmarks: a real model's output matrix)
     n_vocab: int | None = None
+    #: ``llama``, or ``qwen3moe``: Q/K norms and a mixture of ``n_expert`` experts of
+    #: ``n_ff`` each, ``n_expert_used`` routed per token (softmax gating, normalised weights)
+    arch: str = "llama"
+    n_expert: int = 0
+    n_expert_used: int = 0
 
     @property
     def head_dim(self) -> int:
@@ -70,14 +75,16 @@ def vocabulary(n_vocab: int | None = None) -> list[str]:
 
 
 def write_llama_gguf(path: Path, spec: LlamaSpec = LlamaSpec()) -> Path:
-    """Write an F32 llama model with random weights to ``path``."""
+    """Write an F32 model of ``spec.arch`` (llama or qwen3moe) with random weights to
+    ``path``."""
     import gguf  # imported here: only model-writing tests need it
 
     path = Path(path)
     rng = np.random.default_rng(spec.seed)
     vocab = vocabulary(spec.n_vocab)
     n_vocab = len(vocab)
-    w = gguf.GGUFWriter(str(path), "llama")
+    moe = spec.arch == "qwen3moe"
+    w = gguf.GGUFWriter(str(path), spec.arch)
     w.add_name(f"refimpl-test-{spec.n_layer}L-{spec.n_embd}d")
     w.add_context_length(spec.n_ctx_train)
     w.add_embedding_length(spec.n_embd)
@@ -88,6 +95,10 @@ def write_llama_gguf(path: Path, spec: LlamaSpec = LlamaSpec()) -> Path:
     w.add_rope_dimension_count(spec.head_dim)
     w.add_rope_freq_base(spec.rope_theta)
     w.add_layer_norm_rms_eps(spec.rms_eps)
+    if moe:
+        w.add_expert_count(spec.n_expert)
+        w.add_expert_used_count(spec.n_expert_used)
+        w.add_expert_feed_forward_length(spec.n_ff)
     w.add_vocab_size(n_vocab)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
     w.add_tokenizer_model("llama")
@@ -116,6 +127,15 @@ def write_llama_gguf(path: Path, spec: LlamaSpec = LlamaSpec()) -> Path:
         w.add_tensor(f"blk.{i}.attn_v.weight", mat(kv, e))
         w.add_tensor(f"blk.{i}.attn_output.weight", mat(e, e))
         w.add_tensor(f"blk.{i}.ffn_norm.weight", norm(e))
+        if moe:
+            w.add_tensor(f"blk.{i}.attn_q_norm.weight", norm(spec.head_dim))
+            w.add_tensor(f"blk.{i}.attn_k_norm.weight", norm(spec.head_dim))
+            w.add_tensor(f"blk.{i}.ffn_gate_inp.weight", mat(spec.n_expert, e) * 4)
+            for name, rows, cols in (("gate", spec.n_ff, e), ("up", spec.n_ff, e),
+                                     ("down", e, spec.n_ff)):
+                w.add_tensor(f"blk.{i}.ffn_{name}_exps.weight",
+                             np.stack([mat(rows, cols) for _ in range(spec.n_expert)]))
+            continue
         w.add_tensor(f"blk.{i}.ffn_gate.weight", mat(spec.n_ff, e))
         w.add_tensor(f"blk.{i}.ffn_up.weight", mat(spec.n_ff, e))
         w.add_tensor(f"blk.{i}.ffn_down.weight", mat(e, spec.n_ff))

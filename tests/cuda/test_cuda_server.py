@@ -191,3 +191,35 @@ def test_a_graph_the_gpu_cannot_run_is_refused_and_the_connection_closed(gpu_ser
             assert await c.device_count() == 2         # the server goes on
     trio.run(main)
     assert "no cuda kernel" in gpu_server.log_text()
+
+
+def _moe_graph(op):
+    """One MUL_MAT_ID or ARGSORT node (kernels the CUDA device does not have yet)."""
+    g = GraphBuilder(1 << 16)
+    if op == Op.ARGSORT:
+        x = g.input(T.F32, (8, 2), np.random.default_rng(1).standard_normal((2, 8)))
+        g.node(Op.ARGSORT, T.I32, (8, 2), [x], [1])
+    else:
+        w = g.input(T.F32, (32, 4, 8), np.ones((8, 4, 32)))
+        x = g.input(T.F32, (32, 1, 2), np.ones((2, 1, 32)))
+        ids = g.input(T.I32, (2, 2), np.array([[0, 7], [3, 1]]))
+        g.node(Op.MUL_MAT_ID, T.F32, (4, 2, 2), [w, x, ids])
+    return g
+
+
+@pytest.mark.parametrize("op", [Op.MUL_MAT_ID, Op.ARGSORT], ids=lambda o: o.name)
+def test_an_op_without_a_cuda_kernel_is_refused_naming_it(gpu_server, op):
+    """Issue 13 item 7: a graph with an op the CUDA device lacks is refused on device 1 with
+    a message naming the op; the CPU device runs it, and the server goes on serving."""
+    g = _moe_graph(op)
+
+    async def main():
+        async with await RpcClient.connect(*gpu_server.address) as c:
+            await _run_remote(c, g, 0, [])             # the CPU runs it
+            with pytest.raises(ServerClosedConnection):
+                await _run_remote(c, g, 1, [])
+                await c.device_count()
+        async with await RpcClient.connect(*gpu_server.address) as c:
+            assert await c.device_count() == 2         # the server goes on
+    trio.run(main)
+    assert f"no cuda kernel for op {op.name}" in gpu_server.log_text()

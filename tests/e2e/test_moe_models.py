@@ -1,0 +1,63 @@
+"""Mixture-of-experts models through refimpl-server, judged by the numerics contract
+(issue 13 item 2): random qwen3moe models (softmax gating, top-k experts by ARGSORT, weights
+normalised by SUM_ROWS, CLAMP and DIV, experts by MUL_MAT_ID), written with the gguf package
+and quantised with the peer's llama-quantize, every layer on refimpl-server.  As in
+tests/e2e/test_llama_models.py: refimpl's mean KLD, same-top-token rate and perplexity ratio
+against the host's llama.cpp CPU run must lie within the contract's bands around llama.cpp's
+own alternatives (its portable and SSE4.2 builds, its CPU run without repacking)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from tools.contract import kld_verdict
+from tools.llama_runs import RunSettings, kl_divergence, sample_text, save_base_logits
+from tools.models import LlamaSpec, quantize, write_llama_gguf
+from tools.processes import ServerProcess
+
+pytestmark = [pytest.mark.peer, pytest.mark.slow]
+
+QWEN3MOE = LlamaSpec(arch="qwen3moe", n_embd=128, n_layer=2, n_head=4, n_head_kv=2, n_ff=64,
+                     n_expert=8, n_expert_used=2, seed=13)
+TYPES = ["f32", "q8_0", "q4_k"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, peer_bin) -> dict:
+    root = tmp_path_factory.mktemp("moe")
+    f32 = write_llama_gguf(root / "qwen3moe-f32.gguf", QWEN3MOE)
+    return {t: f32 if t == "f32" else quantize(f32, root / f"qwen3moe-{t}.gguf", t, peer_bin)
+            for t in TYPES}
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("text") / "text.txt"
+    p.write_text(sample_text())
+    return p
+
+
+@pytest.fixture(scope="module")
+def refimpl_server():
+    with ServerProcess("refimpl", args=["--log-level", "warning"]) as srv:
+        yield srv
+
+
+@pytest.mark.parametrize("fa", [False, True], ids=["fa-off", "fa-on"])
+@pytest.mark.parametrize("kind", TYPES)
+def test_qwen3moe_logits_within_contract(peer_bin, portable_lib, sse42_lib, models, text_file,
+                                         refimpl_server, tmp_path, kind, fa):
+    s = RunSettings(ctx=128, flash_attn=fa, threads=1)
+    base = tmp_path / "base.kld"
+    save_base_logits(peer_bin, models[kind], text_file, s, base, chunks=2)
+    alternatives = {
+        "portable": kl_divergence(peer_bin, models[kind], base, s, lib_dir=portable_lib),
+        "no-repack": kl_divergence(peer_bin, models[kind], base, replace(s, repack=False)),
+        "sse42": kl_divergence(peer_bin, models[kind], base, s, lib_dir=sse42_lib)}
+    ours = kl_divergence(peer_bin, models[kind], base, s, rpc=refimpl_server.endpoint)
+    problems = kld_verdict(ours, alternatives)
+    assert not problems, "; ".join(problems)
+    assert refimpl_server.alive()
