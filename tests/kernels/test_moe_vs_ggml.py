@@ -239,3 +239,93 @@ def test_mul_mat_id_refuses_out_of_range_ids(bad):
     with pytest.raises(GraphInvalid, match=f"expert id {bad} .*outside \\[0, 8\\)"):
         g.run()
     assert (g.read(out) == 7.0).all()
+
+
+# -- the routers of build_moe_ffn, whole ------------------------------------------------------
+
+class Both:
+    """One graph built twice: as refimpl nodes and in a ggml context."""
+
+    def __init__(self, ctx):
+        self.g, self.ctx = GraphBuilder(32 << 20), ctx
+
+    def input(self, type_, values):
+        v = np.asarray(values)
+        ne = ne_of(v)
+        return self.g.input(type_, ne, v), self.ctx.tensor(type_, ne, v)
+
+    def node(self, op, type_, ne, srcs, params, fn, *extra):
+        ne = tuple(ne) + (1,) * (4 - len(ne))
+        ours = self.g.node(op, type_, ne, [s[0] for s in srcs], params)
+        return ours, self.ctx.call(fn, *[s[1] for s in srcs], *extra)
+
+    def view(self, t, ne, nb, offset=0, op=Op.VIEW):
+        ne, nb = tuple(ne) + (1,) * (4 - len(ne)), list(nb)
+        while len(nb) < 4:
+            nb.append(nb[-1] * ne[len(nb) - 1])
+        return self.g.view(t[0], ne, tuple(nb), offset=offset, op=op), \
+            self.ctx.view(t[1], ne, nb, offset)
+
+
+def _moe_ffn(b: Both, rng, arch, n_embd=64, n_ff=32, n_expert=8, n_used=2, n_tokens=5):
+    """build_moe_ffn of llama.cpp 0.3.36 for ``arch``: qwen3moe (softmax gating, weights
+    normalised by SUM_ROWS, CLAMP and DIV, SWIGLU) or gpt-oss (biased router, softmax over the
+    chosen logits, per-expert biases by ADD_ID, SWIGLU_OAI).  Returns its output."""
+    E, F, NE, U, T_ = n_embd, n_ff, n_expert, n_used, n_tokens
+    F32 = T.F32
+    w = lambda *shape: b.input(F32, rng.standard_normal(shape).astype(np.float32) / 4)
+    cur = w(T_, E)
+    logits = b.node(Op.MUL_MAT, F32, (NE, T_), [w(NE, E), cur], None, "ggml_mul_mat")
+    if arch == "gpt-oss":
+        logits = b.node(Op.ADD, F32, (NE, T_), [logits, w(NE)], None, "ggml_add")
+        probs = logits
+    else:
+        probs = b.node(Op.SOFT_MAX, F32, (NE, T_), [logits], [1.0, 0.0], "ggml_soft_max")
+    order = b.node(Op.ARGSORT, T.I32, (NE, T_), [probs], [1], "ggml_argsort", 1)
+    selected = b.view(order, (U, T_), (4, 4 * NE))                       # argsort_top_k
+    probs3 = b.view(probs, (1, NE, T_), (4, 4, 4 * NE), op=Op.RESHAPE)
+    weights = b.node(Op.GET_ROWS, F32, (1, U, T_), [probs3, selected], None, "ggml_get_rows")
+    w2 = b.view(weights, (U, T_), (4, 4 * U), op=Op.RESHAPE)
+    if arch == "gpt-oss":
+        w2 = b.node(Op.SOFT_MAX, F32, (U, T_), [w2], [1.0, 0.0], "ggml_soft_max")
+    else:
+        total = b.node(Op.SUM_ROWS, F32, (1, T_), [w2], None, "ggml_sum_rows")
+        total = b.node(Op.CLAMP, F32, (1, T_), [total], [6.103515625e-5, float("inf")],
+                       "ggml_clamp", 6.103515625e-5, float("inf"))
+        w2 = b.node(Op.DIV, F32, (U, T_), [w2, total], None, "ggml_div")
+    weights = b.view(w2, (1, U, T_), (4, 4, 4 * U), op=Op.RESHAPE)
+    cur3 = b.view(cur, (E, 1, T_), (4, 4 * E, 4 * E), op=Op.RESHAPE)
+    up = b.node(Op.MUL_MAT_ID, F32, (F, U, T_), [w(NE, F, E), cur3, selected], None,
+                "ggml_mul_mat_id")
+    gate = b.node(Op.MUL_MAT_ID, F32, (F, U, T_), [w(NE, F, E), cur3, selected], None,
+                  "ggml_mul_mat_id")
+    if arch == "gpt-oss":
+        up = b.node(Op.ADD_ID, F32, (F, U, T_), [up, w(NE, F), selected], None, "ggml_add_id")
+        gate = b.node(Op.ADD_ID, F32, (F, U, T_), [gate, w(NE, F), selected], None,
+                      "ggml_add_id")
+        act = b.node(Op.GLU, F32, (F, U, T_), [gate, up], [3, 0, 1.702, 7.0],
+                     "ggml_swiglu_oai", 1.702, 7.0)
+    else:
+        act = b.node(Op.GLU, F32, (F, U, T_), [gate, up], [2, 0], "ggml_swiglu_split")
+    experts = b.node(Op.MUL_MAT_ID, F32, (E, U, T_), [w(NE, E, F), act, selected], None,
+                     "ggml_mul_mat_id")
+    if arch == "gpt-oss":
+        experts = b.node(Op.ADD_ID, F32, (E, U, T_), [experts, w(NE, E), selected], None,
+                         "ggml_add_id")
+    experts = b.node(Op.MUL, F32, (E, U, T_), [experts, weights], None, "ggml_mul")
+    out = None
+    for j in range(U):
+        v = b.view(experts, (E, T_), (4, 4 * E * U), offset=4 * E * j)
+        out = v if out is None else b.node(Op.ADD, F32, (E, T_), [out, v], None, "ggml_add")
+    return out
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "gpt-oss"])
+@pytest.mark.parametrize("n_tokens", [1, 7])
+def test_moe_ffn_as_llama_builds_it(cpu, arch, n_tokens):
+    with cpu.context() as ctx:
+        b = Both(ctx)
+        out = _moe_ffn(b, np.random.default_rng(n_tokens), arch, n_tokens=n_tokens)
+        want = ctx.compute(out[1], 2)
+    b.g.run()
+    assert_op_within_contract(b.g.read(out[0]), want, "MUL_MAT_ID")
