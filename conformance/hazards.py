@@ -44,6 +44,7 @@ from support import Closed, NoAnswer, Target, Wire, frame
 F32, F16, Q4_0, Q8_0, I32, I64 = 0, 1, 2, 8, 26, 27
 REMOVED_TYPES = (4, 5, 31, 32, 33, 36, 37, 38)
 OP_NONE, OP_ADD, OP_MUL_MAT, OP_MUL_MAT_ID, OP_CPY, OP_GET_ROWS, OP_SET_ROWS, OP_CUSTOM = 0, 2, 29, 30, 34, 40, 42, 95
+OP_ADD_ID = 3
 FLAG_COMPUTE = 16
 MIB = 1 << 20
 
@@ -529,6 +530,21 @@ def p_mul_mat_id_bad_expert(ctx):
     w.set_tensor(T(type=I32, buffer=h, data=base + 80, ne=(1,)), struct.pack("<i", 0x3FFFFFFF))
     w.graph_compute([4], [as_, b, ids, dst])
     ctx.expect_closed_or_answer(w, "MUL_MAT_ID with expert id 0x3FFFFFFF")
+
+
+@probe("H17a", "ADD_ID with an expert id out of range (a per-expert bias row)",
+       PR + "27286", "spec/ops/moe.md", "crash",
+       "the CPU kernel asserts the id: SIGABRT")
+def p_add_id_bad_expert(ctx):
+    w, h, base = _buffer(ctx, 256)
+    a = T(id=1, buffer=h, data=base, ne=(4, 1, 1, 1))                 # 1 token, 1 expert used
+    b = T(id=2, buffer=h, data=base + 64, ne=(4, 2, 1, 1))            # biases of 2 experts
+    ids = T(id=3, type=I32, buffer=h, data=base + 96, ne=(1, 1, 1, 1))
+    dst = T(id=4, buffer=h, data=base + 128, ne=(4, 1, 1, 1), op=OP_ADD_ID, src=(1, 2, 3),
+            flags=FLAG_COMPUTE)
+    w.set_tensor(T(type=I32, buffer=h, data=base + 96, ne=(1,)), struct.pack("<i", 0x3FFFFFFF))
+    w.graph_compute([4], [a, b, ids, dst])
+    ctx.expect_closed_or_answer(w, "ADD_ID with expert id 0x3FFFFFFF")
 
 
 @probe("H18", "graph whose source chain is 200 000 tensors deep",
