@@ -1,7 +1,7 @@
 """SUM_ROWS: the sum of each row (spec/graph-ops.md).
 
 ggml's CPU backend adds a row's float32 values in double precision and rounds the sum once
-(``ggml_vec_sum_f32``); so does :func:`sum_rows_f32`, in order.  Rows may be strided
+(``ggml_vec_sum_f32``); so does :func:`sum_rows_f32`, in order (:func:`.numeric.sum_f64`).  Rows may be strided
 (permuted or sliced views).
 """
 
@@ -15,6 +15,7 @@ from ..graph.checks import overlaps
 from ..graph.ops import Op
 from ..graph.registry import kernel
 from .cpu_tensors import view
+from .numeric import sum_f64
 from .parallel import sized_kernel
 
 
@@ -24,11 +25,7 @@ def sum_rows_f32(a, out):
     n3, n2, n1, n0 = a.shape
     for r in prange(n3 * n2 * n1):
         i3, i2, i1 = r // (n2 * n1), (r // n1) % n2, r % n1
-        row = a[i3, i2, i1]
-        s = 0.0
-        for i0 in range(n0):
-            s += np.float64(row[i0])
-        out[i3, i2, i1, 0] = np.float32(s)
+        out[i3, i2, i1, 0] = np.float32(sum_f64(a[i3, i2, i1]))
 
 
 def reference(a: np.ndarray) -> np.ndarray:

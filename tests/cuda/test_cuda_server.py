@@ -180,7 +180,13 @@ def test_a_graph_the_gpu_cannot_run_is_refused_and_the_connection_closed(gpu_ser
     w = g.input(T.Q4_K, (256, 2), random_rows(np.random.default_rng(0), int(T.Q4_K), 2, 256))
     x = g.input(T.Q8_K, (256, 1), np.zeros(292, np.uint8))
     g.node(Op.MUL_MAT, T.F32, (2, 1), [w, x])
+    _refused_on_the_gpu(gpu_server, g)
+    assert "no cuda kernel" in gpu_server.log_text()
 
+
+def _refused_on_the_gpu(gpu_server, g):
+    """The CPU device (0) runs ``g``; the GPU (1) refuses it, closing the connection; the
+    server then serves a new one."""
     async def main():
         async with await RpcClient.connect(*gpu_server.address) as c:
             await _run_remote(c, g, 0, [])             # the CPU runs it
@@ -190,7 +196,6 @@ def test_a_graph_the_gpu_cannot_run_is_refused_and_the_connection_closed(gpu_ser
         async with await RpcClient.connect(*gpu_server.address) as c:
             assert await c.device_count() == 2         # the server goes on
     trio.run(main)
-    assert "no cuda kernel" in gpu_server.log_text()
 
 
 def _moe_graph(op):
@@ -211,15 +216,5 @@ def _moe_graph(op):
 def test_an_op_without_a_cuda_kernel_is_refused_naming_it(gpu_server, op):
     """Issue 13 item 7: a graph with an op the CUDA device lacks is refused on device 1 with
     a message naming the op; the CPU device runs it, and the server goes on serving."""
-    g = _moe_graph(op)
-
-    async def main():
-        async with await RpcClient.connect(*gpu_server.address) as c:
-            await _run_remote(c, g, 0, [])             # the CPU runs it
-            with pytest.raises(ServerClosedConnection):
-                await _run_remote(c, g, 1, [])
-                await c.device_count()
-        async with await RpcClient.connect(*gpu_server.address) as c:
-            assert await c.device_count() == 2         # the server goes on
-    trio.run(main)
+    _refused_on_the_gpu(gpu_server, _moe_graph(op))
     assert f"no cuda kernel for op {op.name}" in gpu_server.log_text()

@@ -9,14 +9,17 @@ own alternatives (its portable and SSE4.2 builds, its CPU run without repacking)
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
 from tools.contract import kld_verdict
-from tools.llama_runs import RunSettings, kl_divergence, sample_text, save_base_logits
+from tools.llama_runs import RunSettings, kl_divergence, save_base_logits
 from tools.models import LlamaSpec, quantize, write_llama_gguf
-from tools.processes import ServerProcess
+
+from . import test_llama_models as _llama
+
+#: the module-scoped fixtures of the llama models' test (a text file, a refimpl-server)
+text_file, refimpl_server = _llama.text_file, _llama.refimpl_server
 
 pytestmark = [pytest.mark.peer, pytest.mark.slow]
 
@@ -31,19 +34,6 @@ def models(tmp_path_factory, peer_bin) -> dict:
     f32 = write_llama_gguf(root / "qwen3moe-f32.gguf", QWEN3MOE)
     return {t: f32 if t == "f32" else quantize(f32, root / f"qwen3moe-{t}.gguf", t, peer_bin)
             for t in TYPES}
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("text") / "text.txt"
-    p.write_text(sample_text())
-    return p
-
-
-@pytest.fixture(scope="module")
-def refimpl_server():
-    with ServerProcess("refimpl", args=["--log-level", "warning"]) as srv:
-        yield srv
 
 
 @pytest.mark.parametrize("fa", [False, True], ids=["fa-off", "fa-on"])
