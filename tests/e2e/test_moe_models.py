@@ -26,6 +26,8 @@ pytestmark = [pytest.mark.peer, pytest.mark.slow]
 QWEN3MOE = LlamaSpec(arch="qwen3moe", n_embd=128, n_layer=2, n_head=4, n_head_kv=2, n_ff=64,
                      n_expert=8, n_expert_used=2, seed=13)
 TYPES = ["f32", "q8_0", "q4_k"]
+#: (weight type, flash attention): both attention paths once, each quantised type once
+CASES = [("f32", False), ("f32", True), ("q8_0", False), ("q4_k", True)]
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +38,8 @@ def models(tmp_path_factory, peer_bin) -> dict:
             for t in TYPES}
 
 
-@pytest.mark.parametrize("fa", [False, True], ids=["fa-off", "fa-on"])
-@pytest.mark.parametrize("kind", TYPES)
+@pytest.mark.parametrize("kind,fa", CASES,
+                         ids=[f"{k}-fa-{'on' if f else 'off'}" for k, f in CASES])
 def test_qwen3moe_logits_within_contract(peer_bin, portable_lib, sse42_lib, models, text_file,
                                          refimpl_server, tmp_path, kind, fa):
     s = RunSettings(ctx=128, flash_attn=fa, threads=1)
