@@ -23,7 +23,6 @@ against that build; the suite checks it still does when run with ``--peer llama.
 from __future__ import annotations
 
 import enum
-import os
 import select
 import socket
 import struct
@@ -44,6 +43,7 @@ from support import Closed, NoAnswer, Target, Wire, frame
 F32, F16, Q4_0, Q8_0, I32, I64 = 0, 1, 2, 8, 26, 27
 REMOVED_TYPES = (4, 5, 31, 32, 33, 36, 37, 38)
 OP_NONE, OP_ADD, OP_MUL_MAT, OP_MUL_MAT_ID, OP_CPY, OP_GET_ROWS, OP_SET_ROWS, OP_CUSTOM = 0, 2, 29, 30, 34, 40, 42, 95
+OP_ADD_ID = 3
 FLAG_COMPUTE = 16
 MIB = 1 << 20
 
@@ -541,15 +541,29 @@ def p_recompute_after_free(ctx):
        PR + "27286", "spec/graph-ops.md#common-rules", "crash",
        "unchecked id indexes the work buffer: SIGSEGV")
 def p_mul_mat_id_bad_expert(ctx):
+    # 2 experts of 2x4 (src0), 1 token with 1 expert used (src1), out 2x1
+    _bad_expert_id(ctx, OP_MUL_MAT_ID, (4, 2, 2, 1), (4, 1, 1, 1), (2, 1, 1, 1))
+
+
+def _bad_expert_id(ctx, op, ne0, ne1, ne_dst):
+    """One ``op`` node (src0, src1, ids) whose single expert id is 0x3FFFFFFF."""
     w, h, base = _buffer(ctx, 256)
-    as_ = T(id=1, buffer=h, data=base, ne=(4, 2, 2, 1))              # 2 experts of 2x4
-    b = T(id=2, buffer=h, data=base + 64, ne=(4, 1, 1, 1))           # 1 token, 1 expert used
-    ids = T(id=3, type=I32, buffer=h, data=base + 80, ne=(1, 1, 1, 1))
-    dst = T(id=4, buffer=h, data=base + 96, ne=(2, 1, 1, 1), op=OP_MUL_MAT_ID, src=(1, 2, 3),
-            flags=FLAG_COMPUTE)
-    w.set_tensor(T(type=I32, buffer=h, data=base + 80, ne=(1,)), struct.pack("<i", 0x3FFFFFFF))
-    w.graph_compute([4], [as_, b, ids, dst])
-    ctx.expect_closed_or_answer(w, "MUL_MAT_ID with expert id 0x3FFFFFFF")
+    src0 = T(id=1, buffer=h, data=base, ne=ne0)
+    src1 = T(id=2, buffer=h, data=base + 64, ne=ne1)
+    ids = T(id=3, type=I32, buffer=h, data=base + 96, ne=(1, 1, 1, 1))
+    dst = T(id=4, buffer=h, data=base + 128, ne=ne_dst, op=op, src=(1, 2, 3), flags=FLAG_COMPUTE)
+    w.set_tensor(T(type=I32, buffer=h, data=base + 96, ne=(1,)), struct.pack("<i", 0x3FFFFFFF))
+    w.graph_compute([4], [src0, src1, ids, dst])
+    name = {OP_MUL_MAT_ID: "MUL_MAT_ID", OP_ADD_ID: "ADD_ID"}[op]
+    ctx.expect_closed_or_answer(w, f"{name} with expert id 0x3FFFFFFF")
+
+
+@probe("H17a", "ADD_ID with an expert id out of range (a per-expert bias row)",
+       PR + "27286", "spec/ops/moe.md", "crash",
+       "the CPU kernel asserts the id: SIGABRT")
+def p_add_id_bad_expert(ctx):
+    # 1 token with 1 expert used (src0), biases of 2 experts (src1)
+    _bad_expert_id(ctx, OP_ADD_ID, (4, 1, 1, 1), (4, 2, 1, 1), (4, 1, 1, 1))
 
 
 @probe("H18", "graph whose source chain is 200 000 tensors deep",

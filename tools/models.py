@@ -1,4 +1,5 @@
-"""Small random GGUF models for end-to-end tests: llama and the architectures built like it.
+"""Small random GGUF models for end-to-end tests: llama, the architectures built like it,
+and qwen3moe (a mixture of experts).
 
 Weights are random (seeded), so a model's text is gibberish, but deterministic gibberish that
 any two correct implementations agree on.  The vocabulary holds printable pieces only, so
@@ -35,6 +36,7 @@ ARCH_FEATURES = {
     "qwen3": frozenset({"qk_norm"}),                        # per-head RMS norm of Q and K
     "phi3": frozenset({"fused_qkv", "fused_up"}),           # attn_qkv; ffn_up holds gate and up
     "gemma3": frozenset({"qk_norm", "post_norms", "tied_output"}),  # + post-attn/ffw norms
+    "qwen3moe": frozenset({"qk_norm", "moe"}),               # experts instead of one FFN
 }
 
 
@@ -64,6 +66,10 @@ class ModelSpec:
     sliding_window: int = 0
     swa_pattern: int = 0
     rope_theta_swa: float = 0.0
+    #: qwen3moe: a mixture of ``n_expert`` experts of ``n_ff`` each, ``n_expert_used`` routed
+    #: per token (softmax gating, normalised weights)
+    n_expert: int = 0
+    n_expert_used: int = 0
 
     @property
     def head_dim(self) -> int:
@@ -128,6 +134,10 @@ def write_gguf(path: Path, spec: ModelSpec) -> Path:
         w.add_sliding_window_pattern(spec.swa_pattern)
         w.add_rope_freq_base_swa(spec.rope_theta_swa)
     w.add_layer_norm_rms_eps(spec.rms_eps)
+    if "moe" in features:
+        w.add_expert_count(spec.n_expert)
+        w.add_expert_used_count(spec.n_expert_used)
+        w.add_expert_feed_forward_length(spec.n_ff)
     w.add_vocab_size(n_vocab)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
     w.add_tokenizer_model("llama")
@@ -166,12 +176,18 @@ def write_gguf(path: Path, spec: ModelSpec) -> Path:
             w.add_tensor(f"{blk}.attn_v.weight", mat(kv, e))
         w.add_tensor(f"{blk}.attn_output.weight", mat(e, q))
         w.add_tensor(f"{blk}.ffn_norm.weight", norm(e))
-        if "fused_up" in features:
+        if "moe" in features:
+            w.add_tensor(f"{blk}.ffn_gate_inp.weight", mat(spec.n_expert, e) * 4)
+            for name, rows, cols in (("gate", ff, e), ("up", ff, e), ("down", e, ff)):
+                w.add_tensor(f"{blk}.ffn_{name}_exps.weight",
+                             np.stack([mat(rows, cols) for _ in range(spec.n_expert)]))
+        elif "fused_up" in features:
             w.add_tensor(f"{blk}.ffn_up.weight", mat(2 * ff, e))
         else:
             w.add_tensor(f"{blk}.ffn_gate.weight", mat(ff, e))
             w.add_tensor(f"{blk}.ffn_up.weight", mat(ff, e))
-        w.add_tensor(f"{blk}.ffn_down.weight", mat(e, ff))
+        if "moe" not in features:
+            w.add_tensor(f"{blk}.ffn_down.weight", mat(e, ff))
         if "qkv_bias" in features:
             for name, n in (("attn_q", q), ("attn_k", kv), ("attn_v", kv)):
                 w.add_tensor(f"{blk}.{name}.bias", bias(n))

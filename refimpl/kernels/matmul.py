@@ -29,6 +29,8 @@ No result depends on the thread count (each output is computed by one thread, wh
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from numba import njit, prange
 
@@ -39,6 +41,7 @@ from ..graph.validators.matmul import WEIGHT_TYPES
 from . import matmul_fast as fast
 from .cpu_tensors import bf16_to_f32, f16_to_f32, load_f32, round_to, rows_u8, view
 from .numeric import fma32, hsum8_f32
+from .set_rows import check_indices
 from .quants import (BF16, F16, F16_TABLE, F32, K_QUANT_TYPES, Q2_K, Q4_0, Q4_1, Q4_K, Q5_0,
                      Q5_1, Q5_K, Q6_K, Q8_0, Q8_1, Q8_K, VEC_DOT_TYPE,
                      dequantize_rows, quantize_activations, quantize_q8_32, quantize_q8_k,
@@ -429,19 +432,43 @@ def _run(node: Node, a: Node, b: Node, kernel: str) -> None:
         return
     out = np.zeros((b3, b2, nt, a.ne[1]), np.float32)
     if out.size and a.ne[0]:
-        if a.type in (F32, F16, BF16):
-            _blas(a, _float_activations(a, b, m), None, out)
-        else:
-            acts = _quant_activations(a, b, m)
-            if _needs_sign_trick(a.type, acts.qs):
-                kernel = UNPACKED
-            if kernel == BLAS and a.type in fast.FAST_QUANT_TYPES:
-                _blas_groups(a, acts, out)
-            elif kernel == BLAS:
-                _blas(a, acts.dequantized(), acts.s if a.type == Q5_1 else None, out)
-            else:
-                _integer(a, acts, kernel, out)
+        _compute(a, lambda: _float_activations(a, b, m), lambda: _quant_activations(a, b, m),
+                 kernel, out)
     view(node)[...] = out
+
+
+def _compute(a: Node, float_acts, quant_acts, kernel: str, out: np.ndarray) -> None:
+    """``out`` (B3, B2, T, N) = the product of weights ``a`` with the activations that
+    ``float_acts()`` (float weights: float32 (M, K) in the weights' precision) or
+    ``quant_acts()`` (quantised weights: :class:`~.quants.Activations`) make."""
+    if a.type in (F32, F16, BF16):
+        _blas(a, float_acts(), None, out)
+        return
+    acts = quant_acts()
+    if _needs_sign_trick(a.type, acts.qs):
+        kernel = UNPACKED
+    if kernel == BLAS and a.type in fast.FAST_QUANT_TYPES:
+        _blas_groups(a, acts, out)
+    elif kernel == BLAS:
+        _blas(a, acts.dequantized(), acts.s if a.type == Q5_1 else None, out)
+    else:
+        _integer(a, acts, kernel, out)
+
+
+def product(a: Node, x: np.ndarray) -> np.ndarray:
+    """Weights ``a`` (one matrix: ne[2] = ne[3] = 1) times float32 activation rows ``x``
+    (M, K, C order), computed as MUL_MAT computes it: activations converted to the weights'
+    format, the kernel chosen for M rows.  Returns float32 (M, N)."""
+    m = x.shape[0]
+    kernel = choose_kernel(a.type, m)
+    out = np.zeros((1, 1, m, a.ne[1]), np.float32)
+    if out.size and a.ne[0]:
+        if kernel == PACKED and a.type == F16:
+            fast.mm_f16(view(a, np.uint16), round_to(x, F16), out, F16_TABLE)
+        else:
+            _compute(a, lambda: round_to(x, a.type),
+                     lambda: quantize_activations(x, VEC_DOT_TYPE[a.type]), kernel, out)
+    return out[0, 0]
 
 
 class _BoundPacked:
@@ -491,3 +518,63 @@ def bind_mat_mul(node: Node):
             and node.nelements and a.ne[0]):
         return _BoundPacked(node, a, b)
     return lambda: _run(node, a, b, kernel)
+
+
+# ------------------------------------------------------------------------------------------
+# MUL_MAT_ID
+
+
+def reference_id(w: np.ndarray, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Numpy oracle of MUL_MAT_ID: experts ``w`` (E, N, K) as the product sees them,
+    activations ``x`` (T, B1, K), ids (T, U); returns float64 (T, U, N) with
+    ``out[t, j] = w[ids[t, j]] · x[t, j % B1]``."""
+    t, u = ids.shape
+    xs = np.asarray(x, np.float64)[np.arange(t)[:, None], np.arange(u)[None, :] % x.shape[1]]
+    return np.einsum("tunk,tuk->tun", np.asarray(w, np.float64)[ids], xs)
+
+
+def expert_matrix(a: Node, e: int) -> Node:
+    """Expert ``e`` of the weights ``a`` (K, N, n_expert) as a node of its own: one matrix
+    (K, N, 1, 1) at the offset of its bytes, with views of its own."""
+    n, nb = a.ne[1], a.nb
+    row = a.ne[0] // a.traits.block_size * a.traits.type_size
+    return dataclasses.replace(a, ne=(a.ne[0], n, 1, 1), nb=(nb[0], nb[1], nb[1] * n, nb[1] * n),
+                               offset=a.offset + e * nb[2],
+                               nbytes=(n - 1) * nb[1] + row if n else 0, views={})
+
+
+@kernel("cpu", Op.MUL_MAT_ID)
+def bind_mat_mul_id(node: Node):
+    """MUL_MAT_ID: the CPU runner of a validated node.  Every expert id is checked before
+    anything is written (an id outside [0, n_expert) makes ggml's CPU backend write outside
+    its scratch memory); then the activation rows routed to each expert are gathered and
+    multiplied by MUL_MAT's own kernels (:func:`product`), and scattered into dst."""
+    a, b, ids = node.src[0], node.src[1], node.src[2]
+    if a.type not in WEIGHT_TYPES:
+        return None
+    n_expert, n_used, n_tokens = a.ne[2], ids.ne[0], ids.ne[1]
+    if node.nelements == 0:
+        return lambda: None
+    experts = [expert_matrix(a, e) for e in range(n_expert)]
+    ids_v, x_v, out = view(ids), view(b)[0], view(node)[0]
+    # slot (t, j) reads activation row (t, j % b.ne[1])
+    tok = np.repeat(np.arange(n_tokens), n_used)
+    col = np.tile(np.arange(n_used), n_tokens)
+    xcol = col % b.ne[1]
+
+    def run():
+        check_indices(node, ids_v, n_expert, "expert id", 2)
+        chosen = ids_v[0, 0].ravel()                       # slot t * n_used + j
+        order = np.argsort(chosen, kind="stable")
+        counts = np.bincount(chosen, minlength=n_expert)
+        start = 0
+        results = []
+        for e in np.flatnonzero(counts):
+            slots = order[start:start + counts[e]]
+            start += counts[e]
+            x = np.ascontiguousarray(x_v[tok[slots], xcol[slots]])
+            results.append((slots, product(experts[e], x)))
+        # written only after every product: dst may share bytes with src1
+        for slots, res in results:
+            out[tok[slots], col[slots]] = res
+    return run

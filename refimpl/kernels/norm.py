@@ -18,7 +18,7 @@ from ..graph.build import Node
 from ..graph.ops import Op
 from ..graph.registry import kernel
 from .cpu_tensors import view
-from .numeric import hsum8_f32
+from .numeric import hsum8_f32, sum_f64
 from .parallel import sized_kernel
 
 
@@ -51,10 +51,7 @@ def norm_f32(x, out, eps):
     for r in prange(n3 * n2 * n1):
         i3, i2, i1 = r // (n2 * n1), (r // n1) % n2, r % n1
         xr = x[i3, i2, i1]
-        s = 0.0
-        for i0 in range(n0):
-            s += np.float64(xr[i0])
-        mean = np.float32(s) / np.float32(n0)
+        mean = np.float32(sum_f64(xr)) / np.float32(n0)
         d = np.empty(n0, np.float32)
         for i0 in range(n0):
             d[i0] = xr[i0] - mean

@@ -161,6 +161,16 @@ def silu_f32(x):
     return x / (np.float32(1.0) + np.float32(math.exp(-x)))
 
 
+@njit(cache=True, nogil=True, inline="always")
+def sum_f64(row):
+    """The sum of a float32 row in float64, in order (ggml's ``ggml_vec_sum_f32``, which
+    SUM_ROWS and NORM's mean use)."""
+    s = 0.0
+    for i in range(row.shape[0]):
+        s += np.float64(row[i])
+    return s
+
+
 @njit(cache=True, nogil=True)
 def hsum8_f32(v0, v1, v2, v3, v4, v5, v6, v7):
     """ggml's horizontal float32 sum of one 8-lane register: the upper half is added to the lower

@@ -128,9 +128,7 @@ def bind_set_rows(node: Node):
         if b.nelements == 0:
             return
         idx = view(c).astype(np.int64)
-        bad = first_bad_index(idx, n_rows)
-        if bad >= 0:
-            _refuse_index(node, idx, bad, n_rows)
+        check_indices(node, idx, n_rows, "row index")
         # _payload always makes a copy, so the scatter never reads what it writes
         dst = rows_u8(node) if storage == "rows" else view(node, storage)
         scatter_rows(_payload(b, node.type), idx, dst)
@@ -143,14 +141,18 @@ def _bind_f32_to_f16(node: Node, b: Node, c: Node, n_rows: int):
     rows, idx, dst = view(b), view(c), view(node, np.uint16)
 
     def run():
-        bad = first_bad_index(idx, n_rows)
-        if bad >= 0:
-            _refuse_index(node, idx, bad, n_rows)
+        check_indices(node, idx, n_rows, "row index")
         scatter_rows_to_f16(rows, idx, dst)
     return run
 
 
-def _refuse_index(node: Node, idx: np.ndarray, flat: int, n_rows: int):
-    where = np.unravel_index(flat, idx.shape)
-    raise GraphInvalid(f"node {node.describe()}: row index {int(idx[where])} at "
-                       f"src1{[int(x) for x in where[::-1]]} is outside [0, {n_rows})")
+def check_indices(node: Node, idx: np.ndarray, n: int, what: str = "row index",
+                  which: int = 1) -> None:
+    """Raise GraphInvalid (before anything is written) unless every index of the 4-D array
+    ``idx`` (a view of src[which]) lies in ``[0, n)``; the message names the first that does
+    not."""
+    bad = first_bad_index(idx, n)
+    if bad >= 0:
+        where = np.unravel_index(bad, idx.shape)
+        raise GraphInvalid(f"node {node.describe()}: {what} {int(idx[where])} at "
+                           f"src{which}{[int(x) for x in where[::-1]]} is outside [0, {n})")

@@ -1,4 +1,4 @@
-"""UNARY, GLU and SCALE: elementwise activations (spec/ops/unary.md).
+"""UNARY, GLU, SCALE, CLAMP and FILL: elementwise activations (spec/ops/unary.md).
 
 Everything is computed in float32, bit-exact with ggml's x86 AVX2 CPU backend, including its
 shortcuts: GELU and GELU_QUICK (alone or as the gate of GEGLU and GEGLU_QUICK) are looked up in
@@ -335,5 +335,56 @@ def reference_scale(x: np.ndarray, s: float, b: float) -> np.ndarray:
     return np.asarray(x, np.float64) * np.float32(s) + np.float32(b)
 
 
-__all__ = ["activation", "unary_f32", "glu_f32", "scale_f32", "reference_unary",
-           "reference_glu", "reference_scale"]
+@sized_kernel(0, cache=True, nogil=True)
+def clamp_f32(a, out, lo, hi):
+    """out = max(min(a, hi), lo), with ggml's comparisons: a NaN compares false, so it
+    becomes hi (then lo, where hi < lo)."""
+    n3, n2, n1, n0 = out.shape
+    for r in prange(n3 * n2 * n1):
+        i3, i2, i1 = r // (n2 * n1), (r // n1) % n2, r % n1
+        for i0 in range(n0):
+            x = a[i3, i2, i1, i0]
+            x = x if x < hi else hi
+            out[i3, i2, i1, i0] = x if x > lo else lo
+
+
+def reference_clamp(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Numpy oracle of CLAMP in float64 (NaN becomes hi, as in ggml)."""
+    x = np.asarray(x, np.float64)
+    with np.errstate(invalid="ignore"):
+        x = np.where(x < hi, x, hi)
+        return np.where(x > lo, x, lo)
+
+
+@kernel("cpu", Op.CLAMP)
+def bind_clamp(node: Node):
+    """CLAMP: lo, hi in op_params[0], [1] (floats): the CPU runner of a validated node."""
+    a = node.src[0]
+    lo, hi = np.float32(node.param_f32(0)), np.float32(node.param_f32(1))
+
+    def run():
+        av = load_f32(a)
+        _run_into(node, lambda out: clamp_f32(av, out, lo, hi), av)
+    return run
+
+
+@kernel("cpu", Op.FILL)
+def bind_fill(node: Node):
+    """FILL: every element set to op_params[0], rounded to dst's type: the CPU runner of a
+    validated node."""
+    out = view(node)
+    with np.errstate(over="ignore"):     # beyond F16's range: infinity, as ggml rounds it
+        value = np.float32(node.param_f32(0)).astype(out.dtype)
+
+    def run():
+        out[...] = value
+    return run
+
+
+def reference_fill(shape, value: float) -> np.ndarray:
+    """Numpy oracle of FILL (float64 values before the destination's rounding)."""
+    return np.full(shape, np.float64(np.float32(value)))
+
+
+__all__ = ["activation", "unary_f32", "glu_f32", "scale_f32", "clamp_f32", "reference_unary",
+           "reference_glu", "reference_scale", "reference_clamp", "reference_fill"]

@@ -180,7 +180,13 @@ def test_a_graph_the_gpu_cannot_run_is_refused_and_the_connection_closed(gpu_ser
     w = g.input(T.Q4_K, (256, 2), random_rows(np.random.default_rng(0), int(T.Q4_K), 2, 256))
     x = g.input(T.Q8_K, (256, 1), np.zeros(292, np.uint8))
     g.node(Op.MUL_MAT, T.F32, (2, 1), [w, x])
+    _refused_on_the_gpu(gpu_server, g)
+    assert "no cuda kernel" in gpu_server.log_text()
 
+
+def _refused_on_the_gpu(gpu_server, g):
+    """The CPU device (0) runs ``g``; the GPU (1) refuses it, closing the connection; the
+    server then serves a new one."""
     async def main():
         async with await RpcClient.connect(*gpu_server.address) as c:
             await _run_remote(c, g, 0, [])             # the CPU runs it
@@ -190,7 +196,28 @@ def test_a_graph_the_gpu_cannot_run_is_refused_and_the_connection_closed(gpu_ser
         async with await RpcClient.connect(*gpu_server.address) as c:
             assert await c.device_count() == 2         # the server goes on
     trio.run(main)
-    assert "no cuda kernel" in gpu_server.log_text()
+
+
+def _moe_graph(op):
+    """One MUL_MAT_ID or ARGSORT node (kernels the CUDA device does not have yet)."""
+    g = GraphBuilder(1 << 16)
+    if op == Op.ARGSORT:
+        x = g.input(T.F32, (8, 2), np.random.default_rng(1).standard_normal((2, 8)))
+        g.node(Op.ARGSORT, T.I32, (8, 2), [x], [1])
+    else:
+        w = g.input(T.F32, (32, 4, 8), np.ones((8, 4, 32)))
+        x = g.input(T.F32, (32, 1, 2), np.ones((2, 1, 32)))
+        ids = g.input(T.I32, (2, 2), np.array([[0, 7], [3, 1]]))
+        g.node(Op.MUL_MAT_ID, T.F32, (4, 2, 2), [w, x, ids])
+    return g
+
+
+@pytest.mark.parametrize("op", [Op.MUL_MAT_ID, Op.ARGSORT], ids=lambda o: o.name)
+def test_an_op_without_a_cuda_kernel_is_refused_naming_it(gpu_server, op):
+    """Issue 13 item 7: a graph with an op the CUDA device lacks is refused on device 1 with
+    a message naming the op; the CPU device runs it, and the server goes on serving."""
+    _refused_on_the_gpu(gpu_server, _moe_graph(op))
+    assert f"no cuda kernel for op {op.name}" in gpu_server.log_text()
 
 
 def _set_rows_into_q8_0():
@@ -215,15 +242,5 @@ def _flash_attn_over_q8_0():
 def test_a_quantised_cache_runs_on_the_cpu_and_is_refused_by_the_gpu(gpu_server, build, op):
     """The CUDA device has no kernels for a quantised KV cache yet: such a graph is refused on
     device 1 with a message naming the op, runs on device 0, and the server goes on."""
-    g = build()
-
-    async def main():
-        async with await RpcClient.connect(*gpu_server.address) as c:
-            await _run_remote(c, g, 0, [])
-            with pytest.raises(ServerClosedConnection):
-                await _run_remote(c, g, 1, [])
-                await c.device_count()
-        async with await RpcClient.connect(*gpu_server.address) as c:
-            assert await c.device_count() == 2
-    trio.run(main)
+    _refused_on_the_gpu(gpu_server, build())
     assert any(op in line and "no cuda kernel" in line for line in gpu_server.log_text().splitlines())

@@ -25,6 +25,7 @@ WEIGHTS = {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_K",
 FLOAT = {"f32", "f16", "bf16"}
 #: the types of a quantised KV cache (-ctk/-ctv): SET_ROWS and CPY into them, attention over them
 KV_QUANT = {"q8_0", "q4_0", "q4_1", "q5_0", "q5_1"}
+MUL_MAT_ID_WEIGHTS = WEIGHTS | {"q2_K", "q3_K", "q5_K"}
 
 
 def _param(case: str, name: str) -> str | None:
@@ -43,6 +44,12 @@ def required(case: str) -> bool:
         return _param(case, "type_K") in FLOAT | KV_QUANT and _param(case, "type_V") in FLOAT | KV_QUANT
     if op == "SET_ROWS":
         return _param(case, "type_dst") in FLOAT | KV_QUANT
+    if op == "MUL_MAT_ID":  # every MUL_MAT weight type; experts of at most 4 Mi weights
+        size = 1
+        for name in ("n_mats", "m", "k"):
+            size *= int(_param(case, name) or 0)
+        return (_param(case, "type_a") in MUL_MAT_ID_WEIGHTS and _param(case, "type_b") == "f32"
+                and size <= 1 << 22)
     if op == "CPY":
         src, dst = _param(case, "type_src"), _param(case, "type_dst")
         return ((src == dst and src in WEIGHTS) or (src in FLOAT and dst in FLOAT)
@@ -100,8 +107,8 @@ OPS = {
     "attention": "SOFT_MAX,ROPE",
     "flash_attn": "FLASH_ATTN_EXT",
     "mul_mat": "MUL_MAT",
+    "moe": "SUM_ROWS,CLAMP,FILL,ARGSORT,TOP_K,ADD_ID,MUL_MAT_ID",
 }
-
 
 @pytest.mark.parametrize("group", list(OPS))
 def test_required_cases_pass(peer_bin, group):

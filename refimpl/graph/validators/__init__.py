@@ -13,9 +13,11 @@ from . import (  # noqa: F401
                get_rows,
                matmul,
                norm,
+               reduce,
                rope,
                set_rows,
                softmax,
+               sort,
                unary,
                views,
 )

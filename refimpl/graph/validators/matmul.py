@@ -7,6 +7,7 @@ from ..checks import (
     BF16,
     F16,
     F32,
+    I32,
     block_rows,
     elementwise_strides,
     no_src_beyond,
@@ -40,6 +41,37 @@ def check_mat_mul(node: Node) -> None:
     block_rows(a, node, "src0")
     require(a.nb[0] <= a.nb[1], node, "src0 is transposed (nb[0] > nb[1])")
     block_rows(b, node, "src1")
+    elementwise_strides(node, node, "dst")
+    require(node.nelements == 0 or node.nb[0] == 4 <= node.nb[1] <= node.nb[2] <= node.nb[3],
+            node, f"dst must not be transposed or permuted (nb={list(node.nb)})")
+
+
+@validates(Op.MUL_MAT_ID)
+def check_mat_mul_id(node: Node) -> None:
+    """MUL_MAT_ID (ggml_mul_mat_id): ``dst[:, j, t] = as[ids[j, t]] · b[:, j % b.ne[1], t]``
+    with the experts' weights ``as`` (K, N, n_expert) of any MUL_MAT weight type, F32
+    activations ``b`` (K, 1 or n_used, n_tokens) and I32 expert ids (n_used, n_tokens); the
+    ids' range is checked when the graph runs: raise GraphInvalid unless ggml would accept the
+    node."""
+    a, b, ids = src(node, 0, "experts"), src(node, 1, "activations"), src(node, 2, "ids")
+    no_src_beyond(node, 3)
+    type_in(a, WEIGHT_TYPES, node, "src0")
+    type_in(b, {F32}, node, "src1")
+    type_in(ids, {I32}, node, "ids")
+    require(node.type == F32, node, "dst must be f32")
+    require(a.ne[3] == 1 and b.ne[3] == 1, node, "src0 and src1 must be 3-D")
+    require(ids.ne[2] == 1 and ids.ne[3] == 1, node, "ids must be 2-D")
+    require(ids.ne[1] == b.ne[2], node, f"ids has {ids.ne[1]} token columns, src1 {b.ne[2]}")
+    require(a.ne[0] == b.ne[0], node, f"src0 and src1 rows differ in length ({a.ne[0]} and "
+                                      f"{b.ne[0]})")
+    require(b.ne[1] > 0 and ids.ne[0] % b.ne[1] == 0, node,
+            f"src1 ne[1]={b.ne[1]} does not divide the ids per token {ids.ne[0]}")
+    expect = (a.ne[1], ids.ne[0], b.ne[2], 1)
+    require(node.ne == expect, node, f"dst shape must be {list(expect)}")
+    block_rows(a, node, "src0")
+    require(a.nb[0] <= a.nb[1], node, "src0 is transposed (nb[0] > nb[1])")
+    block_rows(b, node, "src1")
+    elementwise_strides(ids, node, "ids")
     elementwise_strides(node, node, "dst")
     require(node.nelements == 0 or node.nb[0] == 4 <= node.nb[1] <= node.nb[2] <= node.nb[3],
             node, f"dst must not be transposed or permuted (nb={list(node.nb)})")

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from ..build import Node
 from ..checks import (
+    F16,
+    F32,
     FLOAT_TYPES,
+    is_contiguous,
     elementwise_strides,
     no_src_beyond,
     require,
@@ -64,5 +67,34 @@ def check_scale_op(node: Node) -> None:
     a = src(node, 0)
     no_src_beyond(node, 1)
     _float_operands(node, (a, "src0"))
+    same_shape(node, a, node, "dst and src0")
+    require(node.type == a.type, node, "dst must have src0's type")
+
+
+@validates(Op.CLAMP)
+def check_clamp(node: Node) -> None:
+    """CLAMP (ggml_clamp): ``dst = max(min(src0, hi), lo)`` with lo, hi in op_params[0], [1]
+    (floats); F32 or F16 (ggml's CPU backend aborts on others): raise GraphInvalid unless ggml
+    would accept the node."""
+    a = src(node, 0)
+    no_src_beyond(node, 1)
+    for t, what in ((node, "dst"), (a, "src0")):
+        type_in(t, {F32, F16}, node, what)
+        elementwise_strides(t, node, what)
+    same_shape(node, a, node, "dst and src0")
+    require(node.type == a.type, node, "dst must have src0's type")
+
+
+@validates(Op.FILL)
+def check_fill(node: Node) -> None:
+    """FILL (ggml_fill): every element of dst set to op_params[0] (a float); F32 or F16, src0
+    contiguous and of dst's type and shape (its values are not read): raise GraphInvalid
+    unless ggml would accept the node."""
+    a = src(node, 0)
+    no_src_beyond(node, 1)
+    for t, what in ((node, "dst"), (a, "src0")):
+        type_in(t, {F32, F16}, node, what)
+        elementwise_strides(t, node, what)
+    require(is_contiguous(a), node, "src0 must be contiguous")
     same_shape(node, a, node, "dst and src0")
     require(node.type == a.type, node, "dst must have src0's type")

@@ -1,0 +1,42 @@
+"""Mixture-of-experts models through refimpl-server, judged by the numerics contract
+(issue 13 item 2): random qwen3moe models (softmax gating, top-k experts by ARGSORT, weights
+normalised by SUM_ROWS, CLAMP and DIV, experts by MUL_MAT_ID), written with the gguf package
+and quantised with the peer's llama-quantize, every layer on refimpl-server.  As in
+tests/e2e/test_llama_models.py: refimpl's mean KLD, same-top-token rate and perplexity ratio
+against the host's llama.cpp CPU run must lie within the contract's bands around llama.cpp's
+own alternatives (its portable and SSE4.2 builds, its CPU run without repacking)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tools.llama_runs import RunSettings
+from tools.models import ModelSpec, quantize, write_gguf
+
+from .test_llama_models import assert_logits_within_contract
+
+pytestmark = [pytest.mark.peer, pytest.mark.slow]
+
+QWEN3MOE = ModelSpec(arch="qwen3moe", n_embd=128, n_layer=2, n_head=4, n_head_kv=2, n_ff=64,
+                     n_expert=8, n_expert_used=2, seed=13)
+TYPES = ["f32", "q8_0", "q4_k"]
+#: (weight type, flash attention): both attention paths once, each quantised type once
+CASES = [("f32", False), ("f32", True), ("q8_0", False), ("q4_k", True)]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, peer_bin) -> dict:
+    root = tmp_path_factory.mktemp("moe")
+    f32 = write_gguf(root / "qwen3moe-f32.gguf", QWEN3MOE)
+    return {t: f32 if t == "f32" else quantize(f32, root / f"qwen3moe-{t}.gguf", t, peer_bin)
+            for t in TYPES}
+
+
+@pytest.mark.parametrize("kind,fa", CASES,
+                         ids=[f"{k}-fa-{'on' if f else 'off'}" for k, f in CASES])
+def test_qwen3moe_logits_within_contract(peer_bin, portable_lib, sse42_lib, models, text_file,
+                                         refimpl_server, tmp_path, kind, fa):
+    s = RunSettings(ctx=128, flash_attn=fa, threads=1)
+    assert_logits_within_contract(peer_bin, portable_lib, sse42_lib, models[kind], text_file,
+                                  refimpl_server, tmp_path, s, 2,
+                                  f"qwen3moe-{kind}/batched/{'fa' if fa else 'nofa'}")
