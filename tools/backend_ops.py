@@ -21,7 +21,6 @@ import argparse
 import collections
 import hashlib
 import json
-import os
 import re
 import subprocess
 import sys

@@ -171,12 +171,12 @@ def test_llama_shape_and_mla_view():
 
 def _node(case):
     g = GraphBuilder(1 << 20)
-    kt = {"q8_0 k": T.Q8_0, "i32 k": T.I32}.get(case, T.F16)
-    dk = 32
+    kt = {"q4_k k": T.Q4_K, "i32 k": T.I32}.get(case, T.F16)    # (block K/V: the KV-cache types)
+    dk = 256 if case in ("q4_k k", "q6_k v") else 32
     q = g.input(T.F16 if case == "f16 q" else T.F32, (dk, 3, 4, 1))
     k = g.input(kt, (dk if case != "head size" else 16, 10, 3 if case == "gqa" else 2, 1),
                 nb=(4, 128, 1280, 2560) if case == "unpacked k" else None)
-    v = g.input(T.Q4_0 if case == "q4_0 v" else T.F16, (dk, 9 if case == "v rows" else 10,
+    v = g.input(T.Q6_K if case == "q6_k v" else T.F16, (dk, 9 if case == "v rows" else 10,
                                                          3 if case == "v heads" else 2,
                                                          2 if case == "ne3" else 1))
     srcs = [q, k, v]
@@ -195,7 +195,7 @@ def _node(case):
     return g
 
 
-@pytest.mark.parametrize("case", ["q8_0 k", "q4_0 v", "i32 k", "f16 q", "f16 dst", "head size",
+@pytest.mark.parametrize("case", ["q4_k k", "q6_k v", "i32 k", "f16 q", "f16 dst", "head size",
                                   "gqa", "v rows", "v heads", "ne3", "unpacked k", "mask short",
                                   "mask rows", "mask heads", "f32 mask", "strided mask",
                                   "alibi without mask", "sinks length", "prec", "n_kv_max",
