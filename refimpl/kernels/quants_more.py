@@ -1,0 +1,417 @@
+"""More block formats: the non-linear, FP4, ternary and 1/2-bit weight types of ggml 0.3.36.
+
+refimpl.kernels.quants holds the classic formats (Q4_0 … Q6_K) and ggml's activation formats;
+this module adds the weight formats below, whose values are a small integer code looked up in
+(or equal to) a fixed list, times one or two scales (spec/ops/matmul.md, "Block formats"):
+
+=======  =====  =====  ====================================================================
+type     block  bytes  layout (little-endian; ``f16`` is an IEEE half)
+=======  =====  =====  ====================================================================
+IQ4_NL   32     18     d:f16, qs[16] (nibbles as Q4_0); value ``d·NL[q]``
+IQ4_XS   256    136    d:f16, scales_h:u16, scales_l[4], qs[128]; eight 32-value sub-blocks
+                       with a 6-bit scale ``ls`` (low nibble from scales_l, two high bits
+                       from scales_h); value ``d·(ls − 32)·NL[q]``
+MXFP4    32     17     e:u8 (E8M0 shared exponent), qs[16]; value ``2^(e−128)·FP4[q]``
+NVFP4    64     36     d:u8[4] (UE4M3 scale per 16 values), qs[32]; value ``d_s/2·FP4[q]``
+TQ1_0    256    54     qs[48] (five base-3 digits a byte), qh[4] (four a byte), d:f16;
+                       value ``d·(t − 1)``, ``t`` in 0…2
+TQ2_0    256    66     qs[64] (four 2-bit codes a byte, as Q2_K), d:f16; value ``d·(q − 1)``
+Q1_0     128    18     d:f16, qs[16] (one bit a value); value ``+d`` (bit set) or ``−d``
+Q2_0     64     18     d:f16, qs[16] (four 2-bit codes a byte, value j at bits 2·(j mod 4));
+                       value ``d·(q − 1)``
+=======  =====  =====  ====================================================================
+
+``NL`` is the 16-entry non-linear table of the IQ4 formats (:data:`KVALUES_IQ4NL`), ``FP4``
+the e2m1 values doubled (:data:`KVALUES_FP4`); both are part of the format definitions.
+
+Every product of a dequantisation is exact in float32 (a half or power of two times a small
+integer), so :func:`dequantize_rows` is bit-equal to ggml's ``dequantize_row_*``.  ggml's CPU
+backend multiplies these weights with activations quantised to Q8_0 (IQ4_NL, MXFP4, NVFP4,
+Q1_0, Q2_0) or Q8_K (IQ4_XS, TQ1_0, TQ2_0); refimpl.kernels.matmul quantises them the same
+way (refimpl.kernels.quants) and multiplies the exact values: :func:`mm_dequant` for a few
+activation rows (each weight row decoded once into scratch), decoded tiles and BLAS for more.
+
+:func:`quantize_rows` is ggml's CPU ``from_float`` for IQ4_NL (the quantiser SET_ROWS and CPY
+use).  The plain-numpy ``reference_*`` functions are independent oracles for the tests.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ..protocol.ggml_types import GgmlType
+from .parallel import sized_kernel
+from .quants import F16_TABLE, _f16_at
+
+IQ4_NL, IQ4_XS = int(GgmlType.IQ4_NL), int(GgmlType.IQ4_XS)
+MXFP4, NVFP4 = int(GgmlType.MXFP4), int(GgmlType.NVFP4)
+TQ1_0, TQ2_0 = int(GgmlType.TQ1_0), int(GgmlType.TQ2_0)
+Q1_0, Q2_0 = int(GgmlType.Q1_0), int(GgmlType.Q2_0)
+
+#: (values per block, bytes per block) of every format of this module.
+BLOCK = {IQ4_NL: (32, 18), IQ4_XS: (256, 136), MXFP4: (32, 17), NVFP4: (64, 36),
+         TQ1_0: (256, 54), TQ2_0: (256, 66), Q1_0: (128, 18), Q2_0: (64, 18)}
+
+#: The formats of this module.
+MORE_TYPES = frozenset(BLOCK)
+
+#: IQ4_NL / IQ4_XS code -> value (the non-linear 4-bit grid, ggml-common.h ``kvalues_iq4nl``).
+KVALUES_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10,
+                          1, 13, 25, 38, 53, 69, 89, 113], np.int8)
+
+#: FP4 (e2m1) code -> twice its value: sign bit 3, then 0, 0.5, 1, 1.5, 2, 3, 4, 6.
+KVALUES_FP4 = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], np.int8)
+
+
+def _e8m0_half_table() -> np.ndarray:
+    """E8M0 byte ``e`` -> ``2^(e-128)`` (half the shared scale, as :data:`KVALUES_FP4` is
+    doubled), float32; ``e`` 0 and 1 are float32 subnormals."""
+    e = np.arange(256, dtype=np.uint32)
+    bits = np.where(e < 2, np.uint32(0x00200000) << e, (e - 1) << 23).astype(np.uint32)
+    return bits.view(np.float32)
+
+
+def _ue4m3_half_table() -> np.ndarray:
+    """UE4M3 byte -> half its value (unsigned, 4 exponent bits with bias 7, 3 mantissa bits;
+    0x00 and 0x7F read as 0), float32."""
+    x = np.arange(256)
+    exp, man = (x >> 3) & 15, x & 7
+    raw = np.where(exp == 0, np.ldexp(man.astype(np.float64), -9),
+                   np.ldexp(1.0 + man / 8.0, exp - 7))
+    raw[(x == 0) | (x == 0x7F)] = 0.0
+    return (raw * 0.5).astype(np.float32)
+
+
+#: E8M0 byte -> float32 scale for MXFP4 (with the halving of the doubled FP4 values).
+E8M0_HALF = _e8m0_half_table()
+#: UE4M3 byte -> float32 scale for NVFP4 (likewise halved).
+UE4M3_HALF = _ue4m3_half_table()
+
+
+# ------------------------------------------------------------------------------------------
+# dequantisation
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _nibbles(row, o, base, scale, lut, out):
+    """16 packed bytes at ``row[o:]`` -> out[base:base+32] as ``scale·lut[nibble]``: the low
+    nibble of byte j is value j, the high nibble value j + 16 (IQ4, MXFP4; NVFP4 per 8)."""
+    for j in range(16):
+        v = np.int32(row[o + j])
+        out[base + j] = scale * np.float32(lut[v & 15])
+        out[base + j + 16] = scale * np.float32(lut[v >> 4])
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _base3_digit(byte, n):
+    """Digit ``n`` (0…4, most significant first) of a TQ1_0 byte, which stores five base-3
+    digits as ``ceil(value · 256 / 243)``: multiplying by 3^n modulo 256 shifts digit n to
+    the top, and ``(b · 3) >> 8`` reads it."""
+    q = (np.int32(byte) * (1, 3, 9, 27, 81)[n]) & 255
+    return (q * 3) >> 8
+
+
+@njit(cache=True, nogil=True)
+def dequantize_row_more(code, row, out, table, nl, fp4, e8m0, ue4m3):
+    """Dequantise one packed row (uint8) of a format of this module into ``out`` (float32).
+    ``table`` is :data:`~.quants.F16_TABLE`; ``nl``, ``fp4``, ``e8m0`` and ``ue4m3`` are
+    :data:`KVALUES_IQ4NL`, :data:`KVALUES_FP4`, :data:`E8M0_HALF` and :data:`UE4M3_HALF`."""
+    n = out.shape[0]
+    if code == IQ4_NL:
+        for b in range(n // 32):
+            _nibbles(row, 18 * b + 2, 32 * b, _f16_at(row, 18 * b, table), nl, out)
+    elif code == IQ4_XS:
+        for b in range(n // 256):
+            o = 136 * b
+            d = _f16_at(row, o, table)
+            sh = np.int32(row[o + 2]) | (np.int32(row[o + 3]) << 8)
+            for s in range(8):
+                low = (np.int32(row[o + 4 + s // 2]) >> (4 * (s % 2))) & 15
+                ls = low | (((sh >> (2 * s)) & 3) << 4)
+                _nibbles(row, o + 8 + 16 * s, 256 * b + 32 * s, d * np.float32(ls - 32), nl,
+                         out)
+    elif code == MXFP4:
+        for b in range(n // 32):
+            _nibbles(row, 17 * b + 1, 32 * b, e8m0[row[17 * b]], fp4, out)
+    elif code == NVFP4:
+        for b in range(n // 64):
+            o = 36 * b
+            for s in range(4):
+                d = ue4m3[row[o + s]]
+                for j in range(8):
+                    v = np.int32(row[o + 4 + 8 * s + j])
+                    out[64 * b + 16 * s + j] = np.float32(fp4[v & 15]) * d
+                    out[64 * b + 16 * s + 8 + j] = np.float32(fp4[v >> 4]) * d
+    elif code == TQ1_0:
+        for b in range(n // 256):
+            o = 54 * b
+            d = _f16_at(row, o + 52, table)
+            e = 256 * b
+            for n5 in range(5):                 # bytes 0..31: values n5·32 + m
+                for m in range(32):
+                    out[e + 32 * n5 + m] = np.float32(_base3_digit(row[o + m], n5) - 1) * d
+            for n5 in range(5):                 # bytes 32..47: values 160 + n5·16 + m
+                for m in range(16):
+                    t = _base3_digit(row[o + 32 + m], n5)
+                    out[e + 160 + 16 * n5 + m] = np.float32(t - 1) * d
+            for n4 in range(4):                 # qh: values 240 + n4·4 + j
+                for j in range(4):
+                    t = _base3_digit(row[o + 48 + j], n4)
+                    out[e + 240 + 4 * n4 + j] = np.float32(t - 1) * d
+    elif code == TQ2_0:
+        for b in range(n // 256):
+            o = 66 * b
+            d = _f16_at(row, o + 64, table)
+            for h in range(2):                  # 128-value halves over bytes 32h..32h+31
+                for sh in range(4):
+                    for m in range(32):
+                        q = (np.int32(row[o + 32 * h + m]) >> (2 * sh)) & 3
+                        out[256 * b + 128 * h + 32 * sh + m] = np.float32(q - 1) * d
+    elif code == Q1_0:
+        for b in range(n // 128):
+            o = 18 * b
+            d = _f16_at(row, o, table)
+            for j in range(128):
+                bit = (np.int32(row[o + 2 + j // 8]) >> (j % 8)) & 1
+                out[128 * b + j] = d if bit else -d
+    elif code == Q2_0:
+        for b in range(n // 64):
+            o = 18 * b
+            d = _f16_at(row, o, table)
+            for j in range(64):
+                q = (np.int32(row[o + 2 + j // 4]) >> (2 * (j % 4))) & 3
+                out[64 * b + j] = np.float32(q - 1) * d
+
+
+@sized_kernel(2, cache=True, nogil=True)
+def _dequantize_rows_2d(code, rows, out, table, nl, fp4, e8m0, ue4m3):
+    """Dequantise every row of ``rows`` (uint8 (n, row_bytes)) into ``out`` (n, ne0)."""
+    for r in prange(rows.shape[0]):
+        dequantize_row_more(code, rows[r], out[r], table, nl, fp4, e8m0, ue4m3)
+
+
+def dequantize_rows(code: int, rows: np.ndarray, ne0: int) -> np.ndarray:
+    """Block rows (uint8, shape (..., row_bytes)) of a format of this module to float32
+    (..., ne0), bit-equal to ggml's ``dequantize_row_*``."""
+    lead = rows.shape[:-1]
+    flat = np.ascontiguousarray(rows).reshape(-1, rows.shape[-1])
+    out = np.empty((flat.shape[0], ne0), np.float32)
+    if flat.shape[0] and ne0:
+        _dequantize_rows_2d(code, flat, out, F16_TABLE, KVALUES_IQ4NL, KVALUES_FP4,
+                            E8M0_HALF, UE4M3_HALF)
+    return out.reshape(*lead, ne0)
+
+
+# ------------------------------------------------------------------------------------------
+# matrix product for few activation rows
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def mm_dequant(code, w, x, out, table, nl, fp4, e8m0, ue4m3):
+    """Weights ``w`` (uint8 rows (A3, A2, N, row_bytes)) of a format of this module times
+    activations ``x`` (float32 (B3, B2, T, K), the exact values of their Q8 quantisation)
+    into ``out`` float32 (B3, B2, T, N).  Parallel over weight rows: each is decoded once
+    into scratch and met with every activation row of the batches it serves (src0 is
+    broadcast over B2/A2 × B3/A3 batches); each output is one float32 dot product."""
+    a3, a2, n, _ = w.shape
+    b3, b2, nt, k = x.shape
+    r3, r2 = b3 // a3, b2 // a2
+    for job in prange(a3 * a2 * n):
+        i03, rest = job // (a2 * n), job % (a2 * n)
+        i02, r = rest // n, rest % n
+        vals = np.empty(k, np.float32)
+        dequantize_row_more(code, w[i03, i02, r], vals, table, nl, fp4, e8m0, ue4m3)
+        for i13 in range(i03 * r3, i03 * r3 + r3):
+            for i12 in range(i02 * r2, i02 * r2 + r2):
+                for t in range(nt):
+                    acc = np.float32(0.0)
+                    xt = x[i13, i12, t]
+                    for e in range(k):
+                        acc += vals[e] * xt[e]
+                    out[i13, i12, t, r] = acc
+
+
+def matmul_few_rows(code: int, w: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+    """:func:`mm_dequant` with this module's tables (``x`` C-contiguous float32)."""
+    mm_dequant(code, w, np.ascontiguousarray(x, np.float32), out, F16_TABLE, KVALUES_IQ4NL,
+               KVALUES_FP4, E8M0_HALF, UE4M3_HALF)
+
+
+# ------------------------------------------------------------------------------------------
+# IQ4_NL quantisation (ggml's CPU from_float, quantize_row_iq4_nl_ref)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _nearest_code(lut, v):
+    """The index of the table value nearest ``v`` (``lut`` ascending, 16 entries); a tie
+    goes to the larger value, outside the table to the end."""
+    if v <= lut[0]:
+        return 0
+    if v >= lut[15]:
+        return 15
+    lo, hi = 0, 15
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if v < lut[mid]:
+            hi = mid
+        else:
+            lo = mid
+    return lo if v - np.float32(lut[lo]) < np.float32(lut[hi]) - v else hi
+
+
+@sized_kernel(0, cache=True, nogil=True)
+def _quantize_iq4_nl(x, d_out, codes, lut):
+    """Per 32 values of every row of ``x`` (float32 (m, k)): the value ``vmax`` of largest
+    magnitude (first one) gives the trial scale ``vmax / NL[0]``; each value takes the
+    nearest table code at that scale; the stored scale is the weighted least-squares fit
+    ``Σ w·q·x / Σ w·q²`` with weights ``w = x²`` (summed in order, float32), rounded to f16
+    by the caller.  Blocks with every ``|x| < 1e-15`` get scale 0 and codes 0."""
+    m, k = x.shape
+    for r in prange(m):
+        for b in range(k // 32):
+            o = 32 * b
+            amax = np.float32(0.0)
+            vmax = np.float32(0.0)
+            for j in range(32):
+                if abs(x[r, o + j]) > amax:
+                    amax = abs(x[r, o + j])
+                    vmax = x[r, o + j]
+            if amax < np.float32(1e-15):
+                d_out[r, b] = 0
+                for j in range(32):
+                    codes[r, o + j] = 0
+                continue
+            inv = np.float32(1.0) / (vmax / np.float32(lut[0]))
+            sumqx = np.float32(0.0)
+            sumq2 = np.float32(0.0)
+            for j in range(32):
+                xv = x[r, o + j]
+                c = _nearest_code(lut, inv * xv)
+                codes[r, o + j] = c
+                q = np.float32(lut[c])
+                wq = (xv * xv) * q
+                sumqx += wq * xv
+                sumq2 += wq * q
+            d_out[r, b] = sumqx / sumq2 if sumq2 > 0 else np.float32(0.0)
+
+
+def _pack_nibble_blocks(d: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Scales ``d`` (m, nb) (float32, rounded to f16 here) and codes (m, 32·nb) as blocks
+    ``d:f16, qs[16]`` (value j in the low nibble of byte j, value j + 16 in the high one)."""
+    m, nb = d.shape
+    c = codes.reshape(m, nb, 2, 16).astype(np.uint8)
+    out = np.empty((m, nb, 18), np.uint8)
+    out[:, :, 0:2] = d.astype(np.float16).view(np.uint8).reshape(m, nb, 2)
+    out[:, :, 2:] = c[:, :, 0] | (c[:, :, 1] << 4)
+    return out.reshape(m, nb * 18)
+
+
+def quantize_rows(type_: int, float_rows: np.ndarray) -> np.ndarray:
+    """float32 rows (m, k) quantised to ``type_`` as ggml's CPU backend quantises them for
+    SET_ROWS and CPY (its ``from_float``); uint8 block rows (m, k / block · bytes).
+
+    Implemented: IQ4_NL (``quantize_row_iq4_nl_ref``: per 32 values a trial scale from the
+    largest magnitude, nearest non-linear codes, then the least-squares scale for those
+    codes).  Bit-equal to ggml's for finite inputs (tests/kernels/test_quants_more.py); a
+    block whose values are all below 1e-15 in magnitude stores scale 0 with codes 0, where
+    ggml leaves the previous block's codes (the values are zero either way)."""
+    if int(type_) != IQ4_NL:
+        raise ValueError(f"no quantiser here for type {type_}")
+    x = np.ascontiguousarray(float_rows, np.float32)
+    m, k = x.shape
+    if k % 32:
+        raise ValueError(f"row length {k} is not a multiple of 32")
+    d = np.zeros((m, k // 32), np.float32)
+    codes = np.zeros((m, k), np.uint8)
+    if m and k:
+        _quantize_iq4_nl(x, d, codes, KVALUES_IQ4NL)
+    return _pack_nibble_blocks(d, codes)
+
+
+# ------------------------------------------------------------------------------------------
+# numpy oracles (independent of the kernels above; used by the tests)
+
+
+def _ref_nibbles(qs: np.ndarray) -> np.ndarray:
+    """(…, 16) packed bytes -> (…, 32) codes: low nibbles first, then high nibbles."""
+    return np.concatenate([qs & 15, qs >> 4], axis=-1)
+
+
+def reference_dequantize(code: int, rows: np.ndarray, ne0: int) -> np.ndarray:
+    """Numpy oracle of :func:`dequantize_rows` for uint8 rows (m, row_bytes)."""
+    bs, size = BLOCK[code]
+    m = rows.shape[0]
+    blk = np.ascontiguousarray(rows).reshape(m, ne0 // bs, size)
+
+    def f16(lo):
+        return blk[:, :, lo:lo + 2].copy().view(np.float16)[..., 0].astype(np.float32)
+
+    nl, fp4 = KVALUES_IQ4NL.astype(np.float32), KVALUES_FP4.astype(np.float32)
+    if code == IQ4_NL:
+        vals = f16(0)[..., None] * nl[_ref_nibbles(blk[:, :, 2:])]
+    elif code == IQ4_XS:
+        sh = blk[:, :, 2].astype(np.int32) | (blk[:, :, 3].astype(np.int32) << 8)
+        s = np.arange(8)
+        low = (blk[:, :, 4 + s // 2].astype(np.int32) >> (4 * (s % 2))) & 15
+        ls = low | (((sh[..., None] >> (2 * s)) & 3) << 4)
+        dl = f16(0)[..., None] * (ls - 32).astype(np.float32)                # (m, nb, 8)
+        codes = _ref_nibbles(blk[:, :, 8:].reshape(m, -1, 8, 16))             # (m, nb, 8, 32)
+        vals = dl[..., None] * nl[codes]
+    elif code == MXFP4:
+        vals = E8M0_HALF[blk[:, :, 0]][..., None] * fp4[_ref_nibbles(blk[:, :, 1:])]
+    elif code == NVFP4:
+        qs = blk[:, :, 4:].reshape(m, -1, 4, 8)
+        codes = np.concatenate([qs & 15, qs >> 4], axis=-1)                  # (m, nb, 4, 16)
+        vals = fp4[codes] * UE4M3_HALF[blk[:, :, 0:4]][..., None]
+    elif code == TQ1_0:
+        digits = [(blk[:, :, 0:32, None].astype(np.int32) * 3 ** np.arange(5)) & 255,
+                  (blk[:, :, 32:48, None].astype(np.int32) * 3 ** np.arange(5)) & 255,
+                  (blk[:, :, 48:52, None].astype(np.int32) * 3 ** np.arange(4)) & 255]
+        t = np.concatenate([((dg * 3) >> 8).swapaxes(-1, -2).reshape(m, -1, dg[0, 0].size)
+                            for dg in digits], axis=-1)
+        vals = (t - 1).astype(np.float32) * f16(52)[..., None]
+    elif code == TQ2_0:
+        qs = blk[:, :, 0:64].reshape(m, -1, 2, 1, 32).astype(np.int32)
+        q = (qs >> (2 * np.arange(4))[:, None]) & 3                          # (m, nb, 2, 4, 32)
+        vals = (q - 1).astype(np.float32) * f16(64)[:, :, None, None, None]
+    elif code == Q1_0:
+        bits = np.unpackbits(blk[:, :, 2:], axis=-1, bitorder="little")
+        d = f16(0)[..., None]
+        vals = np.where(bits == 1, d, -d)
+    elif code == Q2_0:
+        q = (blk[:, :, 2:, None].astype(np.int32) >> (2 * np.arange(4))) & 3
+        vals = (q - 1).astype(np.float32) * f16(0)[:, :, None, None]
+    else:
+        raise ValueError(f"not a format of this module: {code}")
+    return np.asarray(vals, np.float32).reshape(m, ne0)
+
+
+def reference_quantize_iq4_nl(x: np.ndarray) -> np.ndarray:
+    """Numpy oracle of :func:`quantize_rows` for IQ4_NL (vectorised over blocks)."""
+    x = np.asarray(x, np.float32)
+    m, k = x.shape
+    blk = x.reshape(m, k // 32, 32)
+    lut = KVALUES_IQ4NL.astype(np.float32)
+    pick = np.abs(blk).argmax(axis=2)
+    vmax = np.take_along_axis(blk, pick[..., None], axis=2)
+    zero = np.abs(vmax) < np.float32(1e-15)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = np.float32(1) / (vmax / lut[0])
+        v = (inv * blk).astype(np.float32)
+    hi = np.clip(np.searchsorted(lut, v, side="right"), 1, 15)               # lut[hi-1] <= v
+    lo = hi - 1
+    codes = np.where(v - lut[lo] < lut[hi] - v, lo, hi)
+    codes = np.where(v <= lut[0], 0, np.where(v >= lut[15], 15, codes))
+    q = lut[codes]
+    wq = (blk * blk) * q
+    sumqx = np.zeros((m, k // 32), np.float32)
+    sumq2 = np.zeros((m, k // 32), np.float32)
+    for j in range(32):                       # in order, float32, as ggml sums
+        sumqx += wq[:, :, j] * blk[:, :, j]
+        sumq2 += wq[:, :, j] * q[:, :, j]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = np.where(sumq2 > 0, sumqx / sumq2, np.float32(0)).astype(np.float32)
+    d = np.where(zero[..., 0], np.float32(0), d)
+    codes = np.where(zero, 0, codes)
+    return _pack_nibble_blocks(d, codes.reshape(m, k))
