@@ -37,6 +37,8 @@ use).  The plain-numpy ``reference_*`` functions are independent oracles for the
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import njit, prange
 
@@ -311,22 +313,189 @@ def quantize_rows(type_: int, float_rows: np.ndarray) -> np.ndarray:
     """float32 rows (m, k) quantised to ``type_`` as ggml's CPU backend quantises them for
     SET_ROWS and CPY (its ``from_float``); uint8 block rows (m, k / block · bytes).
 
-    Implemented: IQ4_NL (``quantize_row_iq4_nl_ref``: per 32 values a trial scale from the
-    largest magnitude, nearest non-linear codes, then the least-squares scale for those
-    codes).  Bit-equal to ggml's for finite inputs (tests/kernels/test_quants_more.py); a
+    IQ4_NL (``quantize_row_iq4_nl_ref``): per 32 values a trial scale from the largest
+    magnitude, nearest non-linear codes, then the least-squares scale for those codes; a
     block whose values are all below 1e-15 in magnitude stores scale 0 with codes 0, where
-    ggml leaves the previous block's codes (the values are zero either way)."""
-    if int(type_) != IQ4_NL:
+    ggml leaves the previous block's codes (the values are zero either way).
+    MXFP4: exponent ``floor(log2(amax)) − 2``, nearest FP4 codes; NVFP4: per 16 values the
+    UE4M3 scale of ``amax/6``, nearest FP4 codes; TQ1_0 / TQ2_0: ``d = amax``, codes
+    ``round(x/d)`` (halves away from zero) in base 3 / two bits; Q1_0: ``d = mean |x|``, the
+    sign bits; Q2_0: ``d = amax``, ``clamp(round(x/d), −1, 2)``.  Not IQ4_XS (ggml's is a
+    search over scales per super-block, not written here).
+
+    Bit-equal to ggml's for finite inputs (tests/kernels/test_quants_more.py)."""
+    code = int(type_)
+    if code not in BLOCK or code == IQ4_XS:
         raise ValueError(f"no quantiser here for type {type_}")
     x = np.ascontiguousarray(float_rows, np.float32)
     m, k = x.shape
-    if k % 32:
-        raise ValueError(f"row length {k} is not a multiple of 32")
-    d = np.zeros((m, k // 32), np.float32)
-    codes = np.zeros((m, k), np.uint8)
+    bs, size = BLOCK[code]
+    if k % bs:
+        raise ValueError(f"row length {k} is not a multiple of {bs}")
+    if code == IQ4_NL:
+        d = np.zeros((m, k // 32), np.float32)
+        codes = np.zeros((m, k), np.uint8)
+        if m and k:
+            _quantize_iq4_nl(x, d, codes, KVALUES_IQ4NL)
+        return _pack_nibble_blocks(d, codes)
+    out = np.zeros((m, k // bs, size), np.uint8)
+    d = np.zeros((m, k // bs), np.float32)
     if m and k:
-        _quantize_iq4_nl(x, d, codes, KVALUES_IQ4NL)
-    return _pack_nibble_blocks(d, codes)
+        _quantize_simple(x, code, out.reshape(m, -1), d, KVALUES_FP4, E8M0_HALF, UE4M3_HALF)
+    if code in F16_SCALE_AT:
+        o = F16_SCALE_AT[code]
+        out[:, :, o:o + 2] = d.astype(np.float16).view(np.uint8).reshape(m, -1, 2)
+    return out.reshape(m, -1)
+
+
+#: Byte offset of the f16 scale in the blocks :func:`_quantize_simple` makes.
+F16_SCALE_AT = {TQ1_0: 52, TQ2_0: 64, Q1_0: 0, Q2_0: 0}
+
+
+# ------------------------------------------------------------------------------------------
+# the other quantisers (ggml's CPU from_float: quantize_row_<type>_ref)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _round_away(v):
+    """``roundf`` / ``lroundf``: to nearest, halves away from zero (float32 ``v``)."""
+    r = math.floor(abs(np.float64(v)) + 0.5)
+    return np.int32(r if v >= 0 else -r)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _nearest_fp4(fp4, v, scale):
+    """The FP4 code whose value ``fp4[c]·scale`` is nearest ``v`` (the first on a tie)."""
+    best, err = 0, abs(np.float32(fp4[0]) * scale - v)
+    for c in range(1, 16):
+        e = abs(np.float32(fp4[c]) * scale - v)
+        if e < err:
+            best, err = c, e
+    return best
+
+
+@njit(cache=True, nogil=True)
+def _to_ue4m3(x):
+    """float32 ``x`` as an UE4M3 byte: the exponent and top three mantissa bits of ``x``,
+    rounded up on the next bit (carrying into the exponent), 0 for ``x <= 0``, subnormals
+    ``round(x·512)`` (1…7), saturating at 0x7E (448)."""
+    if not x > 0:
+        return 0
+    x = min(x, np.float32(448.0))
+    bits = np.int64(np.array([x], np.float32).view(np.uint32)[0])
+    e = ((bits >> 23) & 255) - 127 + 7
+    if e <= 0:
+        man = np.int32(x * np.float32(512.0) + np.float32(0.5))
+        return 0 if man < 1 else min(man, 7)
+    if e >= 15:
+        return 0x7E
+    man = ((bits >> 20) & 7) + ((bits >> 19) & 1)
+    if man > 7:
+        man = 0
+        e += 1
+        if e >= 15:
+            return 0x7E
+    return (e << 3) | man
+
+
+@njit(cache=True, nogil=True)
+def _base3_pack(x, o, stride, count, ntrits, inv):
+    """``count`` digits ``lroundf(x·inv) + 1`` (0…2) of the values ``x[o + stride·n]``, most
+    significant first, padded to five trits, stored as ``ceil(v·256/243)`` (TQ1_0)."""
+    q = 0
+    for n in range(count):
+        q = q * 3 + _round_away(x[o + stride * n] * inv) + 1
+    for n in range(ntrits - count):
+        q *= 3
+    return (q * 256 + 242) // 243
+
+
+@sized_kernel(0, cache=True, nogil=True)
+def _quantize_simple(x, code, out, d_out, fp4, e8m0, ue4m3):
+    """MXFP4, NVFP4, TQ1_0, TQ2_0, Q1_0 and Q2_0 blocks of every row of ``x`` (float32
+    (m, k)) into ``out`` (uint8 rows), all bytes but the f16 scale, whose float32 value goes
+    to ``d_out`` (m, blocks) for the caller to round and store."""
+    m, k = x.shape
+    for r in prange(m):
+        xr = x[r]
+        o_row = out[r]
+        if code == MXFP4:
+            for b in range(k // 32):
+                amax = np.float32(0.0)
+                for j in range(32):
+                    if amax < abs(xr[32 * b + j]):
+                        amax = abs(xr[32 * b + j])
+                e = 0
+                if amax > 0:
+                    e = min(max(np.int32(math.floor(math.log2(amax))) - 2 + 127, 0), 255)
+                o_row[17 * b] = e
+                for j in range(16):
+                    lo = _nearest_fp4(fp4, xr[32 * b + j], e8m0[e])
+                    hi = _nearest_fp4(fp4, xr[32 * b + 16 + j], e8m0[e])
+                    o_row[17 * b + 1 + j] = lo | (hi << 4)
+        elif code == NVFP4:
+            for b in range(k // 64):
+                for s in range(4):
+                    o = 64 * b + 16 * s
+                    amax = np.float32(0.0)
+                    for j in range(16):
+                        if amax < abs(xr[o + j]):
+                            amax = abs(xr[o + j])
+                    ue = _to_ue4m3(amax / np.float32(6.0))
+                    o_row[36 * b + s] = ue
+                    for j in range(8):
+                        lo = _nearest_fp4(fp4, xr[o + j], ue4m3[ue])
+                        hi = _nearest_fp4(fp4, xr[o + 8 + j], ue4m3[ue])
+                        o_row[36 * b + 4 + 8 * s + j] = lo | (hi << 4)
+        elif code == TQ1_0 or code == TQ2_0:
+            for b in range(k // 256):
+                o = 256 * b
+                amax = np.float32(0.0)
+                for j in range(256):
+                    amax = max(amax, abs(xr[o + j]))
+                d_out[r, b] = amax
+                inv = np.float32(1.0) / amax if amax != 0 else np.float32(0.0)
+                if code == TQ2_0:
+                    for h in range(2):
+                        for j in range(32):
+                            q = 0
+                            for n in range(4):
+                                q += ((_round_away(xr[o + 128 * h + 32 * n + j] * inv) + 1)
+                                      & 3) << (2 * n)
+                            o_row[66 * b + 32 * h + j] = q
+                else:
+                    for j in range(32):
+                        o_row[54 * b + j] = _base3_pack(xr, o + j, 32, 5, 5, inv)
+                    for j in range(16):
+                        o_row[54 * b + 32 + j] = _base3_pack(xr, o + 160 + j, 16, 5, 5, inv)
+                    for j in range(4):
+                        o_row[54 * b + 48 + j] = _base3_pack(xr, o + 240 + j, 4, 4, 5, inv)
+        elif code == Q1_0:
+            for b in range(k // 128):
+                total = np.float32(0.0)
+                for j in range(128):
+                    total += abs(xr[128 * b + j])
+                d_out[r, b] = total / np.float32(128.0)
+                for j in range(16):
+                    byte = 0
+                    for t in range(8):
+                        if xr[128 * b + 8 * j + t] >= 0:
+                            byte |= 1 << t
+                    o_row[18 * b + 2 + j] = byte
+        elif code == Q2_0:
+            for b in range(k // 64):
+                amax = np.float32(0.0)
+                for j in range(64):
+                    if abs(xr[64 * b + j]) > amax:
+                        amax = abs(xr[64 * b + j])
+                d_out[r, b] = amax
+                inv = np.float32(1.0) / amax if amax > 0 else np.float32(0.0)
+                for j in range(16):
+                    byte = 0
+                    for t in range(4):
+                        q = min(max(_round_away(xr[64 * b + 4 * j + t] * inv) + 1, 0), 3)
+                        byte |= q << (2 * t)
+                    o_row[18 * b + 2 + j] = byte
 
 
 # ------------------------------------------------------------------------------------------

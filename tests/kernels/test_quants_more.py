@@ -242,3 +242,36 @@ def test_iq4_nl_quantiser_zero_blocks_and_round_trip():
     assert np.abs(back[1, 32:] - x[1, 32:]).max() < 0.15
     with pytest.raises(ValueError):
         M.quantize_rows(T.Q8_0, x)
+
+
+SIMPLE = [T.MXFP4, T.NVFP4, T.TQ1_0, T.TQ2_0, T.Q1_0, T.Q2_0]
+
+
+def ggml_quantize_row(peer_bin, type_, x: np.ndarray) -> np.ndarray:
+    """ggml's own ``quantize_row_<type>_ref`` (the CPU backend's from_float) on each row."""
+    from tools.ggml_cpu import GgmlCpu
+    fn = getattr(GgmlCpu.load(peer_bin).base, f"quantize_row_{T(type_).name.lower()}_ref")
+    fn.restype = None
+    fn.argtypes = [C.c_void_p, C.c_void_p, C.c_int64]
+    bs, size = M.BLOCK[int(type_)]
+    m, k = x.shape
+    out = np.zeros((m, k // bs * size), np.uint8)
+    for r in range(m):
+        row = np.ascontiguousarray(x[r], np.float32)
+        fn(row.ctypes.data, out[r].ctypes.data, k)
+    return out
+
+
+@pytest.mark.peer
+@settings(max_examples=40, deadline=None)
+@given(type_=st.sampled_from(SIMPLE), m=st.integers(1, 4), nb=st.integers(1, 3),
+       scale=st.sampled_from([1e-3, 1.0, 1e2]), zeros=st.booleans(),
+       seed=st.integers(0, 2**32 - 1))
+def test_other_quantisers_bit_exact(peer_bin, type_, m, nb, scale, zeros, seed):
+    rng = np.random.default_rng(seed)
+    k = 256 * nb
+    x = (rng.standard_normal((m, k)) * scale).astype(np.float32)
+    if zeros:
+        x[:, :128] = 0
+        x[:, 130] = 0.5 * scale      # exact halves of the scale, and ties
+    np.testing.assert_array_equal(M.quantize_rows(type_, x), ggml_quantize_row(peer_bin, type_, x))
