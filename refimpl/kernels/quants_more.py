@@ -584,3 +584,82 @@ def reference_quantize_iq4_nl(x: np.ndarray) -> np.ndarray:
     d = np.where(zero[..., 0], np.float32(0), d)
     codes = np.where(zero, 0, codes)
     return _pack_nibble_blocks(d, codes.reshape(m, k))
+
+
+def _ref_round_away(v: np.ndarray) -> np.ndarray:
+    """``roundf`` on float32 values (halves away from zero), as int64."""
+    v = np.asarray(v, np.float64)
+    return (np.sign(v) * np.floor(np.abs(v) + 0.5)).astype(np.int64)
+
+
+def _ref_nearest_fp4(v: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """FP4 codes nearest ``v`` at ``scale`` (broadcast; first code on a tie)."""
+    cand = KVALUES_FP4.astype(np.float32) * np.asarray(scale, np.float32)[..., None]
+    return np.abs(cand - np.asarray(v, np.float32)[..., None]).argmin(axis=-1).astype(np.uint8)
+
+
+def _ref_ue4m3(x: np.ndarray) -> np.ndarray:
+    """Numpy form of :func:`_to_ue4m3` (float32 values -> UE4M3 bytes)."""
+    x = np.minimum(np.asarray(x, np.float32), np.float32(448))
+    bits = x.view(np.uint32).astype(np.int64)
+    e = ((bits >> 23) & 255) - 120
+    man = ((bits >> 20) & 7) + ((bits >> 19) & 1)
+    e, man = np.where(man > 7, e + 1, e), np.where(man > 7, 0, man)
+    normal = np.where(e >= 15, 0x7E, (e << 3) | man)
+    sub = np.clip((x * np.float32(512) + np.float32(0.5)).astype(np.int64), 0, 7)
+    return np.where(~(x > 0), 0, np.where(e <= 0, sub, normal)).astype(np.uint8)
+
+
+def reference_quantize(code: int, x: np.ndarray) -> np.ndarray:
+    """Numpy oracle of :func:`quantize_rows` for MXFP4, NVFP4, TQ1_0, TQ2_0, Q1_0, Q2_0
+    (vectorised over blocks; sums in float32 in element order where ggml sums)."""
+    x = np.asarray(x, np.float32)
+    m, k = x.shape
+    bs, size = BLOCK[code]
+    blk = x.reshape(m, k // bs, bs)
+    out = np.zeros((m, k // bs, size), np.uint8)
+    amax = np.abs(blk).max(axis=2)
+    d = amax
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        inv = np.where(amax > 0, np.float32(1) / amax, np.float32(0)).astype(np.float32)
+        if code == MXFP4:
+            e = np.where(amax > 0, np.floor(np.log2(amax)) - 2 + 127, 0)
+            e = np.clip(e, 0, 255).astype(np.uint8)
+            codes = _ref_nearest_fp4(blk, E8M0_HALF[e][..., None])
+            out[:, :, 0] = e
+            out[:, :, 1:] = codes[:, :, :16] | (codes[:, :, 16:] << 4)
+        elif code == NVFP4:
+            sub = blk.reshape(m, -1, 4, 16)
+            ue = _ref_ue4m3(np.abs(sub).max(axis=3) / np.float32(6))
+            codes = _ref_nearest_fp4(sub, UE4M3_HALF[ue][..., None])
+            out[:, :, 0:4] = ue
+            out[:, :, 4:] = (codes[..., :8] | (codes[..., 8:] << 4)).reshape(m, -1, 32)
+        elif code in (TQ1_0, TQ2_0):
+            t = _ref_round_away(blk * inv[..., None]) + 1                     # 0..2
+            if code == TQ2_0:
+                g = t.reshape(m, -1, 2, 4, 32) & 3
+                out[:, :, 0:64] = (g << (2 * np.arange(4))[:, None]).sum(axis=3).reshape(m, -1, 64)
+            else:
+                def pack(digits):                 # (..., n, bytes), most significant first
+                    v = np.zeros(digits.shape[:-2] + digits.shape[-1:], np.int64)
+                    for n in range(5):
+                        v = v * 3 + (digits[..., n, :] if n < digits.shape[-2] else 0)
+                    return ((v * 256 + 242) // 243).astype(np.uint8)
+                out[:, :, 0:32] = pack(t[:, :, 0:160].reshape(m, -1, 5, 32))
+                out[:, :, 32:48] = pack(t[:, :, 160:240].reshape(m, -1, 5, 16))
+                out[:, :, 48:52] = pack(t[:, :, 240:256].reshape(m, -1, 4, 4))
+        elif code == Q1_0:
+            d = np.zeros((m, k // bs), np.float32)
+            for j in range(bs):                   # in order, float32, as ggml sums
+                d += np.abs(blk[:, :, j])
+            d = d / np.float32(128)
+            out[:, :, 2:] = np.packbits(blk >= 0, axis=-1, bitorder="little")
+        elif code == Q2_0:
+            q = np.clip(_ref_round_away(blk * inv[..., None]) + 1, 0, 3).reshape(m, -1, 16, 4)
+            out[:, :, 2:] = (q << (2 * np.arange(4))).sum(axis=3)
+        else:
+            raise ValueError(f"no oracle for type {code}")
+    if code in F16_SCALE_AT:
+        o = F16_SCALE_AT[code]
+        out[:, :, o:o + 2] = np.asarray(d, np.float32).astype(np.float16).view(np.uint8).reshape(m, -1, 2)
+    return out.reshape(m, -1)

@@ -274,4 +274,6 @@ def test_other_quantisers_bit_exact(peer_bin, type_, m, nb, scale, zeros, seed):
     if zeros:
         x[:, :128] = 0
         x[:, 130] = 0.5 * scale      # exact halves of the scale, and ties
-    np.testing.assert_array_equal(M.quantize_rows(type_, x), ggml_quantize_row(peer_bin, type_, x))
+    ours = M.quantize_rows(type_, x)
+    np.testing.assert_array_equal(ours, ggml_quantize_row(peer_bin, type_, x))
+    np.testing.assert_array_equal(ours, M.reference_quantize(int(type_), x))
