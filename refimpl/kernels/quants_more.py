@@ -262,40 +262,100 @@ def _nearest_code(lut, v):
     return lo if v - np.float32(lut[lo]) < np.float32(lut[hi]) - v else hi
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _largest(x, o, n):
+    """``(|v|, v)`` for the value ``v`` of largest magnitude in ``x[o:o+n]`` (the first)."""
+    amax = np.float32(0.0)
+    vmax = np.float32(0.0)
+    for j in range(n):
+        if abs(x[o + j]) > amax:
+            amax = abs(x[o + j])
+            vmax = x[o + j]
+    return amax, vmax
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _fit_codes(x, o, lut, inv, codes):
+    """Codes of the 32 values ``x[o:o+32]`` at inverse scale ``inv`` (nearest table value of
+    ``inv·x``) into ``codes[o:o+32]``, and the weighted sums ``(Σ w·q·x, Σ w·q²)`` with
+    ``w = x²``, in order, float32: the least-squares scale for those codes is their ratio."""
+    sumqx = np.float32(0.0)
+    sumq2 = np.float32(0.0)
+    for j in range(32):
+        xv = x[o + j]
+        c = _nearest_code(lut, inv * xv)
+        codes[o + j] = c
+        q = np.float32(lut[c])
+        wq = (xv * xv) * q
+        sumqx += wq * xv
+        sumq2 += wq * q
+    return sumqx, sumq2
+
+
 @sized_kernel(0, cache=True, nogil=True)
 def _quantize_iq4_nl(x, d_out, codes, lut):
     """Per 32 values of every row of ``x`` (float32 (m, k)): the value ``vmax`` of largest
     magnitude (first one) gives the trial scale ``vmax / NL[0]``; each value takes the
     nearest table code at that scale; the stored scale is the weighted least-squares fit
-    ``Σ w·q·x / Σ w·q²`` with weights ``w = x²`` (summed in order, float32), rounded to f16
-    by the caller.  Blocks with every ``|x| < 1e-15`` get scale 0 and codes 0."""
+    for those codes (:func:`_fit_codes`), rounded to f16 by the caller.  Blocks with every
+    ``|x| < 1e-15`` get scale 0 and codes 0."""
     m, k = x.shape
     for r in prange(m):
         for b in range(k // 32):
-            o = 32 * b
-            amax = np.float32(0.0)
-            vmax = np.float32(0.0)
-            for j in range(32):
-                if abs(x[r, o + j]) > amax:
-                    amax = abs(x[r, o + j])
-                    vmax = x[r, o + j]
+            amax, vmax = _largest(x[r], 32 * b, 32)
             if amax < np.float32(1e-15):
                 d_out[r, b] = 0
-                for j in range(32):
-                    codes[r, o + j] = 0
+                codes[r, 32 * b:32 * b + 32] = 0
                 continue
             inv = np.float32(1.0) / (vmax / np.float32(lut[0]))
-            sumqx = np.float32(0.0)
-            sumq2 = np.float32(0.0)
-            for j in range(32):
-                xv = x[r, o + j]
-                c = _nearest_code(lut, inv * xv)
-                codes[r, o + j] = c
-                q = np.float32(lut[c])
-                wq = (xv * xv) * q
-                sumqx += wq * xv
-                sumq2 += wq * q
+            sumqx, sumq2 = _fit_codes(x[r], 32 * b, lut, inv, codes[r])
             d_out[r, b] = sumqx / sumq2 if sumq2 > 0 else np.float32(0.0)
+
+
+@sized_kernel(0, cache=True, nogil=True)
+def _quantize_iq4_xs(x, d_out, ls_out, codes, lut):
+    """IQ4_XS of every row of ``x`` (ggml's ``quantize_iq4_xs`` without importance weights,
+    the CPU from_float).  Per 32-value sub-block: the least-squares scale of the codes at
+    trial scale ``−vmax / NL[0]``, then of the codes at each inverse scale
+    ``(t + NL[0]) / vmax`` for t = −7…7, keeping the best fit (largest ``(Σwqx)²/Σwq²``).
+    Per super-block: ``d = −s/32`` with ``s`` the sub-block scale of largest magnitude (into
+    ``d_out``, rounded to f16 by the caller), each sub-block's ``l = rint(scale/d)`` clamped
+    to −32…31 (``ls_out`` gets ``l + 32``), and the final codes at scale ``d·l``."""
+    m, k = x.shape
+    for r in prange(m):
+        xr, cr = x[r], codes[r]
+        scales = np.zeros(8, np.float32)
+        for b in range(k // 256):
+            max_scale = np.float32(0.0)
+            amax_scale = np.float32(0.0)
+            for s in range(8):
+                o = 256 * b + 32 * s
+                amax, vmax = _largest(xr, o, 32)
+                scales[s] = 0
+                if amax < np.float32(1e-15):
+                    continue
+                sumqx, sumq2 = _fit_codes(xr, o, lut, np.float32(1.0) / (-vmax / np.float32(lut[0])), cr)
+                d = sumqx / sumq2 if sumq2 > 0 else np.float32(0.0)
+                best = d * sumqx
+                for t in range(-7, 8):
+                    inv = np.float32(t + lut[0]) / vmax
+                    sumqx, sumq2 = _fit_codes(xr, o, lut, inv, cr)
+                    if sumq2 > 0 and sumqx * sumqx > best * sumq2:
+                        d = sumqx / sumq2
+                        best = d * sumqx
+                scales[s] = d
+                if abs(d) > amax_scale:
+                    amax_scale = abs(d)
+                    max_scale = d
+            d = -max_scale / np.float32(32.0)
+            d_out[r, b] = d
+            inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+            for s in range(8):
+                l = min(max(np.int32(np.rint(inv * scales[s])), -32), 31)
+                dl = d * np.float32(l)
+                _fit_codes(xr, 256 * b + 32 * s, lut,
+                           np.float32(1.0) / dl if dl != 0 else np.float32(0.0), cr)
+                ls_out[r, 8 * b + s] = l + 32
 
 
 def _pack_nibble_blocks(d: np.ndarray, codes: np.ndarray) -> np.ndarray:
@@ -309,6 +369,21 @@ def _pack_nibble_blocks(d: np.ndarray, codes: np.ndarray) -> np.ndarray:
     return out.reshape(m, nb * 18)
 
 
+def _pack_iq4_xs(d: np.ndarray, ls: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Super-block scales ``d`` (m, nb), 6-bit sub-block scales ``ls`` (m, 8·nb) and codes
+    (m, 256·nb) as IQ4_XS blocks (``d:f16, scales_h:u16, scales_l[4], qs[128]``)."""
+    m, nb = d.shape
+    ls = ls.reshape(m, nb, 8).astype(np.int64)
+    out = np.empty((m, nb, 136), np.uint8)
+    out[:, :, 0:2] = d.astype(np.float16).view(np.uint8).reshape(m, nb, 2)
+    high = ((ls >> 4) << (2 * np.arange(8))).sum(axis=2).astype(np.uint16)
+    out[:, :, 2:4] = high.view(np.uint8).reshape(m, nb, 2)
+    out[:, :, 4:8] = (ls[:, :, 0::2] & 15) | ((ls[:, :, 1::2] & 15) << 4)
+    out[:, :, 8:] = _pack_nibble_blocks(np.zeros((m, 8 * nb), np.float32),
+                                        codes).reshape(m, nb, 8, 18)[..., 2:].reshape(m, nb, 128)
+    return out.reshape(m, nb * 136)
+
+
 def quantize_rows(type_: int, float_rows: np.ndarray) -> np.ndarray:
     """float32 rows (m, k) quantised to ``type_`` as ggml's CPU backend quantises them for
     SET_ROWS and CPY (its ``from_float``); uint8 block rows (m, k / block · bytes).
@@ -320,12 +395,12 @@ def quantize_rows(type_: int, float_rows: np.ndarray) -> np.ndarray:
     MXFP4: exponent ``floor(log2(amax)) − 2``, nearest FP4 codes; NVFP4: per 16 values the
     UE4M3 scale of ``amax/6``, nearest FP4 codes; TQ1_0 / TQ2_0: ``d = amax``, codes
     ``round(x/d)`` (halves away from zero) in base 3 / two bits; Q1_0: ``d = mean |x|``, the
-    sign bits; Q2_0: ``d = amax``, ``clamp(round(x/d), −1, 2)``.  Not IQ4_XS (ggml's is a
-    search over scales per super-block, not written here).
+    sign bits; Q2_0: ``d = amax``, ``clamp(round(x/d), −1, 2)``; IQ4_XS: ggml's search over
+    fifteen trial scales per 32 values, then 6-bit sub-block scales (:func:`_quantize_iq4_xs`).
 
     Bit-equal to ggml's for finite inputs (tests/kernels/test_quants_more.py)."""
     code = int(type_)
-    if code not in BLOCK or code == IQ4_XS:
+    if code not in BLOCK:
         raise ValueError(f"no quantiser here for type {type_}")
     x = np.ascontiguousarray(float_rows, np.float32)
     m, k = x.shape
@@ -338,6 +413,13 @@ def quantize_rows(type_: int, float_rows: np.ndarray) -> np.ndarray:
         if m and k:
             _quantize_iq4_nl(x, d, codes, KVALUES_IQ4NL)
         return _pack_nibble_blocks(d, codes)
+    if code == IQ4_XS:
+        d = np.zeros((m, k // 256), np.float32)
+        ls = np.zeros((m, k // 32), np.int32)
+        codes = np.zeros((m, k), np.uint8)
+        if m and k:
+            _quantize_iq4_xs(x, d, ls, codes, KVALUES_IQ4NL)
+        return _pack_iq4_xs(d, ls, codes)
     out = np.zeros((m, k // bs, size), np.uint8)
     d = np.zeros((m, k // bs), np.float32)
     if m and k:
@@ -556,34 +638,80 @@ def reference_dequantize(code: int, rows: np.ndarray, ne0: int) -> np.ndarray:
     return np.asarray(vals, np.float32).reshape(m, ne0)
 
 
-def reference_quantize_iq4_nl(x: np.ndarray) -> np.ndarray:
-    """Numpy oracle of :func:`quantize_rows` for IQ4_NL (vectorised over blocks)."""
-    x = np.asarray(x, np.float32)
-    m, k = x.shape
-    blk = x.reshape(m, k // 32, 32)
+def _ref_fit(blk: np.ndarray, inv: np.ndarray):
+    """Numpy form of :func:`_fit_codes` for blocks ``blk`` (..., 32) at inverse scales
+    ``inv`` (...): (codes, Σ w·q·x, Σ w·q²), the sums in order, float32."""
     lut = KVALUES_IQ4NL.astype(np.float32)
-    pick = np.abs(blk).argmax(axis=2)
-    vmax = np.take_along_axis(blk, pick[..., None], axis=2)
-    zero = np.abs(vmax) < np.float32(1e-15)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inv = np.float32(1) / (vmax / lut[0])
-        v = (inv * blk).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        v = (np.asarray(inv, np.float32)[..., None] * blk).astype(np.float32)
     hi = np.clip(np.searchsorted(lut, v, side="right"), 1, 15)               # lut[hi-1] <= v
     lo = hi - 1
     codes = np.where(v - lut[lo] < lut[hi] - v, lo, hi)
     codes = np.where(v <= lut[0], 0, np.where(v >= lut[15], 15, codes))
     q = lut[codes]
     wq = (blk * blk) * q
-    sumqx = np.zeros((m, k // 32), np.float32)
-    sumq2 = np.zeros((m, k // 32), np.float32)
+    sumqx = np.zeros(blk.shape[:-1], np.float32)
+    sumq2 = np.zeros(blk.shape[:-1], np.float32)
     for j in range(32):                       # in order, float32, as ggml sums
-        sumqx += wq[:, :, j] * blk[:, :, j]
-        sumq2 += wq[:, :, j] * q[:, :, j]
+        sumqx += wq[..., j] * blk[..., j]
+        sumq2 += wq[..., j] * q[..., j]
+    return codes, sumqx, sumq2
+
+
+def _ref_largest(blk: np.ndarray):
+    """(value of largest magnitude (the first), whether it is below 1e-15) per block."""
+    vmax = np.take_along_axis(blk, np.abs(blk).argmax(axis=-1)[..., None], axis=-1)[..., 0]
+    return vmax, np.abs(vmax) < np.float32(1e-15)
+
+
+def _ref_ratio(num, den) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
-        d = np.where(sumq2 > 0, sumqx / sumq2, np.float32(0)).astype(np.float32)
-    d = np.where(zero[..., 0], np.float32(0), d)
-    codes = np.where(zero, 0, codes)
+        return np.where(den > 0, num / den, np.float32(0)).astype(np.float32)
+
+
+def _ref_inverse(d) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+
+
+def reference_quantize_iq4_nl(x: np.ndarray) -> np.ndarray:
+    """Numpy oracle of :func:`quantize_rows` for IQ4_NL (vectorised over blocks)."""
+    x = np.asarray(x, np.float32)
+    m, k = x.shape
+    blk = x.reshape(m, k // 32, 32)
+    vmax, zero = _ref_largest(blk)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = np.float32(1) / (vmax / np.float32(KVALUES_IQ4NL[0]))
+    codes, sumqx, sumq2 = _ref_fit(blk, inv)
+    d = np.where(zero, np.float32(0), _ref_ratio(sumqx, sumq2))
+    codes = np.where(zero[..., None], 0, codes)
     return _pack_nibble_blocks(d, codes.reshape(m, k))
+
+
+def reference_quantize_iq4_xs(x: np.ndarray) -> np.ndarray:
+    """Numpy oracle of :func:`quantize_rows` for IQ4_XS (vectorised over sub-blocks)."""
+    x = np.asarray(x, np.float32)
+    m, k = x.shape
+    sub = x.reshape(m, k // 256, 8, 32)
+    nl0 = np.float32(KVALUES_IQ4NL[0])
+    vmax, zero = _ref_largest(sub)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        _, sumqx, sumq2 = _ref_fit(sub, np.float32(1) / (-vmax / nl0))
+        d = _ref_ratio(sumqx, sumq2)
+        best = d * sumqx
+        for t in range(-7, 8):
+            _, sumqx, sumq2 = _ref_fit(sub, np.float32(t + nl0) / vmax)
+            better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+            d = np.where(better, _ref_ratio(sumqx, sumq2), d)
+            best = np.where(better, d * sumqx, best)
+    scales = np.where(zero, np.float32(0), d)
+    pick = np.where(zero, np.float32(-1), np.abs(scales)).argmax(axis=2)     # first largest
+    max_scale = np.take_along_axis(scales, pick[..., None], axis=2)[..., 0]
+    max_scale = np.where(np.abs(scales).max(axis=2) > 0, max_scale, np.float32(0))
+    dsup = (-max_scale / np.float32(32)).astype(np.float32)
+    ls = np.clip(np.rint(_ref_inverse(dsup)[..., None] * scales), -32, 31).astype(np.int32)
+    codes, _, _ = _ref_fit(sub, _ref_inverse(dsup[..., None] * ls.astype(np.float32)))
+    return _pack_iq4_xs(dsup, (ls + 32).reshape(m, -1), codes.reshape(m, k))
 
 
 def _ref_round_away(v: np.ndarray) -> np.ndarray:

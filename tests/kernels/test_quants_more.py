@@ -247,6 +247,24 @@ def test_iq4_nl_quantiser_zero_blocks_and_round_trip():
 SIMPLE = [T.MXFP4, T.NVFP4, T.TQ1_0, T.TQ2_0, T.Q1_0, T.Q2_0]
 
 
+@pytest.mark.peer
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(1, 3), nb=st.integers(1, 3), scale=st.sampled_from([1e-3, 1.0, 1e3]),
+       zeros=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_iq4_xs_quantiser_bit_exact(peer_bin, m, nb, scale, zeros, seed):
+    """IQ4_XS against ggml's from_float (quantize_iq4_xs, also what ggml_quantize_chunk runs
+    without an importance matrix) and the numpy oracle, zero sub-blocks included."""
+    from tools.ggml_cpu import GgmlCpu
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((m, 256 * nb)) * scale).astype(np.float32)
+    if zeros:
+        x[:, 32:64] = 0
+        x[0, :256] = 0
+    ours = M.quantize_rows(T.IQ4_XS, x)
+    np.testing.assert_array_equal(ours, GgmlCpu.load(peer_bin).quantize(T.IQ4_XS, x))
+    np.testing.assert_array_equal(ours, M.reference_quantize_iq4_xs(x))
+
+
 def ggml_quantize_row(peer_bin, type_, x: np.ndarray) -> np.ndarray:
     """ggml's own ``quantize_row_<type>_ref`` (the CPU backend's from_float) on each row."""
     from tools.ggml_cpu import GgmlCpu
