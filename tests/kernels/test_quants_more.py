@@ -198,14 +198,15 @@ def test_mul_mat_matches_numpy_reference():
 # the IQ4_NL quantiser
 
 
-def ggml_quantize_ref(peer_bin, x: np.ndarray) -> np.ndarray:
-    """ggml's own ``quantize_row_iq4_nl_ref`` (the CPU backend's from_float) on each row."""
+def ggml_quantize_row(peer_bin, type_, x: np.ndarray) -> np.ndarray:
+    """ggml's own ``quantize_row_<type>_ref`` (the CPU backend's from_float) on each row."""
     from tools.ggml_cpu import GgmlCpu
-    fn = GgmlCpu.load(peer_bin).base.quantize_row_iq4_nl_ref
+    fn = getattr(GgmlCpu.load(peer_bin).base, f"quantize_row_{T(type_).name.lower()}_ref")
     fn.restype = None
     fn.argtypes = [C.c_void_p, C.c_void_p, C.c_int64]
+    bs, size = M.BLOCK[int(type_)]
     m, k = x.shape
-    out = np.zeros((m, k // 32 * 18), np.uint8)
+    out = np.zeros((m, k // bs * size), np.uint8)
     for r in range(m):
         row = np.ascontiguousarray(x[r], np.float32)
         fn(row.ctypes.data, out[r].ctypes.data, k)
@@ -228,7 +229,7 @@ def test_iq4_nl_quantiser_bit_exact(peer_bin, m, nb, scale, dist, seed):
         x[:, ::32] += 1.0            # no all-zero block (ggml leaves stale codes in those)
     x = (x * scale).astype(np.float32)
     ours = M.quantize_rows(T.IQ4_NL, x)
-    np.testing.assert_array_equal(ours, ggml_quantize_ref(peer_bin, x))
+    np.testing.assert_array_equal(ours, ggml_quantize_row(peer_bin, T.IQ4_NL, x))
     np.testing.assert_array_equal(ours, M.reference_quantize_iq4_nl(x))
 
 
@@ -263,21 +264,6 @@ def test_iq4_xs_quantiser_bit_exact(peer_bin, m, nb, scale, zeros, seed):
     ours = M.quantize_rows(T.IQ4_XS, x)
     np.testing.assert_array_equal(ours, GgmlCpu.load(peer_bin).quantize(T.IQ4_XS, x))
     np.testing.assert_array_equal(ours, M.reference_quantize_iq4_xs(x))
-
-
-def ggml_quantize_row(peer_bin, type_, x: np.ndarray) -> np.ndarray:
-    """ggml's own ``quantize_row_<type>_ref`` (the CPU backend's from_float) on each row."""
-    from tools.ggml_cpu import GgmlCpu
-    fn = getattr(GgmlCpu.load(peer_bin).base, f"quantize_row_{T(type_).name.lower()}_ref")
-    fn.restype = None
-    fn.argtypes = [C.c_void_p, C.c_void_p, C.c_int64]
-    bs, size = M.BLOCK[int(type_)]
-    m, k = x.shape
-    out = np.zeros((m, k // bs * size), np.uint8)
-    for r in range(m):
-        row = np.ascontiguousarray(x[r], np.float32)
-        fn(row.ctypes.data, out[r].ctypes.data, k)
-    return out
 
 
 @pytest.mark.peer
