@@ -19,7 +19,8 @@ from ..graph.ops import Op
 from ..graph.registry import kernel
 from .cpu_tensors import rows_u8, view
 from .parallel import sized_kernel
-from .quants import BF16, F16, F16_TABLE, F32, I32, dequantize_row
+from .quants import (BF16, F16, F16_TABLE, F32, I32, MORE_WEIGHT_TYPES, dequantize_row,
+                     dequantize_rows)
 
 #: Source types GET_ROWS serves.
 
@@ -133,6 +134,10 @@ def _run(node: Node, a: Node, b: Node) -> None:
             gather_f16(view(a, np.uint16), idx, out, F16_QUIET_TABLE)
         elif a.type == BF16:
             gather_bf16(view(a, np.uint16), idx, out.view(np.uint32))
+        elif a.type in MORE_WEIGHT_TYPES:    # gather the packed rows, then dequantise them
+            rows = rows_u8(a)
+            i3, i2 = np.indices(idx.shape[:2])
+            out[...] = dequantize_rows(a.type, rows[i3[..., None], i2[..., None], idx], a.ne[0])
         else:
             gather_quant(a.type, rows_u8(a), idx, out, F16_TABLE)
     view(node)[...] = out
@@ -140,7 +145,7 @@ def _run(node: Node, a: Node, b: Node) -> None:
 
 @kernel("cpu", Op.GET_ROWS)
 def bind_get_rows(node: Node):
-    """GET_ROWS from F32, F16, BF16, I32 and Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K,:
-    the CPU runner of a validated node."""
+    """GET_ROWS from F32, F16, BF16, I32 and every type of QUANT_WEIGHT_TYPES: the CPU runner
+    of a validated node."""
     a, b = node.src[0], node.src[1]
     return lambda: _run(node, a, b)

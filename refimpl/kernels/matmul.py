@@ -22,7 +22,12 @@ computes them is decided once, when the node is bound (:func:`choose_kernel`):
 * ``UNPACKED``: the other block formats (Q2_K, Q3_K) with few activation rows: each
   weight row unpacked to integers, then ggml's x86 dot products lane by lane (the
   kernels below; integer sums of four products per lane, scales applied with fused
-  multiply-adds into eight float32 lanes).
+  multiply-adds into eight float32 lanes);
+* ``DEQUANT``: the formats of refimpl.kernels.quants_more (IQ4_NL, IQ4_XS, MXFP4, NVFP4,
+  TQ1_0, TQ2_0, Q1_0, Q2_0) with few activation rows: each weight row dequantised once
+  (exact) and dotted in float32 with the exact values of the Q8_0 / Q8_K activations
+  (:func:`.quants_more.mm_dequant`); from BLAS_MIN_ROWS rows on they take ``BLAS`` like
+  Q5_0 (decoded tiles, sgemm).
 
 No result depends on the thread count (each output is computed by one thread, whole).
 """
@@ -41,9 +46,10 @@ from ..graph.validators.matmul import WEIGHT_TYPES
 from . import matmul_fast as fast
 from .cpu_tensors import bf16_to_f32, f16_to_f32, load_f32, round_to, rows_u8, view
 from .numeric import fma32, hsum8_f32
+from . import quants_more
 from .set_rows import check_indices
-from .quants import (BF16, F16, F16_TABLE, F32, K_QUANT_TYPES, Q2_K, Q4_0, Q4_1, Q4_K, Q5_0,
-                     Q5_1, Q5_K, Q6_K, Q8_0, Q8_1, Q8_K, VEC_DOT_TYPE,
+from .quants import (BF16, F16, F16_TABLE, F32, K_QUANT_TYPES, MORE_WEIGHT_TYPES, Q2_K, Q4_0,
+                     Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, Q8_1, Q8_K, VEC_DOT_TYPE,
                      dequantize_rows, quantize_activations, quantize_q8_32, quantize_q8_k,
                      table_for, unpack_activations, unpack_k_row, unpack_q32_row)
 from .simd import HAS_F16C
@@ -51,7 +57,7 @@ from .simd import HAS_F16C
 #: Types accepted as weights (src0).
 
 #: The kernels (see :func:`choose_kernel`).
-BLAS, PACKED, UNPACKED = "blas", "packed", "unpacked"
+BLAS, PACKED, UNPACKED, DEQUANT = "blas", "packed", "unpacked", "dequant"
 
 #: Quantised weights meet this many activation rows per batch or more through BLAS.
 BLAS_MIN_ROWS = 4
@@ -300,6 +306,8 @@ def choose_kernel(wtype: int, rows: int) -> str:
         return PACKED
     if wtype in (F32, F16, BF16) or rows >= BLAS_MIN_ROWS:
         return BLAS
+    if wtype in MORE_WEIGHT_TYPES:
+        return DEQUANT
     return PACKED if wtype in fast.PACKED_TYPES else UNPACKED
 
 
@@ -447,7 +455,10 @@ def _compute(a: Node, float_acts, quant_acts, kernel: str, out: np.ndarray) -> N
     acts = quant_acts()
     if _needs_sign_trick(a.type, acts.qs):
         kernel = UNPACKED
-    if kernel == BLAS and a.type in fast.FAST_QUANT_TYPES:
+    if kernel == DEQUANT:
+        quants_more.matmul_few_rows(a.type, rows_u8(a),
+                                    acts.dequantized().reshape(*out.shape[:3], -1), out)
+    elif kernel == BLAS and a.type in fast.FAST_QUANT_TYPES:
         _blas_groups(a, acts, out)
     elif kernel == BLAS:
         _blas(a, acts.dequantized(), acts.s if a.type == Q5_1 else None, out)
@@ -508,8 +519,8 @@ class _BoundPacked:
 
 @kernel("cpu", Op.MUL_MAT)
 def bind_mat_mul(node: Node):
-    """MUL_MAT with F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K and:
-    the CPU runner of a validated node."""
+    """MUL_MAT with F32, F16, BF16 and every type of QUANT_WEIGHT_TYPES as weights: the CPU
+    runner of a validated node."""
     a, b = node.src[0], node.src[1]
     if a.type not in WEIGHT_TYPES:
         return None

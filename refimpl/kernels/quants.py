@@ -44,7 +44,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ..graph.validators.types import K_QUANT_TYPES, QUANT_WEIGHT_TYPES, VEC_DOT_TYPE  # noqa: F401
+from ..graph.validators.types import (K_QUANT_TYPES, MORE_WEIGHT_TYPES,  # noqa: F401
+                                      QUANT_WEIGHT_TYPES, VEC_DOT_TYPE)
 from ..protocol.ggml_types import GgmlType
 from .numeric import round_f16
 from .parallel import sized_kernel
@@ -396,6 +397,9 @@ def dequantize_rows_2d(code, rows, out, table, with_min):
 def dequantize_rows(code: int, rows: np.ndarray, ne0: int, with_min: bool = True) -> np.ndarray:
     """Block (or F16/BF16) rows (uint8, shape (..., row_bytes)) of type ``code`` to float32
     (..., ne0)."""
+    if code in MORE_WEIGHT_TYPES:      # IQ4, FP4, ternary, 1/2-bit formats
+        from .quants_more import dequantize_rows as dequantize_more
+        return dequantize_more(code, rows, ne0)
     lead = rows.shape[:-1]
     flat = rows.reshape(-1, rows.shape[-1])
     out = np.empty((flat.shape[0], ne0), np.float32)

@@ -255,6 +255,23 @@ def test_mul_mat_q8_k_activations_are_refused_on_cuda(cuda_device):
         g.compile()
 
 
+@pytest.mark.parametrize("op", [Op.MUL_MAT, Op.GET_ROWS, Op.CPY])
+def test_new_weight_types_are_refused_on_cuda(cuda_device, op):
+    """IQ4_NL (and the other formats of refimpl.kernels.quants_more) run on the CPU only: a
+    CUDA node with them is refused at compile time, naming the op."""
+    g = CudaGraphBuilder(cuda_device)
+    w = g.input(T.IQ4_NL, (32, 2), np.zeros((2, 18), np.uint8))
+    if op == Op.MUL_MAT:
+        g.node(op, T.F32, (2, 1), [w, g.input(T.F32, (32, 1))])
+    elif op == Op.GET_ROWS:
+        g.node(op, T.F32, (32, 1), [w, g.input(T.I32, (1,), np.zeros(1, np.int32))])
+    else:
+        b = g.input(T.F32, (32, 2))
+        g.node(op, T.F32, (32, 2), [w, b], inplace_of=b)
+    with pytest.raises(GraphInvalid, match="no cuda kernel"):
+        g.compile()
+
+
 # -- SOFT_MAX ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mask_type,max_bias,sinks", [(None, 0.0, False), (T.F16, 0.0, False),

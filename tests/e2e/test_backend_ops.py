@@ -25,7 +25,10 @@ WEIGHTS = {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_K",
 FLOAT = {"f32", "f16", "bf16"}
 #: the types of a quantised KV cache (-ctk/-ctv): SET_ROWS and CPY into them, attention over them
 KV_QUANT = {"q8_0", "q4_0", "q4_1", "q5_0", "q5_1"}
-MUL_MAT_ID_WEIGHTS = WEIGHTS | {"q2_K", "q3_K", "q5_K"}
+#: the formats of refimpl.kernels.quants_more (issue 13 item 3)
+NEW_WEIGHTS = {"iq4_nl", "iq4_xs", "mxfp4", "nvfp4", "tq1_0", "tq2_0", "q1_0", "q2_0"}
+ALL_WEIGHTS = WEIGHTS | NEW_WEIGHTS
+MUL_MAT_ID_WEIGHTS = ALL_WEIGHTS | {"q2_K", "q3_K", "q5_K"}
 
 
 def _param(case: str, name: str) -> str | None:
@@ -34,12 +37,13 @@ def _param(case: str, name: str) -> str | None:
 
 
 def required(case: str) -> bool:
-    """Whether refimpl must pass this case (the ops and types of the graph-engine issue)."""
+    """Whether refimpl must pass this case (the ops and types of the graph-engine issue, and
+    a sample of the weight types of issue 13)."""
     op = case.split("(", 1)[0]
     if op == "MUL_MAT":  # activations (src1) as llama.cpp sends them: F32
-        return _param(case, "type_a") in WEIGHTS and _param(case, "type_b") == "f32"
+        return _param(case, "type_a") in ALL_WEIGHTS and _param(case, "type_b") == "f32"
     if op == "GET_ROWS":
-        return _param(case, "type") in WEIGHTS | {"i32"}
+        return _param(case, "type") in ALL_WEIGHTS | {"i32"}
     if op == "FLASH_ATTN_EXT":
         return _param(case, "type_K") in FLOAT | KV_QUANT and _param(case, "type_V") in FLOAT | KV_QUANT
     if op == "SET_ROWS":
@@ -52,8 +56,8 @@ def required(case: str) -> bool:
                 and size <= 1 << 22)
     if op == "CPY":
         src, dst = _param(case, "type_src"), _param(case, "type_dst")
-        return ((src == dst and src in WEIGHTS) or (src in FLOAT and dst in FLOAT)
-                or (src in FLOAT and dst in KV_QUANT))
+        return ((src == dst and src in ALL_WEIGHTS) or (src in FLOAT and dst in FLOAT)
+                or (src in FLOAT and dst in KV_QUANT) or (src in ALL_WEIGHTS and dst == "f32"))
     return True
 
 

@@ -229,7 +229,7 @@ def test_empty_activations_run(wtype):
 
 
 UNSUPPORTED = [t for t in T if t not in (*FLOAT, *QUANT) and t.value not in
-               (T.I8, T.I16, T.I32, T.I64, T.F64)]
+               (T.I8, T.I16, T.I32, T.I64, T.F64) and t not in Q.MORE_WEIGHT_TYPES]
 
 
 @pytest.mark.parametrize("wtype", UNSUPPORTED, ids=lambda t: t.name)

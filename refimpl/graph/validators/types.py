@@ -11,9 +11,18 @@ Q5_0, Q5_1 = int(GgmlType.Q5_0), int(GgmlType.Q5_1)
 Q8_0, Q8_1, Q8_K = int(GgmlType.Q8_0), int(GgmlType.Q8_1), int(GgmlType.Q8_K)
 Q2_K, Q3_K, Q4_K = int(GgmlType.Q2_K), int(GgmlType.Q3_K), int(GgmlType.Q4_K)
 Q5_K, Q6_K = int(GgmlType.Q5_K), int(GgmlType.Q6_K)
+IQ4_NL, IQ4_XS = int(GgmlType.IQ4_NL), int(GgmlType.IQ4_XS)
+MXFP4, NVFP4 = int(GgmlType.MXFP4), int(GgmlType.NVFP4)
+TQ1_0, TQ2_0 = int(GgmlType.TQ1_0), int(GgmlType.TQ2_0)
+Q1_0, Q2_0 = int(GgmlType.Q1_0), int(GgmlType.Q2_0)
+
+#: The weight formats of refimpl.kernels.quants_more (non-linear, FP4, ternary, 1/2-bit):
+#: dequantised exactly, then multiplied with the activations' exact Q8 values.
+MORE_WEIGHT_TYPES = frozenset({IQ4_NL, IQ4_XS, MXFP4, NVFP4, TQ1_0, TQ2_0, Q1_0, Q2_0})
 
 #: Block formats refimpl can dequantise (weights of MUL_MAT and sources of GET_ROWS).
-QUANT_WEIGHT_TYPES = frozenset({Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K})
+QUANT_WEIGHT_TYPES = frozenset({Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K,
+                                Q6_K}) | MORE_WEIGHT_TYPES
 
 #: Block formats refimpl quantises float rows into (SET_ROWS and CPY into a quantised
 #: tensor: the KV-cache types llama.cpp offers).
@@ -26,5 +35,7 @@ K_QUANT_TYPES = frozenset({Q2_K, Q3_K, Q4_K, Q5_K, Q6_K})
 VEC_DOT_TYPE = {F32: F32, F16: F16, BF16: BF16,
                 Q4_0: Q8_0, Q5_0: Q8_0, Q8_0: Q8_0,
                 Q4_1: Q8_1, Q5_1: Q8_1,
-                Q2_K: Q8_K, Q3_K: Q8_K, Q4_K: Q8_K, Q5_K: Q8_K, Q6_K: Q8_K}
+                Q2_K: Q8_K, Q3_K: Q8_K, Q4_K: Q8_K, Q5_K: Q8_K, Q6_K: Q8_K,
+                IQ4_NL: Q8_0, MXFP4: Q8_0, NVFP4: Q8_0, Q1_0: Q8_0, Q2_0: Q8_0,
+                IQ4_XS: Q8_K, TQ1_0: Q8_K, TQ2_0: Q8_K}
 
