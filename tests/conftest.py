@@ -6,7 +6,6 @@ import io
 from pathlib import Path
 
 import pytest
-import trio
 
 from refimpl.devices import CpuDevice
 from refimpl.server import RpcServer, ServerConfig

@@ -8,11 +8,10 @@ import os
 import struct
 import time
 
-import numpy as np
 import pytest
 import trio
 
-from refimpl.client import RpcClient, ServerClosedConnection
+from refimpl.client import RpcClient
 from refimpl.devices import CpuDevice
 from refimpl.graph import GraphInvalid, Op, build_graph
 from refimpl.graph.engine import GraphExecutor

@@ -19,7 +19,7 @@ from refimpl.server import RpcServer
 from refimpl.server.hash_cache import HashCache
 
 from .conftest import make_config
-from .rawwire import HELLO, frame, open_raw, read_exactly, server_closes
+from .rawwire import HELLO, frame, open_raw, server_closes
 
 
 def addr(server):

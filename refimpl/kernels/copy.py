@@ -22,7 +22,7 @@ from ..graph.validators.types import QUANTIZE_TYPES
 from ..protocol.ggml_types import GgmlType
 from .cpu_tensors import load_f32, rows_u8, store_f32, view
 from .parallel import sized_kernel
-from .quantize import quantize_rows, row_bytes
+from .quantize import quantize_into, row_bytes
 from .quants import QUANT_WEIGHT_TYPES, dequantize_rows
 
 
@@ -86,7 +86,7 @@ def bind_copy_ops(node: Node):
             if copy_first:
                 values = values.copy()
             out = rows_u8(node).reshape(-1, row_bytes(node.type, k))   # dst is contiguous
-            quantize_rows(node.type, values, out)
+            quantize_into(node.type, values, out)
         return run_quantize
     if a.type == node.type:
         def run_same():

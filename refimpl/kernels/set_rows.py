@@ -20,7 +20,7 @@ from ..graph.registry import kernel
 from ..protocol.ggml_types import GgmlType
 from .cpu_tensors import f32_to_bf16, load_f32, rows_u8, view
 from .parallel import sized_kernel
-from .quantize import quantize_rows, row_bytes
+from .quantize import quantize_into, row_bytes
 from .simd import HAS_F16C, f16_bits
 
 
@@ -98,7 +98,7 @@ def _payload(rows_node: Node, dst_type: int) -> np.ndarray:
         values = np.ascontiguousarray(load_f32(rows_node), np.float32)
         n3, n2, nr, k = values.shape
         out = np.empty((n3 * n2 * nr, row_bytes(dst_type, k)), np.uint8)
-        quantize_rows(dst_type, values.reshape(-1, k), out)
+        quantize_into(dst_type, values.reshape(-1, k), out)
         return out.reshape(n3, n2, nr, -1)
     rows = view(rows_node)
     if dst_type == GgmlType.F32:

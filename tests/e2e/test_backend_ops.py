@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.peer, pytest.mark.slow]
 WEIGHTS = {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_K", "q6_K"}
 FLOAT = {"f32", "f16", "bf16"}
 #: the types of a quantised KV cache (-ctk/-ctv): SET_ROWS and CPY into them, attention over them
-KV_QUANT = {"q8_0", "q4_0", "q4_1", "q5_0", "q5_1"}
+KV_QUANT = {"q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"}
 #: the formats of refimpl.kernels.quants_more (issue 13 item 3)
 NEW_WEIGHTS = {"iq4_nl", "iq4_xs", "mxfp4", "nvfp4", "tq1_0", "tq2_0", "q1_0", "q2_0"}
 ALL_WEIGHTS = WEIGHTS | NEW_WEIGHTS
@@ -57,7 +57,8 @@ def required(case: str) -> bool:
     if op == "CPY":
         src, dst = _param(case, "type_src"), _param(case, "type_dst")
         return ((src == dst and src in ALL_WEIGHTS) or (src in FLOAT and dst in FLOAT)
-                or (src in FLOAT and dst in KV_QUANT) or (src in ALL_WEIGHTS and dst == "f32"))
+                or (src in FLOAT and dst in KV_QUANT | NEW_WEIGHTS)
+                or (src in ALL_WEIGHTS and dst == "f32"))
     return True
 
 

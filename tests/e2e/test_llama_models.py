@@ -120,7 +120,8 @@ KV_CASES = [("f16-gqa2-3L", "batched", "q8_0", "q8_0", True),
             ("q8_0-576-4L", "ub1", "q8_0", "q8_0", True),
             ("q4_0-576-4L", "batched", "q4_0", "q4_1", True),
             ("q4_0-hd64-1L", "batched", "q5_0", "q5_1", True),
-            ("q4_k-576-4L", "batched", "q8_0", None, False)]
+            ("q4_k-576-4L", "batched", "q8_0", None, False),
+            ("f16-gqa2-3L", "batched", "iq4_nl", "iq4_nl", True)]
 
 
 @pytest.mark.parametrize("name,step,ctk,ctv,fa", KV_CASES,

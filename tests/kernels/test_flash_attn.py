@@ -86,7 +86,11 @@ def test_matches_oracle(c):
     want = reference(qv, kvals, vvals, mvals, scale, c["max_bias"], c["softcap"], svals)
     got = g.read(out)
     assert np.all(np.isfinite(got))
-    assert nmse(got, want) < 1e-5, nmse(got, want)
+    # an F16 V is accumulated in half precision, as ggml does: its resolution is relative to
+    # the V values summed, so an output much smaller than them (weights that cancel) is
+    # judged by that absolute resolution instead
+    half_acc = c["vt"] == T.F16 and np.max(np.abs(got - want)) <= 2.0 ** -9 * np.abs(vvals).max()
+    assert nmse(got, want) < 1e-5 or half_acc, nmse(got, want)
 
 
 @njit(fastmath={"contract"})

@@ -18,7 +18,8 @@ import pytest
 from refimpl.graph import Op
 from refimpl.graph.ops import GluOp, UnaryOp
 from refimpl.kernels import flash_attn
-from refimpl.kernels.quantize import reference as quantize_reference
+from refimpl.kernels.quantize import quantize_into, row_bytes
+from refimpl.kernels.quantize import reference as _quantize_oracle
 from refimpl.kernels.rope import MODE_IMROPE, MODE_MROPE, MODE_NEOX, MODE_NORMAL, MODE_VISION
 from refimpl.protocol import GgmlType as T
 from tools.contract import assert_op_within_contract
@@ -276,7 +277,17 @@ def flash_attn_case(cpu, *, dk, dv, nkv, nq1, nq2=4, nk2=2, nr3=1, kt=T.F16, vt=
     assert_op_within_contract(got, want, "FLASH_ATTN_EXT")
 
 
-KV_QUANT_TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1]
+KV_QUANT_TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.IQ4_NL]
+
+
+def quantize_reference(code, x):
+    """Float rows as blocks of ``code``: refimpl's numpy oracle for the five 32-value formats,
+    refimpl's quantiser for the others (each checked against ggml in its own tests)."""
+    if code in (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1):
+        return _quantize_oracle(code, x)
+    out = np.zeros((x.shape[0], row_bytes(code, x.shape[1])), np.uint8)
+    quantize_into(int(code), np.asarray(x, np.float32), out)
+    return out
 KV_PAIRS = [(T.F16, T.F16), (T.F32, T.F32), (T.F16, T.F32), (T.BF16, T.BF16), (T.F32, T.F16)]
 
 
@@ -416,7 +427,8 @@ def test_cpy_into_blocks(cpu, src_type, dst_type):
 
 
 @pytest.mark.parametrize("kt,vt", [(t, t) for t in KV_QUANT_TYPES] + [(T.Q8_0, T.F16), (T.F16, T.Q4_0),
-                                                                      (T.Q4_1, T.Q5_0)],
+                                                                      (T.Q4_1, T.Q5_0),
+                                                                      (T.IQ4_NL, T.Q8_0)],
                          ids=lambda t: T(t).name)
 @pytest.mark.parametrize("nq1", [1, 7, 70])
 def test_flash_attn_quantised_cache(cpu, kt, vt, nq1):
@@ -424,3 +436,17 @@ def test_flash_attn_quantised_cache(cpu, kt, vt, nq1):
     K's activation format, V is dequantised and accumulated in float32, as ggml does."""
     flash_attn_case(cpu, dk=128, dv=128, nkv=96, nq1=nq1, kt=kt, vt=vt, sinks=nq1 == 7,
                     seed=int(kt) + 3 * int(vt) + nq1)
+
+
+@pytest.mark.parametrize("dst_type", [T.IQ4_XS, T.MXFP4, T.NVFP4, T.TQ1_0, T.TQ2_0, T.Q1_0, T.Q2_0],
+                         ids=lambda t: T(t).name)
+def test_cpy_into_the_other_blocks(cpu, dst_type):
+    """CPY of F32 rows into the other formats ggml quantises to, byte for byte."""
+    x = (np.random.default_rng(9).standard_normal((2, 3, 256)) * 5).astype(np.float32)
+    with cpu.graph() as g:
+        want = g.compute(g.call("ggml_cpy", g.tensor(x), g.empty(dst_type, (256, 3, 2))), 1)
+    gb = GraphBuilder(16 << 20)
+    a, b = gb.input(T.F32, (256, 3, 2), x), gb.input(dst_type, (256, 3, 2))
+    out = gb.node(Op.CPY, dst_type, (256, 3, 2), [a, b], inplace_of=b)
+    gb.run()
+    np.testing.assert_array_equal(gb.read(out).reshape(-1), want.reshape(-1))

@@ -18,11 +18,11 @@ from ..checks import (
 )
 from ..ops import Op
 from ..registry import validates
-from .types import QUANTIZE_TYPES
+from .types import KV_CACHE_TYPES
 
 PREC_DEFAULT, PREC_F32 = 0, 10
 #: K and V types: floats, and the block formats of a quantised KV cache.
-_KV_TYPES = {F32, F16, BF16} | QUANTIZE_TYPES
+_KV_TYPES = {F32, F16, BF16} | KV_CACHE_TYPES
 
 
 def _divides(d: int, n: int) -> bool:
@@ -32,7 +32,7 @@ def _divides(d: int, n: int) -> bool:
 @validates(Op.FLASH_ATTN_EXT)
 def check_flash_attn_ext(node: Node) -> None:
     """FLASH_ATTN_EXT (ggml_flash_attn_ext) with F32, F16, BF16 or quantised (Q8_0, Q4_0,
-    Q4_1, Q5_0, Q5_1) K and V: raise GraphInvalid unless ggml would accept the node."""
+    Q4_1, Q5_0, Q5_1, IQ4_NL) K and V: raise GraphInvalid unless ggml would accept the node."""
     q, k, v = src(node, 0, "q"), src(node, 1, "k"), src(node, 2, "v")
     no_src_beyond(node, 5)
     type_in(node, {F32}, node, "dst")

@@ -24,9 +24,13 @@ MORE_WEIGHT_TYPES = frozenset({IQ4_NL, IQ4_XS, MXFP4, NVFP4, TQ1_0, TQ2_0, Q1_0,
 QUANT_WEIGHT_TYPES = frozenset({Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K,
                                 Q6_K}) | MORE_WEIGHT_TYPES
 
-#: Block formats refimpl quantises float rows into (SET_ROWS and CPY into a quantised
-#: tensor: the KV-cache types llama.cpp offers).
-QUANTIZE_TYPES = frozenset({Q8_0, Q4_0, Q4_1, Q5_0, Q5_1})
+#: The block formats of a quantised KV cache (``-ctk``/``-ctv``): SET_ROWS writes them and
+#: FLASH_ATTN_EXT reads them.
+KV_CACHE_TYPES = frozenset({Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL})
+
+#: Block formats refimpl quantises float rows into (SET_ROWS and CPY into a block-format
+#: tensor), as ggml's CPU backend's ``from_float`` does.
+QUANTIZE_TYPES = KV_CACHE_TYPES | MORE_WEIGHT_TYPES
 
 #: The k-quant weight formats (256-value super-blocks, Q8_K activations).
 K_QUANT_TYPES = frozenset({Q2_K, Q3_K, Q4_K, Q5_K, Q6_K})
