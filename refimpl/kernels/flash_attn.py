@@ -308,6 +308,16 @@ def _one_row_block(q, k, v, mask, slopes, scale, softcap, use_mask, dot_kind, v_
     return acc, mx, total
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _work_item(item, n_groups, nblk, group, qb, rows_per_group):
+    """Work item ``item`` of a kernel's parallel loop: batch ``iq3``, first head ``h0`` of its
+    group, and rows ``r0 .. r0+nr`` (head-major) of that group."""
+    iq3 = item // (n_groups * nblk)
+    rem = item % (n_groups * nblk)
+    r0 = (rem % nblk) * qb
+    return iq3, (rem // nblk) * group, r0, min(qb, rows_per_group - r0)
+
+
 @njit(cache=True, nogil=True, error_model="numpy")
 def _attend_rows_f16(q, k, v, mask, slopes, table, scale, softcap, use_mask,
                      iq3, ik2, ik3, iv2, iv3, heads, qrows, acc, mx, total):
@@ -383,11 +393,7 @@ def flash_attn_f16_in_place(q, k, v, mask, sinks, slopes, table, out, scale, sof
     rows_per_group = group * nq1
     nblk = (rows_per_group + qb - 1) // qb
     for item in prange(nq3 * n_groups * nblk):
-        iq3 = item // (n_groups * nblk)
-        rem = item % (n_groups * nblk)
-        h0 = (rem // nblk) * group
-        r0 = (rem % nblk) * qb
-        nr = min(qb, rows_per_group - r0)
+        iq3, h0, r0, nr = _work_item(item, n_groups, nblk, group, qb, rows_per_group)
         heads, qrows = _row_ids(h0, r0, nr, nq1)
         acc = np.empty((nr, dv), np.float32)
         mx = np.empty(nr, np.float32)
@@ -599,11 +605,7 @@ def flash_attn_f32(q, k, v, mask, sinks, slopes, out, scale, softcap, use_mask, 
     rows_per_group = group * nq1
     nblk = (rows_per_group + qb - 1) // qb
     for item in prange(nq3 * n_groups * nblk):
-        iq3 = item // (n_groups * nblk)
-        rem = item % (n_groups * nblk)
-        h0 = (rem // nblk) * group
-        r0 = (rem % nblk) * qb
-        nr = min(qb, rows_per_group - r0)
+        iq3, h0, r0, nr = _work_item(item, n_groups, nblk, group, qb, rows_per_group)
         ik2, ik3 = h0 // rk2, iq3 // rk3
         iv2, iv3 = h0 // rv2, iq3 // rv3
         if tiled:

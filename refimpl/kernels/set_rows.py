@@ -21,17 +21,20 @@ from ..protocol.ggml_types import GgmlType
 from .cpu_tensors import f32_to_bf16, load_f32, rows_u8, view
 from .parallel import sized_kernel
 from .quantize import quantize_into, row_bytes
-from .simd import HAS_F16C, f16_bits
+from .numeric import f16_bits
 
 
 
 @sized_kernel(0, cache=True, nogil=True)
-def scatter_rows(rows, idx, dst):
+def scatter_rows(rows, idx, dst, to_f16):
     """``dst[i3, i2, idx[0, i3 % n12, i2 % n11, i], :] = rows[i3, i2, i, :]``.
 
-    ``rows`` and ``dst`` share a dtype (float32 or uint16 bit patterns); ``idx`` is int64 of
-    shape (1, n12, n11, nr) and every entry must already be known to be in range.  Within one
-    (i3, i2) plane rows are written in order, so a repeated index keeps the last row.
+    ``rows`` and ``dst`` share a dtype (float32, uint16 bit patterns or row bytes), or, with
+    ``to_f16``, ``rows`` is float32 and ``dst`` F16 (uint16 bits): each value is rounded to
+    the nearest half as it is stored (:func:`.numeric.f16_bits`; ``rows`` must not overlap
+    ``dst``).  ``idx`` (int32 or int64) has shape (1, n12, n11, nr) and every
+    entry must already be known to be in range.  Within one (i3, i2) plane rows are written in
+    order, so a repeated index keeps the last row.
     """
     n3, n2, nr, nc = rows.shape
     n12, n11 = idx.shape[1], idx.shape[2]
@@ -40,8 +43,12 @@ def scatter_rows(rows, idx, dst):
         i2 = p % n2
         for i in range(nr):
             j = idx[0, i3 % n12, i2 % n11, i]
-            for c in range(nc):
-                dst[i3, i2, j, c] = rows[i3, i2, i, c]
+            if to_f16:
+                for c in range(nc):
+                    dst[i3, i2, j, c] = f16_bits(rows[i3, i2, i, c])
+            else:
+                for c in range(nc):
+                    dst[i3, i2, j, c] = rows[i3, i2, i, c]
 
 
 @njit(cache=True, nogil=True)
@@ -56,22 +63,6 @@ def first_bad_index(idx, n_rows):
                     if j < 0 or j >= n_rows:
                         return ((i3 * n2 + i2) * n1 + i1) * n0 + i0
     return -1
-
-
-@sized_kernel(0, cache=True, nogil=True)
-def scatter_rows_to_f16(rows, idx, dst):
-    """:func:`scatter_rows` from float32 ``rows`` into F16 ``dst`` (uint16 bits), each value
-    rounded to the nearest half as it is stored (:func:`.simd.f16_bits`; needs F16C).
-    ``idx`` may be int32 or int64.  ``rows`` must not overlap ``dst``."""
-    n3, n2, nr, nc = rows.shape
-    n12, n11 = idx.shape[1], idx.shape[2]
-    for p in prange(n3 * n2):
-        i3 = p // n2
-        i2 = p % n2
-        for i in range(nr):
-            j = idx[0, i3 % n12, i2 % n11, i]
-            for c in range(nc):
-                dst[i3, i2, j, c] = f16_bits(rows[i3, i2, i, c])
 
 
 def reference(dst: np.ndarray, rows: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -120,7 +111,7 @@ def bind_set_rows(node: Node):
     storage = np.float32 if node.type == GgmlType.F32 else np.uint16
     if node.type in QUANTIZE_TYPES:
         storage = "rows"        # scattered as whole row bytes
-    if (HAS_F16C and node.type == F16 and b.type == F32 and b.nelements
+    if (node.type == F16 and b.type == F32 and b.nelements
             and not overlaps(node, b)):
         return _bind_f32_to_f16(node, b, c, n_rows)
 
@@ -131,7 +122,7 @@ def bind_set_rows(node: Node):
         check_indices(node, idx, n_rows, "row index")
         # _payload always makes a copy, so the scatter never reads what it writes
         dst = rows_u8(node) if storage == "rows" else view(node, storage)
-        scatter_rows(_payload(b, node.type), idx, dst)
+        scatter_rows(_payload(b, node.type), idx, dst, False)
     return run
 
 
@@ -142,7 +133,7 @@ def _bind_f32_to_f16(node: Node, b: Node, c: Node, n_rows: int):
 
     def run():
         check_indices(node, idx, n_rows, "row index")
-        scatter_rows_to_f16(rows, idx, dst)
+        scatter_rows(rows, idx, dst, True)
     return run
 
 

@@ -520,18 +520,6 @@ def mad_round_f16(typingctx, acc, v, n, s):
     return sig, codegen
 
 
-@intrinsic
-def f16_bits(typingctx, x):
-    """The IEEE half nearest float32 ``x`` (ties to even; overflow to infinity, NaN kept), as
-    its uint16 bit pattern (``vcvtps2ph`` with F16C).  The caller checks :data:`HAS_F16C`."""
-    sig = types.uint16(types.float32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), _I16)
-
-    return sig, codegen
-
-
 def _host_has_f16c() -> bool:
     try:
         from llvmlite import binding
