@@ -74,8 +74,9 @@ class ModelSpec:
     sliding_window: int = 0
     swa_pattern: int = 0
     rope_theta_swa: float = 0.0
-    #: qwen3moe, gpt-oss: a mixture of ``n_expert`` experts of ``n_ff`` each, ``n_expert_used`` routed
-    #: per token (softmax gating, normalised weights)
+    #: qwen3moe, gpt-oss: a mixture of ``n_expert`` experts of ``n_ff`` each, ``n_expert_used``
+    #: routed per token (qwen3moe: softmax gating, normalised weights; gpt-oss: softmax over the
+    #: chosen experts' logits)
     n_expert: int = 0
     n_expert_used: int = 0
 
