@@ -1,5 +1,5 @@
 """Small random GGUF models for end-to-end tests: llama, the architectures built like it,
-and qwen3moe (a mixture of experts).
+qwen3moe and gpt-oss (mixtures of experts).
 
 Weights are random (seeded), so a model's text is gibberish, but deterministic gibberish that
 any two correct implementations agree on.  The vocabulary holds printable pieces only, so
@@ -13,7 +13,8 @@ outputs compare as text.  Quantised variants are made with the peer's own ``llam
 Besides ``llama``, :data:`ARCH_FEATURES` lists the architectures written and what each adds to
 llama's block (tensor names and hyper-parameters as llama.cpp 0.3.36 loads them,
 src/models/<arch>.cpp).  What an architecture computes without a tensor of its own (qwen's
-NEOX rope, gemma3's embedding scaling by sqrt(n_embd) and GELU-gated FFN) is llama.cpp's part.
+NEOX rope, gemma3's embedding scaling by sqrt(n_embd) and GELU-gated FFN, gpt-oss's
+SWIGLU_OAI experts and softmax over the chosen experts' logits) is llama.cpp's part.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import numpy as np
 #: ``llama-quantize`` type names for the formats the tests use.
 QUANT_NAMES = {"q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1": "Q5_1",
                "q4_k": "Q4_K_S", "q6_k": "Q6_K", "bf16": "BF16", "f16": "F16",
-               "iq4_xs": "IQ4_XS"}
+               "iq4_xs": "IQ4_XS",
+               "mxfp4_moe": "MXFP4_MOE"}  # experts MXFP4, the other matrices Q8_0
 
 #: architecture -> what its blocks add to (or change in) llama's
 ARCH_FEATURES = {
@@ -38,6 +40,11 @@ ARCH_FEATURES = {
     "phi3": frozenset({"fused_qkv", "fused_up"}),           # attn_qkv; ffn_up holds gate and up
     "gemma3": frozenset({"qk_norm", "post_norms", "tied_output"}),  # + post-attn/ffw norms
     "qwen3moe": frozenset({"qk_norm", "moe"}),               # experts instead of one FFN
+    # gpt-oss (llama.cpp's LLM_ARCH_OPENAI_MOE): Q/K/V and output biases, a learned sink logit
+    # per head, the FFN's norm named post_attention_norm, experts with biases and a router bias;
+    # sliding-window attention on even layers (the loader's default pattern of 2)
+    "gpt-oss": frozenset({"qkv_bias", "out_bias", "attn_sinks", "post_attention_ffn_norm",
+                          "moe", "moe_bias"}),
 }
 
 
@@ -67,8 +74,9 @@ class ModelSpec:
     sliding_window: int = 0
     swa_pattern: int = 0
     rope_theta_swa: float = 0.0
-    #: qwen3moe: a mixture of ``n_expert`` experts of ``n_ff`` each, ``n_expert_used`` routed
-    #: per token (softmax gating, normalised weights)
+    #: qwen3moe, gpt-oss: a mixture of ``n_expert`` experts of ``n_ff`` each, ``n_expert_used``
+    #: routed per token (qwen3moe: softmax gating, normalised weights; gpt-oss: softmax over the
+    #: chosen experts' logits)
     n_expert: int = 0
     n_expert_used: int = 0
 
@@ -132,8 +140,10 @@ def write_gguf(path: Path, spec: ModelSpec) -> Path:
     w.add_rope_freq_base(spec.rope_theta)
     if spec.sliding_window:
         w.add_sliding_window(spec.sliding_window)
-        w.add_sliding_window_pattern(spec.swa_pattern)
-        w.add_rope_freq_base_swa(spec.rope_theta_swa)
+        if spec.swa_pattern:
+            w.add_sliding_window_pattern(spec.swa_pattern)
+        if spec.rope_theta_swa:
+            w.add_rope_freq_base_swa(spec.rope_theta_swa)
     w.add_layer_norm_rms_eps(spec.rms_eps)
     if "moe" in features:
         w.add_expert_count(spec.n_expert)
@@ -176,12 +186,22 @@ def write_gguf(path: Path, spec: ModelSpec) -> Path:
             w.add_tensor(f"{blk}.attn_k.weight", mat(kv, e))
             w.add_tensor(f"{blk}.attn_v.weight", mat(kv, e))
         w.add_tensor(f"{blk}.attn_output.weight", mat(e, q))
-        w.add_tensor(f"{blk}.ffn_norm.weight", norm(e))
+        if "out_bias" in features:
+            w.add_tensor(f"{blk}.attn_output.bias", bias(e))
+        if "attn_sinks" in features:  # one logit per head, joining each row's softmax
+            w.add_tensor(f"{blk}.attn_sinks.weight", rng.standard_normal(spec.n_head).astype(np.float32))
+        ffn_norm = "post_attention_norm" if "post_attention_ffn_norm" in features else "ffn_norm"
+        w.add_tensor(f"{blk}.{ffn_norm}.weight", norm(e))
         if "moe" in features:
             w.add_tensor(f"{blk}.ffn_gate_inp.weight", mat(spec.n_expert, e) * 4)
+            if "moe_bias" in features:
+                w.add_tensor(f"{blk}.ffn_gate_inp.bias", bias(spec.n_expert) * 4)
             for name, rows, cols in (("gate", ff, e), ("up", ff, e), ("down", e, ff)):
                 w.add_tensor(f"{blk}.ffn_{name}_exps.weight",
                              np.stack([mat(rows, cols) for _ in range(spec.n_expert)]))
+                if "moe_bias" in features:  # numpy (n_expert, rows) = ggml ne (rows, n_expert)
+                    w.add_tensor(f"{blk}.ffn_{name}_exps.bias",
+                                 np.stack([bias(rows) for _ in range(spec.n_expert)]))
         elif "fused_up" in features:
             w.add_tensor(f"{blk}.ffn_up.weight", mat(2 * ff, e))
         else:
