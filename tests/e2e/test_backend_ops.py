@@ -27,7 +27,10 @@ FLOAT = {"f32", "f16", "bf16"}
 KV_QUANT = {"q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"}
 #: the formats of refimpl.kernels.quants_more (issue 13 item 3)
 NEW_WEIGHTS = {"iq4_nl", "iq4_xs", "mxfp4", "nvfp4", "tq1_0", "tq2_0", "q1_0", "q2_0"}
-ALL_WEIGHTS = WEIGHTS | NEW_WEIGHTS
+#: the codebook formats of refimpl.kernels.quants_grid (read only: ggml's CPU backend cannot
+#: quantise into them, so CPY and SET_ROWS into them are not supported there either)
+GRID_WEIGHTS = {"iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s"}
+ALL_WEIGHTS = WEIGHTS | NEW_WEIGHTS | GRID_WEIGHTS
 MUL_MAT_ID_WEIGHTS = ALL_WEIGHTS | {"q2_K", "q3_K", "q5_K"}
 
 
