@@ -40,8 +40,10 @@ decodes them; the tests compare with gguf's own decoding and with ggml's ``to_fl
 
 Every product of a dequantisation is computed as ggml's ``dequantize_row_*`` computes it
 (float32, the same order), so :func:`dequantize_row_grid` is bit-equal to it.  ggml's CPU
-backend multiplies these weights with Q8_K activations; refimpl.kernels.matmul quantises
-them the same way and multiplies the exact values (within the numerics contract).  ggml has
+backend multiplies these weights with Q8_K activations, summing exact integers per
+super-block; refimpl.kernels.matmul quantises the activations the same way and
+:func:`mm_grid` sums as ggml does (for every number of activation rows: ggml has no other
+kernel for these formats).  ggml has
 no quantiser (``from_float``) for these formats, and neither has refimpl.
 """
 
@@ -49,10 +51,10 @@ from __future__ import annotations
 
 import gguf.quants as gq
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from ..protocol.ggml_types import GgmlType
-from .quants import _f16_at, _u32_at
+from .quants import F16_TABLE, _f16_at, _u32_at
 
 IQ2_XXS, IQ2_XS, IQ2_S = int(GgmlType.IQ2_XXS), int(GgmlType.IQ2_XS), int(GgmlType.IQ2_S)
 IQ3_XXS, IQ3_S = int(GgmlType.IQ3_XXS), int(GgmlType.IQ3_S)
@@ -217,6 +219,73 @@ def dequantize_row_grid(code, row, out, table, grids, ksigns):
                     idx = np.int64(row[o + 4 * ib + l]) | ((h & 7) << 8)
                     delta = -IQ1_DELTA if h & 8 else IQ1_DELTA
                     _shifted(out, e + 32 * ib + 8 * l, grids, _AT_IQ1 + 8 * idx, dl, delta)
+
+
+# ------------------------------------------------------------------------------------------
+# matrix product (ggml's vec_dot arithmetic: an exact integer sum per super-block)
+
+
+#: An F16 table that reads every half as 1.0: :func:`dequantize_row_grid` with it gives each
+#: value divided by its super-block's ``d`` (exact: a multiple of 1/8 below 2^11).
+UNIT_TABLE = np.ones(65536, np.float32)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def block_scale(code, row, b, table):
+    """The f16 scale ``d`` of super-block ``b`` of a packed row, as float32."""
+    if code == IQ1_M:
+        o = 56 * b + 48
+        bits = 0
+        for i in range(4):
+            word = np.int64(row[o + 2 * i]) | (np.int64(row[o + 2 * i + 1]) << 8)
+            bits |= ((word >> 12) & 15) << (4 * i)
+        return table[bits]
+    size = 66 if code == IQ2_XXS else 74 if code == IQ2_XS else 82 if code == IQ2_S else \
+        98 if code == IQ3_XXS else 110 if code == IQ3_S else 50
+    return _f16_at(row, size * b, table)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def mm_grid(code, w, aq, ad, out, table, unit, grids, ksigns):
+    """Weights ``w`` (uint8 rows (A3, A2, N, row_bytes)) of a format of this module times
+    Q8_K activations (``aq`` int8 (B3*B2*T, K), ``ad`` float32 per 256 values) into ``out``
+    float32 (B3, B2, T, N), as ggml's ``ggml_vec_dot_iq*_q8_K`` compute it: per super-block
+    the exact sum ``S`` of (value / d_w) · q over its 256 values (ggml's integer sums, with
+    its constant factors 1/8 or 1/4 applied; a float64 sum of multiples of 1/8, exact), then
+    ``acc += (d_w·d_a)·S`` in float32, super-block after super-block.  Parallel over weight
+    rows: each is decoded once and met with every activation row of the batches it serves."""
+    a3, a2, n, _ = w.shape
+    b3, b2, nt, k = out.shape[0], out.shape[1], out.shape[2], aq.shape[1]
+    r3, r2 = b3 // a3, b2 // a2
+    nb = k // 256
+    for job in prange(a3 * a2 * n):
+        i03, rest = job // (a2 * n), job % (a2 * n)
+        i02, r = rest // n, rest % n
+        row = w[i03, i02, r]
+        units = np.empty(k, np.float64)
+        vals = np.empty(k, np.float32)
+        dequantize_row_grid(code, row, vals, unit, grids, ksigns)
+        for e in range(k):
+            units[e] = vals[e]
+        dw = np.empty(nb, np.float32)
+        for b in range(nb):
+            dw[b] = block_scale(code, row, b, table)
+        for i13 in range(i03 * r3, i03 * r3 + r3):
+            for i12 in range(i02 * r2, i02 * r2 + r2):
+                for t in range(nt):
+                    m = (i13 * b2 + i12) * nt + t
+                    acc = np.float32(0.0)
+                    for b in range(nb):
+                        s = 0.0
+                        for e in range(256 * b, 256 * b + 256):
+                            s += units[e] * np.float64(aq[m, e])
+                        acc += (dw[b] * ad[m, b]) * np.float32(s)
+                    out[i13, i12, t, r] = acc
+
+
+def matmul(code: int, w: np.ndarray, qs: np.ndarray, d: np.ndarray, out: np.ndarray) -> None:
+    """:func:`mm_grid` with this module's tables."""
+    mm_grid(code, w, qs, d, out, F16_TABLE, UNIT_TABLE, GRIDS, KSIGNS)
 
 
 # ------------------------------------------------------------------------------------------
