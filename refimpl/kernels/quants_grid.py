@@ -371,3 +371,36 @@ def reference_dequantize(code: int, rows: np.ndarray, ne0: int) -> np.ndarray:
     scale = half * (2 * s + 1).astype(np.float32)[..., None]
     vals = grid[idx].reshape(m, -1, 8, 4, 8)
     return (scale * (vals + delta)).astype(np.float32).reshape(m, ne0)
+
+
+def _ref_scales(code: int, blk: np.ndarray) -> np.ndarray:
+    """The f16 scale ``d`` of every block of ``blk`` (uint8 (n, blocks, bytes)), float32."""
+    if code == IQ1_M:
+        words = blk[..., 48:56:2].astype(np.uint16) | (blk[..., 49:56:2].astype(np.uint16) << 8)
+        bits = sum(((words[..., i] >> 12) & 15) << (4 * i) for i in range(4)).astype(np.uint16)
+    else:
+        bits = blk[..., 0].astype(np.uint16) | (blk[..., 1].astype(np.uint16) << 8)
+    return bits.view(np.float16).astype(np.float32)
+
+
+def reference_matmul(code: int, rows: np.ndarray, qs: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Numpy oracle of :func:`mm_grid` for one weight matrix: packed rows (n, row_bytes)
+    times Q8_K activations (``qs`` int8 (m, k), ``d`` float32 (m, k/256)); float32 (m, n).
+    The values over ``d_w`` come from :func:`reference_dequantize` of the rows with every
+    ``d`` set to 1 (f16 0x3C00)."""
+    n, k = rows.shape[0], qs.shape[1]
+    nb = k // 256
+    blk = np.ascontiguousarray(rows).reshape(n, nb, BLOCK[code][1]).copy()
+    dw = _ref_scales(code, blk)
+    if code == IQ1_M:                      # the top nibbles of the four scale words
+        for i, nib in enumerate((0x0, 0x0, 0xC, 0x3)):
+            blk[..., 49 + 2 * i] = (blk[..., 49 + 2 * i] & 0x0F) | (nib << 4)
+    else:
+        blk[..., 0], blk[..., 1] = 0x00, 0x3C
+    units = reference_dequantize(code, blk.reshape(n, -1), k).astype(np.float64)
+    sums = np.einsum("nbe,mbe->mnb", units.reshape(n, nb, 256),
+                     qs.reshape(-1, nb, 256).astype(np.float64))         # exact
+    out = np.zeros((qs.shape[0], n), np.float32)
+    for b in range(nb):
+        out += (d[:, b, None] * dw[None, :, b]) * sums[:, :, b].astype(np.float32)
+    return out
