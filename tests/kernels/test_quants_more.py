@@ -17,7 +17,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refimpl.graph import Op
+from refimpl.graph import GraphInvalid, Op
 from refimpl.kernels import quants as Q
 from refimpl.kernels import quants_grid as G
 from refimpl.kernels import quants_more as M
@@ -257,6 +257,22 @@ def test_grid_mul_mat_close_to_ggml(cpu, type_):
                                       ctx.tensor(T.F32, (k, 3), x)), 1)
     ours = g.read(out).astype(np.float64)
     assert ((ours - theirs) ** 2).sum() / (theirs.astype(np.float64) ** 2).sum() < 1e-13
+
+
+@pytest.mark.parametrize("op", [Op.CPY, Op.SET_ROWS])
+def test_quantising_into_codebook_formats_is_refused(op):
+    """ggml's CPU backend has no quantiser for the IQ1/IQ2/IQ3 formats: CPY and SET_ROWS into
+    them are refused at validation (reading them is not)."""
+    g = GraphBuilder(1 << 20)
+    x = g.input(T.F32, (256, 2))
+    dst = g.input(T.IQ3_S, (256, 2))
+    if op == Op.CPY:
+        g.node(op, T.IQ3_S, (256, 2), [x, dst], inplace_of=dst)
+    else:
+        idx = g.input(T.I32, (2,), np.arange(2, dtype=np.int32))
+        g.node(op, T.IQ3_S, (256, 2), [x, idx, dst], inplace_of=dst)
+    with pytest.raises(GraphInvalid):
+        g.compile()
 
 
 # ------------------------------------------------------------------------------------------
