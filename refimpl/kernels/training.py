@@ -110,15 +110,6 @@ def reference_rms_norm_back(dz: np.ndarray, x: np.ndarray, eps: float) -> np.nda
     return (dz - x * mean_xdz / mean_eps) / np.sqrt(mean_eps)
 
 
-@kernel("cpu", Op.RMS_NORM_BACK)
-def bind_rms_norm_back(node: Node):
-    """RMS_NORM_BACK (F32): the CPU runner of a validated node."""
-    dz_t, x_t = node.src[0], node.src[1]
-    eps = np.float32(node.param_f32(0))
-    return lambda: _into(node, lambda out: rms_norm_back_f32(view(dz_t), view(x_t), out, eps),
-                         dz_t, x_t)
-
-
 # -- OUT_PROD --------------------------------------------------------------------------------
 
 @sized_kernel(2, cache=True, nogil=True)
@@ -221,13 +212,19 @@ def reference_soft_max_back(dy: np.ndarray, y: np.ndarray, scale: float) -> np.n
     return scale * y * (dy - np.sum(y * dy, axis=-1, keepdims=True))
 
 
-@kernel("cpu", Op.SOFT_MAX_BACK)
-def bind_soft_max_back(node: Node):
-    """SOFT_MAX_BACK (F32, max_bias 0): the CPU runner of a validated node."""
-    dy_t, y_t = node.src[0], node.src[1]
-    scale = np.float32(node.param_f32(0))
-    return lambda: _into(node, lambda out: soft_max_back_f32(view(dy_t), view(y_t), out, scale),
-                         dy_t, y_t)
+#: The row gradients of two F32 sources and one float parameter (``op_params[0]``).
+_ROW_GRADIENTS = {Op.RMS_NORM_BACK: rms_norm_back_f32, Op.SOFT_MAX_BACK: soft_max_back_f32}
+
+
+@kernel("cpu", Op.RMS_NORM_BACK, Op.SOFT_MAX_BACK)
+def bind_row_gradients(node: Node):
+    """RMS_NORM_BACK (F32; eps) and SOFT_MAX_BACK (F32; scale, max_bias 0): the CPU runner of
+    a validated node."""
+    grad_t, fwd_t = node.src[0], node.src[1]
+    param = np.float32(node.param_f32(0))
+    row_kernel = _ROW_GRADIENTS[node.op]
+    return lambda: _into(node, lambda out: row_kernel(view(grad_t), view(fwd_t), out, param),
+                         grad_t, fwd_t)
 
 
 # -- CROSS_ENTROPY_LOSS and its gradient ------------------------------------------------------
