@@ -2,9 +2,9 @@
 GET_ROWS_BACK, SOFT_MAX_BACK, CROSS_ENTROPY_LOSS, CROSS_ENTROPY_LOSS_BACK, OPT_STEP_ADAMW and
 OPT_STEP_SGD.  (ROPE_BACK is :mod:`.rope`'s kernel with the angles negated.)
 
-Each kernel computes what ggml's CPU backend computes, in float32 where it does and with its
-row sums in float64 (``ggml_float``); the orders of the sums inside a row may differ from
-ggml's SIMD ones, which test-backend-ops' tolerance covers.  Kernels take 4-D numpy views
+Each kernel computes what ggml's CPU backend computes, element by element in float32 as it
+does, and its sums in float64 (as ggml's ``ggml_float`` where ggml uses it; where ggml adds in
+float32 SIMD lanes the difference is rounding, which test-backend-ops' tolerance covers).  Kernels take 4-D numpy views
 (ne3, ne2, ne1, ne0) with any strides; a result that shares bytes with a source it reads is
 computed into a scratch array first, except where the op is defined in place (the optimiser
 steps, element by element).
