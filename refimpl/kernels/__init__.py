@@ -6,4 +6,4 @@ are the subpackage :mod:`refimpl.kernels.cuda`, imported only for CUDA devices.
 """
 
 from . import (binary, copy, flash_attn, get_rows, matmul, norm, reduce, rope,  # noqa: F401
-               set_rows, softmax, sort, unary)
+               set_rows, softmax, sort, training, unary)
