@@ -38,6 +38,10 @@ whose ``gguf.quants`` classes carry each grid as hexadecimal text (2 or 3 bits a
 ``grid_hex``) and the values those codes stand for (``grid_map``).  :func:`_grid_from_gguf`
 decodes them; the tests compare with gguf's own decoding and with ggml's ``to_float``.
 
+Every index the kernels read is in range by construction, whatever the wire sends: a grid
+index of ``b`` bits into a codebook of ``2^b`` entries, a 7-bit sign index into 128 sign
+bytes, a 16-bit pattern into the F16 table; the validators guarantee whole rows of blocks.
+
 Every product of a dequantisation is computed as ggml's ``dequantize_row_*`` computes it
 (float32, the same order), so :func:`dequantize_row_grid` is bit-equal to it.  ggml's CPU
 backend multiplies these weights with Q8_K activations, summing exact integers per
