@@ -1,5 +1,6 @@
 """Recurrent and linear-attention ops: SSM_CONV, SSM_SCAN (Mamba), RWKV_WKV6,
-GATED_LINEAR_ATTN, RWKV_WKV7, GATED_DELTA_NET, and SOLVE_TRI (spec/ops/recurrent.md).
+GATED_LINEAR_ATTN, RWKV_WKV7, GATED_DELTA_NET and SOLVE_TRI, with DeepSeek's
+LIGHTNING_INDEXER and the DSV4 hyper-connection ops (spec/ops/recurrent.md).
 
 Each walks tokens in order, carrying a small state per (sequence, head); the state ops write
 their outputs followed by the final states into one F32 destination, as ggml lays it out.
@@ -22,8 +23,9 @@ from numba import njit, prange
 from ..graph.build import GraphInvalid, Node
 from ..graph.ops import Op
 from ..graph.registry import kernel
-from .cpu_tensors import view
+from .cpu_tensors import f16_to_f32, rows_u8, view
 from .parallel import sized_kernel
+from .quants import F32, dequantize_rows
 
 _OPTS = dict(cache=True, nogil=True)
 
@@ -464,4 +466,211 @@ def bind_solve_tri(node: Node):
         if x.size:
             solve_tri_f32(a, b, x)
         dst[...] = x
+    return run
+
+
+# ----------------------------------------------------------------------------------------------
+# LIGHTNING_INDEXER
+# ----------------------------------------------------------------------------------------------
+
+@sized_kernel(4, **_OPTS)
+def lightning_indexer_f32(q, k, w, mask, out):
+    """out[s, t, j] = Σ_h max(q[s, t, h]·k[s, j], 0)·w[s, t, h] + mask[s % n_mask, t, j]:
+    q (n_stream, n_tok, n_head, d), k (n_stream, n_kv, d) as float32, w (n_stream, n_tok,
+    n_head), mask (n_mask, n_tok, n_kv) float32, out (n_stream, n_tok, n_kv).  Dot products
+    in float64, the sum over heads in float32."""
+    n_stream, n_tok, n_head, d = q.shape
+    n_kv = k.shape[1]
+    n_mask = mask.shape[0]
+    for job in prange(n_stream * n_kv):
+        s, j = job // n_kv, job % n_kv
+        kr = k[s, j]
+        for t in range(n_tok):
+            score = np.float32(0.0)
+            for h in range(n_head):
+                qr = q[s, t, h]
+                acc = 0.0
+                for i in range(d):
+                    acc += qr[i] * kr[i]
+                qk = np.float32(acc)
+                score += (qk if qk > 0 else np.float32(0.0)) * w[s, t, h]
+            out[s, t, j] = score + mask[s % n_mask, t, j]
+
+
+def reference_lightning_indexer(q, k, w, mask):
+    """Numpy oracle, shapes as :func:`lightning_indexer_f32`."""
+    qk = np.einsum("sthd,sjd->sthj", q.astype(np.float64), k.astype(np.float64))
+    score = np.einsum("sthj,sth->stj", np.maximum(qk, 0), w)
+    n_mask = mask.shape[0]
+    return score + mask[np.arange(q.shape[0]) % n_mask]
+
+
+@kernel("cpu", Op.LIGHTNING_INDEXER)
+def bind_lightning_indexer(node: Node):
+    """LIGHTNING_INDEXER with keys of any type of INDEXER_K_TYPES: the CPU runner of a
+    validated node."""
+    q_n, k_n, w_n, m_n = node.src[:4]
+    q = view(q_n)                               # (n_stream, n_tok, n_head, d)
+    w = view(w_n)[:, 0]                         # (n_stream, n_tok, n_head)
+    dst = view(node)[:, 0]                      # (n_stream, n_tok, n_kv)
+
+    def keys():
+        if k_n.type == F32:
+            return view(k_n)[:, :, 0]
+        return dequantize_rows(k_n.type, rows_u8(k_n), k_n.ne[0])[:, :, 0]
+
+    def run():
+        out = np.empty(dst.shape, np.float32)
+        if out.size:
+            mask = f16_to_f32(view(m_n))[:, 0]  # (n_mask, n_tok, n_kv)
+            lightning_indexer_f32(q, keys(), w, mask, out)
+        dst[...] = out
+    return run
+
+
+# ----------------------------------------------------------------------------------------------
+# DSV4_HC_COMB, DSV4_HC_PRE, DSV4_HC_POST (DeepSeek V4 hyper-connections)
+# ----------------------------------------------------------------------------------------------
+
+@njit(inline="always")
+def _normalise(c, eps, over_rows):
+    """Divide each column (idst fixed) or, with ``over_rows``, each row (isrc fixed) of the
+    4x4 c[isrc, idst] by eps plus its sum (float32)."""
+    for a in range(4):
+        total = eps
+        for b in range(4):
+            total += c[a, b] if over_rows else c[b, a]
+        inv = np.float32(1.0) / total
+        for b in range(4):
+            if over_rows:
+                c[a, b] *= inv
+            else:
+                c[b, a] *= inv
+
+
+@sized_kernel(0, error_model="numpy", **_OPTS)
+def hc_comb_f32(mixes, scale, base, eps, n_iter, out):
+    """Per token: c[isrc, :] = softmax(mixes[8 + 4·isrc + :]·scale + base[...]) + eps, then
+    Sinkhorn: columns normalised, then n_iter-1 times rows and columns.  mixes (n_tok, 24),
+    base (24,), out (n_tok, 4 (isrc), 4 (idst))."""
+    n_tok = mixes.shape[0]
+    for t in prange(n_tok):
+        c = np.empty((4, 4), np.float32)
+        for a in range(4):
+            top = np.float32(-np.inf)
+            for b in range(4):
+                v = mixes[t, 8 + 4 * a + b] * scale + base[8 + 4 * a + b]
+                c[a, b] = v
+                top = max(top, v)
+            total = np.float32(0.0)
+            for b in range(4):
+                e = np.float32(math.exp(c[a, b] - top))
+                c[a, b] = e
+                total += e
+            inv = np.float32(1.0) / total
+            for b in range(4):
+                c[a, b] = c[a, b] * inv + eps
+        _normalise(c, eps, False)
+        for _ in range(1, n_iter):
+            _normalise(c, eps, True)
+            _normalise(c, eps, False)
+        out[t] = c
+
+
+def reference_hc_comb(mixes, scale, base, eps, n_iter):
+    """Numpy oracle (float64), shapes as :func:`hc_comb_f32`."""
+    v = (mixes[:, 8:24] * scale + base[8:24]).reshape(-1, 4, 4).astype(np.float64)
+    e = np.exp(v - v.max(-1, keepdims=True))
+    c = e / e.sum(-1, keepdims=True) + eps
+    c = c / (eps + c.sum(1, keepdims=True))
+    for _ in range(1, n_iter):
+        c = c / (eps + c.sum(2, keepdims=True))
+        c = c / (eps + c.sum(1, keepdims=True))
+    return c
+
+
+@sized_kernel(3, error_model="numpy", **_OPTS)
+def hc_pre_f32(x, w, scale, out, gated):
+    """out[t, i] = scale · Σ_h x[t, h, i]·weight: x (n_tok, hc, n_embd); w (n_tok, hc) or,
+    ``gated``, gates (n_tok, hc, n_embd) through a sigmoid; out (n_tok, n_embd)."""
+    n_tok, hc, n_embd = x.shape
+    for job in prange(n_tok * n_embd):
+        t, i = job // n_embd, job % n_embd
+        acc = np.float32(0.0)
+        for h in range(hc):
+            if gated:
+                wv = np.float32(1.0) / (np.float32(1.0) + np.float32(math.exp(-w[t, h, i])))
+            else:
+                wv = w[t, h, 0]
+            acc += x[t, h, i] * wv
+        out[t, i] = scale * acc
+
+
+@sized_kernel(4, **_OPTS)
+def hc_post_f32(x, res, post, comb, out, identity):
+    """out[t, d, i] = x[t, i]·post[t, d] + Σ_s res[t, s, i]·comb[t, s, d] (or + res[t, d, i]
+    when ``identity``): x (n_tok, n_embd), res and out (n_tok, hc, n_embd), post (n_tok,
+    hc), comb (n_tok, hc (src), hc (dst))."""
+    n_tok, hc, n_embd = out.shape
+    for job in prange(n_tok * hc):
+        t, d = job // hc, job % hc
+        for i in range(n_embd):
+            acc = x[t, i] * post[t, d]
+            if identity:
+                acc += res[t, d, i]
+            else:
+                for s in range(hc):
+                    acc += res[t, s, i] * comb[t, s, d]
+            out[t, d, i] = acc
+
+
+@kernel("cpu", Op.DSV4_HC_COMB)
+def bind_hc_comb(node: Node):
+    """DSV4_HC_COMB F32: the CPU runner of a validated node."""
+    mixes = view(node.src[0])[0, 0]                  # (n_tok, 24)
+    scale = view(node.src[1]).reshape(-1)
+    base = view(node.src[2]).reshape(-1)
+    eps, n_iter = np.float32(node.param_f32(0)), node.param_i32(1)
+    dst = view(node)[0]                              # (n_tok, 4, 4)
+
+    def run():
+        out = np.empty(dst.shape, np.float32)
+        if out.size:
+            hc_comb_f32(mixes, scale[2], base, eps, n_iter, out)
+        dst[...] = out
+    return run
+
+
+@kernel("cpu", Op.DSV4_HC_PRE)
+def bind_hc_pre(node: Node):
+    """DSV4_HC_PRE F32 (plain or gated): the CPU runner of a validated node."""
+    x = view(node.src[0])[0]                         # (n_tok, hc, n_embd)
+    gated = node.param_i32(1) != 0
+    w = view(node.src[1])[0] if gated else view(node.src[1])[0, 0][:, :, None]
+    scale = np.float32(node.param_f32(0))
+    dst = view(node)[0, 0]                           # (n_tok, n_embd)
+
+    def run():
+        out = np.empty(dst.shape, np.float32)
+        if out.size:
+            hc_pre_f32(x, w, scale, out, gated)
+        dst[...] = out
+    return run
+
+
+@kernel("cpu", Op.DSV4_HC_POST)
+def bind_hc_post(node: Node):
+    """DSV4_HC_POST F32 (with or without comb): the CPU runner of a validated node."""
+    x = view(node.src[0])[0, 0]                      # (n_tok, n_embd)
+    res = view(node.src[1])[0]                       # (n_tok, hc, n_embd)
+    post = view(node.src[2])[0, 0]                   # (n_tok, hc)
+    identity = len(node.src) < 4 or node.src[3] is None
+    comb = res[:, :, :1] if identity else view(node.src[3])[0]   # (n_tok, hc, hc); unused if identity
+    dst = view(node)[0]
+
+    def run():
+        out = np.empty(dst.shape, np.float32)
+        if out.size:
+            hc_post_f32(x, res, post, comb, out, identity)
+        dst[...] = out
     return run

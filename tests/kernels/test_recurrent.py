@@ -182,3 +182,62 @@ def test_refusals(case):
         g.tensors[0] = replace(q, ne=(2, *q.ne[1:]))
     with pytest.raises(GraphInvalid):
         g.compile()
+
+
+@pytest.mark.parametrize("type_k", [T.F32, T.F16, T.BF16])
+def test_lightning_indexer(type_k):
+    rng = np.random.default_rng(int(type_k))
+    d, n_head, n_tok, n_stream, n_kv, n_mask = 32, 3, 2, 2, 5, 1
+    q = _rand(rng, (d, n_head, n_tok, n_stream))
+    k = _rand(rng, (d, 1, n_kv, n_stream))
+    w = _rand(rng, (n_head, n_tok, 1, n_stream))
+    mask = rng.choice([0.0, -np.inf], (n_mask, 1, n_tok, n_kv)).astype(np.float16)
+    g = GraphBuilder(1 << 20)
+    kt = g.input(type_k, (d, 1, n_kv, n_stream), k)
+    out = g.node(Op.LIGHTNING_INDEXER, F32, (n_kv, n_tok, 1, n_stream),
+                 [g.input(F32, q.shape[::-1], q), kt, g.input(F32, w.shape[::-1], w),
+                  g.input(T.F16, mask.shape[::-1], mask)])
+    g.run()
+    keys = g.read(kt)[:, :, 0]          # as stored (rounded to type_k)
+    want = rc.reference_lightning_indexer(q, keys, w[:, 0], mask[:, 0].astype(np.float32))
+    np.testing.assert_allclose(g.read(out)[:, 0], want, rtol=1e-4, atol=1e-4)
+
+
+def test_dsv4_hc_ops():
+    rng = np.random.default_rng(5)
+    n_tok, n_embd, hc = 3, 5, 4
+    mixes, scale, base = _rand(rng, (24, n_tok)), _rand(rng, (3,)), _rand(rng, (24,))
+    x3, gate = _rand(rng, (n_embd, hc, n_tok)), _rand(rng, (n_embd, hc, n_tok))
+    weights = _rand(rng, (hc, n_tok))
+    x2, post, res = _rand(rng, (n_embd, n_tok)), _rand(rng, (hc, n_tok)), _rand(rng, (n_embd, hc, n_tok))
+    g = GraphBuilder(1 << 20)
+    inp = {name: g.input(F32, v.shape[::-1], v) for name, v in
+           dict(mixes=mixes, scale=scale, base=base, x3=x3, gate=gate, weights=weights,
+                x2=x2, post=post, res=res).items()}
+    comb = g.node(Op.DSV4_HC_COMB, F32, (hc, hc, n_tok), [inp["mixes"], inp["scale"], inp["base"]],
+                  [1e-6, 5])
+    pre = g.node(Op.DSV4_HC_PRE, F32, (n_embd, n_tok), [inp["x3"], inp["weights"]], [1.0, 0])
+    pre_g = g.node(Op.DSV4_HC_PRE, F32, (n_embd, n_tok), [inp["x3"], inp["gate"]], [0.25, 1])
+    post_c = g.node(Op.DSV4_HC_POST, F32, (n_embd, hc, n_tok), [inp["x2"], inp["res"], inp["post"], comb])
+    post_i = g.node(Op.DSV4_HC_POST, F32, (n_embd, hc, n_tok), [inp["x2"], inp["res"], inp["post"]])
+    g.run()
+    c = rc.reference_hc_comb(mixes, scale[2], base, np.float32(1e-6), 5)
+    np.testing.assert_allclose(g.read(comb)[0], c, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(g.read(pre)[0, 0], np.einsum("thi,th->ti", x3, weights),
+                               rtol=1e-5, atol=1e-6)
+    sig = 1 / (1 + np.exp(-gate.astype(np.float64)))
+    np.testing.assert_allclose(g.read(pre_g)[0, 0], 0.25 * np.einsum("thi,thi->ti", x3, sig),
+                               rtol=1e-5, atol=1e-6)
+    base_post = x2[:, None, :] * post[:, :, None]
+    np.testing.assert_allclose(g.read(post_c)[0], base_post + np.einsum("tsi,tsd->tdi", res, g.read(comb)[0]),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(g.read(post_i)[0], base_post + res, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_iter", [0, 1 << 20])
+def test_dsv4_hc_comb_refuses_iterations(n_iter):
+    g = GraphBuilder(1 << 20)
+    g.node(Op.DSV4_HC_COMB, F32, (4, 4, 1), [g.input(F32, (24, 1)), g.input(F32, (3,)),
+                                             g.input(F32, (24,))], [1e-6, n_iter])
+    with pytest.raises(GraphInvalid, match="n_iter"):
+        g.compile()

@@ -12,10 +12,11 @@ before it runs.
 from __future__ import annotations
 
 from ..build import Node
-from ..checks import (F32, I32, elementwise_strides, is_contiguous, no_src_beyond, require, src,
-                      type_in)
+from ..checks import (BF16, F16, F32, I32, block_rows, elementwise_strides, is_contiguous,
+                      no_src_beyond, require, src, type_in)
 from ..ops import Op
 from ..registry import validates
+from .types import QUANT_WEIGHT_TYPES
 
 
 def _f32(node: Node, *tensors: tuple[Node, str]) -> None:
@@ -192,3 +193,100 @@ def check_gated_delta_net(node: Node) -> None:
     kk = node.param_i32(0)
     require(kk >= 1, node, f"K (op_params[0]) must be at least 1, not {kk}")
     _dst(node, (s_v * heads, n_t * n_s + kk * s_v * n_s, 1, 1))
+
+
+#: Key types LIGHTNING_INDEXER reads (ggml converts any type with a to_float; refimpl those
+#: it can dequantise).
+INDEXER_K_TYPES = frozenset({F32, F16, BF16}) | QUANT_WEIGHT_TYPES
+
+
+@validates(Op.LIGHTNING_INDEXER)
+def check_lightning_indexer(node: Node) -> None:
+    """LIGHTNING_INDEXER (ggml_lightning_indexer, DeepSeek's sparse-attention indexer): q
+    (d, n_head, n_tok, n_stream) F32, k (d, 1, n_kv, n_stream) of INDEXER_K_TYPES, weights
+    (n_head, n_tok, 1, n_stream) F32, mask (n_kv, n_tok, 1, n_mask) F16 with n_mask dividing
+    n_stream; dst (n_kv, n_tok, 1, n_stream) F32, every row packed: raise GraphInvalid unless
+    ggml would accept the node."""
+    q, k, w, m = src(node, 0, "q"), src(node, 1, "k"), src(node, 2, "weights"), src(node, 3, "mask")
+    no_src_beyond(node, 4)
+    _f32(node, (q, "src0"), (w, "src2"), (node, "dst"))
+    type_in(k, INDEXER_K_TYPES, node, "src1")
+    block_rows(k, node, "src1")
+    type_in(m, {F16}, node, "src3")
+    elementwise_strides(m, node, "src3")
+    for t, what in ((q, "src0"), (w, "src2"), (m, "src3"), (node, "dst")):
+        require(t.nb[0] == t.traits.type_size, node, f"{what} rows must be packed")
+    d, n_head, n_tok, n_stream = q.ne
+    require(k.ne[0] == d and k.ne[1] == 1 and k.ne[3] == n_stream, node,
+            f"k must be ({d}, 1, n_kv, {n_stream})")
+    n_kv = k.ne[2]
+    require(w.ne == (n_head, n_tok, 1, n_stream), node,
+            f"weights must be {[n_head, n_tok, 1, n_stream]}")
+    require(m.ne[:3] == (n_kv, n_tok, 1), node, f"mask must be ({n_kv}, {n_tok}, 1, n_mask)")
+    require(m.ne[3] >= 1 and n_stream % m.ne[3] == 0, node,
+            f"mask ne[3] {m.ne[3]} must divide the {n_stream} streams")
+    require(node.ne == (n_kv, n_tok, 1, n_stream), node,
+            f"dst shape must be {[n_kv, n_tok, 1, n_stream]}")
+
+
+#: DeepSeek V4's hyper-connections have 4 streams (ggml asserts it).
+HC = 4
+#: Sinkhorn iterations DSV4_HC_COMB runs at most: ggml takes any positive count, each costs
+#: work for every token, and a count from the wire must not buy unbounded work (spec/ops/
+#: recurrent.md).  DeepSeek V4 uses 20.
+MAX_HC_ITERATIONS = 1 << 10
+
+
+@validates(Op.DSV4_HC_COMB)
+def check_dsv4_hc_comb(node: Node) -> None:
+    """DSV4_HC_COMB (ggml_dsv4_hc_comb): mixes ((2+4)·4, n_tok), scale (≥3), base ((2+4)·4)
+    F32; op_params eps (float) and n_iter in [1, MAX_HC_ITERATIONS]; dst (4, 4, n_tok) F32:
+    raise GraphInvalid unless ggml would accept the node."""
+    mixes, scale, base = src(node, 0, "mixes"), src(node, 1, "scale"), src(node, 2, "base")
+    no_src_beyond(node, 3)
+    _f32(node, (mixes, "src0"), (scale, "src1"), (base, "src2"), (node, "dst"))
+    mix = (2 + HC) * HC
+    require(mixes.ne[0] == mix and mixes.ne[2:] == (1, 1), node, f"mixes must be ({mix}, n_tokens)")
+    require(scale.ne[0] >= 3 and scale.ne[1:] == (1, 1, 1), node, "scale must be a vector of ≥ 3")
+    require(base.ne == (mix, 1, 1, 1), node, f"base must be a vector of {mix}")
+    n_iter = node.param_i32(1)
+    require(1 <= n_iter <= MAX_HC_ITERATIONS, node,
+            f"n_iter (op_params[1]) {n_iter} is outside [1, {MAX_HC_ITERATIONS}]")
+    require(node.ne == (HC, HC, mixes.ne[1], 1), node, f"dst shape must be {[HC, HC, mixes.ne[1], 1]}")
+
+
+@validates(Op.DSV4_HC_PRE)
+def check_dsv4_hc_pre(node: Node) -> None:
+    """DSV4_HC_PRE (ggml_dsv4_hc_pre, _gated): x (n_embd, hc, n_tok) F32 and weights (hc,
+    n_tok), or gates (n_embd, hc, n_tok) when op_params[1] is non-zero; op_params[0] the
+    float scale; dst (n_embd, n_tok) F32: raise GraphInvalid unless ggml would accept the
+    node."""
+    x, w = src(node, 0, "x"), src(node, 1, "weights")
+    no_src_beyond(node, 2)
+    _f32(node, (x, "src0"), (w, "src1"), (node, "dst"))
+    n_embd, hc, n_tok = x.ne[:3]
+    require(hc > 0 and x.ne[3] == 1, node, "x must be (n_embd, hc > 0, n_tokens)")
+    want = (n_embd, hc, n_tok, 1) if node.param_i32(1) else (hc, n_tok, 1, 1)
+    require(w.ne == want, node, f"src1 must be {list(want)}")
+    require(node.ne == (n_embd, n_tok, 1, 1), node, f"dst shape must be {[n_embd, n_tok, 1, 1]}")
+
+
+@validates(Op.DSV4_HC_POST)
+def check_dsv4_hc_post(node: Node) -> None:
+    """DSV4_HC_POST (ggml_dsv4_hc_post): x (n_embd, n_tok), residual (n_embd, hc, n_tok), post
+    (hc, n_tok) and optional comb (hc, hc, n_tok), all F32; dst (n_embd, hc, n_tok) F32: raise
+    GraphInvalid unless ggml would accept the node."""
+    x, res, post = src(node, 0, "x"), src(node, 1, "residual"), src(node, 2, "post")
+    comb = src(node, 3, "comb") if len(node.src) > 3 and node.src[3] is not None else None
+    no_src_beyond(node, 4)
+    _f32(node, (x, "src0"), (res, "src1"), (post, "src2"), (node, "dst"))
+    n_embd, n_tok = x.ne[0], x.ne[1]
+    hc = res.ne[1]
+    require(x.ne[2:] == (1, 1), node, "x must be (n_embd, n_tokens)")
+    require(hc > 0 and res.ne == (n_embd, hc, n_tok, 1), node,
+            f"residual must be ({n_embd}, hc > 0, {n_tok})")
+    require(post.ne == (hc, n_tok, 1, 1), node, f"post must be {[hc, n_tok, 1, 1]}")
+    if comb is not None:
+        _f32(node, (comb, "src3"))
+        require(comb.ne == (hc, hc, n_tok, 1), node, f"comb must be {[hc, hc, n_tok, 1]}")
+    require(node.ne == (n_embd, hc, n_tok, 1), node, f"dst shape must be {[n_embd, hc, n_tok, 1]}")
