@@ -241,3 +241,21 @@ def test_dsv4_hc_comb_refuses_iterations(n_iter):
                                              g.input(F32, (24,))], [1e-6, n_iter])
     with pytest.raises(GraphInvalid, match="n_iter"):
         g.compile()
+
+
+def _bufferless_view(consumer: bool) -> GraphBuilder:
+    """A VIEW node of an input neither has a buffer here (ggml's scheduler sends Mamba's
+    state-copy ids so), optionally read by an ADD."""
+    g = GraphBuilder(1 << 16)
+    ids = g._add(type_=T.I32, ne=(4,), buffer=0, data=0, at=0, name="s_copy")
+    view = g._add(type_=T.I32, ne=(1,), op=Op.VIEW, srcs=[ids], view_src=ids, view_offs=4,
+                  buffer=0, data=0, at=0, node=True, name="s_copy (view)")
+    x = g.input(F32, (4, 2))
+    g.node(Op.ADD, F32, (4, 2), [x, view] if consumer else [x, x])
+    return g
+
+
+def test_a_view_of_bytes_not_held_here_computes_nothing():
+    _bufferless_view(consumer=False).run()
+    with pytest.raises(GraphInvalid, match="has no buffer on this server"):
+        _bufferless_view(consumer=True).compile()
