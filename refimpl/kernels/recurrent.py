@@ -473,32 +473,39 @@ def bind_solve_tri(node: Node):
 # LIGHTNING_INDEXER
 # ----------------------------------------------------------------------------------------------
 
-@sized_kernel(4, **_OPTS)
-def lightning_indexer_f32(q, k, w, mask, out):
-    """out[s, t, j] = Σ_h max(q[s, t, h]·k[s, j], 0)·w[s, t, h] + mask[s % n_mask, t, j]:
-    q (n_stream, n_tok, n_head, d), k (n_stream, n_kv, d) as float32, w (n_stream, n_tok,
-    n_head), mask (n_mask, n_tok, n_kv) float32, out (n_stream, n_tok, n_kv).  Dot products
-    in float64, the sum over heads in float32."""
+@sized_kernel(0, **_OPTS)
+def lightning_scores_f32(qk, w, mask, out):
+    """out[t, j] = Σ_h max(qk[t, h, j], 0)·w[t, h] + mask[t, j] (float32, heads in order):
+    qk (n_tok, n_head, n_kv) the dot products of one stream, w (n_tok, n_head), mask and out
+    (n_tok, n_kv)."""
+    n_tok, n_head, n_kv = qk.shape
+    for t in prange(n_tok):
+        row = out[t]
+        row[:] = 0
+        for h in range(n_head):
+            wh = w[t, h]
+            for j in range(n_kv):
+                x = qk[t, h, j]
+                row[j] += (x if x > 0 else np.float32(0.0)) * wh
+        for j in range(n_kv):
+            row[j] += mask[t, j]
+
+
+def lightning_indexer(q, k, w, mask) -> np.ndarray:
+    """LIGHTNING_INDEXER: q (n_stream, n_tok, n_head, d), k (n_stream, n_kv, d) float32, w
+    (n_stream, n_tok, n_head), mask (n_mask, n_tok, n_kv) -> (n_stream, n_tok, n_kv).  The
+    q·k dot products are one float32 matrix product per stream (ggml: ``ggml_vec_dot_f32``
+    per pair)."""
     n_stream, n_tok, n_head, d = q.shape
-    n_kv = k.shape[1]
-    n_mask = mask.shape[0]
-    for job in prange(n_stream * n_kv):
-        s, j = job // n_kv, job % n_kv
-        kr = k[s, j]
-        for t in range(n_tok):
-            score = np.float32(0.0)
-            for h in range(n_head):
-                qr = q[s, t, h]
-                acc = 0.0
-                for i in range(d):
-                    acc += qr[i] * kr[i]
-                qk = np.float32(acc)
-                score += (qk if qk > 0 else np.float32(0.0)) * w[s, t, h]
-            out[s, t, j] = score + mask[s % n_mask, t, j]
+    out = np.empty((n_stream, n_tok, k.shape[1]), np.float32)
+    for s in range(n_stream):
+        qk = (q[s].reshape(n_tok * n_head, d) @ k[s].T).reshape(n_tok, n_head, -1)
+        lightning_scores_f32(qk, w[s], mask[s % mask.shape[0]], out[s])
+    return out
 
 
 def reference_lightning_indexer(q, k, w, mask):
-    """Numpy oracle, shapes as :func:`lightning_indexer_f32`."""
+    """Numpy oracle (float64), shapes as :func:`lightning_indexer`."""
     qk = np.einsum("sthd,sjd->sthj", q.astype(np.float64), k.astype(np.float64))
     score = np.einsum("sthj,sth->stj", np.maximum(qk, 0), w)
     n_mask = mask.shape[0]
@@ -520,11 +527,10 @@ def bind_lightning_indexer(node: Node):
         return dequantize_rows(k_n.type, rows_u8(k_n), k_n.ne[0])[:, :, 0]
 
     def run():
-        out = np.empty(dst.shape, np.float32)
-        if out.size:
+        if dst.size:
             mask = f16_to_f32(view(m_n))[:, 0]  # (n_mask, n_tok, n_kv)
-            lightning_indexer_f32(q, keys(), w, mask, out)
-        dst[...] = out
+            dst[...] = lightning_indexer(np.ascontiguousarray(q), np.ascontiguousarray(keys()),
+                                         w, mask)
     return run
 
 
