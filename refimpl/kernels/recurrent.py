@@ -20,10 +20,11 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ..graph.build import GraphInvalid, Node
+from ..graph.build import Node
 from ..graph.ops import Op
 from ..graph.registry import kernel
 from .cpu_tensors import f16_to_f32, rows_u8, view
+from .get_rows import checked_indices
 from .parallel import sized_kernel
 from .quants import F32, dequantize_rows
 
@@ -156,19 +157,6 @@ def reference_ssm_scan(s, x, dt, a, b, c, ids, k=1):
     return y, states
 
 
-def checked_ids(node: Node, ids_node: Node, limit: int) -> np.ndarray:
-    """A private copy of SSM_SCAN's sequence ids, every one verified to lie in [0, limit)
-    (llama.cpp #25765 read states from wherever an id pointed)."""
-    ids = np.array(view(ids_node).reshape(-1), dtype=np.int32, copy=True)
-    if ids.size:
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= limit:
-            bad = lo if lo < 0 else hi
-            raise GraphInvalid(f"node {node.describe()}: sequence id {bad} is outside the "
-                               f"{limit} state slots of src0")
-    return ids
-
-
 @kernel("cpu", Op.SSM_SCAN)
 def bind_ssm_scan(node: Node):
     """SSM_SCAN F32: the CPU runner of a validated node."""
@@ -183,7 +171,9 @@ def bind_ssm_scan(node: Node):
     state_shape = (k, *x.shape[:1], *s.shape[1:])
 
     def run():
-        ids = checked_ids(node, ids_n, s_n.ne[3])
+        # llama.cpp #25765 reads a state wherever an id points
+        ids = checked_indices(node, ids_n, s_n.ne[3], "sequence id",
+                              "the {} state slots of src0").reshape(-1)
         flat = _flat_dst(node)
         y = flat[:n_y].reshape(x.shape)
         states = flat[n_y:].reshape(state_shape)
