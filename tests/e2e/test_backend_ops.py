@@ -69,13 +69,14 @@ _SIZES = {"hsk", "hsv", "nh", "nr23", "kv", "nb", "ne", "ne_src", "n", "m", "k",
 
 
 #: The recurrent family's ops: the parameters that choose a different path of its kernels (the
-#: rest only size a case).  SSM_SCAN's head_dim 1 (Mamba-1's per-state decay) or more is its
-#: size class.
+#: rest only size a case).  Size classes: SSM_SCAN's head_dim 1 (Mamba-1's per-state decay) or
+#: more, SSM_CONV's d_conv; LIGHTNING_INDEXER's keys count as F32, F16/BF16 or a block type
+#: (one conversion path each; every weight type's rows are tested by GET_ROWS).
 _RECURRENT_OPTIONS = {
-    "SSM_CONV": ("ne_b",), "SSM_SCAN": ("xbc_overlap", "K", "weak_decay"),
+    "SSM_CONV": (), "SSM_SCAN": ("xbc_overlap", "K", "weak_decay"),
     "RWKV_WKV6": ("n_seqs",), "GATED_LINEAR_ATTN": ("n_seqs",), "RWKV_WKV7": ("n_seqs",),
     "GATED_DELTA_NET": ("v_repeat", "permuted", "kda", "K"), "SOLVE_TRI": (),
-    "LIGHTNING_INDEXER": ("nb", "ns", "nm"), "DSV4_HC_COMB": ("n_iter",), "DSV4_HC_PRE": ("gated",),
+    "LIGHTNING_INDEXER": ("ns", "nm"), "DSV4_HC_COMB": ("n_iter",), "DSV4_HC_PRE": ("gated",),
     "DSV4_HC_POST": ("identity", "gated"),
 }
 
@@ -97,7 +98,11 @@ def _features(case: str) -> list[tuple]:
         size = (1 if nb == 1 else 2 if nb < 64 else 64, int(p["kv"]) >= 512,
                 p["hsk"] != p["hsv"], int(p["hsk"]) % 16 == 0, p["nr23"] != "[1,1]")
     if op in _RECURRENT_OPTIONS:
-        size = (p.get("head_dim") == "1",) if op == "SSM_SCAN" else ()
+        size = ((p.get("head_dim") == "1",) if op == "SSM_SCAN" else
+                (p["ne_b"].strip("[]").split(",")[0],) if op == "SSM_CONV" else ())
+        if op == "LIGHTNING_INDEXER":
+            k = p["type_K"]
+            types = (("type_K", k if k in ("f32", "f16", "bf16") else "block"),)
         return [(op, types, size)] + [(op, k, v) for k, v in p.items()
                                       if k in _RECURRENT_OPTIONS[op]]
     options = [(op, k, v) for k, v in p.items() if k not in _SIZES and not k.startswith("type")]
