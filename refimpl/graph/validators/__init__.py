@@ -13,6 +13,7 @@ from . import (  # noqa: F401
                get_rows,
                matmul,
                norm,
+               recurrent,
                reduce,
                rope,
                set_rows,
