@@ -17,7 +17,7 @@ from ..graph.checks import overlaps
 from ..graph.ops import Op
 from ..graph.registry import kernel
 from ..protocol.ggml_types import GgmlType
-from .cpu_tensors import load_f32, store_f32, view
+from .cpu_tensors import bf16_to_f32, f16_to_f32, store_f32, view
 from .numeric import sum_f64
 from .parallel import sized_kernel
 
@@ -95,14 +95,32 @@ def reference_argmax(a: np.ndarray) -> np.ndarray:
     return a.shape[-1] - 1 - np.argmax(a[..., ::-1], axis=-1)
 
 
+def rows_read_packed(t: Node) -> np.ndarray:
+    """``t`` as SUM, MEAN and ARGMAX read it: each row ``ne[0]`` packed elements from its
+    first, whatever ``nb[0]`` says (ggml-cpu's kernels; the validator has checked that
+    ``nb[0]`` is at least the element size, so every read lies inside t's bytes)."""
+    v = view(t)
+    if t.nb[0] == t.traits.type_size:
+        return v
+    return np.ndarray(v.shape, v.dtype, buffer=t.buffer.memory.array, offset=t.offset,
+                      strides=(*v.strides[:3], t.traits.type_size))
+
+
+def _as_f32(t: Node, v: np.ndarray) -> np.ndarray:
+    if t.type == GgmlType.F16:
+        return f16_to_f32(v)
+    return bf16_to_f32(v) if t.type == GgmlType.BF16 else v
+
+
 @kernel("cpu", Op.SUM)
 def bind_sum(node: Node):
     """SUM: the CPU runner of a validated node (dst of src0's type)."""
     a = node.src[0]
     wide = a.type == GgmlType.F32
+    rows = rows_read_packed(a)
 
     def run():
-        total = np.full((1, 1, 1, 1), sum_all(load_f32(a), wide), np.float32)
+        total = np.full((1, 1, 1, 1), sum_all(_as_f32(a, rows), wide), np.float32)
         store_f32(node, total)
     return run
 
@@ -111,7 +129,7 @@ def bind_sum(node: Node):
 def bind_mean(node: Node):
     """MEAN: each row's float64 sum rounded to float32, divided by ne[0] in float32: the CPU
     runner of a validated node."""
-    av, out = view(node.src[0]), view(node)
+    av, out = rows_read_packed(node.src[0]), view(node)
     n = np.float32(node.src[0].ne[0])
 
     def run():
@@ -132,7 +150,7 @@ def bind_cumsum(node: Node):
 @kernel("cpu", Op.ARGMAX)
 def bind_argmax(node: Node):
     """ARGMAX: the CPU runner of a validated node."""
-    av, out = view(node.src[0])[0, 0], view(node)[0, 0, 0]
+    av, out = rows_read_packed(node.src[0])[0, 0], view(node)[0, 0, 0]
 
     def run():
         tmp = np.empty(out.shape, np.int32)

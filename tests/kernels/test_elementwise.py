@@ -163,6 +163,29 @@ def test_sum(t):
     assert abs(float(g.read(out).ravel()[0]) - want) <= tol
 
 
+def test_sum_mean_read_rows_packed_as_ggml_does():
+    """ggml-cpu's SUM and MEAN read each row as ne[0] consecutive elements from its first,
+    whatever nb[0] says (test-backend-ops' SUM over a transposed tensor depends on it); a
+    stride below the element size would read past the tensor and is refused."""
+    x = RNG.uniform(-1, 1, (5, 7)).astype(np.float32)
+    g = GraphBuilder(1 << 20)
+    base = g.input(T.F32, (7, 5), x)
+    t = g.view(base, (5, 7), (28, 4), op=Op.TRANSPOSE)        # ne0 = 5 along nb0 = 28
+    s = g.node(Op.SUM, T.F32, (1,), [t])
+    mean = g.node(Op.MEAN, T.F32, (1, 7), [t])
+    g.run()
+    flat = x.astype(np.float64).ravel()
+    rows = np.array([flat[r:r + 5].sum() for r in range(7)])   # row r starts at element r
+    assert abs(float(g.read(s).ravel()[0]) - rows.sum()) < 1e-5
+    _close(g.read(mean).ravel(), rows / 5)
+    g2 = GraphBuilder(1 << 20)
+    one = g2.input(T.F32, (1, 3), np.ones((3, 1)))
+    bcast = g2.view(one, (4, 3), (0, 4))
+    g2.node(Op.SUM, T.F32, (1,), [bcast])
+    with pytest.raises(GraphInvalid, match="below the element size"):
+        g2.compile()
+
+
 def test_mean_cumsum_argmax_count_equal():
     x = RNG.standard_normal((2, 3, 9)).astype(np.float32)
     x[0, 0, [2, 6]] = 5.0                           # tied maxima: ggml takes the last

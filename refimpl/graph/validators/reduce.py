@@ -31,10 +31,19 @@ def _packed_rows(t: Node, node: Node, what: str) -> None:
                                                  f"(nb[0] = {t.traits.type_size})")
 
 
+def _rows_read_packed(t: Node, node: Node, what: str) -> None:
+    """SUM, MEAN and ARGMAX read each row of ``t`` as ``ne[0]`` packed elements from its first,
+    as ggml-cpu does whatever ``nb[0]`` says (spec/ops/elementwise.md).  With ``nb[0]`` at
+    least the element size those reads stay inside the tensor's own bytes (the last row's
+    read ends at or before its last element's end)."""
+    require(t.ne[0] <= 1 or t.nb[0] >= t.traits.type_size, node,
+            f"{what} nb[0] = {t.nb[0]} is below the element size {t.traits.type_size}")
+
+
 @validates(Op.SUM)
 def check_sum(node: Node) -> None:
     """SUM (ggml_sum): the sum of every element of src0 into a one-element dst of src0's
-    type; F32, F16 or BF16, rows packed: raise GraphInvalid unless ggml would accept the
+    type; F32, F16 or BF16, rows read packed: raise GraphInvalid unless ggml would accept the
     node."""
     a = src(node, 0)
     no_src_beyond(node, 1)
@@ -42,20 +51,20 @@ def check_sum(node: Node) -> None:
     require(node.type == a.type, node, "dst must have src0's type")
     for t, what in ((node, "dst"), (a, "src0")):
         elementwise_strides(t, node, what)
-    _packed_rows(a, node, "src0")
+    _rows_read_packed(a, node, "src0")
     require(node.ne == (1, 1, 1, 1), node, "dst must hold one element")
 
 
 @validates(Op.MEAN)
 def check_mean(node: Node) -> None:
-    """MEAN (ggml_mean): the mean of each row; F32, rows of src0 packed, dst shape (1, ne[1],
+    """MEAN (ggml_mean): the mean of each row; F32, rows of src0 read packed, dst shape (1, ne[1],
     ne[2], ne[3]): raise GraphInvalid unless ggml would accept the node."""
     a = src(node, 0)
     no_src_beyond(node, 1)
     for t, what in ((node, "dst"), (a, "src0")):
         type_in(t, {F32}, node, what)
         elementwise_strides(t, node, what)
-    _packed_rows(a, node, "src0")
+    _rows_read_packed(a, node, "src0")
     expect = (1, *a.ne[1:])
     require(node.ne == expect, node, f"dst shape must be {list(expect)}")
 
@@ -76,8 +85,8 @@ def check_cumsum(node: Node) -> None:
 
 @validates(Op.ARGMAX)
 def check_argmax(node: Node) -> None:
-    """ARGMAX (ggml_argmax): the index of each row's largest value; src0 an F32 matrix with
-    packed rows of at most INT32_MAX elements, dst I32 of shape (src0 ne[1]): raise
+    """ARGMAX (ggml_argmax): the index of each row's largest value; src0 an F32 matrix, rows
+    read packed, of at most INT32_MAX elements, dst I32 of shape (src0 ne[1]): raise
     GraphInvalid unless ggml would accept the node."""
     a = src(node, 0)
     no_src_beyond(node, 1)
@@ -85,7 +94,7 @@ def check_argmax(node: Node) -> None:
     type_in(node, {I32}, node, "dst")
     for t, what in ((node, "dst"), (a, "src0")):
         elementwise_strides(t, node, what)
-    _packed_rows(a, node, "src0")
+    _rows_read_packed(a, node, "src0")
     require(a.ne[2] == 1 and a.ne[3] == 1, node, "src0 must be a matrix")
     require(a.ne[0] <= 2**31 - 1, node, "rows longer than INT32_MAX")
     require(node.ne == (a.ne[1], 1, 1, 1), node, f"dst shape must be [{a.ne[1]}, 1, 1, 1]")
