@@ -24,8 +24,11 @@ from .parallel import sized_kernel
 
 
 @sized_kernel(0, cache=True, nogil=True)
-def rms_norm_f32(x, out, eps):
-    """out[row] = x[row] / sqrt(mean(x[row]**2) + eps) for every row of 4-D float32 arrays."""
+def rms_norm_f32(x, out, eps, l2):
+    """out[row] = x[row] / sqrt(mean(x[row]**2) + eps) for every row of 4-D float32 arrays;
+    with ``l2`` (L2_NORM) out[row] = x[row] / max(‖x[row]‖, eps) instead.  Both sum the
+    float32 squares in float64 and multiply each element by a float32 scale: RMS_NORM's from
+    the mean rounded to float32, L2_NORM's from ``sqrtf`` of the sum rounded to float32."""
     n3, n2, n1, n0 = x.shape
     for r in prange(n3 * n2 * n1):
         i3, i2, i1 = r // (n2 * n1), (r // n1) % n2, r % n1
@@ -33,8 +36,12 @@ def rms_norm_f32(x, out, eps):
         for i0 in range(n0):
             v = x[i3, i2, i1, i0]
             s += np.float64(v * v)
-        mean = np.float32(s / n0)
-        scale = np.float32(1.0) / np.float32(math.sqrt(np.float32(mean + eps)))
+        if l2:
+            norm = np.float32(math.sqrt(np.float32(s)))
+            scale = np.float32(1.0) / (norm if norm >= eps else eps)
+        else:
+            mean = np.float32(s / n0)
+            scale = np.float32(1.0) / np.float32(math.sqrt(np.float32(mean + eps)))
         for i0 in range(n0):
             out[i3, i2, i1, i0] = x[i3, i2, i1, i0] * scale
 
@@ -90,26 +97,9 @@ def bind_norm_ops(node: Node):
     CPU runner of a validated node."""
     a = node.src[0]
     eps = np.float32(node.param_f32(0))
-    kernel = rms_norm_f32 if node.op == Op.RMS_NORM else norm_f32
-    return lambda: kernel(view(a), view(node), eps)
-
-
-@sized_kernel(0, cache=True, nogil=True)
-def l2_norm_f32(x, out, eps):
-    """out[row] = x[row] / max(‖x[row]‖, eps) for every row of 4-D float32 arrays: the float32
-    squares summed in float64, the norm ``sqrtf`` of that sum rounded to float32, each element
-    times the float32 reciprocal (ggml-cpu's L2_NORM)."""
-    n3, n2, n1, n0 = x.shape
-    for r in prange(n3 * n2 * n1):
-        i3, i2, i1 = r // (n2 * n1), (r // n1) % n2, r % n1
-        s = 0.0
-        for i0 in range(n0):
-            v = x[i3, i2, i1, i0]
-            s += np.float64(v * v)
-        norm = np.float32(math.sqrt(np.float32(s)))
-        scale = np.float32(1.0) / (norm if norm >= eps else eps)
-        for i0 in range(n0):
-            out[i3, i2, i1, i0] = x[i3, i2, i1, i0] * scale
+    if node.op == Op.RMS_NORM:
+        return lambda: rms_norm_f32(view(a), view(node), eps, False)
+    return lambda: norm_f32(view(a), view(node), eps)
 
 
 def reference_l2_norm(x: np.ndarray, eps: float) -> np.ndarray:
@@ -176,7 +166,7 @@ def bind_l2_group_norm(node: Node):
     av, out = view(a), view(node)
     if node.op == Op.L2_NORM:
         eps = np.float32(node.param_f32(0))
-        compute = lambda o: l2_norm_f32(av, o, eps)   # noqa: E731
+        compute = lambda o: rms_norm_f32(av, o, eps, True)   # noqa: E731
     else:
         groups, eps = node.param_i32(0), np.float32(node.param_f32(1))
         compute = lambda o: group_norm_f32(av, o, groups, eps)   # noqa: E731

@@ -18,6 +18,7 @@ from ..checks import (
     fail,
     is_contiguous,
     no_src_beyond,
+    only_source,
     require,
     same_shape,
     src,
@@ -52,11 +53,7 @@ def check_math_ops(node: Node) -> None:
 def check_leaky_relu(node: Node) -> None:
     """LEAKY_RELU (ggml_leaky_relu): slope in op_params[0] (float); F32 or F16, dst of
     src0's type and shape: raise GraphInvalid unless ggml would accept the node."""
-    a = src(node, 0)
-    no_src_beyond(node, 1)
-    for t, what in ((node, "dst"), (a, "src0")):
-        type_in(t, {F32, F16}, node, what)
-    _plain(node, (node, "dst"), (a, "src0"))
+    a = only_source(node, {F32, F16})
     require(node.type == a.type, node, "dst must have src0's type")
     same_shape(node, a, node, "dst and src0")
 
@@ -83,11 +80,7 @@ def check_tri(node: Node) -> None:
     """TRI (ggml_tri): keeps one triangle of each square matrix, op_params[0] the kind (0
     upper with the diagonal, 1 strictly upper, 2 lower with the diagonal, 3 strictly lower);
     F32, src0 contiguous: raise GraphInvalid unless ggml would accept the node."""
-    a = src(node, 0)
-    no_src_beyond(node, 1)
-    for t, what in ((node, "dst"), (a, "src0")):
-        type_in(t, {F32}, node, what)
-    _plain(node, (node, "dst"), (a, "src0"))
+    a = only_source(node, {F32})
     require(is_contiguous(a), node, "src0 must be contiguous")
     same_shape(node, a, node, "dst and src0")
     require(a.ne[0] == a.ne[1], node, "matrices must be square (ne[0] == ne[1])")
@@ -99,11 +92,7 @@ def check_tri(node: Node) -> None:
 def check_diag(node: Node) -> None:
     """DIAG (ggml_diag): each row of src0 (ne[1] == 1) becomes the diagonal of a square
     matrix; F32: raise GraphInvalid unless ggml would accept the node."""
-    a = src(node, 0)
-    no_src_beyond(node, 1)
-    for t, what in ((node, "dst"), (a, "src0")):
-        type_in(t, {F32}, node, what)
-    _plain(node, (node, "dst"), (a, "src0"))
+    a = only_source(node, {F32})
     require(a.ne[1] == 1, node, "src0 must have ne[1] == 1")
     expect = (a.ne[0], a.ne[0], a.ne[2], a.ne[3])
     require(node.ne == expect, node, f"dst shape must be {list(expect)}")
@@ -114,12 +103,9 @@ def check_diag_mask(node: Node) -> None:
     """DIAG_MASK_INF and DIAG_MASK_ZERO: src0 with every element past column n_past + row
     (op_params[0], >= 0) set to -inf or 0; F32, dst and src0 contiguous, one shape: raise
     GraphInvalid unless ggml would accept the node."""
-    a = src(node, 0)
-    no_src_beyond(node, 1)
+    a = only_source(node, {F32})
     for t, what in ((node, "dst"), (a, "src0")):
-        type_in(t, {F32}, node, what)
         require(is_contiguous(t), node, f"{what} must be contiguous")
-    _plain(node, (node, "dst"), (a, "src0"))
     same_shape(node, a, node, "dst and src0")
     require(node.param_i32(0) >= 0, node, f"n_past must be >= 0, got {node.param_i32(0)}")
 
@@ -155,11 +141,7 @@ def check_timestep_embedding(node: Node) -> None:
     """TIMESTEP_EMBEDDING (ggml_timestep_embedding): dim and max_period in op_params[0], [1];
     src0 F32 timesteps (a vector), dst F32 of shape (dim, src0 ne[0]): raise GraphInvalid
     unless ggml would accept the node."""
-    a = src(node, 0)
-    no_src_beyond(node, 1)
-    for t, what in ((node, "dst"), (a, "src0")):
-        type_in(t, {F32}, node, what)
-    _plain(node, (node, "dst"), (a, "src0"))
+    a = only_source(node, {F32})
     dim = node.param_i32(0)
     require(a.ne[1:] == (1, 1, 1), node, "timesteps must be a vector")
     require(node.ne == (dim, a.ne[0], 1, 1), node,

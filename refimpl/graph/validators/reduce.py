@@ -4,8 +4,8 @@ ARGMAX, COUNT_EQUAL (validation, any device)."""
 from __future__ import annotations
 
 from ..build import Node
-from ..checks import (F32, FLOAT_TYPES, I32, I64, elementwise_strides, no_src_beyond, require,
-                      src, type_in)
+from ..checks import (F32, FLOAT_TYPES, I32, I64, elementwise_strides, no_src_beyond, only_source,
+                      require, src, type_in)
 from ..ops import Op
 from ..registry import validates
 
@@ -15,11 +15,7 @@ def check_sum_rows(node: Node) -> None:
     """SUM_ROWS (ggml_sum_rows): ``dst[0, i1, i2, i3] = Σ src0[:, i1, i2, i3]``; F32 only (the
     CPU backend aborts on any other type): raise GraphInvalid unless ggml would accept the
     node."""
-    a = src(node, 0)
-    no_src_beyond(node, 1)
-    for t, what in ((node, "dst"), (a, "src0")):
-        type_in(t, {F32}, node, what)
-        elementwise_strides(t, node, what)
+    a = only_source(node, {F32})
     expect = (1, *a.ne[1:])
     require(node.ne == expect, node, f"dst shape must be {list(expect)}")
 
@@ -59,11 +55,7 @@ def check_sum(node: Node) -> None:
 def check_mean(node: Node) -> None:
     """MEAN (ggml_mean): the mean of each row; F32, rows of src0 read packed, dst shape (1, ne[1],
     ne[2], ne[3]): raise GraphInvalid unless ggml would accept the node."""
-    a = src(node, 0)
-    no_src_beyond(node, 1)
-    for t, what in ((node, "dst"), (a, "src0")):
-        type_in(t, {F32}, node, what)
-        elementwise_strides(t, node, what)
+    a = only_source(node, {F32})
     _rows_read_packed(a, node, "src0")
     expect = (1, *a.ne[1:])
     require(node.ne == expect, node, f"dst shape must be {list(expect)}")
@@ -74,11 +66,8 @@ def check_cumsum(node: Node) -> None:
     """CUMSUM (ggml_cumsum): running sums along each row; F32, dst of src0's shape, rows of
     both packed (ggml-cpu asserts it): raise GraphInvalid unless ggml would accept the
     node."""
-    a = src(node, 0)
-    no_src_beyond(node, 1)
+    a = only_source(node, {F32})
     for t, what in ((node, "dst"), (a, "src0")):
-        type_in(t, {F32}, node, what)
-        elementwise_strides(t, node, what)
         _packed_rows(t, node, what)
     require(node.ne == a.ne, node, "dst must have src0's shape")
 
