@@ -22,9 +22,12 @@ from ..graph.checks import (F32, overlaps)
 from ..graph.ops import GluOp, Op, UnaryOp
 from ..graph.registry import kernel
 from ..protocol.ggml_types import GgmlType
-from .cpu_tensors import load_f32, store_f32, view
+from ..graph.validators.types import QUANTIZE_TYPES
+from .cpu_tensors import load_f32, rows_u8, store_f32, view
 from .numeric import fma32, round_f16, vsilu_f32
 from .parallel import sized_kernel
+from .quantize import quantize_into
+from .quants import dequantize_rows
 
 _SQRT_2_OVER_PI = 0.79788456080286535587989211986876
 _GELU_COEF_A = 0.044715
@@ -320,10 +323,30 @@ def bind_unary_ops(node: Node):
 def bind_math_ops(node: Node):
     """SQR, SQRT, LOG, SIN, COS, LEAKY_RELU (slope in op_params[0]) and ADD1 (src1's one
     value added): the CPU runner of a validated node, through ``unary_f32``."""
+    if node.op == Op.ADD1 and node.type in QUANTIZE_TYPES:
+        return _bind_add1_quantized(node)
     code = MATH_CODES[Op(node.op)]
     slope = node.param_f32(0) if node.op == Op.LEAKY_RELU else 0.0
     scalar = node.src[1] if node.op == Op.ADD1 else None
     return _bind_map(node, code, (slope, 0.0, 0.0, 0.0), scalar)
+
+
+def _bind_add1_quantized(node: Node):
+    """ADD1 on a block-format src0, as ggml-cpu computes it: each row dequantised, the value
+    added in float32, and the row quantised into dst (``from_float``, :func:`.quantize.
+    quantize_into`)."""
+    a, b = node.src[0], node.src[1]
+    k = node.ne[0]
+    src_rows, dst_rows = rows_u8(a), rows_u8(node)
+    width = dst_rows.shape[-1]
+
+    def run():
+        v = load_f32(b).reshape(-1)[0]
+        x = dequantize_rows(a.type, src_rows, k).reshape(-1, k) + v
+        out = np.empty((x.shape[0], width), np.uint8)
+        quantize_into(node.type, np.ascontiguousarray(x, np.float32), out)
+        dst_rows[...] = out.reshape(dst_rows.shape)
+    return run
 
 
 @kernel("cpu", Op.GLU)

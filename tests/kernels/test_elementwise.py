@@ -87,6 +87,28 @@ def test_add1(ts):
     _close(g.read(out), g.read(a).astype(np.float64) + 1.75, ta)
 
 
+@pytest.mark.parametrize("t", [T.Q8_0, T.Q4_1])
+def test_add1_on_a_block_format(t):
+    """ggml-cpu's ADD1 on quantised rows: dequantise, add, quantise again (from_float); the
+    quantiser is numpy's oracle here (refimpl.kernels.quantize.reference)."""
+    from refimpl.kernels.quantize import reference as quantize_reference
+    from refimpl.kernels.quants import dequantize_rows
+    x = RNG.standard_normal((3, 64)).astype(np.float32)
+    raw = quantize_reference(int(t), x)
+    g = GraphBuilder(1 << 20)
+    a = g.input(t, (64, 3), raw)
+    b = g.input(T.F32, (1,), np.array([0.375], np.float32))
+    out = g.node(Op.ADD1, t, (64, 3), [a, b])
+    g.run()
+    want = quantize_reference(int(t), dequantize_rows(int(t), raw, 64).reshape(3, 64) + np.float32(0.375))
+    assert np.array_equal(g._raw(out).reshape(want.shape), want)
+    g4 = GraphBuilder(1 << 20)
+    a4 = g4.input(t, (32, 1, 1, 2), quantize_reference(int(t), x[:2, :32]))
+    g4.node(Op.ADD1, t, (32, 1, 1, 2), [a4, g4.input(T.F32, (1,))])
+    with pytest.raises(GraphInvalid, match="ne\\[3\\] == 1"):      # ggml-cpu misplaces 4-D rows
+        g4.compile()
+
+
 def test_unary_widens_f16_into_f32():
     """ggml-cpu's generic unary kernel takes F16 into an F32 dst (not for GELU's own)."""
     x = RNG.uniform(-3, 3, (3, 8)).astype(np.float32)

@@ -11,6 +11,7 @@ import numpy as np
 from ..build import Node
 from ..checks import (
     BF16,
+    block_rows,
     F16,
     F32,
     I32,
@@ -26,6 +27,7 @@ from ..checks import (
 )
 from ..ops import Op
 from ..registry import validates
+from .types import QUANTIZE_TYPES
 
 #: (src0, dst) type pairs of ggml-cpu's one-value-from-one kernels (``unary_op``): one type
 #: throughout, or F16/BF16 widened into an F32 dst.
@@ -61,18 +63,27 @@ def check_leaky_relu(node: Node) -> None:
 @validates(Op.ADD1)
 def check_add1(node: Node) -> None:
     """ADD1 (ggml_add1): src1 is one value added to every element of src0; dst of src0's type
-    and shape; src0 F32 with an F32 src1, or F16/BF16 with an F32 src1 or one of src0's
-    type (quantised src0 is not implemented): raise GraphInvalid unless ggml would accept the
-    node."""
+    and shape; src0 F32 with an F32 src1, F16/BF16 with an F32 src1 or one of src0's type, or
+    a block format refimpl quantises (QUANTIZE_TYPES) with an F32 src1, rows packed and dst
+    3-D at most: raise GraphInvalid unless ggml would accept the node."""
     a, b = src(node, 0), src(node, 1)
     no_src_beyond(node, 2)
-    type_in(a, {F32, F16, BF16}, node, "src0")
+    type_in(a, {F32, F16, BF16} | QUANTIZE_TYPES, node, "src0")
     require(node.type == a.type, node, "dst must have src0's type")
-    require(b.type == F32 or b.type == a.type, node,
-            f"src1 must be F32 or src0's type, not {b.traits.name}")
-    _plain(node, (node, "dst"), (a, "src0"), (b, "src1"))
-    same_shape(node, a, node, "dst and src0")
+    _plain(node, (b, "src1"))
     require(b.nelements == 1 and b.ne == (1, 1, 1, 1), node, "src1 must be a scalar")
+    same_shape(node, a, node, "dst and src0")
+    if a.type in QUANTIZE_TYPES:
+        require(b.type == F32, node, f"src1 must be F32, not {b.traits.name}")
+        block_rows(a, node, "src0")
+        block_rows(node, node, "dst")
+        require(node.nb[1] <= node.nb[2] <= node.nb[3], node, "dst must not be permuted")
+        # ggml-cpu places dst row (i1, i2, i3) at i1*nb1 + i2*nb2 + i3*nb0: right only in 3-D
+        require(node.ne[3] == 1, node, "a block-format ADD1 must have ne[3] == 1")
+    else:
+        require(b.type == F32 or b.type == a.type, node,
+                f"src1 must be F32 or src0's type, not {b.traits.name}")
+        _plain(node, (node, "dst"), (a, "src0"))
 
 
 @validates(Op.TRI)
