@@ -54,6 +54,14 @@ def required(case: str) -> bool:
             size *= int(_param(case, name) or 0)
         return (_param(case, "type_a") in MUL_MAT_ID_WEIGHTS and _param(case, "type_b") == "f32"
                 and size <= 1 << 22)
+    if op == "OUT_PROD":  # what ggml's CPU backend runs: F32 src1, block formats unbroadcast
+        a = _param(case, "type_a")
+        return (a in ALL_WEIGHTS - {"bf16"} and _param(case, "type_b") == "f32"
+                and (a == "f32" or "nr=[1,1]" in case))
+    if op == "GET_ROWS_BACK":
+        return _param(case, "type") in {"f32", "f16"}
+    if op == "SOFT_MAX_BACK":  # ggml's CPU backend has no ALiBi backward
+        return float(_param(case, "max_bias")) == 0.0
     if op == "CPY":
         src, dst = _param(case, "type_src"), _param(case, "type_dst")
         return ((src == dst and src in ALL_WEIGHTS) or (src in FLOAT and dst in FLOAT)
@@ -71,7 +79,8 @@ _SIZES = {"hsk", "hsv", "nh", "nr23", "kv", "nb", "ne", "ne_src", "n", "m", "k",
 def _features(case: str) -> list[tuple]:
     """What a case exercises: its op with its combination of types and the size class that
     picks a refimpl kernel (rows per product for MUL_MAT; rows per head, split decode, head
-    sizes and grouped heads for FLASH_ATTN_EXT), and each of its options on its own."""
+    sizes and grouped heads for FLASH_ATTN_EXT; broadcast and batches for OUT_PROD), and each
+    of its options on its own."""
     op = case.split("(", 1)[0]
     p = dict(re.findall(r"(\w+)=(\[[^\]]*\]|[^,)]+)", case[len(op):]))
     types = tuple(sorted((k, v) for k, v in p.items() if k.startswith("type")))
@@ -80,6 +89,8 @@ def _features(case: str) -> list[tuple]:
         n = int(p["n"])
         size = (1 if n == 1 else 2 if n < 4 else 4, p["bs"] != "[1,1]" or p["nr"] != "[1,1]",
                 int(p["k"]) % 256 == 0)
+    if op == "OUT_PROD":  # broadcast batches (F32 src0 only) and batched products
+        size = (p["nr"] != "[1,1]", p["bs"] != "[1,1]")
     if op == "FLASH_ATTN_EXT":
         nb = int(p["nb"])
         size = (1 if nb == 1 else 2 if nb < 64 else 64, int(p["kv"]) >= 512,
@@ -113,6 +124,8 @@ OPS = {
     "flash_attn": "FLASH_ATTN_EXT",
     "mul_mat": "MUL_MAT",
     "moe": "SUM_ROWS,CLAMP,FILL,ARGSORT,TOP_K,ADD_ID,MUL_MAT_ID",
+    "training": "SILU_BACK,RMS_NORM_BACK,OUT_PROD,GET_ROWS_BACK,SOFT_MAX_BACK,ROPE_BACK,"
+                "CROSS_ENTROPY_LOSS,CROSS_ENTROPY_LOSS_BACK,OPT_STEP_ADAMW,OPT_STEP_SGD",
     # issue 14, elementwise and reductions: the ops of spec/ops/elementwise.md and, through
     # the same UNARY/GLU kernels as the "elementwise" group, the sub-ops with code of their own
     # (XIELU's parameters, GELU_QUICK's table, SOFTPLUS's cut-off, ROUND, SWIGLU_OAI's clamps,
