@@ -150,6 +150,13 @@ OPS = {
     "moe": "SUM_ROWS,CLAMP,FILL,ARGSORT,TOP_K,ADD_ID,MUL_MAT_ID",
     "training": "SILU_BACK,RMS_NORM_BACK,OUT_PROD,GET_ROWS_BACK,SOFT_MAX_BACK,ROPE_BACK,"
                 "CROSS_ENTROPY_LOSS,CROSS_ENTROPY_LOSS_BACK,OPT_STEP_ADAMW,OPT_STEP_SGD",
+    # issue 14, elementwise and reductions: the ops of spec/ops/elementwise.md and, through
+    # the same UNARY/GLU kernels as the "elementwise" group, the sub-ops with code of their own
+    # (XIELU's parameters, GELU_QUICK's table, SOFTPLUS's cut-off, ROUND, SWIGLU_OAI's clamps,
+    # GEGLU_QUICK); every sub-op passes in docs/backend-ops.md and tests/kernels/test_unary.py
+    "math_reduce": "SQR,SQRT,LOG,SIN,COS,LEAKY_RELU,ACC,SET,TRI,DIAG,DIAG_MASK_INF,ARANGE,"
+                   "TIMESTEP_EMBEDDING,SUM,MEAN,CUMSUM,ARGMAX,COUNT_EQUAL,L2_NORM,GROUP_NORM,"
+                   "XIELU,GELU_QUICK,SOFTPLUS,ROUND,SWIGLU_OAI,GEGLU_QUICK",
     # RWKV_WKV7's and GATED_DELTA_NET's cases L2-normalise their inputs in the graph (L2_NORM,
     # spec/ops/elementwise.md); DSV4_HC_POST's gated cases pass post through SCALE and SIGMOID
     "recurrent": "SSM_CONV,SSM_SCAN,RWKV_WKV6,GATED_LINEAR_ATTN,RWKV_WKV7,GATED_DELTA_NET,"

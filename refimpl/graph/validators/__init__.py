@@ -9,6 +9,7 @@ knows is registered (:func:`refimpl.graph.registry.validated_ops`).
 from . import (  # noqa: F401
                binary,
                copy,
+               elementwise,
                flash_attn,
                get_rows,
                matmul,
