@@ -44,6 +44,7 @@ from ..graph.validators.types import K_QUANT_TYPES, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
 from .numeric import f16_bits, f32_bits
 from .parallel import sized_kernel
 from .quants import F16_TABLE
+from .quants_more import _largest
 
 #: Bytes of one 256-value block of each k-quant.
 BLOCK_BYTES = {Q2_K: 84, Q3_K: 110, Q4_K: 144, Q5_K: 176, Q6_K: 210}
@@ -144,15 +145,29 @@ def _fit_scale_min(x, o, n, nmax, w, L, laux, rmin, rdelta, nstep, use_mad):
 
 
 @njit(**_JIT)
-def _largest(x, o, n):
-    """``(|m|, m)``: the first value of largest magnitude in ``x[o:o+n]``."""
-    amax = np.float32(0.0)
-    m = np.float32(0.0)
+def _start_signed(x, o, n, nmax, L, offset):
+    """The first step of both signed fits: codes ``l`` of ``x[o:o+n]`` at inverse scale
+    ``-nmax/m`` (``m`` the first value of largest magnitude), clamped to −nmax..nmax−1 and
+    stored as ``l + offset``, with their ``x²``-weighted sums ``Σ w·x·l`` and ``Σ w·l²``.
+    Returns ``(m, sumlx, suml2)``; ``m`` is 0 (and every code 0) for a sub-block whose largest
+    magnitude is below ggml's all-zero threshold."""
+    f32 = np.float32
+    amax, m = _largest(x, o, n)
+    sumlx = f32(0.0)
+    suml2 = f32(0.0)
+    if amax < _EPS:
+        for i in range(n):
+            L[o + i] = 0
+        return f32(0.0), sumlx, suml2
+    iscale = f32(-nmax) / m
     for i in range(n):
-        if abs(x[o + i]) > amax:
-            amax = abs(x[o + i])
-            m = x[o + i]
-    return amax, m
+        v = x[o + i]
+        q = _clamp(_nearest_int(iscale * v), -nmax, nmax - 1)
+        L[o + i] = q + offset
+        wv = v * v
+        sumlx += wv * v * f32(q)
+        suml2 += wv * f32(q) * f32(q)
+    return m, sumlx, suml2
 
 
 @njit(**_JIT)
@@ -161,21 +176,9 @@ def _fit_signed(x, o, n, nmax, L):
     scale with ``x ≈ scale·l``: the best of 19 inverse scales by ``x²``-weighted fit.  ggml's
     make_qx_quants with rmse_type 1 (Q6_K)."""
     f32 = np.float32
-    amax, m = _largest(x, o, n)
-    if amax < _EPS:
-        for i in range(n):
-            L[o + i] = 0
+    m, sumlx, suml2 = _start_signed(x, o, n, nmax, L, nmax)
+    if m == 0:
         return f32(0.0)
-    iscale = f32(-nmax) / m
-    sumlx = f32(0.0)
-    suml2 = f32(0.0)
-    for i in range(n):
-        v = x[o + i]
-        q = _clamp(_nearest_int(iscale * v), -nmax, nmax - 1)
-        L[o + i] = q + nmax
-        wv = v * v
-        sumlx += wv * v * f32(q)
-        suml2 += wv * f32(q) * f32(q)
     scale = sumlx / suml2 if suml2 != 0 else f32(0.0)
     best = scale * sumlx
     for s in range(-9, 10):
@@ -205,21 +208,9 @@ def _fit_signed_iterative(x, o, n, nmax, L):
     while the ``x²``-weighted fit improves (five passes at most).  ggml's make_q3_quants with
     do_rmse (Q3_K)."""
     f32 = np.float32
-    amax, m = _largest(x, o, n)
-    if amax < _EPS:
-        for i in range(n):
-            L[o + i] = 0
+    m, sumlx, suml2 = _start_signed(x, o, n, nmax, L, 0)
+    if m == 0:
         return f32(0.0)
-    iscale = f32(-nmax) / m
-    sumlx = f32(0.0)
-    suml2 = f32(0.0)
-    for i in range(n):
-        v = x[o + i]
-        q = _clamp(_nearest_int(iscale * v), -nmax, nmax - 1)
-        L[o + i] = q
-        wv = v * v
-        sumlx += wv * v * f32(q)
-        suml2 += wv * f32(q) * f32(q)
     for _ in range(5):
         changed = 0
         for i in range(n):
@@ -301,13 +292,9 @@ def _block_q2_k(x, out, o, L, laux, w, sc, mn, table):
 def _block_q3_k(x, out, o, L, sc, table):
     """One Q3_K block: hmask[32], qs[64], scales[12] (sixteen 6-bit scales, biased by 32), d."""
     f32 = np.float32
-    amax = f32(0.0)
-    max_scale = f32(0.0)
     for j in range(16):
         sc[j] = _fit_signed_iterative(x, 16 * j, 16, 4, L)
-        if abs(sc[j]) > amax:
-            amax = abs(sc[j])
-            max_scale = sc[j]
+    max_scale = _largest(sc, 0, 16)[1]
     s = o + 96                                   # the 12 scale bytes
     for j in range(12):
         out[s + j] = 0
@@ -413,13 +400,9 @@ def _block_q45_k(x, out, o, nmax, L, laux, w, sc, mn, table):
 def _block_q6_k(x, out, o, L, sc, table):
     """One Q6_K block: ql[128], qh[64], scales:i8[16], d."""
     f32 = np.float32
-    amax = f32(0.0)
-    max_scale = f32(0.0)
     for j in range(16):
         sc[j] = _fit_signed(x, 16 * j, 16, 32, L)
-        if abs(sc[j]) > amax:
-            amax = abs(sc[j])
-            max_scale = sc[j]
+    amax, max_scale = _largest(sc, 0, 16)
     if amax < _EPS:                              # an all-zero block: every byte 0
         for j in range(210):
             out[o + j] = 0
