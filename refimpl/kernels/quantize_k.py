@@ -62,6 +62,7 @@ def _nearest_int(v):
 
 @njit(**_JIT)
 def _clamp(v, lo, hi):
+    """C's ``MAX(lo, MIN(hi, v))``."""
     return max(lo, min(hi, v))
 
 
@@ -455,13 +456,19 @@ def quantize_row_k(code, x, out, table):
 
 @sized_kernel(1, cache=True, nogil=True)
 def _quantize_rows(code, x, out, table):
+    """:func:`quantize_row_k` for every row, rows in parallel when there are enough values."""
     for r in prange(x.shape[0]):
         quantize_row_k(code, x[r], out[r], table)
 
 
 def quantize_rows(code: int, x: np.ndarray, out: np.ndarray) -> None:
     """:func:`quantize_row_k` for every row of ``x`` (float32 (m, k), k a multiple of 256) into
-    ``out`` (uint8 (m, row_bytes); rows may be strided)."""
+    ``out`` (uint8 (m, row_bytes); rows may be strided).  The kernels do not check bounds:
+    the shapes are checked here (the validators guarantee them for graph nodes)."""
+    m, k = x.shape
+    if k % 256 or out.shape != (m, k // 256 * BLOCK_BYTES[code]):
+        raise ValueError(f"{m} rows of {k} values do not fill uint8 rows {out.shape} of type "
+                         f"{code} blocks")
     _quantize_rows(code, x, out, F16_TABLE)
 
 

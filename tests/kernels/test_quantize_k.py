@@ -109,3 +109,12 @@ def test_rows_of_partial_blocks_are_refused(op):
                nb=(84, 84, 168, 168), inplace_of=dst)
     with pytest.raises(GraphInvalid, match="block"):
         g.compile()
+
+
+def test_output_rows_of_the_wrong_size_are_rejected():
+    """The kernels do not bounds-check: the Python entry point checks the row sizes."""
+    x = np.zeros((2, 256), np.float32)
+    with pytest.raises(ValueError):
+        QK.quantize_rows(T.Q4_K, x, np.zeros((2, 143), np.uint8))
+    with pytest.raises(ValueError):
+        QK.quantize_rows(T.Q6_K, np.zeros((2, 200), np.float32), np.zeros((2, 210), np.uint8))
