@@ -1,7 +1,8 @@
 """Float rows into block formats, as ggml's CPU backend stores them: what SET_ROWS and CPY
 write into a quantised tensor (a quantised KV cache, ``-ctk q8_0``) (spec/ops/set_rows.md,
-spec/ops/copy.md).  The other block formats refimpl quantises into (IQ4_NL, IQ4_XS, the FP4
-and ternary ones) are :mod:`.quants_more`'s; :func:`quantize_into` takes any of them.
+spec/ops/copy.md).  The other block formats refimpl quantises into are :mod:`.quants_more`'s
+(IQ4_NL, IQ4_XS, the FP4 and ternary ones) and :mod:`.quantize_k`'s (the k-quants Q2_K …
+Q6_K); :func:`quantize_into` takes any of them.
 
 ggml quantises a row with its type's ``from_float``; for the formats here (layouts in
 spec/ops/matmul.md, "Block formats"), per 32 values:
@@ -27,12 +28,12 @@ from numba import njit, prange
 
 from ..graph.validators.types import Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, QUANTIZE_TYPES  # noqa: F401
 from ..protocol.ggml_types import type_traits
-from . import quants_more
+from . import quantize_k, quants_more
 from .numeric import f16_bits
 from .parallel import sized_kernel
 
 #: The formats :func:`quantize_row` writes; the others of QUANTIZE_TYPES are
-#: :func:`.quants_more.quantize_rows`'.
+#: :func:`.quantize_k.quantize_rows`' (k-quants) and :func:`.quants_more.quantize_rows`'.
 _HERE = frozenset({Q8_0, Q4_0, Q4_1, Q5_0, Q5_1})
 
 
@@ -133,9 +134,12 @@ def quantize_rows(code, x, out):
 def quantize_into(code: int, x: np.ndarray, out: np.ndarray) -> None:
     """Float32 rows ``x`` (m, k) quantised to any of QUANTIZE_TYPES into ``out`` (uint8
     (m, row_bytes)), as ggml's ``from_float`` quantises them: :func:`quantize_rows` for the
-    32-value formats here, :func:`.quants_more.quantize_rows` for IQ4_NL and the others."""
+    32-value formats here, :func:`.quantize_k.quantize_rows` for the k-quants,
+    :func:`.quants_more.quantize_rows` for IQ4_NL and the others."""
     if code in _HERE:
         quantize_rows(code, x, out)
+    elif code in quantize_k.K_QUANT_TYPES:
+        quantize_k.quantize_rows(code, np.ascontiguousarray(x), out)
     elif x.shape[0]:
         out[...] = quants_more.quantize_rows(code, x)
 

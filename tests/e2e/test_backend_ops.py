@@ -31,6 +31,8 @@ NEW_WEIGHTS = {"iq4_nl", "iq4_xs", "mxfp4", "nvfp4", "tq1_0", "tq2_0", "q1_0", "
 #: quantise into them, so CPY and SET_ROWS into them are not supported there either)
 GRID_WEIGHTS = {"iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s"}
 ALL_WEIGHTS = WEIGHTS | NEW_WEIGHTS | GRID_WEIGHTS
+#: the k-quants, which SET_ROWS and CPY quantise into (refimpl.kernels.quantize_k)
+K_QUANTS = {"q2_K", "q3_K", "q4_K", "q5_K", "q6_K"}
 MUL_MAT_ID_WEIGHTS = ALL_WEIGHTS | {"q2_K", "q3_K", "q5_K"}
 
 
@@ -50,7 +52,7 @@ def required(case: str) -> bool:
     if op == "FLASH_ATTN_EXT":
         return _param(case, "type_K") in FLOAT | KV_QUANT and _param(case, "type_V") in FLOAT | KV_QUANT
     if op == "SET_ROWS":
-        return _param(case, "type_dst") in FLOAT | KV_QUANT
+        return _param(case, "type_dst") in FLOAT | KV_QUANT | K_QUANTS
     if op == "MUL_MAT_ID":  # every MUL_MAT weight type; experts of at most 4 Mi weights
         size = 1
         for name in ("n_mats", "m", "k"):
@@ -68,7 +70,7 @@ def required(case: str) -> bool:
     if op == "CPY":
         src, dst = _param(case, "type_src"), _param(case, "type_dst")
         return ((src == dst and src in ALL_WEIGHTS) or (src in FLOAT and dst in FLOAT)
-                or (src in FLOAT and dst in KV_QUANT | NEW_WEIGHTS)
+                or (src in FLOAT and dst in KV_QUANT | NEW_WEIGHTS | K_QUANTS)
                 or (src in ALL_WEIGHTS and dst == "f32"))
     return True
 

@@ -37,12 +37,12 @@ QUANT_WEIGHT_TYPES = frozenset({Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, 
 #: FLASH_ATTN_EXT reads them.
 KV_CACHE_TYPES = frozenset({Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL})
 
-#: Block formats refimpl quantises float rows into (SET_ROWS and CPY into a block-format
-#: tensor), as ggml's CPU backend's ``from_float`` does.
-QUANTIZE_TYPES = KV_CACHE_TYPES | (MORE_WEIGHT_TYPES - GRID_WEIGHT_TYPES)
-
 #: The k-quant weight formats (256-value super-blocks, Q8_K activations).
 K_QUANT_TYPES = frozenset({Q2_K, Q3_K, Q4_K, Q5_K, Q6_K})
+
+#: Block formats refimpl quantises float rows into (SET_ROWS and CPY into a block-format
+#: tensor), as ggml's CPU backend's ``from_float`` does.
+QUANTIZE_TYPES = KV_CACHE_TYPES | (MORE_WEIGHT_TYPES - GRID_WEIGHT_TYPES) | K_QUANT_TYPES
 
 #: The activation format ggml's CPU backend pairs with each weight type (``vec_dot_type``).
 VEC_DOT_TYPE = {F32: F32, F16: F16, BF16: BF16,
