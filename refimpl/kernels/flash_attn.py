@@ -35,7 +35,7 @@ from ..graph.build import Node
 from ..graph.checks import BF16, F16, F32, overlaps
 from ..graph.ops import Op
 from ..graph.registry import kernel
-from ..graph.validators.types import KV_CACHE_TYPES, VEC_DOT_TYPE
+from ..graph.validators.types import ATTENTION_BLOCK_TYPES, VEC_DOT_TYPE
 from .cpu_tensors import bf16_to_f32, f16_to_f32, round_to, rows_u8, view
 from .numeric import fma32, hsum8_f32, vexp8_sub_f32
 from .parallel import sized_kernel
@@ -664,7 +664,7 @@ def _q_as_k_meets_it(q: np.ndarray, k_type: int) -> np.ndarray:
     products, as float32 values: rounded to F16 or BF16 for such K; for a block-format K,
     quantised to Q8_0 or Q8_1 (:func:`.quants.quantize_activations`) and taken as the exact
     values ``d · q`` those blocks stand for."""
-    if k_type in KV_CACHE_TYPES:
+    if k_type in ATTENTION_BLOCK_TYPES:
         rows = q.reshape(-1, q.shape[-1])
         return quantize_activations(rows, VEC_DOT_TYPE[k_type]).dequantized().reshape(q.shape)
     return np.ascontiguousarray(round_to(q, k_type))
@@ -673,7 +673,7 @@ def _q_as_k_meets_it(q: np.ndarray, k_type: int) -> np.ndarray:
 def _packed_f32(t: Node) -> np.ndarray:
     """The tensor's values as a C-contiguous float32 copy (F32, F16, BF16, or a block format
     dequantised as ggml's ``to_float`` does)."""
-    if t.type in KV_CACHE_TYPES:
+    if t.type in ATTENTION_BLOCK_TYPES:
         return dequantize_rows(t.type, rows_u8(t), t.ne[0])
     if t.type == BF16:
         return bf16_to_f32(np.ascontiguousarray(view(t)))

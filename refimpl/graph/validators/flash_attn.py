@@ -18,11 +18,11 @@ from ..checks import (
 )
 from ..ops import Op
 from ..registry import validates
-from .types import KV_CACHE_TYPES
+from .types import ATTENTION_BLOCK_TYPES
 
 PREC_DEFAULT, PREC_F32 = 0, 10
-#: K and V types: floats, and the block formats of a quantised KV cache.
-_KV_TYPES = {F32, F16, BF16} | KV_CACHE_TYPES
+#: K and V types: floats, the block formats of a quantised KV cache, Q1_0 and Q2_0.
+_KV_TYPES = {F32, F16, BF16} | ATTENTION_BLOCK_TYPES
 
 
 def _divides(d: int, n: int) -> bool:

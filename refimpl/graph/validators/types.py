@@ -37,6 +37,11 @@ QUANT_WEIGHT_TYPES = frozenset({Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, 
 #: FLASH_ATTN_EXT reads them.
 KV_CACHE_TYPES = frozenset({Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL})
 
+#: The block formats FLASH_ATTN_EXT reads as K and V: the KV-cache types, and Q1_0 and Q2_0,
+#: whose Q8_0 products ggml's CPU backend computes the same way (test-backend-ops has cases of
+#: both).
+ATTENTION_BLOCK_TYPES = KV_CACHE_TYPES | frozenset({Q1_0, Q2_0})
+
 #: The k-quant weight formats (256-value super-blocks, Q8_K activations).
 K_QUANT_TYPES = frozenset({Q2_K, Q3_K, Q4_K, Q5_K, Q6_K})
 
