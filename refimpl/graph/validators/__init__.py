@@ -11,6 +11,7 @@ from . import (  # noqa: F401
                copy,
                flash_attn,
                get_rows,
+               layout,
                matmul,
                norm,
                reduce,
