@@ -8,6 +8,7 @@ knows is registered (:func:`refimpl.graph.registry.validated_ops`).
 
 from . import (  # noqa: F401
                binary,
+               conv,
                copy,
                flash_attn,
                get_rows,
