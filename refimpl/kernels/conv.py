@@ -1,5 +1,6 @@
 """IM2COL, IM2COL_3D, COL2IM_1D, CONV_2D, CONV_3D, CONV_2D_DW, CONV_TRANSPOSE_1D,
-CONV_TRANSPOSE_2D, POOL_1D, POOL_2D: convolutions and pooling (spec/ops/conv.md).
+CONV_TRANSPOSE_2D, POOL_1D, POOL_2D, and the backward passes IM2COL_BACK and POOL_2D_BACK:
+convolutions and pooling (spec/ops/conv.md).
 
 Images are seen as 5-D float32 arrays ``x[n, c, z, y, x]`` (a 2-D image has one z, a 1-D
 signal one y and one z) over the tensors' own strides.  One numba kernel,
@@ -26,6 +27,7 @@ from ..graph.registry import kernel
 from ..graph.validators.conv import POOL_AVG, params
 from ..protocol.ggml_types import GgmlType
 from .cpu_tensors import load_f32, store_f32, view
+from .numeric import round_f16 as round_f16_scalar
 from .parallel import sized_kernel
 
 #: float32 values of patch rows held at once by the convolutions (64 MiB).
@@ -518,3 +520,153 @@ def bind_col2im_1d(node: Node):
         col2im_1d_f32(col, res, k, s0, p0)
         store_f32(node, res.reshape(1, 1, oc, node.ne[0]))
     return run
+
+
+# -- backward passes -------------------------------------------------------------------------------
+
+
+@sized_kernel(1, cache=True, nogil=True)
+def im2col_back_f32(grad, out, kh_n, kw_n, oh_n, ow_n, s0, s1, p0, p1, d0, d1):
+    """out[n, ic, iy, ix] = Σ over taps (kh, kw), in order, of the patch value
+    grad[(n·OH + oh)·OW + ow, (ic·KH + kh)·KW + kw] that IM2COL copied from (iy, ix), if any."""
+    n_n, ic_n, ih_n, iw_n = out.shape
+    for r in prange(n_n * ic_n * ih_n):
+        n, ic, iy = r // (ic_n * ih_n), (r // ih_n) % ic_n, r % ih_n
+        for ix in range(iw_n):
+            acc = np.float32(0.0)
+            for kh in range(kh_n):
+                th = iy + p1 - kh * d1
+                if th % s1 != 0:
+                    continue
+                oh = th // s1
+                if oh < 0 or oh >= oh_n:
+                    continue
+                for kw in range(kw_n):
+                    tw = ix + p0 - kw * d0
+                    if tw % s0 != 0:
+                        continue
+                    ow = tw // s0
+                    if ow < 0 or ow >= ow_n:
+                        continue
+                    acc += grad[(n * oh_n + oh) * ow_n + ow, (ic * kh_n + kh) * kw_n + kw]
+            out[n, ic, iy, ix] = acc
+
+
+@kernel("cpu", Op.IM2COL_BACK)
+def bind_im2col_back(node: Node):
+    """IM2COL_BACK: the CPU runner of a validated node."""
+    g, k = node.src[0], node.src[1]
+    s0, s1, p0, p1, d0, d1, is_2d = params(node, 7)
+    out = view(node) if is_2d else view(node)[0][:, :, None, :]   # (N, IC, IH, IW)
+    kh = k.ne[1] if is_2d else 1
+    oh = g.ne[2] if is_2d else 1
+    grad = view(g).reshape(-1, g.ne[0])
+    if not is_2d:
+        s1, p1, d1 = 1, 0, 1
+
+    def run():
+        src = grad.copy() if overlaps(node, g) else grad
+        im2col_back_f32(src, out, kh, k.ne[0], oh, g.ne[1], s0, s1, p0, p1, d0, d1)
+    return run
+
+
+def reference_im2col_back(grad: np.ndarray, shape: tuple, k: tuple, s: tuple, p: tuple,
+                          d: tuple) -> np.ndarray:
+    """Numpy oracle: the adjoint of IM2COL: ``grad`` (N, OH, OW, C·KH·KW) added back into an
+    image of ``shape`` (N, C, H, W) for a window k = (KH, KW), (w, h)-ordered s, p, d."""
+    n, c, h, w = shape
+    kh, kw = k
+    oh, ow = grad.shape[1], grad.shape[2]
+    g = grad.reshape(n, oh, ow, c, kh, kw).astype(np.float64)
+    out = np.zeros(shape)
+    for y in range(oh):
+        for x in range(ow):
+            for a in range(kh):
+                for b in range(kw):
+                    iy, ix = y * s[1] + a * d[1] - p[1], x * s[0] + b * d[0] - p[0]
+                    if 0 <= iy < h and 0 <= ix < w:
+                        out[:, :, iy, ix] += g[:, y, x, :, a, b]
+    return out
+
+
+@sized_kernel(0, cache=True, nogil=True)
+def pool_2d_back_f32(grad, fwd, out, avg, k0, k1, s0, s1, p0, p1, f16):
+    """Per plane, in order: each gradient value grad[oy, ox] added to the first maximum of
+    fwd in its window (max) or, divided by k0·k1, to every tap of the window inside the
+    plane (average); out zeroed first; with ``f16`` every sum rounded to F16."""
+    n3, n2, ih, iw = out.shape
+    oh_n, ow_n = grad.shape[2], grad.shape[3]
+    ka = np.float32(k0 * k1)
+    for r in prange(n3 * n2):
+        i3, i2 = r // n2, r % n2
+        plane, f, g = out[i3, i2], fwd[i3, i2], grad[i3, i2]
+        for y in range(ih):
+            for x in range(iw):
+                plane[y, x] = np.float32(0.0)
+        for oy in range(oh_n):
+            iy0 = oy * s1 - p1
+            for ox in range(ow_n):
+                ix0 = ox * s0 - p0
+                g0 = g[oy, ox]
+                if avg:
+                    share = g0 / ka
+                    for ky in range(max(0, -iy0), min(k1, ih - iy0)):
+                        for kx in range(max(0, -ix0), min(k0, iw - ix0)):
+                            plane[iy0 + ky, ix0 + kx] += share
+                else:
+                    best = np.float32(-3.4028234663852886e38)
+                    by, bx = -1, -1
+                    for ky in range(max(0, -iy0), min(k1, ih - iy0)):
+                        for kx in range(max(0, -ix0), min(k0, iw - ix0)):
+                            v = f[iy0 + ky, ix0 + kx]
+                            if v <= best:     # NaN is taken, as in ggml-cpu
+                                continue
+                            best, by, bx = v, iy0 + ky, ix0 + kx
+                    if by >= 0:
+                        s = g0 + plane[by, bx]
+                        plane[by, bx] = round_f16_scalar(s) if f16 else s
+
+
+@kernel("cpu", Op.POOL_2D_BACK)
+def bind_pool_2d_back(node: Node):
+    """POOL_2D_BACK: the CPU runner of a validated node (F16 results held in float32,
+    rounded after every sum as ggml-cpu stores them)."""
+    g, af = node.src[0], node.src[1]
+    op, k0, k1, s0, s1, p0, p1 = params(node, 7)
+    f16 = node.type == GgmlType.F16
+
+    def run():
+        grad = load_f32(g).copy() if overlaps(node, g) else load_f32(g)
+        fwd = load_f32(af)
+        if overlaps(node, af) and not f16:
+            fwd = fwd.copy()
+        res = np.empty((node.ne[3], node.ne[2], node.ne[1], node.ne[0]), np.float32)
+        pool_2d_back_f32(grad, fwd, res, op == POOL_AVG, k0, k1, s0, s1, p0, p1, f16)
+        store_f32(node, res)
+    return run
+
+
+def reference_pool_2d_back(grad: np.ndarray, fwd: np.ndarray, avg: bool, k: tuple, s: tuple,
+                           p: tuple) -> np.ndarray:
+    """Numpy oracle (float64): POOL_2D_BACK of ``grad`` (.., OH, OW) for the forward input
+    ``fwd`` (.., H, W)."""
+    out = np.zeros(fwd.shape)
+    h, w = fwd.shape[-2:]
+    for idx in np.ndindex(*fwd.shape[:-2]):
+        for oy in range(grad.shape[-2]):
+            for ox in range(grad.shape[-1]):
+                y0, x0 = oy * s[1] - p[1], ox * s[0] - p[0]
+                ys = range(max(y0, 0), min(y0 + k[1], h))
+                xs = range(max(x0, 0), min(x0 + k[0], w))
+                gv = float(grad[idx + (oy, ox)])
+                if avg:
+                    for y in ys:
+                        for x in xs:
+                            out[idx + (y, x)] += gv / (k[0] * k[1])
+                else:
+                    taps = [(fwd[idx + (y, x)], y, x) for y in ys for x in xs]
+                    taps = [t for t in taps if t[0] > -np.finfo(np.float32).max]
+                    if taps:
+                        best = max(taps, key=lambda t: t[0])   # the first maximum
+                        out[idx + best[1:]] += gv
+    return out

@@ -397,3 +397,93 @@ def bind_upscale(node: Node):
         out[...] = tmp
     return run
 
+
+
+# -- WIN_PART, WIN_UNPART ----------------------------------------------------------------------
+
+
+def windows(image: np.ndarray, w: int) -> np.ndarray:
+    """Numpy oracle and kernel of WIN_PART: ``image`` (H, W, C) zero-padded to whole w×w
+    windows, the windows in row-major order: (npy·npx, w, w, C)."""
+    h, wd, c = image.shape
+    npx, npy = -(-wd // w), -(-h // w)
+    padded = np.zeros((npy * w, npx * w, c), np.float32)
+    padded[:h, :wd] = image
+    return padded.reshape(npy, w, npx, w, c).transpose(0, 2, 1, 3, 4).reshape(npy * npx, w, w, c)
+
+
+def unwindows(parts: np.ndarray, h: int, wd: int) -> np.ndarray:
+    """Numpy oracle and kernel of WIN_UNPART: the (H, W, C) image from its windows ``parts``
+    (npy·npx, w, w, C), padding dropped."""
+    _, w, _, c = parts.shape
+    npx, npy = -(-wd // w), -(-h // w)
+    whole = parts.reshape(npy, npx, w, w, c).transpose(0, 2, 1, 3, 4).reshape(npy * w, npx * w, c)
+    return whole[:h, :wd]
+
+
+@kernel("cpu", Op.WIN_PART)
+def bind_win_part(node: Node):
+    """WIN_PART: the image's windows, by one padded copy."""
+    a, out = view(node.src[0]), view(node)
+    w = node.param_i32(2)
+
+    def run():
+        out[...] = windows(a[0], w)
+    return run
+
+
+@kernel("cpu", Op.WIN_UNPART)
+def bind_win_unpart(node: Node):
+    """WIN_UNPART: the image put back together from its windows."""
+    a, out = view(node.src[0]), view(node)
+
+    def run():
+        out[0] = unwindows(a, out.shape[1], out.shape[2])
+    return run
+
+
+# -- GET_REL_POS, ADD_REL_POS ---------------------------------------------------------------------
+
+
+def rel_pos_index(n: int) -> np.ndarray:
+    """For queries q (rows) and keys k (columns), the table row q - k + n - 1."""
+    q = np.arange(n)
+    return q[:, None] - q[None, :] + n - 1
+
+
+@kernel("cpu", Op.GET_REL_POS)
+def bind_get_rel_pos(node: Node):
+    """GET_REL_POS: rows of the table gathered by relative position (F16 bits copied)."""
+    table, out = view(node.src[0]), view(node)
+    index = rel_pos_index(node.ne[1])
+
+    def run():
+        out[0] = table[0, 0][index]
+    return run
+
+
+def reference_add_rel_pos(a: np.ndarray, pw: np.ndarray, ph: np.ndarray) -> np.ndarray:
+    """Numpy oracle: scores ``a`` (B, Q, n·n) plus ``ph`` (B, Q, n) along the first key axis
+    and ``pw`` along the second (float64)."""
+    b, q, nn = a.shape
+    n = pw.shape[-1]
+    s = np.asarray(a, np.float64).reshape(b, q, n, n)
+    s = s + ph.reshape(b, q, n, 1) + pw.reshape(b, q, 1, n)
+    return s.reshape(b, q, nn)
+
+
+@kernel("cpu", Op.ADD_REL_POS)
+def bind_add_rel_pos(node: Node):
+    """ADD_REL_POS: scores[.., i, j] + ph[.., i] + pw[.., j] in float32, the two terms added
+    in ggml-cpu's order (ph first where i <= j)."""
+    a, pw_node, ph_node = node.src[0], node.src[1], node.src[2]
+    n = pw_node.ne[0]
+    shape = (a.ne[2], a.ne[1], n, n)
+    av, out = view(a).reshape(shape), view(node).reshape(shape)
+    pw = view(pw_node).reshape(a.ne[2], a.ne[1], 1, n)
+    ph = view(ph_node).reshape(a.ne[2], a.ne[1], n, 1)
+    ph_first = np.arange(n)[:, None] <= np.arange(n)[None, :]
+
+    def run():
+        out[...] = np.where(ph_first, (av + ph) + pw, (av + pw) + ph)
+    return run

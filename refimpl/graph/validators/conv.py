@@ -1,6 +1,6 @@
 """What ggml accepts for the ops of :mod:`refimpl.kernels.conv` (validation, any device):
 IM2COL, IM2COL_3D, COL2IM_1D, CONV_TRANSPOSE_1D, CONV_2D, CONV_3D, CONV_2D_DW,
-CONV_TRANSPOSE_2D, POOL_1D and POOL_2D (spec/ops/conv.md).
+CONV_TRANSPOSE_2D, POOL_1D, POOL_2D, IM2COL_BACK and POOL_2D_BACK (spec/ops/conv.md).
 
 Every kernel of these ops checks each source coordinate it computes against the source's
 shape before reading, so the stride, padding and dilation parameters cannot move a read out
@@ -261,3 +261,55 @@ def check_pool_2d(node: Node) -> None:
     ow, oh = pool_out(a.ne[0], k0, s0, p0), pool_out(a.ne[1], k1, s1, p1)
     require(ow > 0 and oh > 0, node, "no output positions")
     _shape(node, (ow, oh, *a.ne[2:]))
+
+
+@validates(Op.IM2COL_BACK)
+def check_im2col_back(node: Node) -> None:
+    """IM2COL_BACK (ggml_im2col_back): the image-shaped dst (W, H, IC, N), or (W, IC, N) in
+    1-D, gets the sum of the patch values src0 = (IC·KH·KW, OW, OH, N) (IM2COL's layout) that
+    read each position, for the kernel shape of src1; op_params as IM2COL's; F32 gradients,
+    F32 or F16 kernel, F32 dst, contiguous: raise GraphInvalid unless ggml would accept the
+    node."""
+    g, k = src(node, 0), src(node, 1)
+    no_src_beyond(node, 2)
+    s0, s1, p0, p1, d0, d1, is_2d = params(node, 7)
+    require(is_2d in (0, 1), node, f"is_2D must be 0 or 1, not {is_2d}")
+    type_in(g, {F32}, node, "src0")
+    type_in(k, {F32, F16}, node, "src1 (kernel)")
+    type_in(node, {F32}, node, "dst")
+    require(is_contiguous(g) and is_contiguous(node), node, "src0 and dst must be contiguous")
+    if is_2d:
+        _positive(node, (s0, s1), "strides")
+        iw, ih, ic, n = node.ne
+        kw, kh = k.ne[0], k.ne[1]
+        expect = (ic * kh * kw, conv_out(iw, kw, s0, p0, d0), conv_out(ih, kh, s1, p1, d1), n)
+    else:
+        _positive(node, (s0,), "stride")
+        iw, ic, n, one = node.ne
+        require(one == 1, node, "1-D: dst must be (W, IC, N)")
+        kw = k.ne[0]
+        expect = (ic * kw, conv_out(iw, kw, s0, p0, d0), n, 1)
+    require(expect[1] > 0 and expect[2] > 0, node, "image smaller than the kernel")
+    require(g.ne == tuple(expect), node, f"src0 shape must be {list(expect)}")
+
+
+@validates(Op.POOL_2D_BACK)
+def check_pool_2d_back(node: Node) -> None:
+    """POOL_2D_BACK (ggml_pool_2d_back): the gradient src0 of a POOL_2D output passed back to
+    its input's shape (dst, of the forward input src1's shape): to each window's first
+    maximum of src1 (max), or spread over the window's taps inside (average, divided by
+    k0·k1); op_params as POOL_2D's; F32 gradient, dst and src1 F32 (or both F16 for max),
+    contiguous: raise GraphInvalid unless ggml would accept the node (F16 averages are
+    refused: ggml-cpu adds their bit patterns as integers)."""
+    g, af = src(node, 0), src(node, 1)
+    no_src_beyond(node, 2)
+    op, k0, k1, s0, s1, p0, p1 = params(node, 7)
+    require(op in (POOL_MAX, POOL_AVG), node, f"unknown pooling {op}")
+    type_in(g, {F32}, node, "src0")
+    type_in(node, {F32, F16} if op == POOL_MAX else {F32}, node, "dst")
+    require(af.type == node.type, node, "src1 must have dst's type")
+    for t, what in ((g, "src0"), (af, "src1"), (node, "dst")):
+        require(is_contiguous(t), node, f"{what} must be contiguous")
+    require(node.ne == af.ne, node, "dst must have src1's shape")
+    require(g.ne[2:] == node.ne[2:], node, "src0 and dst must share ne[2] and ne[3]")
+    _positive(node, (k0, k1, s0, s1), "kernels and strides")

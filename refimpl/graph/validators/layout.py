@@ -1,5 +1,6 @@
 """What ggml accepts for the ops of :mod:`refimpl.kernels.layout` (validation, any device):
-REPEAT, REPEAT_BACK, CONCAT, PAD, PAD_REFLECT_1D, ROLL and UPSCALE (spec/ops/layout.md)."""
+REPEAT, REPEAT_BACK, CONCAT, PAD, PAD_REFLECT_1D, ROLL, UPSCALE, WIN_PART, WIN_UNPART,
+GET_REL_POS and ADD_REL_POS (spec/ops/layout.md)."""
 
 from __future__ import annotations
 
@@ -136,3 +137,72 @@ def check_upscale(node: Node) -> None:
     require(not flags & SCALE_ANTIALIAS or mode == SCALE_BILINEAR, node,
             "antialias is only defined for bilinear scaling")
     require(node.nelements == 0 or a.nelements > 0, node, "an empty source cannot be scaled up")
+
+
+def window_counts(w: int, width: int, height: int) -> tuple[int, int]:
+    """How many w×w windows cover a width×height image, padded at the right and bottom."""
+    return (width + (w - width % w) % w) // w, (height + (w - height % w) % w) // w
+
+
+@validates(Op.WIN_PART)
+def check_win_part(node: Node) -> None:
+    """WIN_PART (ggml_win_part): a (C, W, H) image cut into w×w windows, zero-padded at the
+    right and bottom: dst (C, w, w, npx·npy), op_params npx, npy, w; F32, contiguous (the CPU
+    kernel indexes both tensors as packed): raise GraphInvalid unless ggml would accept the
+    node."""
+    a = _unary(node, {F32})
+    npx, npy, w = (node.param_i32(i) for i in range(3))
+    require(a.ne[3] == 1, node, "src0 must be 3-D")
+    require(w > 0, node, f"window size {w} must be positive")
+    require((npx, npy) == window_counts(w, a.ne[1], a.ne[2]), node,
+            f"window counts ({npx}, {npy}) do not match the image and w={w}")
+    expect = (a.ne[0], w, w, npx * npy)
+    require(node.ne == expect, node, f"dst shape must be {list(expect)}")
+    require(is_contiguous(a) and is_contiguous(node), node, "src0 and dst must be contiguous")
+
+
+@validates(Op.WIN_UNPART)
+def check_win_unpart(node: Node) -> None:
+    """WIN_UNPART (ggml_win_unpart): the (C, W, H) image dst put back together from the w×w
+    windows src0 (C, w, w, npx·npy), padding dropped; op_params[0] = w; F32, contiguous:
+    raise GraphInvalid unless ggml would accept the node."""
+    a = _unary(node, {F32})
+    w = node.param_i32(0)
+    require(w > 0, node, f"window size {w} must be positive")
+    require(node.ne[3] == 1, node, "dst must be 3-D")
+    npx, npy = window_counts(w, node.ne[1], node.ne[2])
+    expect = (node.ne[0], w, w, npx * npy)
+    require(a.ne == expect, node, f"src0 shape must be {list(expect)} for this dst")
+    require(is_contiguous(a) and is_contiguous(node), node, "src0 and dst must be contiguous")
+
+
+@validates(Op.GET_REL_POS)
+def check_get_rel_pos(node: Node) -> None:
+    """GET_REL_POS (ggml_get_rel_pos): dst[q, k, :] = src0[q - k + (n - 1), :] for the n
+    query and key positions (dst (C, n, n)) from a table src0 of 2n - 1 rows (C, 2n - 1); F16,
+    contiguous: raise GraphInvalid unless ggml would accept the node (BF16 tables are
+    refused: ggml-cpu copies their bits into the F16 result)."""
+    a = _unary(node, {F16})
+    n = node.ne[1]
+    require(node.ne[2] == n and node.ne[3] == 1, node, "dst must be (C, n, n)")
+    expect = (node.ne[0], 2 * n - 1, 1, 1)
+    require(a.ne == expect, node, f"src0 must be {list(expect)}")
+    require(is_contiguous(a) and is_contiguous(node), node, "src0 and dst must be contiguous")
+
+
+@validates(Op.ADD_REL_POS)
+def check_add_rel_pos(node: Node) -> None:
+    """ADD_REL_POS (ggml_add_rel_pos): attention scores src0 (n·n, Q, B) plus relative
+    position terms: dst[b, q, i, j] = src0[b, q, i, j] + src2[b, q, i] + src1[b, q, j] for
+    src1 = src2 = (n, Q1, Q2, B) with Q = Q1·Q2; op_params[0] = 1 when dst is src0 itself;
+    F32, contiguous, 3-D scores: raise GraphInvalid unless ggml would accept the node."""
+    a, pw, ph = src(node, 0), src(node, 1), src(node, 2)
+    no_src_beyond(node, 3)
+    for t, what in ((node, "dst"), (a, "src0"), (pw, "src1"), (ph, "src2")):
+        type_in(t, {F32}, node, what)
+        require(is_contiguous(t), node, f"{what} must be contiguous")
+    require(pw.ne == ph.ne, node, "src1 and src2 must have one shape")
+    require(a.ne[3] == 1 and pw.ne[3] == a.ne[2], node, "src0 must be 3-D, with src1's ne[3] blocks")
+    require(pw.ne[0] * pw.ne[0] == a.ne[0] and pw.ne[1] * pw.ne[2] == a.ne[1], node,
+            "src0 must be (n·n, Q1·Q2) for src1 (n, Q1, Q2)")
+    require(node.ne == a.ne, node, "dst must have src0's shape")
