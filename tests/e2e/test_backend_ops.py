@@ -68,6 +68,17 @@ _SIZES = {"hsk", "hsv", "nh", "nr23", "kv", "nb", "ne", "ne_src", "n", "m", "k",
           "be1", "be2", "offset_cols", "n_kv_max"}
 
 
+#: The image ops (issue 14): parameters that only size their cases (tensor shapes, channel
+#: and batch counts, the kernel window); their strides, paddings, dilations, modes and
+#: layouts stay options.
+_IMAGE_OPS = {"REPEAT", "REPEAT_BACK", "CONCAT", "PAD", "PAD_REFLECT_1D", "ROLL", "UPSCALE",
+              "IM2COL", "IM2COL_3D", "COL2IM_1D", "CONV_TRANSPOSE_1D", "CONV_2D", "CONV_3D",
+              "CONV_2D_DW", "CONV_TRANSPOSE_2D", "POOL_1D", "POOL_2D", "CONV_1D_DW"}
+_IMAGE_SIZES = {"ne_input", "ne_kernel", "ne_a", "ne_tgt", "ne_b_d", "N", "IC", "ID", "IH", "IW",
+                "OC", "KD", "KH", "KW", "K", "T_in", "scale_factor", "k0", "k1", "kernel_offset",
+                "pad_0", "pad_1", "lp0", "rp0", "lp1", "rp1", "lp2", "rp2", "lp3", "rp3"}
+
+
 def _features(case: str) -> list[tuple]:
     """What a case exercises: its op with its combination of types and the size class that
     picks a refimpl kernel (rows per product for MUL_MAT; rows per head, split decode, head
@@ -84,7 +95,12 @@ def _features(case: str) -> list[tuple]:
         nb = int(p["nb"])
         size = (1 if nb == 1 else 2 if nb < 64 else 64, int(p["kv"]) >= 512,
                 p["hsk"] != p["hsv"], int(p["hsk"]) % 16 == 0, p["nr23"] != "[1,1]")
-    options = [(op, k, v) for k, v in p.items() if k not in _SIZES and not k.startswith("type")]
+    sizes = _SIZES | _IMAGE_SIZES if op in _IMAGE_OPS else _SIZES
+    if op in _IMAGE_OPS:   # the input's type names the combination (kernel type or dst type)
+        types = tuple(sorted((k, v) for k, v in p.items() if k.startswith(("type", "kernel_type",
+                                                                           "dst_type"))))
+    options = [(op, k, v) for k, v in p.items() if k not in sizes and not k.startswith("type")
+               and not (op in _IMAGE_OPS and k in ("kernel_type", "dst_type"))]
     return [(op, types, size)] + options
 
 
@@ -113,6 +129,7 @@ OPS = {
     "flash_attn": "FLASH_ATTN_EXT",
     "mul_mat": "MUL_MAT",
     "moe": "SUM_ROWS,CLAMP,FILL,ARGSORT,TOP_K,ADD_ID,MUL_MAT_ID",
+    "image": ",".join(sorted(_IMAGE_OPS)),
 }
 
 @pytest.mark.parametrize("group", list(OPS))
