@@ -18,7 +18,7 @@ computes against the source's shape before it reads.
 from __future__ import annotations
 
 import numpy as np
-from numba import prange
+from numba import njit, prange
 
 from ..graph.build import Node
 from ..graph.checks import overlaps
@@ -54,6 +54,16 @@ def round_f16(x: np.ndarray) -> np.ndarray:
 # -- patches ---------------------------------------------------------------------------------
 
 
+@njit(cache=True, nogil=True, inline="always")
+def position(q, od_n, oh_n, ow_n):
+    """Output position number ``q`` (C order) as (n, od, oh, ow)."""
+    ow = q % ow_n
+    q //= ow_n
+    oh = q % oh_n
+    q //= oh_n
+    return q // od_n, q % od_n, oh, ow
+
+
 @sized_kernel(1, cache=True, nogil=True)
 def im2col_rows(x, out, start, od_n, oh_n, ow_n, kd_n, kh_n, kw_n, s, p, d):
     """out[r] = the patch of output position ``start + r`` (n, od, oh, ow in C order): values
@@ -61,13 +71,7 @@ def im2col_rows(x, out, start, od_n, oh_n, ow_n, kd_n, kh_n, kw_n, s, p, d):
     order, zero outside x."""
     _, ic_n, id_n, ih_n, iw_n = x.shape
     for r in prange(out.shape[0]):
-        q = start + r
-        ow = q % ow_n
-        q //= ow_n
-        oh = q % oh_n
-        q //= oh_n
-        od = q % od_n
-        n = q // od_n
+        n, od, oh, ow = position(start + r, od_n, oh_n, ow_n)
         row = out[r]
         col = 0
         for ic in range(ic_n):
@@ -193,13 +197,7 @@ def scatter_rows(res, out, start):
     """out[n, oc, od, oh, ow] = res[r, oc] for the output positions r = start.. (C order)."""
     _, oc_n, od_n, oh_n, ow_n = out.shape
     for r in prange(res.shape[0]):
-        q = start + r
-        ow = q % ow_n
-        q //= ow_n
-        oh = q % oh_n
-        q //= oh_n
-        od = q % od_n
-        n = q // od_n
+        n, od, oh, ow = position(start + r, od_n, oh_n, ow_n)
         for oc in range(oc_n):
             out[n, oc, od, oh, ow] = res[r, oc]
 
@@ -525,6 +523,16 @@ def bind_col2im_1d(node: Node):
 # -- backward passes -------------------------------------------------------------------------------
 
 
+@njit(cache=True, nogil=True, inline="always")
+def output_of(t, s, n_out):
+    """The output position whose tap lands ``t`` places past its window start at stride
+    ``s``: t / s when s divides t and it is in [0, n_out), else -1."""
+    if t % s != 0:
+        return -1
+    o = t // s
+    return o if 0 <= o < n_out else -1
+
+
 @sized_kernel(1, cache=True, nogil=True)
 def im2col_back_f32(grad, out, kh_n, kw_n, oh_n, ow_n, s0, s1, p0, p1, d0, d1):
     """out[n, ic, iy, ix] = Σ over taps (kh, kw), in order, of the patch value
@@ -535,20 +543,13 @@ def im2col_back_f32(grad, out, kh_n, kw_n, oh_n, ow_n, s0, s1, p0, p1, d0, d1):
         for ix in range(iw_n):
             acc = np.float32(0.0)
             for kh in range(kh_n):
-                th = iy + p1 - kh * d1
-                if th % s1 != 0:
-                    continue
-                oh = th // s1
-                if oh < 0 or oh >= oh_n:
+                oh = output_of(iy + p1 - kh * d1, s1, oh_n)
+                if oh < 0:
                     continue
                 for kw in range(kw_n):
-                    tw = ix + p0 - kw * d0
-                    if tw % s0 != 0:
-                        continue
-                    ow = tw // s0
-                    if ow < 0 or ow >= ow_n:
-                        continue
-                    acc += grad[(n * oh_n + oh) * ow_n + ow, (ic * kh_n + kh) * kw_n + kw]
+                    ow = output_of(ix + p0 - kw * d0, s0, ow_n)
+                    if ow >= 0:
+                        acc += grad[(n * oh_n + oh) * ow_n + ow, (ic * kh_n + kh) * kw_n + kw]
             out[n, ic, iy, ix] = acc
 
 
