@@ -183,7 +183,8 @@ def bind_im2col_3d(node: Node):
     a, b = node.src[0], node.src[1]
     s0, s1, s2, p0, p1, p2, d0, d1, d2, ic = params(node, 10)
     n = b.ne[3] // ic
-    geo = Geometry((node.ne[3] // n, node.ne[2], node.ne[1]), (a.ne[2], a.ne[1], a.ne[0]),
+    od = node.ne[3] // n if n else 0
+    geo = Geometry((od, node.ne[2], node.ne[1]), (a.ne[2], a.ne[1], a.ne[0]),
                    (s0, s1, s2), (p0, p1, p2), (d0, d1, d2))
     image = _image(b, overlaps(node, b))
     return _rows_runner(node, geo, lambda: as5d(image(), ic))

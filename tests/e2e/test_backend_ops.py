@@ -134,7 +134,10 @@ OPS = {
 
 @pytest.mark.parametrize("group", list(OPS))
 def test_required_cases_pass(peer_bin, group):
-    cases = bounded([c for c in list_cases(peer_bin, OPS[group]) if required(c)])
+    # the image group's catalogue has cases ggml's CPU cannot run (CONV_2D of channel-first
+    # kernels it does not see as contiguous): nothing to compare with, so not required
+    listed = list_cases(peer_bin, OPS[group], supported_only=group == "image")
+    cases = bounded([c for c in listed if required(c)])
     assert cases
     with ServerProcess("refimpl", args=["--log-level", "warning"]) as srv:
         report = run_cases(peer_bin, srv.endpoint, cases)

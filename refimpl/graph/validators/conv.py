@@ -84,7 +84,7 @@ def check_im2col(node: Node) -> None:
 
 @validates(Op.IM2COL_3D)
 def check_im2col_3d(node: Node) -> None:
-    """IM2COL_3D (ggml_im2col_3d): src1 = (IW, IH, ID, N·IC) images, kernel src0 = (KW, KH,
+    """IM2COL_3D (ggml_im2col_3d): src1 = (IW, IH, ID, ≥ N·IC) images, kernel src0 = (KW, KH,
     KD, OC·IC) (only its shape is read), dst (IC·KD·KH·KW, OW, OH, OD·N); op_params s0, s1,
     s2, p0, p1, p2, d0, d1, d2, IC; F32 image, dst F32 or F16, contiguous: raise GraphInvalid
     unless ggml would accept the node."""
@@ -94,8 +94,7 @@ def check_im2col_3d(node: Node) -> None:
     type_in(node, {F32, F16}, node, "dst")
     _f32_image(node, b, "src1")
     require(is_contiguous(node), node, "dst must be contiguous")
-    _positive(node, (s0, s1, s2, ic), "strides and IC")
-    require(b.ne[3] % ic == 0, node, f"src1 ne[3]={b.ne[3]} is not N·IC for IC={ic}")
+    _positive(node, (s0, s1, s2, ic), "strides and IC")   # N = src1 ne[3] / IC, rounded down
     od = conv_out(b.ne[2], a.ne[2], s2, p2, d2)
     oh = conv_out(b.ne[1], a.ne[1], s1, p1, d1)
     ow = conv_out(b.ne[0], a.ne[0], s0, p0, d0)
@@ -123,9 +122,21 @@ def check_col2im_1d(node: Node) -> None:
     _shape(node, (t_out, oc, 1, 1))
 
 
+def packed(t: Node) -> bool:
+    """ggml_is_contiguous: elements packed in order, the strides of dimensions of one element
+    (``ne[0]`` included) aside."""
+    expected = t.traits.type_size
+    for n, nb in zip(t.ne, t.nb):
+        if n != 1 and nb != expected:
+            return False
+        expected *= n
+    return True
+
+
 def _kernel_f32_f16(node: Node, k: Node) -> None:
     type_in(k, {F32, F16}, node, "src0 (kernel)")
-    require(is_contiguous(k), node, "the kernel must be contiguous")
+    elementwise_strides(k, node, "src0 (kernel)")
+    require(packed(k), node, "the kernel must be contiguous")
 
 
 @validates(Op.CONV_TRANSPOSE_1D)
