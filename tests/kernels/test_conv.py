@@ -268,3 +268,32 @@ def test_invalid_nodes_are_refused(case):
     g.node(op, type_, ne, ins, params=params)
     with pytest.raises(GraphInvalid):
         g.compile()
+
+
+def test_conv_2d_takes_a_kernel_ggml_sees_as_contiguous():
+    """A 1×1 kernel seen through a channels-first view: its ne[0] = 1 stride is not 4, and
+    ggml_is_contiguous (so ggml-cpu) accepts it all the same."""
+    g = GraphBuilder(1 << 20)
+    ic, oc = 3, 4
+    wk = _vals((oc, ic))
+    base = g.input(T.F32, (ic, 1, 1, oc), wk.reshape(oc, 1, 1, ic))
+    kern = g.view(base, (1, 1, ic, oc), (4 * ic, 4 * ic, 4, 4 * ic), op=Op.PERMUTE)
+    x = _vals((2, ic, 5, 6))
+    img = g.input(T.F32, (6, 5, ic, 2), x)
+    out = g.node(Op.CONV_2D, T.F32, (6, 5, oc, 2), [kern, img], params=[1, 1, 0, 0, 1, 1])
+    g.run()
+    np.testing.assert_allclose(g.read(out), np.einsum("oi,nihw->nohw", wk, x), **TOL)
+
+
+def test_im2col_3d_batch_rounds_down():
+    """N = src1 ne[3] / IC rounded down, as ggml_im2col_3d computes it: one image of IC = 2
+    from three volumes (the third unused)."""
+    g = GraphBuilder(1 << 20)
+    x = _vals((3, 2, 3, 4))
+    kern = g.input(T.F32, (2, 2, 1, 2))
+    img = g.input(T.F32, (4, 3, 2, 3), x)
+    out = g.node(Op.IM2COL_3D, T.F32, (2 * 4, 3, 2, 2), [kern, img],
+                 params=[1, 1, 1, 0, 0, 0, 1, 1, 1, 2])
+    g.run()
+    expect = C.reference_im2col(x[:2][None], (1, 2, 2), (1, 1, 1), (0, 0, 0), (1, 1, 1))
+    np.testing.assert_array_equal(g.read(out).reshape(expect.shape), expect)
