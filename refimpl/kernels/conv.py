@@ -10,7 +10,7 @@ CONV_2D and CONV_3D, whose second half is one matrix product per block of rows (
 sgemm, float32) with the kernel's rows, as ggml-cpu computes them (with an F16 kernel, the
 patches are rounded to F16 first, as ggml-cpu does).  The transposed convolutions multiply
 first (every input position by every kernel tap) and then add the products into place
-(:func:`scatter_add_1d`, :func:`scatter_add_2d`), in ggml-cpu's order.  Depthwise
+(:func:`scatter_taps`), in ggml-cpu's order.  Depthwise
 convolution, pooling and COL2IM_1D are direct loops.  Every kernel checks the coordinates it
 computes against the source's shape before it reads.
 """
@@ -203,10 +203,11 @@ def scatter_rows(res, out, start):
             out[n, oc, od, oh, ow] = res[r, oc]
 
 
-def _conv_runner(geo: Geometry, image5, a: Node, out5):
+def _conv_runner(node: Node, geo: Geometry, image5, a: Node, out5):
     """Patches of ``image5()`` block by block, times the OC rows of the (contiguous) kernel
     ``a``, scattered into ``out5`` (N, OC, OD, OH, OW)."""
     f16 = a.type == GgmlType.F16
+    kernel_values = _image(a, overlaps(node, a))
     total = geo.rows(out5.shape[0])
     oc = out5.shape[1]
     k = a.nelements // max(oc, 1)
@@ -214,7 +215,7 @@ def _conv_runner(geo: Geometry, image5, a: Node, out5):
 
     def run():
         x5 = image5()
-        weights = load_f32(a).reshape(oc, k)
+        weights = kernel_values().reshape(oc, k)
         buf = np.empty((block, k), np.float32)
         for start in range(0, total, block):
             m = min(block, total - start)
@@ -235,7 +236,7 @@ def bind_conv_2d(node: Node):
                    (s0, s1, 1), (p0, p1, 0), (d0, d1, 1))
     image = _image(b, overlaps(node, b))
     out5 = view(node)[:, :, None]
-    return _conv_runner(geo, lambda: image()[:, :, None], a, out5)
+    return _conv_runner(node, geo, lambda: image()[:, :, None], a, out5)
 
 
 @kernel("cpu", Op.CONV_3D)
@@ -250,7 +251,7 @@ def bind_conv_3d(node: Node):
     out = view(node)
     out5 = np.lib.stride_tricks.as_strided(
         out, (n, oc) + out.shape[1:], (out.strides[0] * oc,) + out.strides)
-    return _conv_runner(geo, lambda: as5d(image(), ic), a, out5)
+    return _conv_runner(node, geo, lambda: as5d(image(), ic), a, out5)
 
 
 def reference_conv(x: np.ndarray, w: np.ndarray, s: tuple, p: tuple, d: tuple) -> np.ndarray:
@@ -295,9 +296,10 @@ def bind_conv_2d_dw(node: Node):
     s0, s1, p0, p1, d0, d1 = params(node, 6)
     out = view(node)
     image = _image(b, overlaps(node, b))
+    kernel_values = _image(a, overlaps(node, a))
 
     def run():
-        k = load_f32(a)[:, 0]   # (C, 1, KH, KW) -> (C, KH, KW)
+        k = kernel_values()[:, 0]   # (C, 1, KH, KW) -> (C, KH, KW)
         conv_2d_dw_f32(image(), k, out, s0, s1, p0, p1, d0, d1)
     return run
 
@@ -305,76 +307,66 @@ def bind_conv_2d_dw(node: Node):
 # -- transposed convolutions ------------------------------------------------------------------------
 
 
-@sized_kernel(1, cache=True, nogil=True)
-def scatter_add_1d(v, out, s):
-    """out[oc, l·s + k] += v[oc, k, l] (out zeroed first), l then k, per output channel."""
-    oc_n, k_n, l_n = v.shape
-    for oc in prange(oc_n):
-        row = out[oc]
-        for t in range(row.shape[0]):
-            row[t] = np.float32(0.0)
-        for ll in range(l_n):
-            for k in range(k_n):
-                row[ll * s + k] += v[oc, k, ll]
-
-
-@sized_kernel(1, cache=True, nogil=True)
-def scatter_add_2d(v, out, s):
-    """out[oc, h·s + kh, w·s + kw] += v[oc, kh, kw, h, w] (out zeroed first), in the order h,
-    w, kh, kw, per output channel."""
-    oc_n, kh_n, kw_n, h_n, w_n = v.shape
+@sized_kernel(0, cache=True, nogil=True)
+def scatter_taps(v, out, s, start, w_n):
+    """out[oc, h·s + kh, w·s + kw] += v[oc, kh, kw, j] for the input positions q = start + j
+    (h = q // w_n, w = q % w_n): in the order q, kh, kw, per output channel, as ggml-cpu."""
+    oc_n, kh_n, kw_n, m = v.shape
     for oc in prange(oc_n):
         plane = out[oc]
-        for y in range(plane.shape[0]):
-            for x in range(plane.shape[1]):
-                plane[y, x] = np.float32(0.0)
-        for h in range(h_n):
-            for w in range(w_n):
-                for kh in range(kh_n):
-                    for kw in range(kw_n):
-                        plane[h * s + kh, w * s + kw] += v[oc, kh, kw, h, w]
+        for j in range(m):
+            q = start + j
+            h, w = q // w_n, q % w_n
+            for kh in range(kh_n):
+                for kw in range(kw_n):
+                    plane[h * s + kh, w * s + kw] += v[oc, kh, kw, j]
 
 
-@kernel("cpu", Op.CONV_TRANSPOSE_1D)
-def bind_conv_transpose_1d(node: Node):
-    """CONV_TRANSPOSE_1D: products of every input position with every tap (input rounded to
-    F16 for an F16 kernel), added into place."""
-    a, b = node.src[0], node.src[1]
-    s0 = node.param_i32(0)
-    k_n, oc_n, ic_n = a.ne[0], a.ne[1], a.ne[2]
-    out = view(node)[0, 0]          # (OC, T)
+def _transposed_runner(node: Node, a: Node, b: Node, image4, out4, s: int, taps: tuple):
+    """Transposed convolution: per image of ``image4()`` (N, IC, H, W) and block of input
+    positions, the products with every tap of kernel ``a`` (IC, OC·KH·KW) (input rounded to F16
+    for an F16 kernel), added into ``out4`` (N, OC, OH, OW), zeroed first."""
+    oc_n, kh_n, kw_n = taps
+    ic_n = a.nelements // max(oc_n * kh_n * kw_n, 1)
     f16 = a.type == GgmlType.F16
+    kernel_values = _image(a, overlaps(node, a))
+    block = max(1, PATCH_BLOCK // max(oc_n * kh_n * kw_n, 1))
 
     def run():
-        w = load_f32(a)[0]          # (IC, OC, K)
-        x = load_f32(b)[0, 0]       # (IC, L)
-        xin = round_f16(x) if f16 else np.array(x, np.float32)
-        v = np.matmul(w.reshape(ic_n, oc_n * k_n).T, xin).reshape(oc_n, k_n, -1)
-        scatter_add_1d(v, out, s0)
-    return run
-
-
-@kernel("cpu", Op.CONV_TRANSPOSE_2D)
-def bind_conv_transpose_2d(node: Node):
-    """CONV_TRANSPOSE_2D: per image, products of every input position with every tap (input
-    rounded to F16 for an F16 kernel), added into place."""
-    a, b = node.src[0], node.src[1]
-    s = node.param_i32(0)
-    kw_n, kh_n, oc_n, ic_n = a.ne
-    out = view(node)                # (N, OC, OH, OW)
-    image = _image(b, overlaps(node, b))
-    f16 = a.type == GgmlType.F16
-
-    def run():
-        w = load_f32(a).reshape(ic_n, oc_n * kh_n * kw_n)
-        x = image()                 # (N, IC, H, W)
+        w = kernel_values().reshape(ic_n, oc_n * kh_n * kw_n)
+        x = image4()
+        out4.fill(0)
+        if not w.size:
+            return
         for n in range(x.shape[0]):
             xn = np.ascontiguousarray(x[n]).reshape(ic_n, -1)
             if f16:
                 xn = round_f16(xn)
-            v = np.matmul(w.T, xn).reshape(oc_n, kh_n, kw_n, x.shape[2], x.shape[3])
-            scatter_add_2d(v, out[n], s)
+            for start in range(0, xn.shape[1], block):
+                m = min(block, xn.shape[1] - start)
+                v = np.matmul(w.T, xn[:, start:start + m]).reshape(oc_n, kh_n, kw_n, m)
+                scatter_taps(v, out4[n], s, start, x.shape[3])
     return run
+
+
+@kernel("cpu", Op.CONV_TRANSPOSE_1D)
+def bind_conv_transpose_1d(node: Node):
+    """CONV_TRANSPOSE_1D: kernel (K, OC, IC) as taps (OC, 1, K), input (L, IC) as one image
+    (1, IC, 1, L), dst (T, OC) as (1, OC, 1, T)."""
+    a, b = node.src[0], node.src[1]
+    image = _image(b, overlaps(node, b))
+    out4 = view(node)[0, 0][None, :, None, :]
+    return _transposed_runner(node, a, b, lambda: image()[0, 0][None, :, None, :], out4,
+                              node.param_i32(0), (a.ne[1], 1, a.ne[0]))
+
+
+@kernel("cpu", Op.CONV_TRANSPOSE_2D)
+def bind_conv_transpose_2d(node: Node):
+    """CONV_TRANSPOSE_2D: kernel (KW, KH, OC, IC), images (W, H, IC, N), dst (OW, OH, OC, N)."""
+    a, b = node.src[0], node.src[1]
+    image = _image(b, overlaps(node, b))
+    return _transposed_runner(node, a, b, image, view(node), node.param_i32(0),
+                              (a.ne[2], a.ne[1], a.ne[0]))
 
 
 def reference_conv_transpose(x: np.ndarray, w: np.ndarray, s: int) -> np.ndarray:
