@@ -322,7 +322,7 @@ def scatter_taps(v, out, s, start, w_n):
                     plane[h * s + kh, w * s + kw] += v[oc, kh, kw, j]
 
 
-def _transposed_runner(node: Node, a: Node, b: Node, image4, out4, s: int, taps: tuple):
+def _transposed_runner(node: Node, a: Node, image4, out4, s: int, taps: tuple):
     """Transposed convolution: per image of ``image4()`` (N, IC, H, W) and block of input
     positions, the products with every tap of kernel ``a`` (IC, OC·KH·KW) (input rounded to F16
     for an F16 kernel), added into ``out4`` (N, OC, OH, OW), zeroed first."""
@@ -356,7 +356,7 @@ def bind_conv_transpose_1d(node: Node):
     a, b = node.src[0], node.src[1]
     image = _image(b, overlaps(node, b))
     out4 = view(node)[0, 0][None, :, None, :]
-    return _transposed_runner(node, a, b, lambda: image()[0, 0][None, :, None, :], out4,
+    return _transposed_runner(node, a, lambda: image()[0, 0][None, :, None, :], out4,
                               node.param_i32(0), (a.ne[1], 1, a.ne[0]))
 
 
@@ -365,7 +365,7 @@ def bind_conv_transpose_2d(node: Node):
     """CONV_TRANSPOSE_2D: kernel (KW, KH, OC, IC), images (W, H, IC, N), dst (OW, OH, OC, N)."""
     a, b = node.src[0], node.src[1]
     image = _image(b, overlaps(node, b))
-    return _transposed_runner(node, a, b, image, view(node), node.param_i32(0),
+    return _transposed_runner(node, a, image, view(node), node.param_i32(0),
                               (a.ne[2], a.ne[1], a.ne[0]))
 
 
