@@ -197,7 +197,7 @@ class TestServerFraming:
         with pytest.raises(MalformedMessage):
             c.next_event()
 
-    @settings(max_examples=60, deadline=None)
+    @settings(max_examples=60, deadline=None, derandomize=True)
     @given(st.lists(requests, min_size=1, max_size=6), st.data())
     def test_any_chunking_gives_the_same_requests(self, reqs, data):
         reqs = [r for r in reqs if r.COMMAND is not Command.HELLO]

@@ -208,3 +208,50 @@ def test_e2e_bands_match_contract_code():
     assert re.findall(r"max\((\d+) ×", ppl) == [str(int(c.KLD_MARGIN))]
     assert _number(ppl.split(",")[1]) == c.LOG_PPL_FLOOR
     assert int(re.search(r"(\d+) × its own standard error", ppl).group(1)) == c.LOG_PPL_SIGMAS
+
+
+def _family_rows() -> list[tuple[set[str], str]]:
+    """(op names, linked page) of every row of spec/graph-ops.md's Families table."""
+    text = (SPEC / "graph-ops.md").read_text()
+    table = text.split("## Families", 1)[1]
+    rows = []
+    for line in table.splitlines()[3:]:
+        if not line.startswith("|"):
+            break
+        ops_cell, rules = (c.strip() for c in line.strip().strip("|").split("|")[:2])
+        link = re.search(r"\]\(([^)#]+)", rules)
+        rows.append(({n.strip() for n in ops_cell.split(",")}, link.group(1) if link else ""))
+    return rows
+
+
+def test_every_op_of_the_wire_has_its_rules():
+    """spec/graph-ops.md describes every op a 7.0.0 graph can carry (issue 14): each op of
+    ``enum ggml_op`` is in exactly one row of the Families table, whose page exists, except the
+    four custom ops, which the common rules refuse by name."""
+    from refimpl.graph.ops import Op
+    custom = {"MAP_CUSTOM1", "MAP_CUSTOM2", "MAP_CUSTOM3", "CUSTOM"}
+    listed: list[str] = []
+    for names, page in _family_rows():
+        listed += names
+        if page:
+            assert (SPEC / page).is_file(), f"graph-ops.md links to a missing {page}"
+    assert len(listed) == len(set(listed)), "an op is listed in two families"
+    missing = {op.name for op in Op} - custom - set(listed)
+    assert not missing, f"ops without a row in graph-ops.md: {sorted(missing)}"
+    assert not set(listed) - {op.name for op in Op}, "graph-ops.md lists an op ggml lacks"
+    common = (SPEC / "graph-ops.md").read_text().split("## Families", 1)[0]
+    for name in custom:
+        assert name in common
+
+
+def test_every_implemented_op_is_specified():
+    """Every op the server validates is in the Families table, and every UNARY and GLU sub-op
+    is named in spec/ops/unary.md."""
+    import refimpl.graph  # noqa: F401  (registers the validators)
+    from refimpl.graph.ops import GluOp, Op, UnaryOp
+    from refimpl.graph.registry import validated_ops
+    listed = set().union(*(names for names, _ in _family_rows()))
+    assert {Op(op).name for op in validated_ops()} <= listed
+    unary_page = (SPEC / "ops" / "unary.md").read_text()
+    for sub in [*UnaryOp, *GluOp]:
+        assert re.search(rf"\b{sub.name}\b", unary_page), f"{sub.name} missing from ops/unary.md"

@@ -55,7 +55,7 @@ class GraphBuilder:
 
     def _add(self, *, type_, ne, nb=None, op=Op.NONE, srcs=(), params=None, at=None,
              view_src: RpcTensor | None = None, view_offs: int = 0, name="", node=False,
-             buffer=None, data=None) -> RpcTensor:
+             buffer=None, data=None, flags=0) -> RpcTensor:
         ne = tuple(ne) + (1,) * (4 - len(ne))
         if nb is None:
             nb = contiguous_strides(type_, ne)
@@ -74,7 +74,7 @@ class GraphBuilder:
             op_params.append(int(p))
         t = RpcTensor(
             id=next(self._ids), type=int(type_), ne=ne, nb=nb, op=int(op),
-            op_params=tuple(op_params),
+            op_params=tuple(op_params), flags=int(flags),
             src=tuple(s.id if s is not None else 0 for s in srcs) + (0,) * (10 - len(srcs)),
             view_src=view_src.id if view_src is not None else 0, view_offs=view_offs,
             buffer=self.buf.handle if buffer is None else buffer,
@@ -86,10 +86,11 @@ class GraphBuilder:
         return t
 
     # -- public API ----------------------------------------------------------------------------
-    def input(self, type_, ne, values=None, *, nb=None, name="") -> RpcTensor:
+    def input(self, type_, ne, values=None, *, nb=None, name="", flags=0) -> RpcTensor:
         """A leaf tensor, filled with ``values`` (float array for float types, raw bytes or
-        an integer array otherwise)."""
-        t = self._add(type_=type_, ne=ne, nb=nb, name=name or f"in{len(self.tensors)}")
+        an integer array otherwise); ``flags`` as ggml's tensor flags (4: trainable)."""
+        t = self._add(type_=type_, ne=ne, nb=nb, name=name or f"in{len(self.tensors)}",
+                      flags=flags)
         if values is not None:
             self.write(t, values)
         return t

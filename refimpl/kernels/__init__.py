@@ -6,4 +6,4 @@ are the subpackage :mod:`refimpl.kernels.cuda`, imported only for CUDA devices.
 """
 
 from . import (binary, conv, copy, flash_attn, get_rows, layout, matmul, norm, reduce,  # noqa: F401
-               rope, set_rows, softmax, sort, unary)
+               rope, set_rows, softmax, sort, training, unary)

@@ -1,4 +1,4 @@
-"""ROPE: rotary position embedding (spec/ops/rope.md).
+"""ROPE and ROPE_BACK: rotary position embedding and its gradient (spec/ops/rope.md).
 
 Each row of src0 (one head of one token) is rotated pairwise by angles that depend on the token's
 position (src1, I32) and on the pair's index: ``theta_i = p * base^(-2i/n_dims)``, optionally
@@ -227,8 +227,9 @@ def reference(x: np.ndarray, pos: np.ndarray, n_dims: int, mode: int = MODE_NORM
               freq_base: float = 10000.0, freq_scale: float = 1.0, ext_factor: float = 0.0,
               attn_factor: float = 1.0, beta_fast: float = 32.0, beta_slow: float = 1.0,
               n_ctx_orig: int = 0, freq_factors: np.ndarray | None = None, sections=(0, 0, 0, 0),
-              n_offs: int = 0) -> np.ndarray:
-    """Numpy oracle in float64: ``x`` (ne3, ne2, ne1, ne0) rotated by the positions ``pos``.
+              n_offs: int = 0, backward: bool = False) -> np.ndarray:
+    """Numpy oracle in float64: ``x`` (ne3, ne2, ne1, ne0) rotated by the positions ``pos``
+    (``backward``: by the opposite angles, as ROPE_BACK).
 
     Angles are computed in closed form (``p * base^(-2i/n_dims)``) rather than by repeated
     multiplication; YaRN's correction range uses the same formula as ggml.
@@ -276,7 +277,7 @@ def reference(x: np.ndarray, pos: np.ndarray, n_dims: int, mode: int = MODE_NORM
         extrap = theta_base * float(freq_base) ** (-2.0 * expo / n_dims) / ff
         interp = freq_scale * extrap
         theta = interp * (1 - ramp_mix) + extrap * ramp_mix
-        c, s = np.cos(theta) * mscale, np.sin(theta) * mscale
+        c, s = np.cos(theta) * mscale, np.sin(theta) * mscale * (-1.0 if backward else 1.0)
         row = x[:, i2]
         if vision:
             a, b = np.arange(n // 2), np.arange(n // 2) + n_dims
@@ -292,10 +293,11 @@ def reference(x: np.ndarray, pos: np.ndarray, n_dims: int, mode: int = MODE_NORM
     return out
 
 
-@kernel("cpu", Op.ROPE)
+@kernel("cpu", Op.ROPE, Op.ROPE_BACK)
 def bind_rope(node: Node):
-    """ROPE (ggml_rope_ext, ggml_rope_multi) in normal, NeoX, MRoPE, IMRoPE and vision modes:
-    the CPU runner of a validated node."""
+    """ROPE (ggml_rope_ext, ggml_rope_multi) in normal, NeoX, MRoPE, IMRoPE and vision modes,
+    and ROPE_BACK, which rotates by the opposite angles (ggml negates the sines of the angle
+    table, which is exact): the CPU runner of a validated node."""
     a, pos_t = node.src[0], node.src[1]
     ff_t = node.src[2] if len(node.src) > 2 else None
     p = RopeParams(node)
@@ -303,6 +305,7 @@ def bind_rope(node: Node):
     if node.nelements == 0:
         return lambda: None
     constants = _angle_constants(p, n0)        # bound once: fixed by the op's parameters
+    backward = node.op == Op.ROPE_BACK
     in_place = False
     if node.type == F32 and a.type == F32:
         x, out = view(a), view(node)
@@ -316,6 +319,8 @@ def bind_rope(node: Node):
         if ff_t is not None:
             ff = np.ascontiguousarray(view(ff_t)[0, 0, 0, :], dtype=np.float32)
         cache = _angles(p, pos, ff, n0, n2, constants)
+        if backward:
+            cache[:, 1::2] *= np.float32(-1.0)
         x = load_f32(a)
         if in_place:
             rope_rows(x, view(node), cache, p.n_dims, p.n_offs, p.mode)

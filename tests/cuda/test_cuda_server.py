@@ -253,6 +253,30 @@ def test_an_image_op_is_refused_on_the_gpu_naming_it(gpu_server, op):
     assert f"no cuda kernel for op {op.name}" in gpu_server.log_text()
 
 
+def _training_graph(op):
+    """One node of the training family (spec/ops/training.md), which has no CUDA kernels."""
+    g = GraphBuilder(1 << 16)
+    rng = np.random.default_rng(3)
+    if op == Op.OUT_PROD:
+        a = g.input(T.F32, (8, 4), rng.standard_normal((4, 8)))
+        b = g.input(T.F32, (3, 4), rng.standard_normal((4, 3)))
+        g.node(Op.OUT_PROD, T.F32, (8, 3), [a, b])
+    else:
+        w = g.input(T.F32, (8, 2), rng.standard_normal((2, 8)), flags=4)   # trainable
+        grad = g.input(T.F32, (8, 2), rng.standard_normal((2, 8)))
+        hp = g.input(T.F32, (2,), np.array([0.1, 0.0]))
+        g.node(Op.OPT_STEP_SGD, T.F32, (8, 2), [w, grad, hp], inplace_of=w)
+    return g
+
+
+@pytest.mark.parametrize("op", [Op.OUT_PROD, Op.OPT_STEP_SGD], ids=lambda o: o.name)
+def test_a_training_op_is_refused_on_the_gpu_naming_it(gpu_server, op):
+    """Issue 14: the training and backward ops run on the CPU device only; on the CUDA device
+    a graph with one is refused naming the op, and the server goes on serving."""
+    _refused_on_the_gpu(gpu_server, _training_graph(op))
+    assert f"no cuda kernel for op {op.name}" in gpu_server.log_text()
+
+
 def _set_rows_into_q8_0():
     g = GraphBuilder(1 << 16)
     cache = g.input(T.Q8_0, (64, 8), np.zeros(8 * 68, np.uint8))

@@ -54,6 +54,14 @@ def required(case: str) -> bool:
             size *= int(_param(case, name) or 0)
         return (_param(case, "type_a") in MUL_MAT_ID_WEIGHTS and _param(case, "type_b") == "f32"
                 and size <= 1 << 22)
+    if op == "OUT_PROD":  # what ggml's CPU backend runs: F32 src1, block formats unbroadcast
+        a = _param(case, "type_a")
+        return (a in ALL_WEIGHTS - {"bf16"} and _param(case, "type_b") == "f32"
+                and (a == "f32" or "nr=[1,1]" in case))
+    if op == "GET_ROWS_BACK":
+        return _param(case, "type") in {"f32", "f16"}
+    if op == "SOFT_MAX_BACK":  # ggml's CPU backend has no ALiBi backward
+        return float(_param(case, "max_bias")) == 0.0
     if op == "CPY":
         src, dst = _param(case, "type_src"), _param(case, "type_dst")
         return ((src == dst and src in ALL_WEIGHTS) or (src in FLOAT and dst in FLOAT)
@@ -82,7 +90,8 @@ _IMAGE_SIZES = {"ne_input", "ne_kernel", "ne_a", "ne_tgt", "ne_b_d", "N", "IC", 
 def _features(case: str) -> list[tuple]:
     """What a case exercises: its op with its combination of types and the size class that
     picks a refimpl kernel (rows per product for MUL_MAT; rows per head, split decode, head
-    sizes and grouped heads for FLASH_ATTN_EXT), and each of its options on its own."""
+    sizes and grouped heads for FLASH_ATTN_EXT; broadcast and batches for OUT_PROD), and each
+    of its options on its own."""
     op = case.split("(", 1)[0]
     p = dict(re.findall(r"(\w+)=(\[[^\]]*\]|[^,)]+)", case[len(op):]))
     types = tuple(sorted((k, v) for k, v in p.items() if k.startswith("type")))
@@ -91,6 +100,8 @@ def _features(case: str) -> list[tuple]:
         n = int(p["n"])
         size = (1 if n == 1 else 2 if n < 4 else 4, p["bs"] != "[1,1]" or p["nr"] != "[1,1]",
                 int(p["k"]) % 256 == 0)
+    if op == "OUT_PROD":  # broadcast batches (F32 src0 only) and batched products
+        size = (p["nr"] != "[1,1]", p["bs"] != "[1,1]")
     if op == "FLASH_ATTN_EXT":
         nb = int(p["nb"])
         size = (1 if nb == 1 else 2 if nb < 64 else 64, int(p["kv"]) >= 512,
@@ -130,6 +141,8 @@ OPS = {
     "mul_mat": "MUL_MAT",
     "moe": "SUM_ROWS,CLAMP,FILL,ARGSORT,TOP_K,ADD_ID,MUL_MAT_ID",
     "image": ",".join(sorted(_IMAGE_OPS)),
+    "training": "SILU_BACK,RMS_NORM_BACK,OUT_PROD,GET_ROWS_BACK,SOFT_MAX_BACK,ROPE_BACK,"
+                "CROSS_ENTROPY_LOSS,CROSS_ENTROPY_LOSS_BACK,OPT_STEP_ADAMW,OPT_STEP_SGD",
 }
 
 @pytest.mark.parametrize("group", list(OPS))

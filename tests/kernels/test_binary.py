@@ -24,7 +24,7 @@ def shapes(draw):
     return tuple(s * r for s, r in zip(small, reps)), tuple(small)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(op=st.sampled_from([Op.ADD, Op.SUB, Op.MUL, Op.DIV]), shp=shapes(),
        t0=st.sampled_from([T.F32, T.F16, T.BF16]), t1=st.sampled_from([T.F32, T.F16, T.BF16]),
        seed=st.integers(0, 2**32 - 1))

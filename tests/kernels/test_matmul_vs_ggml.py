@@ -112,7 +112,7 @@ def weights(p: Pair, rng, wtype, k, n, a2, a3, pad_cols, pad_rows):
     return p.view(base, (k, n, a2, a3), base[0].nb, offset)
 
 
-@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=250, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(c=cases())
 def test_within_contract(cpu, c):
     rng = np.random.default_rng(c["seed"])
@@ -134,7 +134,7 @@ def test_within_contract(cpu, c):
     assert_op_within_contract(ours, theirs, "MUL_MAT")
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(head_dim=st.sampled_from([32, 40, 64, 80, 128]), n_kv=st.integers(1, 300),
        room=st.integers(0, 40), n_tokens=st.sampled_from(ROWS), n_head_kv=st.integers(1, 3),
        group=st.sampled_from([1, 2, 4]), k_type=st.sampled_from([T.F16, T.F16, T.F32, T.Q8_0]),

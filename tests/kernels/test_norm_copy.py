@@ -16,7 +16,7 @@ from tools.graphs import GraphBuilder
 dims = st.lists(st.integers(1, 6), min_size=4, max_size=4).map(tuple)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(op=st.sampled_from([Op.RMS_NORM, Op.NORM]), ne=dims, eps=st.sampled_from([0.0, 1e-6, 1e-5]),
        seed=st.integers(0, 2**31))
 def test_norms(op, ne, eps, seed):
@@ -38,7 +38,7 @@ def test_norm_refuses_negative_eps():
         g.compile()
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(t0=st.sampled_from([T.F32, T.F16, T.BF16]), t1=st.sampled_from([T.F32, T.F16, T.BF16]),
        ne=dims, permute=st.booleans(), seed=st.integers(0, 2**31))
 def test_cpy_converts_in_flat_order(t0, t1, ne, permute, seed):

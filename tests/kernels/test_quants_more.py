@@ -64,7 +64,7 @@ def cpu(peer_bin):
 # dequantisation
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(code=st.sampled_from([int(t) for t in TYPES]), nrows=st.integers(1, 5),
        nblocks=st.integers(1, 4), seed=st.integers(0, 2**32 - 1))
 def test_dequantize_matches_oracles(code, nrows, nblocks, seed):
@@ -214,7 +214,7 @@ def ggml_quantize_row(peer_bin, type_, x: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.peer
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30, deadline=None, derandomize=True)
 @given(m=st.integers(1, 6), nb=st.integers(1, 8), scale=st.sampled_from([1e-3, 1.0, 1e3]),
        dist=st.sampled_from(["normal", "uniform", "spiky"]), seed=st.integers(0, 2**32 - 1))
 def test_iq4_nl_quantiser_bit_exact(peer_bin, m, nb, scale, dist, seed):
@@ -249,7 +249,7 @@ SIMPLE = [T.MXFP4, T.NVFP4, T.TQ1_0, T.TQ2_0, T.Q1_0, T.Q2_0]
 
 
 @pytest.mark.peer
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, derandomize=True)
 @given(m=st.integers(1, 3), nb=st.integers(1, 3), scale=st.sampled_from([1e-3, 1.0, 1e3]),
        zeros=st.booleans(), seed=st.integers(0, 2**32 - 1))
 def test_iq4_xs_quantiser_bit_exact(peer_bin, m, nb, scale, zeros, seed):
@@ -267,7 +267,7 @@ def test_iq4_xs_quantiser_bit_exact(peer_bin, m, nb, scale, zeros, seed):
 
 
 @pytest.mark.peer
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(type_=st.sampled_from(SIMPLE), m=st.integers(1, 4), nb=st.integers(1, 3),
        scale=st.sampled_from([1e-3, 1.0, 1e2]), zeros=st.booleans(),
        seed=st.integers(0, 2**32 - 1))

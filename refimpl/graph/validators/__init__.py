@@ -20,6 +20,7 @@ from . import (  # noqa: F401
                set_rows,
                softmax,
                sort,
+               training,
                unary,
                views,
 )

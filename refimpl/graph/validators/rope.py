@@ -42,10 +42,11 @@ class RopeParams:
         return bool(self.mode & MODE_MROPE)
 
 
-@validates(Op.ROPE)
+@validates(Op.ROPE, Op.ROPE_BACK)
 def check_rope(node: Node) -> None:
-    """ROPE (ggml_rope_ext, ggml_rope_multi) in normal, NeoX, MRoPE, IMRoPE and vision modes:
-    raise GraphInvalid unless ggml would accept the node."""
+    """ROPE (ggml_rope_ext, ggml_rope_multi) in normal, NeoX, MRoPE, IMRoPE and vision modes,
+    and ROPE_BACK (ggml_rope_ext_back, ggml_rope_multi_back: the same node rotating the other
+    way): raise GraphInvalid unless ggml would accept the node."""
     a = src(node, 0, "input")
     pos = src(node, 1, "positions")
     no_src_beyond(node, 3)
