@@ -44,6 +44,7 @@ F32, F16, Q4_0, Q8_0, I32, I64 = 0, 1, 2, 8, 26, 27
 REMOVED_TYPES = (4, 5, 31, 32, 33, 36, 37, 38)
 OP_NONE, OP_ADD, OP_MUL_MAT, OP_MUL_MAT_ID, OP_CPY, OP_GET_ROWS, OP_SET_ROWS, OP_CUSTOM = 0, 2, 29, 30, 34, 40, 42, 95
 OP_ADD_ID = 3
+OP_SSM_SCAN, OP_GATED_DELTA_NET = 77, 86
 FLAG_COMPUTE = 16
 MIB = 1 << 20
 
@@ -564,6 +565,52 @@ def _bad_expert_id(ctx, op, ne0, ne1, ne_dst):
 def p_add_id_bad_expert(ctx):
     # 1 token with 1 expert used (src0), biases of 2 experts (src1)
     _bad_expert_id(ctx, OP_ADD_ID, (4, 1, 1, 1), (4, 2, 1, 1), (4, 1, 1, 1))
+
+
+@probe("H17c", "GATED_DELTA_NET whose K (op_params[0]) exceeds the snapshots dst holds",
+       ISSUE + "25704", "spec/ops/recurrent.md", "corrupt",
+       "the kernel writes K state snapshots from dst's state area on, whatever dst's size: "
+       "7 states land past dst, over the neighbouring canary")
+def p_gated_delta_net_k(ctx):
+    # S_v 4, one head, 8 tokens, one sequence: dst (4, 8 + 1·4) holds one state (K = 1), the
+    # node asks for K = 64; a canary follows dst in the same buffer
+    s_v, n_t = 4, 8
+    w, h, base = _buffer(ctx, 2048)
+    tok = (s_v, 1, n_t, 1)
+    srcs = [T(id=1, buffer=h, data=base, ne=tok), T(id=2, buffer=h, data=base + 128, ne=tok),
+            T(id=3, buffer=h, data=base + 256, ne=tok),
+            T(id=4, buffer=h, data=base + 384, ne=(1, 1, n_t, 1)),
+            T(id=5, buffer=h, data=base + 416, ne=(1, 1, n_t, 1)),
+            T(id=6, buffer=h, data=base + 448, ne=(s_v, s_v, 1, 1))]
+    w.set_tensor(T(buffer=h, data=base, ne=(128,)), f32(*([0.25] * 128)))
+    dst = T(id=7, buffer=h, data=base + 512, ne=(s_v, n_t + s_v), op=OP_GATED_DELTA_NET,
+            op_params=(64,), src=(1, 2, 3, 4, 5, 6), flags=FLAG_COMPUTE)
+    c = Canary(h, base + 512 + 192, canary_bytes(512, 17))
+    w.set_tensor(c.tensor(), c.data)
+    w.graph_compute([7], srcs + [dst])
+    if ctx.expect_closed_or_answer(w, "GATED_DELTA_NET with K = 64"):
+        ctx.check_intact(w, c, "GATED_DELTA_NET with K = 64")
+
+
+@probe("H17d", "SSM_SCAN with a sequence id out of range (index data selecting a state)",
+       ISSUE + "25765", "spec/graph-ops.md#common-rules", "crash",
+       "the id scales src0's ne[3] stride unchecked: a read 16 GiB away, SIGSEGV")
+def p_ssm_scan_bad_id(ctx):
+    # Mamba-1 shapes: d_state 4, one channel, one token, one sequence whose id is 0x3FFFFFFF
+    w, h, base = _buffer(ctx, 256)
+    srcs = [T(id=1, buffer=h, data=base, ne=(4, 1, 1, 1)),          # s
+            T(id=2, buffer=h, data=base + 16, ne=(1, 1, 1, 1)),     # x
+            T(id=3, buffer=h, data=base + 20, ne=(1, 1, 1)),        # dt
+            T(id=4, buffer=h, data=base + 32, ne=(4, 1)),           # A
+            T(id=5, buffer=h, data=base + 48, ne=(4, 1, 1, 1)),     # B
+            T(id=6, buffer=h, data=base + 64, ne=(4, 1, 1, 1)),     # C
+            T(id=7, type=I32, buffer=h, data=base + 80, ne=(1,))]   # ids
+    w.set_tensor(T(buffer=h, data=base, ne=(20,)), f32(*([0.5] * 20)))
+    w.set_tensor(T(type=I32, buffer=h, data=base + 80, ne=(1,)), struct.pack("<i", 0x3FFFFFFF))
+    dst = T(id=8, buffer=h, data=base + 96, ne=(1 + 4,), op=OP_SSM_SCAN, op_params=(1,),
+            src=(1, 2, 3, 4, 5, 6, 7), flags=FLAG_COMPUTE)
+    w.graph_compute([8], srcs + [dst])
+    ctx.expect_closed_or_answer(w, "SSM_SCAN with sequence id 0x3FFFFFFF")
 
 
 @probe("H18", "graph whose source chain is 200 000 tensors deep",

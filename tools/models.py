@@ -45,6 +45,9 @@ ARCH_FEATURES = {
     # sliding-window attention on even layers (the loader's default pattern of 2)
     "gpt-oss": frozenset({"qkv_bias", "out_bias", "attn_sinks", "post_attention_ffn_norm",
                           "moe", "moe_bias"}),
+    # Mamba (v1): no attention and no FFN; each block is a selective state-space mixer
+    # (ssm_in, a causal conv1d, ssm_x, ssm_dt, A, D, ssm_out) of d_inner = 2·n_embd channels
+    "mamba": frozenset({"ssm"}),
 }
 
 
@@ -79,6 +82,10 @@ class ModelSpec:
     #: chosen experts' logits)
     n_expert: int = 0
     n_expert_used: int = 0
+    #: mamba: state size per channel and convolution width (d_inner is 2·n_embd, the time-step
+    #: rank ceil(n_embd / 16), as the loader and Mamba's conversions have them)
+    d_state: int = 16
+    d_conv: int = 4
 
     @property
     def head_dim(self) -> int:
@@ -130,14 +137,23 @@ def write_gguf(path: Path, spec: ModelSpec) -> Path:
     w.add_context_length(spec.n_ctx_train)
     w.add_embedding_length(spec.n_embd)
     w.add_block_count(spec.n_layer)
-    w.add_feed_forward_length(spec.n_ff)
-    w.add_head_count(spec.n_head)
-    w.add_head_count_kv(spec.n_head_kv)
+    ssm = "ssm" in features
+    w.add_feed_forward_length(0 if ssm else spec.n_ff)
+    w.add_head_count(0 if ssm else spec.n_head)
+    if ssm:
+        w.add_head_count_kv(0)
+        w.add_ssm_conv_kernel(spec.d_conv)
+        w.add_ssm_inner_size(2 * spec.n_embd)
+        w.add_ssm_state_size(spec.d_state)
+        w.add_ssm_time_step_rank(-(-spec.n_embd // 16))
+    else:
+        w.add_head_count_kv(spec.n_head_kv)
     if spec.key_length:
         w.add_key_length(spec.key_length)
         w.add_value_length(spec.key_length)
-    w.add_rope_dimension_count(spec.head_dim)
-    w.add_rope_freq_base(spec.rope_theta)
+    if not ssm:
+        w.add_rope_dimension_count(spec.head_dim)
+        w.add_rope_freq_base(spec.rope_theta)
     if spec.sliding_window:
         w.add_sliding_window(spec.sliding_window)
         if spec.swa_pattern:
@@ -179,6 +195,9 @@ def write_gguf(path: Path, spec: ModelSpec) -> Path:
     for i in range(spec.n_layer):
         blk = f"blk.{i}"
         w.add_tensor(f"{blk}.attn_norm.weight", norm(e))
+        if ssm:
+            _ssm_block(w, blk, spec, rng, mat, bias)
+            continue
         if "fused_qkv" in features:
             w.add_tensor(f"{blk}.attn_qkv.weight", mat(q + 2 * kv, e))
         else:
@@ -226,6 +245,22 @@ def write_gguf(path: Path, spec: ModelSpec) -> Path:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def _ssm_block(w, blk: str, spec: ModelSpec, rng, mat, bias) -> None:
+    """Mamba's mixer tensors of one block (shapes as numpy, the reverse of ggml's ``ne``)."""
+    e, d_inner, d_state = spec.n_embd, 2 * spec.n_embd, spec.d_state
+    dt_rank = -(-e // 16)
+    w.add_tensor(f"{blk}.ssm_in.weight", mat(2 * d_inner, e))
+    w.add_tensor(f"{blk}.ssm_conv1d.weight", mat(d_inner, spec.d_conv))
+    w.add_tensor(f"{blk}.ssm_conv1d.bias", bias(d_inner))
+    w.add_tensor(f"{blk}.ssm_x.weight", mat(dt_rank + 2 * d_state, d_inner))
+    w.add_tensor(f"{blk}.ssm_dt.weight", mat(d_inner, dt_rank))
+    w.add_tensor(f"{blk}.ssm_dt.bias", bias(d_inner))
+    # A = -exp(A_log) with Mamba's initialisation A_log = log(1 .. d_state)
+    w.add_tensor(f"{blk}.ssm_a", -np.tile(np.arange(1, d_state + 1, dtype=np.float32), (d_inner, 1)))
+    w.add_tensor(f"{blk}.ssm_d", (1.0 + 0.1 * rng.standard_normal(d_inner)).astype(np.float32))
+    w.add_tensor(f"{blk}.ssm_out.weight", mat(e, d_inner))
 
 
 def quantize(src: Path, dst: Path, kind: str, peer_bin: Path) -> Path:

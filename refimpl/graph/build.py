@@ -220,7 +220,9 @@ def _check_node_references(node: Node) -> None:
     if node.op in FUNCTION_POINTER_OPS:
         raise GraphInvalid(f"node '{node.name}' is {op_name(node.op)}, an op that carries a "
                            f"function pointer of the client; such ops are never run")
-    if node.buffer is None:
+    # a view without bytes here (graph-ops.md, Views) is checked by the view validator
+    if node.buffer is None and not (node.op in VIEW_OPS and node.op != Op.NONE
+                                    and node.view_src_id):
         raise GraphInvalid(f"node {node.describe()} has no buffer to hold its result")
     if node.op not in VIEW_OPS:
         # A computed node's elements occupy distinct bytes of its buffer: ggml never writes a

@@ -86,6 +86,10 @@ def bind_node(node: Node, device_kind: str) -> Runner | None:
     validator(node)
     if node.op in VIEW_OPS:
         return None
+    for i, s in enumerate(node.src):   # what a kernel reads lies in this server's memory
+        if s is not None and s.buffer is None:
+            raise GraphInvalid(f"node {node.describe()}: src[{i}] '{s.name}' has no buffer on "
+                               f"this server")
     binder = _KERNELS.get((node.op, device_kind))
     runner = binder(node) if binder is not None else None
     if runner is None:

@@ -107,15 +107,17 @@ def reference(rows: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return out
 
 
-def checked_indices(node: Node, idx_node: Node, limit: int) -> np.ndarray:
-    """A private copy of the indices (A3, A2, n), every one verified to lie in [0, limit)."""
+def checked_indices(node: Node, idx_node: Node, limit: int, what: str = "row index",
+                    of: str = "src0's {} rows") -> np.ndarray:
+    """A private copy of the indices (A3, A2, n), every one verified to lie in [0, limit)
+    (``what`` and ``of`` name them in the refusal)."""
     idx = np.array(view(idx_node)[0], dtype=np.int32, copy=True)
     if idx.size:
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= limit:
             bad = lo if lo < 0 else hi
-            raise GraphInvalid(f"node {node.describe()}: row index {bad} is outside src0's "
-                               f"{limit} rows")
+            raise GraphInvalid(f"node {node.describe()}: {what} {bad} is outside "
+                               f"{of.format(limit)}")
     return idx
 
 

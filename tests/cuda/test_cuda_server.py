@@ -301,3 +301,22 @@ def test_a_quantised_cache_runs_on_the_cpu_and_is_refused_by_the_gpu(gpu_server,
     device 1 with a message naming the op, runs on device 0, and the server goes on."""
     _refused_on_the_gpu(gpu_server, build())
     assert any(op in line and "no cuda kernel" in line for line in gpu_server.log_text().splitlines())
+
+
+def _recurrent_graph():
+    """SSM_CONV then SOLVE_TRI (spec/ops/recurrent.md), which have CPU kernels only."""
+    g = GraphBuilder(1 << 16)
+    rng = np.random.default_rng(4)
+    sx = g.input(T.F32, (5, 4, 1), rng.standard_normal((1, 4, 5)))
+    c = g.input(T.F32, (4, 4), rng.standard_normal((4, 4)))
+    conv = g.node(Op.SSM_CONV, T.F32, (4, 2, 1), [sx, c])
+    a = g.input(T.F32, (2, 2), np.array([[1.0, 0.0], [0.5, 2.0]]))
+    g.node(Op.SOLVE_TRI, T.F32, (4, 2), [a, conv])
+    return g
+
+
+def test_the_recurrent_family_runs_on_the_cpu_and_is_refused_by_the_gpu(gpu_server):
+    """The recurrent and linear-attention ops have no CUDA kernels: such a graph runs on
+    device 0, is refused on device 1 naming the op, and the server goes on."""
+    _refused_on_the_gpu(gpu_server, _recurrent_graph())
+    assert "no cuda kernel for op SSM_CONV" in gpu_server.log_text()

@@ -86,6 +86,18 @@ _IMAGE_SIZES = {"ne_input", "ne_kernel", "ne_a", "ne_tgt", "ne_b_d", "N", "IC", 
                 "OC", "KD", "KH", "KW", "K", "T_in", "scale_factor", "k0", "k1", "kernel_offset",
                 "pad_0", "pad_1", "lp0", "rp0", "lp1", "rp1", "lp2", "rp2", "lp3", "rp3"}
 
+#: The recurrent family's ops: the parameters that choose a different path of its kernels (the
+#: rest only size a case).  Size classes: SSM_SCAN's head_dim 1 (Mamba-1's per-state decay) or
+#: more, SSM_CONV's d_conv; LIGHTNING_INDEXER's keys count as F32, F16/BF16 or a block type
+#: (one conversion path each; every weight type's rows are tested by GET_ROWS).
+_RECURRENT_OPTIONS = {
+    "SSM_CONV": (), "SSM_SCAN": ("xbc_overlap", "K", "weak_decay"),
+    "RWKV_WKV6": ("n_seqs",), "GATED_LINEAR_ATTN": ("n_seqs",), "RWKV_WKV7": ("n_seqs",),
+    "GATED_DELTA_NET": ("v_repeat", "permuted", "kda", "K"), "SOLVE_TRI": (),
+    "LIGHTNING_INDEXER": ("ns", "nm"), "DSV4_HC_COMB": ("n_iter",), "DSV4_HC_PRE": ("gated",),
+    "DSV4_HC_POST": ("identity", "gated"),
+}
+
 
 def _features(case: str) -> list[tuple]:
     """What a case exercises: its op with its combination of types and the size class that
@@ -106,6 +118,14 @@ def _features(case: str) -> list[tuple]:
         nb = int(p["nb"])
         size = (1 if nb == 1 else 2 if nb < 64 else 64, int(p["kv"]) >= 512,
                 p["hsk"] != p["hsv"], int(p["hsk"]) % 16 == 0, p["nr23"] != "[1,1]")
+    if op in _RECURRENT_OPTIONS:
+        size = ((p.get("head_dim") == "1",) if op == "SSM_SCAN" else
+                (p["ne_b"].strip("[]").split(",")[0],) if op == "SSM_CONV" else ())
+        if op == "LIGHTNING_INDEXER":
+            k = p["type_K"]
+            types = (("type_K", k if k in ("f32", "f16", "bf16") else "block"),)
+        return [(op, types, size)] + [(op, k, v) for k, v in p.items()
+                                      if k in _RECURRENT_OPTIONS[op]]
     sizes = _SIZES | _IMAGE_SIZES if op in _IMAGE_OPS else _SIZES
     if op in _IMAGE_OPS:   # the input's type names the combination (kernel type or dst type)
         types = tuple(sorted((k, v) for k, v in p.items() if k.startswith(("type", "kernel_type",
@@ -143,6 +163,10 @@ OPS = {
     "image": ",".join(sorted(_IMAGE_OPS)),
     "training": "SILU_BACK,RMS_NORM_BACK,OUT_PROD,GET_ROWS_BACK,SOFT_MAX_BACK,ROPE_BACK,"
                 "CROSS_ENTROPY_LOSS,CROSS_ENTROPY_LOSS_BACK,OPT_STEP_ADAMW,OPT_STEP_SGD",
+    # RWKV_WKV7's and GATED_DELTA_NET's cases L2-normalise their inputs in the graph (L2_NORM,
+    # spec/ops/elementwise.md); DSV4_HC_POST's gated cases pass post through SCALE and SIGMOID
+    "recurrent": "SSM_CONV,SSM_SCAN,RWKV_WKV6,GATED_LINEAR_ATTN,RWKV_WKV7,GATED_DELTA_NET,"
+                 "SOLVE_TRI,LIGHTNING_INDEXER,DSV4_HC_COMB,DSV4_HC_PRE,DSV4_HC_POST",
 }
 
 @pytest.mark.parametrize("group", list(OPS))

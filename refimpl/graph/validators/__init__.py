@@ -15,6 +15,7 @@ from . import (  # noqa: F401
                layout,
                matmul,
                norm,
+               recurrent,
                reduce,
                rope,
                set_rows,

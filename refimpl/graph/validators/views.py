@@ -23,6 +23,11 @@ def check_view_ops(node: Node) -> None:
         fail(node, "a view op without view_src")
     if node.src[0] is None:
         fail(node, "a view op without src[0]")
+    if node.buffer is None and base.buffer is None:
+        # a view of bytes this server does not hold (ggml's scheduler leaves views of another
+        # backend's tensors unallocated): it describes nothing, and no computing node may read
+        # it (bind_node refuses sources without a buffer)
+        return
     if base.buffer is not node.buffer or node.offset != base.offset + node.view_offs:
         fail(node, f"does not lie at view_src '{base.name}' + {node.view_offs} in the same buffer")
     if node.type != node.src[0].type:
