@@ -112,7 +112,8 @@ def test_roll():
 
 @pytest.mark.parametrize("flags", [
     SCALE_NEAREST, SCALE_BILINEAR, SCALE_BICUBIC, SCALE_BILINEAR | SCALE_ANTIALIAS,
-    SCALE_BILINEAR | SCALE_ALIGN_CORNERS, SCALE_BICUBIC | SCALE_ALIGN_CORNERS])
+    SCALE_NEAREST | SCALE_ALIGN_CORNERS, SCALE_BILINEAR | SCALE_ALIGN_CORNERS,
+    SCALE_BICUBIC | SCALE_ALIGN_CORNERS])
 @pytest.mark.parametrize("ne_out", [(11, 7, 3, 2), (3, 2, 2, 1)])
 def test_upscale(flags, ne_out):
     g = GraphBuilder(1 << 20)
