@@ -45,6 +45,7 @@ REMOVED_TYPES = (4, 5, 31, 32, 33, 36, 37, 38)
 OP_NONE, OP_ADD, OP_MUL_MAT, OP_MUL_MAT_ID, OP_CPY, OP_GET_ROWS, OP_SET_ROWS, OP_CUSTOM = 0, 2, 29, 30, 34, 40, 42, 95
 OP_ADD_ID = 3
 OP_SSM_SCAN, OP_GATED_DELTA_NET = 77, 86
+OP_SET = 33
 FLAG_COMPUTE = 16
 MIB = 1 << 20
 
@@ -565,6 +566,30 @@ def _bad_expert_id(ctx, op, ne0, ne1, ne_dst):
 def p_add_id_bad_expert(ctx):
     # 1 token with 1 expert used (src0), biases of 2 experts (src1)
     _bad_expert_id(ctx, OP_ADD_ID, (4, 1, 1, 1), (4, 2, 1, 1), (4, 1, 1, 1))
+
+
+@probe("H17b", "SET whose op_params view (nb1, offset) writes before dst (negative offset)",
+       ISSUE + "25764", "spec/ops/elementwise.md#acc-and-set", "corrupt",
+       "offset -d and nb1 +d pass the kernel's unsigned bound check: row 0 lands d bytes "
+       "before dst, in the neighbouring buffer")
+def p_set_negative_offset(ctx):
+    w = ctx.connect()
+    (lo, lbase), (hi, hbase) = _two_buffers(w)
+    c = Canary(lo, lbase, canary_bytes(64, 11))
+    w.set_tensor(c.tensor(), c.data)
+    delta = hbase - lbase
+    if not 0 < delta < 2**31:
+        raise Unobservable(f"the two buffers are {delta:#x} bytes apart, beyond an int32 offset")
+    src0 = T(id=40, buffer=hi, data=hbase + 16, ne=(4,))
+    src1 = T(id=41, buffer=hi, data=hbase + 32, ne=(4, 2))
+    # the view: src1's 2 rows at dst + offset + i1*nb1 = dst - delta (the canary) and dst
+    params = struct.unpack("<5i", struct.pack("<iiiii", delta, delta, delta, -delta, 1))
+    dst = T(id=42, buffer=hi, data=hbase, ne=(4,), op=OP_SET, op_params=params, src=(40, 41),
+            flags=FLAG_COMPUTE)
+    w.set_tensor(T(buffer=hi, data=hbase + 32, ne=(8,)), f32(1, 2, 3, 4, 5, 6, 7, 8))
+    w.graph_compute([42], [src0, src1, dst])
+    if ctx.expect_closed_or_answer(w, "SET graph"):
+        ctx.check_intact(w, c, "SET with a negative offset")
 
 
 @probe("H17c", "GATED_DELTA_NET whose K (op_params[0]) exceeds the snapshots dst holds",

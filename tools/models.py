@@ -29,7 +29,7 @@ import numpy as np
 #: ``llama-quantize`` type names for the formats the tests use.
 QUANT_NAMES = {"q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1": "Q5_1",
                "q4_k": "Q4_K_S", "q6_k": "Q6_K", "bf16": "BF16", "f16": "F16",
-               "iq4_xs": "IQ4_XS",
+               "iq4_xs": "IQ4_XS", "iq3_s": "IQ3_S",  # IQ3_S needs no importance matrix
                "mxfp4_moe": "MXFP4_MOE"}  # experts MXFP4, the other matrices Q8_0
 
 #: architecture -> what its blocks add to (or change in) llama's

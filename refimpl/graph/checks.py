@@ -68,6 +68,17 @@ def block_rows(t: Node, node: Node, what: str) -> None:
         elementwise_strides(t, node, what)
 
 
+def only_source(node: Node, types) -> Node:
+    """src0 of a node that has no other source, with dst and src0 of ``types`` and their
+    strides element-aligned (:func:`elementwise_strides`)."""
+    a = src(node, 0)
+    no_src_beyond(node, 1)
+    for t, what in ((node, "dst"), (a, "src0")):
+        type_in(t, types, node, what)
+        elementwise_strides(t, node, what)
+    return a
+
+
 def same_shape(a: Node, b: Node, node: Node, what: str) -> None:
     """``a`` and ``b`` have equal ``ne``."""
     if a.ne != b.ne:

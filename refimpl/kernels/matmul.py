@@ -27,7 +27,11 @@ computes them is decided once, when the node is bound (:func:`choose_kernel`):
   TQ1_0, TQ2_0, Q1_0, Q2_0) with few activation rows: each weight row dequantised once
   (exact) and dotted in float32 with the exact values of the Q8_0 / Q8_K activations
   (:func:`.quants_more.mm_dequant`); from BLAS_MIN_ROWS rows on they take ``BLAS`` like
-  Q5_0 (decoded tiles, sgemm).
+  Q5_0 (decoded tiles, sgemm);
+* ``GRID``: the codebook formats of refimpl.kernels.quants_grid (IQ1_S, IQ1_M, IQ2_XXS,
+  IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S), whatever the number of activation rows (ggml has no other
+  kernel for them): ggml's arithmetic, an exact integer sum per super-block scaled by
+  ``d_w·d_a`` (:func:`.quants_grid.mm_grid`).
 
 No result depends on the thread count (each output is computed by one thread, whole).
 """
@@ -46,7 +50,7 @@ from ..graph.validators.matmul import WEIGHT_TYPES
 from . import matmul_fast as fast
 from .cpu_tensors import bf16_to_f32, f16_to_f32, load_f32, round_to, rows_u8, view
 from .numeric import fma32, hsum8_f32
-from . import quants_more
+from . import quants_grid, quants_more
 from .set_rows import check_indices
 from .quants import (BF16, F16, F16_TABLE, F32, K_QUANT_TYPES, MORE_WEIGHT_TYPES, Q2_K, Q4_0,
                      Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, Q8_1, Q8_K, VEC_DOT_TYPE,
@@ -57,7 +61,7 @@ from .simd import HAS_F16C
 #: Types accepted as weights (src0).
 
 #: The kernels (see :func:`choose_kernel`).
-BLAS, PACKED, UNPACKED, DEQUANT = "blas", "packed", "unpacked", "dequant"
+BLAS, PACKED, UNPACKED, DEQUANT, GRID = "blas", "packed", "unpacked", "dequant", "grid"
 
 #: Quantised weights meet this many activation rows per batch or more through BLAS.
 BLAS_MIN_ROWS = 4
@@ -304,6 +308,8 @@ def choose_kernel(wtype: int, rows: int) -> str:
     weights take the packed kernel only on a CPU that converts half precision itself)."""
     if wtype == F16 and rows < BLAS_MIN_ROWS and HAS_F16C:
         return PACKED
+    if wtype in quants_grid.GRID_TYPES:
+        return GRID
     if wtype in (F32, F16, BF16) or rows >= BLAS_MIN_ROWS:
         return BLAS
     if wtype in MORE_WEIGHT_TYPES:
@@ -455,7 +461,9 @@ def _compute(a: Node, float_acts, quant_acts, kernel: str, out: np.ndarray) -> N
     acts = quant_acts()
     if _needs_sign_trick(a.type, acts.qs):
         kernel = UNPACKED
-    if kernel == DEQUANT:
+    if kernel == GRID:
+        quants_grid.matmul(a.type, rows_u8(a), acts.qs, acts.d, out)
+    elif kernel == DEQUANT:
         quants_more.matmul_few_rows(a.type, rows_u8(a),
                                     acts.dequantized().reshape(*out.shape[:3], -1), out)
     elif kernel == BLAS and a.type in fast.FAST_QUANT_TYPES:

@@ -1,4 +1,4 @@
-"""RMS_NORM and NORM over rows (spec/ops/norm.md).
+"""RMS_NORM and NORM over rows (spec/ops/norm.md); L2_NORM and GROUP_NORM (spec/ops/elementwise.md).
 
 Bit-exact with ggml's CPU backend.  RMS_NORM sums the float32 squares in float64, in order;
 NORM sums the row in float64 for its mean, and the squared deviations eight at a time in
@@ -15,6 +15,7 @@ import numpy as np
 from numba import prange
 
 from ..graph.build import Node
+from ..graph.checks import overlaps
 from ..graph.ops import Op
 from ..graph.registry import kernel
 from .cpu_tensors import view
@@ -23,8 +24,11 @@ from .parallel import sized_kernel
 
 
 @sized_kernel(0, cache=True, nogil=True)
-def rms_norm_f32(x, out, eps):
-    """out[row] = x[row] / sqrt(mean(x[row]**2) + eps) for every row of 4-D float32 arrays."""
+def rms_norm_f32(x, out, eps, l2):
+    """out[row] = x[row] / sqrt(mean(x[row]**2) + eps) for every row of 4-D float32 arrays;
+    with ``l2`` (L2_NORM) out[row] = x[row] / max(‖x[row]‖, eps) instead.  Both sum the
+    float32 squares in float64 and multiply each element by a float32 scale: RMS_NORM's from
+    the mean rounded to float32, L2_NORM's from ``sqrtf`` of the sum rounded to float32."""
     n3, n2, n1, n0 = x.shape
     for r in prange(n3 * n2 * n1):
         i3, i2, i1 = r // (n2 * n1), (r // n1) % n2, r % n1
@@ -32,8 +36,12 @@ def rms_norm_f32(x, out, eps):
         for i0 in range(n0):
             v = x[i3, i2, i1, i0]
             s += np.float64(v * v)
-        mean = np.float32(s / n0)
-        scale = np.float32(1.0) / np.float32(math.sqrt(np.float32(mean + eps)))
+        if l2:
+            norm = np.float32(math.sqrt(np.float32(s)))
+            scale = np.float32(1.0) / (norm if norm >= eps else eps)
+        else:
+            mean = np.float32(s / n0)
+            scale = np.float32(1.0) / np.float32(math.sqrt(np.float32(mean + eps)))
         for i0 in range(n0):
             out[i3, i2, i1, i0] = x[i3, i2, i1, i0] * scale
 
@@ -89,5 +97,84 @@ def bind_norm_ops(node: Node):
     CPU runner of a validated node."""
     a = node.src[0]
     eps = np.float32(node.param_f32(0))
-    kernel = rms_norm_f32 if node.op == Op.RMS_NORM else norm_f32
-    return lambda: kernel(view(a), view(node), eps)
+    if node.op == Op.RMS_NORM:
+        return lambda: rms_norm_f32(view(a), view(node), eps, False)
+    return lambda: norm_f32(view(a), view(node), eps)
+
+
+def reference_l2_norm(x: np.ndarray, eps: float) -> np.ndarray:
+    """Numpy oracle (float64)."""
+    x = np.asarray(x, np.float64)
+    return x / np.maximum(np.sqrt(np.sum(x * x, axis=-1, keepdims=True)), eps)
+
+
+@sized_kernel(0, cache=True, nogil=True)
+def group_norm_f32(x, out, groups, eps):
+    """GROUP_NORM over 4-D float32 arrays (ne3, channels, ne1, ne0): the channels split into
+    ``groups`` runs of ceil(channels / groups); each run of each i3 normalised by its mean
+    and variance as ggml-cpu computes them: row sums in float64 added in float64, the mean
+    and variance rounded to float32, deviations and their float32 squares, then times
+    ``1 / sqrtf(variance + eps)`` in float32."""
+    n3, nc, n1, n0 = x.shape
+    per = (nc + groups - 1) // groups
+    used = (nc + per - 1) // per if per > 0 else 0     # groups past the channels are empty
+    for w in prange(used * n3):
+        g, i3 = w // n3, w % n3
+        start = g * per
+        end = min(start + per, nc)
+        count = n0 * n1 * (end - start)
+        s = 0.0
+        for c in range(start, end):
+            for i1 in range(n1):
+                s += sum_f64(x[i3, c, i1])
+        mean = np.float32(s / count)
+        s2 = 0.0
+        for c in range(start, end):
+            for i1 in range(n1):
+                r = 0.0
+                for i0 in range(n0):
+                    v = x[i3, c, i1, i0] - mean
+                    out[i3, c, i1, i0] = v
+                    r += np.float64(v * v)
+                s2 += r
+        var = np.float32(s2 / count)
+        scale = np.float32(1.0) / np.float32(math.sqrt(var + eps))
+        for c in range(start, end):
+            for i1 in range(n1):
+                for i0 in range(n0):
+                    out[i3, c, i1, i0] *= scale
+
+
+def reference_group_norm(x: np.ndarray, groups: int, eps: float) -> np.ndarray:
+    """Numpy oracle (float64), x of shape (ne3, channels, ne1, ne0)."""
+    x = np.asarray(x, np.float64)
+    out = np.empty_like(x)
+    per = -(-x.shape[1] // groups)
+    for s in range(0, x.shape[1], per):
+        part = x[:, s:s + per]
+        d = part - part.mean(axis=(1, 2, 3), keepdims=True)
+        out[:, s:s + per] = d / np.sqrt(np.mean(d * d, axis=(1, 2, 3), keepdims=True) + eps)
+    return out
+
+
+@kernel("cpu", Op.L2_NORM, Op.GROUP_NORM)
+def bind_l2_group_norm(node: Node):
+    """L2_NORM (eps in op_params[0]) and GROUP_NORM (groups, eps in op_params[0], [1]): the
+    CPU runner of a validated node (through a scratch copy where dst shares bytes with
+    src0 elsewhere than in place)."""
+    a = node.src[0]
+    av, out = view(a), view(node)
+    if node.op == Op.L2_NORM:
+        eps = np.float32(node.param_f32(0))
+        compute = lambda o: rms_norm_f32(av, o, eps, True)   # noqa: E731
+    else:
+        groups, eps = node.param_i32(0), np.float32(node.param_f32(1))
+        compute = lambda o: group_norm_f32(av, o, groups, eps)   # noqa: E731
+    if not overlaps(node, a) or (a.offset == node.offset and a.nb == node.nb):
+        return lambda: compute(out)
+
+    def run():
+        tmp = np.empty(out.shape, np.float32)
+        compute(tmp)
+        out[...] = tmp
+    return run

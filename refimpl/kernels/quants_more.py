@@ -21,6 +21,10 @@ Q2_0     64     18     d:f16, qs[16] (four 2-bit codes a byte, value j at bits 2
                        value ``d·(q − 1)``
 =======  =====  =====  ====================================================================
 
+:func:`dequantize_rows` and :func:`mm_dequant` take the codebook formats of
+refimpl.kernels.quants_grid too (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, all
+with Q8_K activations), whose rows :func:`.quants_grid.dequantize_row_grid` decodes.
+
 ``NL`` is the 16-entry non-linear table of the IQ4 formats (:data:`KVALUES_IQ4NL`), ``FP4``
 the e2m1 values doubled (:data:`KVALUES_FP4`); both are part of the format definitions.
 
@@ -44,18 +48,21 @@ from numba import njit, prange
 
 from ..protocol.ggml_types import GgmlType
 from .parallel import sized_kernel
+from . import quants_grid
 from .quants import F16_TABLE, _f16_at
+from .quants_grid import GRID_TYPES, GRIDS, KSIGNS, dequantize_row_grid
 
 IQ4_NL, IQ4_XS = int(GgmlType.IQ4_NL), int(GgmlType.IQ4_XS)
 MXFP4, NVFP4 = int(GgmlType.MXFP4), int(GgmlType.NVFP4)
 TQ1_0, TQ2_0 = int(GgmlType.TQ1_0), int(GgmlType.TQ2_0)
 Q1_0, Q2_0 = int(GgmlType.Q1_0), int(GgmlType.Q2_0)
 
-#: (values per block, bytes per block) of every format of this module.
+#: (values per block, bytes per block) of every format of this module, and of the codebook
+#: formats of refimpl.kernels.quants_grid (IQ1, IQ2, IQ3), which it dequantises too.
 BLOCK = {IQ4_NL: (32, 18), IQ4_XS: (256, 136), MXFP4: (32, 17), NVFP4: (64, 36),
-         TQ1_0: (256, 54), TQ2_0: (256, 66), Q1_0: (128, 18), Q2_0: (64, 18)}
+         TQ1_0: (256, 54), TQ2_0: (256, 66), Q1_0: (128, 18), Q2_0: (64, 18)} | quants_grid.BLOCK
 
-#: The formats of this module.
+#: The formats this module dequantises.
 MORE_TYPES = frozenset(BLOCK)
 
 #: IQ4_NL / IQ4_XS code -> value (the non-linear 4-bit grid, ggml-common.h ``kvalues_iq4nl``).
@@ -115,10 +122,12 @@ def _base3_digit(byte, n):
 
 
 @njit(cache=True, nogil=True)
-def dequantize_row_more(code, row, out, table, nl, fp4, e8m0, ue4m3):
-    """Dequantise one packed row (uint8) of a format of this module into ``out`` (float32).
-    ``table`` is :data:`~.quants.F16_TABLE`; ``nl``, ``fp4``, ``e8m0`` and ``ue4m3`` are
-    :data:`KVALUES_IQ4NL`, :data:`KVALUES_FP4`, :data:`E8M0_HALF` and :data:`UE4M3_HALF`."""
+def dequantize_row_more(code, row, out, table, nl, fp4, e8m0, ue4m3, grids, ksigns):
+    """Dequantise one packed row (uint8) of a format of this module (or of
+    refimpl.kernels.quants_grid) into ``out`` (float32).  ``table`` is
+    :data:`~.quants.F16_TABLE`; ``nl``, ``fp4``, ``e8m0``, ``ue4m3``, ``grids`` and
+    ``ksigns`` are :data:`KVALUES_IQ4NL`, :data:`KVALUES_FP4`, :data:`E8M0_HALF`,
+    :data:`UE4M3_HALF`, :data:`.quants_grid.GRIDS` and :data:`.quants_grid.KSIGNS`."""
     n = out.shape[0]
     if code == IQ4_NL:
         for b in range(n // 32):
@@ -184,13 +193,15 @@ def dequantize_row_more(code, row, out, table, nl, fp4, e8m0, ue4m3):
             for j in range(64):
                 q = (np.int32(row[o + 2 + j // 4]) >> (2 * (j % 4))) & 3
                 out[64 * b + j] = np.float32(q - 1) * d
+    else:                                       # IQ1, IQ2, IQ3 (codebooks)
+        dequantize_row_grid(code, row, out, table, grids, ksigns)
 
 
 @sized_kernel(2, cache=True, nogil=True)
-def _dequantize_rows_2d(code, rows, out, table, nl, fp4, e8m0, ue4m3):
+def _dequantize_rows_2d(code, rows, out, table, nl, fp4, e8m0, ue4m3, grids, ksigns):
     """Dequantise every row of ``rows`` (uint8 (n, row_bytes)) into ``out`` (n, ne0)."""
     for r in prange(rows.shape[0]):
-        dequantize_row_more(code, rows[r], out[r], table, nl, fp4, e8m0, ue4m3)
+        dequantize_row_more(code, rows[r], out[r], table, nl, fp4, e8m0, ue4m3, grids, ksigns)
 
 
 def dequantize_rows(code: int, rows: np.ndarray, ne0: int) -> np.ndarray:
@@ -201,7 +212,7 @@ def dequantize_rows(code: int, rows: np.ndarray, ne0: int) -> np.ndarray:
     out = np.empty((flat.shape[0], ne0), np.float32)
     if flat.shape[0] and ne0:
         _dequantize_rows_2d(code, flat, out, F16_TABLE, KVALUES_IQ4NL, KVALUES_FP4,
-                            E8M0_HALF, UE4M3_HALF)
+                            E8M0_HALF, UE4M3_HALF, GRIDS, KSIGNS)
     return out.reshape(*lead, ne0)
 
 
@@ -210,7 +221,7 @@ def dequantize_rows(code: int, rows: np.ndarray, ne0: int) -> np.ndarray:
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def mm_dequant(code, w, x, out, table, nl, fp4, e8m0, ue4m3):
+def mm_dequant(code, w, x, out, table, nl, fp4, e8m0, ue4m3, grids, ksigns):
     """Weights ``w`` (uint8 rows (A3, A2, N, row_bytes)) of a format of this module times
     activations ``x`` (float32 (B3, B2, T, K), the exact values of their Q8 quantisation)
     into ``out`` float32 (B3, B2, T, N).  Parallel over weight rows: each is decoded once
@@ -223,7 +234,8 @@ def mm_dequant(code, w, x, out, table, nl, fp4, e8m0, ue4m3):
         i03, rest = job // (a2 * n), job % (a2 * n)
         i02, r = rest // n, rest % n
         vals = np.empty(k, np.float32)
-        dequantize_row_more(code, w[i03, i02, r], vals, table, nl, fp4, e8m0, ue4m3)
+        dequantize_row_more(code, w[i03, i02, r], vals, table, nl, fp4, e8m0, ue4m3, grids,
+                            ksigns)
         for i13 in range(i03 * r3, i03 * r3 + r3):
             for i12 in range(i02 * r2, i02 * r2 + r2):
                 for t in range(nt):
@@ -237,7 +249,7 @@ def mm_dequant(code, w, x, out, table, nl, fp4, e8m0, ue4m3):
 def matmul_few_rows(code: int, w: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
     """:func:`mm_dequant` with this module's tables (``x`` C-contiguous float32)."""
     mm_dequant(code, w, np.ascontiguousarray(x, np.float32), out, F16_TABLE, KVALUES_IQ4NL,
-               KVALUES_FP4, E8M0_HALF, UE4M3_HALF)
+               KVALUES_FP4, E8M0_HALF, UE4M3_HALF, GRIDS, KSIGNS)
 
 
 # ------------------------------------------------------------------------------------------
@@ -591,6 +603,8 @@ def _ref_nibbles(qs: np.ndarray) -> np.ndarray:
 
 def reference_dequantize(code: int, rows: np.ndarray, ne0: int) -> np.ndarray:
     """Numpy oracle of :func:`dequantize_rows` for uint8 rows (m, row_bytes)."""
+    if code in GRID_TYPES:
+        return quants_grid.reference_dequantize(code, rows, ne0)
     bs, size = BLOCK[code]
     m = rows.shape[0]
     blk = np.ascontiguousarray(rows).reshape(m, ne0 // bs, size)

@@ -22,9 +22,12 @@ from ..graph.checks import (F32, overlaps)
 from ..graph.ops import GluOp, Op, UnaryOp
 from ..graph.registry import kernel
 from ..protocol.ggml_types import GgmlType
-from .cpu_tensors import load_f32, store_f32, view
+from ..graph.validators.types import QUANTIZE_TYPES
+from .cpu_tensors import load_f32, rows_u8, store_f32, view
 from .numeric import fma32, round_f16, vsilu_f32
 from .parallel import sized_kernel
+from .quantize import quantize_into
+from .quants import dequantize_rows
 
 _SQRT_2_OVER_PI = 0.79788456080286535587989211986876
 _GELU_COEF_A = 0.044715
@@ -107,7 +110,30 @@ def activation(code, x, table, p0, p1, p2, p3):
         return np.ceil(x)
     if code == 20:   # ROUND: half away from zero, like C's roundf
         return math.copysign(math.floor(abs(x) + np.float32(0.5)), x)
-    return np.trunc(x)    # 21 TRUNC
+    if code == 21:   # TRUNC
+        return np.trunc(x)
+    # the ops of their own that share this pattern (MATH_CODES), p0 the op's scalar
+    if code == 22:   # SQR
+        return x * x
+    if code == 23:   # SQRT (NaN below zero)
+        return math.sqrt(x) if x >= zero else np.float32(np.nan)
+    if code == 24:   # LOG (-inf at zero, NaN below)
+        if x > zero:
+            return math.log(x)
+        return -np.float32(np.inf) if x == zero else np.float32(np.nan)
+    if code == 25:   # SIN
+        return math.sin(x)
+    if code == 26:   # COS
+        return math.cos(x)
+    if code == 27:   # LEAKY_RELU: the positive part plus p0 times the negative part
+        return (x if x > zero else zero) + p0 * (x if x < zero else zero)
+    return x + p0    # 28 ADD1: p0 is src1's one value
+
+
+#: ``activation`` codes of the ops that are not UNARY sub-ops but compute one value from one
+#: (spec/ops/elementwise.md): the same kernel, past the end of ``UnaryOp``.
+MATH_CODES = {Op.SQR: 22, Op.SQRT: 23, Op.LOG: 24, Op.SIN: 25, Op.COS: 26, Op.LEAKY_RELU: 27,
+              Op.ADD1: 28}
 
 
 @sized_kernel(0, cache=True, nogil=True)
@@ -267,20 +293,59 @@ def _run_into(node: Node, compute, *inputs) -> None:
 
 
 
+def _bind_map(node: Node, code: int, params=(0.0, 0.0, 0.0, 0.0), scalar: Node | None = None):
+    """A runner computing ``activation(code)`` of every element of src0 into dst (any of the
+    float types ggml pairs, converted at the edges); with ``scalar``, p0 is that one-element
+    tensor's value, read at each run (ADD1)."""
+    a = node.src[0]
+    table = _uses_table(node.type) if a.type == node.type else 0
+    simd = node.type == GgmlType.F32 and a.type == node.type
+    ps = [np.float32(p) for p in params]
+
+    def run():
+        av = load_f32(a)
+        if scalar is not None:
+            ps[0] = load_f32(scalar).reshape(-1)[0]
+        _run_into(node, lambda out: unary_f32(av, out, code, table, simd, *ps), av)
+    return run
+
+
 @kernel("cpu", Op.UNARY)
 def bind_unary_ops(node: Node):
     """UNARY: op_params[0] selects the function (``UnaryOp``): the CPU runner of a validated
     node."""
-    a = node.src[0]
     code = node.param_i32(0)
-    table = _uses_table(node.type)
     ps = [node.param_f32(i) for i in (1, 2, 3, 4)] if code == UnaryOp.XIELU else [0.0] * 4
+    return _bind_map(node, code, ps)
+
+
+@kernel("cpu", *MATH_CODES)
+def bind_math_ops(node: Node):
+    """SQR, SQRT, LOG, SIN, COS, LEAKY_RELU (slope in op_params[0]) and ADD1 (src1's one
+    value added): the CPU runner of a validated node, through ``unary_f32``."""
+    if node.op == Op.ADD1 and node.type in QUANTIZE_TYPES:
+        return _bind_add1_quantized(node)
+    code = MATH_CODES[Op(node.op)]
+    slope = node.param_f32(0) if node.op == Op.LEAKY_RELU else 0.0
+    scalar = node.src[1] if node.op == Op.ADD1 else None
+    return _bind_map(node, code, (slope, 0.0, 0.0, 0.0), scalar)
+
+
+def _bind_add1_quantized(node: Node):
+    """ADD1 on a block-format src0, as ggml-cpu computes it: each row dequantised, the value
+    added in float32, and the row quantised into dst (``from_float``, :func:`.quantize.
+    quantize_into`)."""
+    a, b = node.src[0], node.src[1]
+    k = node.ne[0]
+    src_rows, dst_rows = rows_u8(a), rows_u8(node)
+    width = dst_rows.shape[-1]
 
     def run():
-        av = load_f32(a)
-        simd = node.type == GgmlType.F32
-        _run_into(node, lambda out: unary_f32(av, out, code, table, simd,
-                                              *[np.float32(p) for p in ps]), av)
+        v = load_f32(b).reshape(-1)[0]
+        x = dequantize_rows(a.type, src_rows, k).reshape(-1, k) + v
+        out = np.empty((x.shape[0], width), np.uint8)
+        quantize_into(node.type, np.ascontiguousarray(x, np.float32), out)
+        dst_rows[...] = out.reshape(dst_rows.shape)
     return run
 
 

@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from refimpl.client import RpcClient, ServerClosedConnection
-from refimpl.graph import GluOp, Op
+from refimpl.graph import GluOp, Op, UnaryOp
 from refimpl.kernels.rope import MODE_NEOX
 from refimpl.protocol import GgmlType as T
 from tools.graphs import GraphBuilder
@@ -251,6 +251,33 @@ def test_an_image_op_is_refused_on_the_gpu_naming_it(gpu_server, op):
         assert np.all(rows[:, 1:7] == 1.0) and np.all(rows[:, 0].sum(-1) == 12.0)
     _refused_on_the_gpu(gpu_server, g)
     assert f"no cuda kernel for op {op.name}" in gpu_server.log_text()
+
+
+def _elementwise_graph():
+    """SQR, CUMSUM and ACC (spec/ops/elementwise.md), which have CPU kernels only."""
+    g = GraphBuilder(1 << 16)
+    x = g.input(T.F32, (8, 2), np.random.default_rng(2).standard_normal((2, 8)))
+    sq = g.node(Op.SQR, T.F32, (8, 2), [x])
+    cs = g.node(Op.CUMSUM, T.F32, (8, 2), [sq])
+    g.node(Op.ACC, T.F32, (8, 2), [x, cs], [32, 64, 64, 0, 0])
+    return g
+
+
+def _unary_f16_into_f32():
+    """UNARY widening F16 into F32 (the CUDA kernel takes one type throughout)."""
+    g = GraphBuilder(1 << 16)
+    h = g.input(T.F16, (8, 2), np.ones((2, 8)))
+    g.node(Op.UNARY, T.F32, (8, 2), [h], [int(UnaryOp.TANH)])
+    return g
+
+
+@pytest.mark.parametrize("build,op", [(_elementwise_graph, "SQR"), (_unary_f16_into_f32, "UNARY")])
+def test_the_elementwise_family_runs_on_the_cpu_and_is_refused_by_the_gpu(gpu_server, build, op):
+    """The elementwise and reduction ops (spec/ops/elementwise.md) have no CUDA kernels: such
+    a graph runs on device 0, is refused on device 1 naming the op, and the server goes on."""
+    _refused_on_the_gpu(gpu_server, build())
+    assert any(f"{op} '" in line and "no cuda kernel" in line
+               for line in gpu_server.log_text().splitlines())
 
 
 def _training_graph(op):

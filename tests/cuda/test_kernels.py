@@ -255,19 +255,22 @@ def test_mul_mat_q8_k_activations_are_refused_on_cuda(cuda_device):
         g.compile()
 
 
+@pytest.mark.parametrize("wtype", [T.IQ4_NL, T.IQ3_S], ids=lambda t: t.name)
 @pytest.mark.parametrize("op", [Op.MUL_MAT, Op.GET_ROWS, Op.CPY])
-def test_new_weight_types_are_refused_on_cuda(cuda_device, op):
-    """IQ4_NL (and the other formats of refimpl.kernels.quants_more) run on the CPU only: a
-    CUDA node with them is refused at compile time, naming the op."""
+def test_new_weight_types_are_refused_on_cuda(cuda_device, op, wtype):
+    """IQ4_NL (and the other formats of refimpl.kernels.quants_more), IQ3_S (and the other
+    codebook formats of refimpl.kernels.quants_grid) run on the CPU only: a CUDA node with
+    them is refused at compile time, naming the op."""
     g = CudaGraphBuilder(cuda_device)
-    w = g.input(T.IQ4_NL, (32, 2), np.zeros((2, 18), np.uint8))
+    k = 32 if wtype == T.IQ4_NL else 256
+    w = g.input(wtype, (k, 2), np.zeros((2, 18 if wtype == T.IQ4_NL else 110), np.uint8))
     if op == Op.MUL_MAT:
-        g.node(op, T.F32, (2, 1), [w, g.input(T.F32, (32, 1))])
+        g.node(op, T.F32, (2, 1), [w, g.input(T.F32, (k, 1))])
     elif op == Op.GET_ROWS:
-        g.node(op, T.F32, (32, 1), [w, g.input(T.I32, (1,), np.zeros(1, np.int32))])
+        g.node(op, T.F32, (k, 1), [w, g.input(T.I32, (1,), np.zeros(1, np.int32))])
     else:
-        b = g.input(T.F32, (32, 2))
-        g.node(op, T.F32, (32, 2), [w, b], inplace_of=b)
+        b = g.input(T.F32, (k, 2))
+        g.node(op, T.F32, (k, 2), [w, b], inplace_of=b)
     with pytest.raises(GraphInvalid, match="no cuda kernel"):
         g.compile()
 

@@ -7,7 +7,9 @@ GELU-gated FFN, tied output, sliding-window attention on every other layer with 
 base) are written with the gguf package (tools.models) and converted to F16 with the peer's
 ``llama-quantize``.  Each runs as tests/e2e/test_llama_models.py's batched step does, with flash
 attention off and on, with a Q8_0 KV cache (``-ctk q8_0 -ctv q8_0 -fa on``), and with IQ4_XS
-weights (a llama of n_embd 256 too; rows of 128 fall back to IQ4_NL): refimpl's KLD
+weights (a llama of n_embd 256 too; rows of 128 fall back to IQ4_NL); phi3 (every row 256
+wide) also with IQ3_S weights, the codebook format llama-quantize makes without an importance
+matrix (its token embedding IQ3_S too, read by GET_ROWS; the output Q6_K): refimpl's KLD
 from the host's native CPU run must lie within the contract's bands around llama.cpp's
 portable, no-repack and sse42 runs (spec/numerics.md).
 """
@@ -45,7 +47,7 @@ ARCH_MODELS = {
 #: (weights, -ctk/-ctv or None for the default F16 cache, flash attention); IQ4_XS weights (rows
 #: of 128 fall back to llama-quantize's IQ4_NL) once per architecture, llama's included
 CACHES = [("f16", None, False), ("f16", None, True), ("f16", "q8_0", True), ("iq4_xs", None, True)]
-CASES = [(arch, *c) for arch in ARCH_MODELS for c in CACHES]
+CASES = [(arch, *c) for arch in ARCH_MODELS for c in CACHES] + [("phi3", "iq3_s", None, True)]
 
 #: (arch, weights, cache, fa) -> why refimpl is known to miss the contract there (strict xfail:
 #: the case fails the run once it passes, so the entry must then go)
@@ -69,7 +71,7 @@ def arch_models(tmp_path_factory, peer_bin) -> dict:
     out = {}
     for arch, spec in ARCH_MODELS.items():
         f32 = write_gguf(root / f"{arch}-f32.gguf", spec)
-        for weights in ("f16", "iq4_xs"):
+        for weights in ("f16", "iq4_xs") + (("iq3_s",) if arch == "phi3" else ()):
             out[arch, weights] = quantize(f32, root / f"{arch}-{weights}.gguf", weights, peer_bin)
     return out
 

@@ -28,7 +28,10 @@ FLOAT = {"f32", "f16", "bf16"}
 KV_QUANT = {"q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"}
 #: the formats of refimpl.kernels.quants_more (issue 13 item 3)
 NEW_WEIGHTS = {"iq4_nl", "iq4_xs", "mxfp4", "nvfp4", "tq1_0", "tq2_0", "q1_0", "q2_0"}
-ALL_WEIGHTS = WEIGHTS | NEW_WEIGHTS
+#: the codebook formats of refimpl.kernels.quants_grid (read only: ggml's CPU backend cannot
+#: quantise into them, so CPY and SET_ROWS into them are not supported there either)
+GRID_WEIGHTS = {"iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s"}
+ALL_WEIGHTS = WEIGHTS | NEW_WEIGHTS | GRID_WEIGHTS
 MUL_MAT_ID_WEIGHTS = ALL_WEIGHTS | {"q2_K", "q3_K", "q5_K"}
 
 
@@ -170,6 +173,13 @@ OPS = {
     "image": ",".join(sorted(_IMAGE_OPS)),
     "training": "SILU_BACK,RMS_NORM_BACK,OUT_PROD,GET_ROWS_BACK,SOFT_MAX_BACK,ROPE_BACK,"
                 "CROSS_ENTROPY_LOSS,CROSS_ENTROPY_LOSS_BACK,OPT_STEP_ADAMW,OPT_STEP_SGD",
+    # issue 14, elementwise and reductions: the ops of spec/ops/elementwise.md and, through
+    # the same UNARY/GLU kernels as the "elementwise" group, the sub-ops with code of their own
+    # (XIELU's parameters, GELU_QUICK's table, SOFTPLUS's cut-off, ROUND, SWIGLU_OAI's clamps,
+    # GEGLU_QUICK); every sub-op passes in docs/backend-ops.md and tests/kernels/test_unary.py
+    "math_reduce": "SQR,SQRT,LOG,SIN,COS,LEAKY_RELU,ACC,SET,TRI,DIAG,DIAG_MASK_INF,ARANGE,"
+                   "TIMESTEP_EMBEDDING,SUM,MEAN,CUMSUM,ARGMAX,COUNT_EQUAL,L2_NORM,GROUP_NORM,"
+                   "XIELU,GELU_QUICK,SOFTPLUS,ROUND,SWIGLU_OAI,GEGLU_QUICK",
     # RWKV_WKV7's and GATED_DELTA_NET's cases L2-normalise their inputs in the graph (L2_NORM,
     # spec/ops/elementwise.md); DSV4_HC_POST's gated cases pass post through SCALE and SIGMOID
     "recurrent": "SSM_CONV,SSM_SCAN,RWKV_WKV6,GATED_LINEAR_ATTN,RWKV_WKV7,GATED_DELTA_NET,"

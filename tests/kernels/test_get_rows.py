@@ -126,7 +126,7 @@ def test_large_row_index():
 
 
 @pytest.mark.parametrize("case", ["dst f16", "dst f32 from i32", "idx i64", "idx f32",
-                                  "batch mismatch", "idx ne3", "dst shape", "src iq2_xxs",
+                                  "batch mismatch", "idx ne3", "dst shape", "src q8_k",
                                   "src q8_1", "src unpacked", "src2", "missing idx"])
 def test_invalid_nodes_are_refused(case):
     g = GraphBuilder(1 << 20)
@@ -148,8 +148,8 @@ def test_invalid_nodes_are_refused(case):
         ids_ne, ne = (3, 2, 1, 2), (32, 3, 2, 1)
     elif case == "dst shape":
         ne = (32, 4, 2)
-    elif case == "src iq2_xxs":
-        src_t, src_ne, ne = T.IQ2_XXS, (256, 5, 2), (256, 3, 2)
+    elif case == "src q8_k":
+        src_t, src_ne, ne = T.Q8_K, (256, 5, 2), (256, 3, 2)
     elif case == "src q8_1":
         src_t = T.Q8_1
     elif case == "src2":

@@ -1,6 +1,7 @@
 """The weight formats of refimpl.kernels.quants_more (IQ4_NL, IQ4_XS, MXFP4, NVFP4, TQ1_0,
-TQ2_0, Q1_0, Q2_0): dequantisation against the numpy oracle and the gguf package (bit for
-bit); GET_ROWS and CPY to F32 against ggml's CPU backend (bit for bit); MUL_MAT against it
+TQ2_0, Q1_0, Q2_0) and the codebook formats of refimpl.kernels.quants_grid (IQ1_S, IQ1_M,
+IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S): dequantisation against the numpy oracles and the gguf
+package (bit for bit); GET_ROWS and CPY to F32 against ggml's CPU backend (bit for bit); MUL_MAT against it
 within the numerics contract for every kernel (T below and above BLAS_MIN_ROWS, broadcast
 batches, pre-quantised activations); the IQ4_NL quantiser against ggml's
 ``quantize_row_iq4_nl_ref`` (bit for bit) and its numpy oracle."""
@@ -16,8 +17,9 @@ from gguf.quants import dequantize as gguf_dequantize
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refimpl.graph import Op
+from refimpl.graph import GraphInvalid, Op
 from refimpl.kernels import quants as Q
+from refimpl.kernels import quants_grid as G
 from refimpl.kernels import quants_more as M
 from refimpl.protocol import GgmlType as T
 from tools.contract import assert_op_within_contract
@@ -25,11 +27,14 @@ from tools.graphs import GraphBuilder
 
 from .test_quants import pack_activations
 
-TYPES = [T.IQ4_NL, T.IQ4_XS, T.MXFP4, T.NVFP4, T.TQ1_0, T.TQ2_0, T.Q1_0, T.Q2_0]
+GRID = [T.IQ1_S, T.IQ1_M, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S]
+TYPES = [T.IQ4_NL, T.IQ4_XS, T.MXFP4, T.NVFP4, T.TQ1_0, T.TQ2_0, T.Q1_0, T.Q2_0] + GRID
 GGUF = {M.IQ4_NL: QT.IQ4_NL, M.IQ4_XS: QT.IQ4_XS, M.MXFP4: QT.MXFP4, M.NVFP4: QT.NVFP4,
-        M.TQ1_0: QT.TQ1_0, M.TQ2_0: QT.TQ2_0}
-#: Byte offset of the f16 scale in a block, for the formats that have one.
-F16_SCALE = {M.IQ4_NL: 0, M.IQ4_XS: 0, M.TQ1_0: 52, M.TQ2_0: 64, M.Q1_0: 0, M.Q2_0: 0}
+        M.TQ1_0: QT.TQ1_0, M.TQ2_0: QT.TQ2_0} | {int(t): QT[t.name] for t in GRID}
+#: Byte offset of the f16 scale in a block, for the formats that have one (IQ1_M spreads
+#: its over the top nibbles of its four 16-bit scale words).
+F16_SCALE = {M.IQ4_NL: 0, M.IQ4_XS: 0, M.TQ1_0: 52, M.TQ2_0: 64, M.Q1_0: 0,
+             M.Q2_0: 0} | {int(t): 0 for t in GRID if t != T.IQ1_M}
 
 
 def random_rows(rng, code: int, nrows: int, k: int, scale: float = 0.05) -> np.ndarray:
@@ -43,6 +48,10 @@ def random_rows(rng, code: int, nrows: int, k: int, scale: float = 0.05) -> np.n
                                                        if code == M.IQ4_NL else 1)
         o = F16_SCALE[code]
         raw[:, :, o:o + 2] = d.astype(np.float16).view(np.uint8).reshape(nrows, nb, 2)
+    elif code == G.IQ1_M:                                        # d's nibbles over 4 words
+        d = rng.uniform(-scale, scale, (nrows, nb)).astype(np.float16).view(np.uint16)
+        for i in range(4):
+            raw[:, :, 49 + 2 * i] = (raw[:, :, 49 + 2 * i] & 0x0F) | (((d >> (4 * i)) & 15) << 4)
     elif code == M.MXFP4:
         raw[:, :, 0] = rng.integers(118, 126, (nrows, nb))       # 2^-10 .. 2^-3
     else:                                                        # NVFP4: UE4M3 exponents 1..6
@@ -82,6 +91,22 @@ def test_dequantize_matches_oracles(code, nrows, nblocks, seed):
 def test_tables():
     assert M.E8M0_HALF[127] == 0.5 and M.E8M0_HALF[128] == 1.0 and M.E8M0_HALF[0] == 2.0**-128
     assert M.UE4M3_HALF[0x38] == 0.5 and M.UE4M3_HALF[0x7F] == 0 and M.UE4M3_HALF[1] == 2.0**-10
+
+
+def test_codebooks_as_gguf_decodes_them():
+    """The grids refimpl builds from gguf's hexadecimal text equal gguf's own decoding, and
+    every sign byte is its 7-bit index with an even number of set bits."""
+    import gguf.quants as gq
+    for code, cls, width in ((G.IQ2_XXS, gq.IQ2_XXS, 8), (G.IQ2_XS, gq.IQ2_XS, 8),
+                             (G.IQ2_S, gq.IQ2_S, 8), (G.IQ3_XXS, gq.IQ3_XXS, 4),
+                             (G.IQ3_S, gq.IQ3_S, 4), (G.IQ1_S, gq.IQ1_S, 8)):
+        cls.init_grid()
+        want = np.asarray(cls.grid, np.float32).reshape(cls.grid_shape)
+        at = G.GRID_AT[code]
+        np.testing.assert_array_equal(G.GRIDS[at:at + want.size].reshape(-1, width), want)
+    k = np.arange(128)
+    assert (G.KSIGNS & 127 == k).all()
+    assert all(bin(int(s)).count("1") % 2 == 0 for s in G.KSIGNS)
 
 
 # ------------------------------------------------------------------------------------------
@@ -178,7 +203,7 @@ def test_mul_mat_matches_numpy_reference():
     """Both kernels against refimpl.kernels.matmul.reference on the exact values."""
     from refimpl.kernels.matmul import reference
     rng = np.random.default_rng(3)
-    for code in (M.IQ4_NL, M.IQ4_XS, M.MXFP4, M.TQ1_0):
+    for code in (M.IQ4_NL, M.IQ4_XS, M.MXFP4, M.TQ1_0, G.IQ2_S, G.IQ1_M):
         k, n = 256, 6
         raw = random_rows(rng, code, 2 * n, k)
         wv = M.reference_dequantize(code, raw, k).reshape(2, 1, n, k)
@@ -192,6 +217,62 @@ def test_mul_mat_matches_numpy_reference():
             g.run()
             want = reference(wv, acts.dequantized().reshape(2, 3, nt, k))
             np.testing.assert_allclose(g.read(out), want, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=20, deadline=None)
+@given(code=st.sampled_from([int(t) for t in GRID]), nt=st.integers(1, 6),
+       nblocks=st.integers(1, 3), seed=st.integers(0, 2**32 - 1))
+def test_grid_mul_mat_sums_as_ggml(code, nt, nblocks, seed):
+    """The codebook formats' product (every activation row count) against the numpy oracle
+    of ggml's arithmetic, bit for bit: an exact sum per super-block times d_w·d_a."""
+    rng = np.random.default_rng(seed)
+    k, n = 256 * nblocks, 5
+    raw = random_rows(rng, code, n, k)
+    x = rng.standard_normal((nt, k)).astype(np.float32)
+    acts = Q.quantize_activations(x, Q.Q8_K)
+    g = GraphBuilder(4 << 20)
+    out = g.node(Op.MUL_MAT, T.F32, (n, nt), [g.input(T(code), (k, n), raw),
+                                              g.input(T.F32, (k, nt), x)])
+    g.run()
+    want = G.reference_matmul(code, raw, acts.qs, acts.d)
+    np.testing.assert_array_equal(bits(g.read(out).reshape(nt, n)), bits(want))
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("type_", GRID, ids=lambda t: t.name)
+def test_grid_mul_mat_close_to_ggml(cpu, type_):
+    """ggml's x86 dot products of these formats differ from the oracle's sums only in how
+    float32 lanes gather the per-block terms: an NMSE far below the contract's (a float32
+    dot product of the dequantised values, as for IQ4_XS, lands near 1e-13)."""
+    rng = np.random.default_rng(int(type_))
+    k, n = 1024, 16
+    raw = random_rows(rng, int(type_), n, k)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    g = GraphBuilder(4 << 20)
+    out = g.node(Op.MUL_MAT, T.F32, (n, 3), [g.input(type_, (k, n), raw),
+                                             g.input(T.F32, (k, 3), x)])
+    g.run()
+    with cpu.context() as ctx:
+        theirs = ctx.compute(ctx.call("ggml_mul_mat", ctx.tensor(type_, (k, n), raw),
+                                      ctx.tensor(T.F32, (k, 3), x)), 1)
+    ours = g.read(out).astype(np.float64)
+    assert ((ours - theirs) ** 2).sum() / (theirs.astype(np.float64) ** 2).sum() < 1e-13
+
+
+@pytest.mark.parametrize("op", [Op.CPY, Op.SET_ROWS])
+def test_quantising_into_codebook_formats_is_refused(op):
+    """ggml's CPU backend has no quantiser for the IQ1/IQ2/IQ3 formats: CPY and SET_ROWS into
+    them are refused at validation (reading them is not)."""
+    g = GraphBuilder(1 << 20)
+    x = g.input(T.F32, (256, 2))
+    dst = g.input(T.IQ3_S, (256, 2))
+    if op == Op.CPY:
+        g.node(op, T.IQ3_S, (256, 2), [x, dst], inplace_of=dst)
+    else:
+        idx = g.input(T.I32, (2,), np.arange(2, dtype=np.int32))
+        g.node(op, T.IQ3_S, (256, 2), [x, idx, dst], inplace_of=dst)
+    with pytest.raises(GraphInvalid):
+        g.compile()
 
 
 # ------------------------------------------------------------------------------------------

@@ -186,7 +186,7 @@ def test_optimiser_step_refusals(case, why):
 
 #: each malformed node, and the rule its refusal names
 REFUSALS = {"silu types": "share one type", "rms shape": "differ", "out_prod k": "ne[1]=3",
-            "out_prod f16 bcast": "does not broadcast", "out_prod iq2": "type iq2_xxs",
+            "out_prod f16 bcast": "does not broadcast", "out_prod q8_k": "type q8_K",
             "out_prod dst": "dst must be contiguous", "out_prod b f16": "src1 has type f16",
             "grb rows": "names 4 rows", "grb dst": "dst must be contiguous",
             "grb bf16": "type bf16", "smb bias": "max_bias", "smb strided": "contiguous",
@@ -202,8 +202,8 @@ def test_invalid_nodes_are_refused(case):
     elif case == "rms shape":
         g.node(Op.RMS_NORM_BACK, T.F32, (8, 4, 2, 1), [f, g.input(T.F32, (8, 4, 1, 1))], [1e-6])
     elif case.startswith("out_prod"):
-        a_ty = {"out_prod f16 bcast": T.F16, "out_prod iq2": T.IQ2_XXS}.get(case, T.F32)
-        m = 256 if a_ty == T.IQ2_XXS else 8
+        a_ty = {"out_prod f16 bcast": T.F16, "out_prod q8_k": T.Q8_K}.get(case, T.F32)
+        m = 256 if a_ty == T.Q8_K else 8
         a = g.input(a_ty, (m, 3 if case == "out_prod k" else 4, 1, 1))
         b = g.input(T.F16 if case == "out_prod b f16" else T.F32, (5, 4, 2, 1))
         nb = (4, 4 * m, 4 * m * 5 * 2, 4 * m * 5 * 2) if case == "out_prod dst" else None

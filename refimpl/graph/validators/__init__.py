@@ -10,6 +10,7 @@ from . import (  # noqa: F401
                binary,
                conv,
                copy,
+               elementwise,
                flash_attn,
                get_rows,
                layout,

@@ -25,7 +25,8 @@ SRC_TYPES = frozenset({F32, F16, BF16, I32}) | QUANT_WEIGHT_TYPES
 @validates(Op.GET_ROWS)
 def check_get_rows(node: Node) -> None:
     """GET_ROWS from F32, F16, BF16, I32 and Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K,
-    Q5_K, Q6_K, IQ4_NL, IQ4_XS, MXFP4, NVFP4, TQ1_0, TQ2_0, Q1_0 and Q2_0 rows: raise
+    Q5_K, Q6_K, IQ4_NL, IQ4_XS, MXFP4, NVFP4, TQ1_0, TQ2_0, Q1_0, Q2_0, IQ1_S, IQ1_M, IQ2_XXS,
+    IQ2_XS, IQ2_S, IQ3_XXS and IQ3_S rows: raise
     GraphInvalid unless ggml would accept the node."""
     a, b = src(node, 0, "rows"), src(node, 1, "indices")
     no_src_beyond(node, 2)

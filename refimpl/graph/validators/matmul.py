@@ -25,7 +25,8 @@ WEIGHT_TYPES = frozenset({F32, F16, BF16}) | QUANT_WEIGHT_TYPES
 @validates(Op.MUL_MAT)
 def check_mat_mul(node: Node) -> None:
     """MUL_MAT with F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K,
-    Q6_K, IQ4_NL, IQ4_XS, MXFP4, NVFP4, TQ1_0, TQ2_0, Q1_0 and Q2_0 weights: raise
+    Q6_K, IQ4_NL, IQ4_XS, MXFP4, NVFP4, TQ1_0, TQ2_0, Q1_0, Q2_0, IQ1_S, IQ1_M, IQ2_XXS,
+    IQ2_XS, IQ2_S, IQ3_XXS and IQ3_S weights: raise
     GraphInvalid unless ggml would accept the node."""
     a, b = src(node, 0, "weights"), src(node, 1, "activations")
     no_src_beyond(node, 2)

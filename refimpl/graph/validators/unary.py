@@ -33,9 +33,18 @@ def check_unary_ops(node: Node) -> None:
     no_src_beyond(node, 1)
     _float_operands(node, (a, "src0"))
     same_shape(node, a, node, "dst and src0")
-    require(node.type == a.type, node, "dst must have src0's type")
     code = node.param_i32(0)
     require(0 <= code < len(UnaryOp), node, f"unknown unary op {code}")
+    if code in OWN_KERNELS:
+        require(node.type == a.type, node, "dst must have src0's type")
+    else:   # ggml-cpu's one-value-from-one kernels also widen F16/BF16 into F32
+        require(node.type == a.type or node.type == F32, node,
+                "dst must have src0's type or be F32")
+
+
+#: UNARY sub-ops ggml-cpu computes with kernels of their own, for one type throughout; the
+#: others go through its generic kernel, which also takes F16 or BF16 into an F32 dst.
+OWN_KERNELS = frozenset({UnaryOp.GELU, UnaryOp.GELU_QUICK, UnaryOp.SILU, UnaryOp.GELU_ERF})
 
 
 @validates(Op.GLU)

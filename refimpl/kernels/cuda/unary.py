@@ -157,6 +157,8 @@ def _unary_like(node, code, ps, s, bias):
 
 @kernel("cuda", Op.UNARY)
 def bind_unary(node):
+    if node.type != node.src[0].type:     # F16/BF16 widened into F32: CPU only
+        return None
     code = node.param_i32(0)
     ps = [node.param_f32(i) for i in (1, 2, 3, 4)] if code == UnaryOp.XIELU else [0.0] * 4
     return _unary_like(node, code, ps, 1.0, 0.0)
