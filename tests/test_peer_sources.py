@@ -120,7 +120,8 @@ def test_nmse_bounds_are_test_backend_ops(peer_source):
     assert float(default.group(1)) == DEFAULT_NMSE_BOUND
     structs = {"MUL_MAT": "test_mul_mat", "MUL_MAT_ID": "test_mul_mat_id",
                "OUT_PROD": "test_out_prod", "FLASH_ATTN_EXT": "test_flash_attn_ext",
-               "SOFT_MAX": "test_soft_max"}
+               "SOFT_MAX": "test_soft_max", "CONV_2D": "test_conv_2d",
+               "CONV_TRANSPOSE_2D": "test_conv_transpose_2d"}
     assert set(structs) == set(NMSE_BOUNDS)
     for op, struct in structs.items():
         body = _struct_nmse_bound(src, struct)

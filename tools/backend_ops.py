@@ -49,14 +49,17 @@ def build_shim(bin_dir: Path) -> Path:
     return out
 
 
-def list_cases(bin_dir: Path, ops: str) -> list[str]:
-    """Every case string ``OP(params)`` that test-backend-ops has for the op filter."""
+def list_cases(bin_dir: Path, ops: str, supported_only: bool = False) -> list[str]:
+    """Every case string ``OP(params)`` that test-backend-ops has for the op filter (with
+    ``supported_only``, only those ggml's CPU backend can run)."""
     proc = subprocess.run([str(bin_dir / "test-backend-ops"), "support", "-b", "CPU", "-o", ops,
                            "--output", "csv"], capture_output=True, text=True, env=peer_env(bin_dir))
     cases = []
     for line in proc.stdout.splitlines():
         if line.startswith('"CPU",'):
             fields = next(iter(__import__("csv").reader([line])))
+            if supported_only and fields[5] != "yes":
+                continue
             cases.append(f"{fields[1]}({fields[2]})")
     if not cases:
         raise RuntimeError(f"test-backend-ops lists no cases for '{ops}':\n{proc.stderr[-2000:]}")

@@ -36,6 +36,8 @@ NMSE_BOUNDS = {
     "OUT_PROD": 5e-4,
     "FLASH_ATTN_EXT": 5e-4,
     "SOFT_MAX": 1e-6,
+    "CONV_2D": 5e-4,
+    "CONV_TRANSPOSE_2D": 5e-4,
 }
 
 #: ``test_case::max_nmse_err()``: every op without an override.

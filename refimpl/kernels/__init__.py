@@ -5,5 +5,5 @@ binds a graph for a CPU device (:func:`refimpl.graph.registry.load_kernels`); CU
 are the subpackage :mod:`refimpl.kernels.cuda`, imported only for CUDA devices.
 """
 
-from . import (binary, copy, elementwise, flash_attn, get_rows, matmul, norm,  # noqa: F401
-               recurrent, reduce, rope, set_rows, softmax, sort, training, unary)
+from . import (binary, conv, copy, elementwise, flash_attn, get_rows, layout, matmul,  # noqa: F401
+               norm, recurrent, reduce, rope, set_rows, softmax, sort, training, unary)

@@ -220,6 +220,39 @@ def test_an_op_without_a_cuda_kernel_is_refused_naming_it(gpu_server, op):
     assert f"no cuda kernel for op {op.name}" in gpu_server.log_text()
 
 
+def _image_graph(op):
+    """One CONCAT or IM2COL node (issue 14: the CUDA device has no kernels for the layout and
+    convolution ops) over ones, and the node."""
+    g = GraphBuilder(1 << 16)
+    x = g.input(T.F32, (8, 6, 2), np.ones((2, 6, 8)))
+    if op == Op.CONCAT:
+        out = g.node(Op.CONCAT, T.F32, (16, 6, 2), [x, x], [0])
+    else:   # 3×3 patches of 2 channels, padded by one column left and right
+        k = g.input(T.F16, (3, 3, 2), np.ones((2, 3, 3)))
+        out = g.node(Op.IM2COL, T.F32, (18, 8, 4), [k, x], [1, 1, 1, 0, 1, 1, 1])
+    return g, out
+
+
+@pytest.mark.parametrize("op", [Op.CONCAT, Op.IM2COL], ids=lambda o: o.name)
+def test_an_image_op_is_refused_on_the_gpu_naming_it(gpu_server, op):
+    """Issue 14: the layout and convolution ops run on the CPU device (the result read back);
+    the CUDA device refuses a graph with one, naming the op, and the server goes on serving."""
+    g, out = _image_graph(op)
+
+    async def main():
+        async with await RpcClient.connect(*gpu_server.address) as c:
+            (got,) = await _run_remote(c, g, 0, [out])
+        return got
+    got = trio.run(main)
+    if op == Op.CONCAT:
+        assert np.all(got == 1.0)
+    else:   # the first and last output columns have one padded column of taps (zeros)
+        rows = got.reshape(4, 8, 18)
+        assert np.all(rows[:, 1:7] == 1.0) and np.all(rows[:, 0].sum(-1) == 12.0)
+    _refused_on_the_gpu(gpu_server, g)
+    assert f"no cuda kernel for op {op.name}" in gpu_server.log_text()
+
+
 def _elementwise_graph():
     """SQR, CUMSUM and ACC (spec/ops/elementwise.md), which have CPU kernels only."""
     g = GraphBuilder(1 << 16)

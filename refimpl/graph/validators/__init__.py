@@ -8,10 +8,12 @@ knows is registered (:func:`refimpl.graph.registry.validated_ops`).
 
 from . import (  # noqa: F401
                binary,
+               conv,
                copy,
                elementwise,
                flash_attn,
                get_rows,
+               layout,
                matmul,
                norm,
                recurrent,
