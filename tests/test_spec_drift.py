@@ -215,7 +215,9 @@ def _family_rows() -> list[tuple[set[str], str]]:
     text = (SPEC / "graph-ops.md").read_text()
     table = text.split("## Families", 1)[1]
     rows = []
-    for line in table.splitlines()[3:]:
+    lines = table.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    for line in lines[start + 2:]:  # below the header and its separator
         if not line.startswith("|"):
             break
         ops_cell, rules = (c.strip() for c in line.strip().strip("|").split("|")[:2])
