@@ -147,7 +147,7 @@ def _case_size(case: str) -> int:
                for dims in re.findall(r"\[([0-9,]+)\]", case))
 
 
-def bounded(cases: list[str], per_feature: int = 2) -> list[str]:
+def bounded(cases: list[str], per_feature: int = 1) -> list[str]:
     """A subset that still covers every combination of types (with each kernel-choosing size
     class) and every option value ``per_feature`` times: cases in catalogue order, each kept
     when it brings a feature (:func:`_features`) seen fewer times.  All of them with
@@ -195,7 +195,7 @@ def test_required_cases_pass(peer_bin, group):
     listed = list_cases(peer_bin, OPS[group], supported_only=group == "image")
     if group == "image":   # smallest first, so that small cases bring each feature, once
         listed.sort(key=_case_size)
-    cases = bounded([c for c in listed if required(c)], per_feature=1 if group == "image" else 2)
+    cases = bounded([c for c in listed if required(c)])
     assert cases
     with ServerProcess("refimpl", args=["--log-level", "warning"]) as srv:
         report = run_cases(peer_bin, srv.endpoint, cases)
