@@ -825,7 +825,7 @@ class Replayer:
             if other is b or other.new_base is None or not other.new_size or not b.new_size:
                 continue
             if got.base < other.new_base + other.new_size and other.new_base < got.base + b.new_size:
-                self.deviation(e, f"buffer range overlaps another live buffer's",
+                self.deviation(e, "buffer range overlaps another live buffer's",
                                "spec/handles.md#data-addresses")
         amap.set_base(msg.handle, rec.base, got.base)
 

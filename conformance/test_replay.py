@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 import report
-from replay import Inconclusive, load, Replayer
+from replay import load, Replayer
 from refimpl.protocol.profiles import LATEST
 from servers import SharedTargets, hazard_target_kinds, suite_profile
 

@@ -72,7 +72,7 @@ async def test_proxy_records_and_is_transparent(server, tmp_path):
 
 
 def test_trace_lists_graph_nodes():
-    from refimpl.protocol import compat, messages as m
+    from refimpl.protocol import messages as m
     from refimpl.protocol.tensor import RpcTensor
     a = RpcTensor(id=1, name=b"x")
     b = RpcTensor(id=2, op=25, src=(1,) + (0,) * 9, name=b"normed")
