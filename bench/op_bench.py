@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.models import SHAPES  # noqa: E402
 from refimpl.graph import Op  # noqa: E402
+from refimpl.kernels.parallel import set_compute_threads  # noqa: E402
 from refimpl.protocol import GgmlType as T  # noqa: E402
 from tools.contract import nmse_bound, op_error  # noqa: E402
 from tools.ggml_cpu import GgmlCpu  # noqa: E402
@@ -147,7 +148,7 @@ def run(shape_name: str, types: list[str], ops: list[str], threads: int, tokens_
     import numba
 
     from refimpl.devices.cpu import set_blas_threads
-    numba.set_num_threads(threads)
+    set_compute_threads(threads)
     set_blas_threads(threads)
     shape = SHAPES[shape_name]
     cpu = GgmlCpu.load(ensure_peers())

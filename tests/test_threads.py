@@ -16,6 +16,7 @@ from threadpoolctl import threadpool_info, threadpool_limits
 from refimpl.client import RpcClient
 from refimpl.devices import CpuDevice
 from refimpl.graph import engine
+from refimpl.kernels.parallel import compute_threads
 from refimpl.protocol.ggml_types import GgmlType
 from refimpl.protocol.tensor import RpcTensor
 from refimpl.server import RpcServer
@@ -35,14 +36,14 @@ def _numpy_blas() -> list[dict]:
 
 @pytest.fixture
 def threads_seen(monkeypatch) -> list:
-    """numba's and the BLAS library's thread counts in the thread that runs each graph's
+    """numba's (as numba and refimpl's sized kernels see it) and the BLAS library's thread counts in the thread that runs each graph's
     kernels."""
     seen = []
     original = engine.Plan.run
 
     def run(plan):
         blas = {lib["num_threads"] for lib in _numpy_blas()}
-        seen.append((numba.get_num_threads(), blas))
+        seen.append((numba.get_num_threads(), compute_threads(), blas))
         original(plan)
 
     monkeypatch.setattr(engine.Plan, "run", run)
@@ -75,7 +76,7 @@ async def test_kernels_run_with_the_device_threads(nursery, threads_seen, thread
     finally:
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
         limiter.restore_original_limits()
-    assert threads_seen == [(threads, {threads})]
+    assert threads_seen == [(threads, threads, {threads})]
 
 
 def test_default_threads_are_the_usable_cores():

@@ -134,7 +134,9 @@ class CpuDevice(Device):
         (OpenBLAS does not always take it from another thread)."""
         if self.threads is not None:
             import numba
-            numba.set_num_threads(max(1, min(self.threads, numba.config.NUMBA_NUM_THREADS)))
+
+            from ..kernels.parallel import set_compute_threads
+            set_compute_threads(max(1, min(self.threads, numba.config.NUMBA_NUM_THREADS)))
             set_blas_threads(self.threads)
 
     def memory(self):

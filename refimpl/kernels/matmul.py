@@ -517,9 +517,10 @@ class _BoundPacked:
             np.ascontiguousarray(x).reshape(self.m, self.k)
         if self.vt == Q8_K:
             quantize_q8_k(x, self.qs, self.d, self.bsums)
+            lowest = 0                       # (no sign trick for the k-quants)
         else:
-            quantize_q8_32(x, self.qs, self.d, self.s, self.vt == Q8_1)
-        if _needs_sign_trick(self.a.type, self.qs):
+            lowest = quantize_q8_32(x, self.qs, self.d, self.s, self.vt == Q8_1)
+        if lowest and self.a.type in _SIGN_TRICK_TYPES:    # _needs_sign_trick, counted
             _run(self.node, self.a, self.b, UNPACKED)
             return
         fast.mm_packed(*self.args)

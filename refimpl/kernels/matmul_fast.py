@@ -35,12 +35,17 @@ from .parallel import sized_kernel
 from .quants import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, _f16_at, _k4_scale_min
 from .simd import (decode_i8_32, decode_nibbles16_pair, decode_nibbles32, decode_q6_16,
                    row_dot_f16, row_dot_q4_0, row_dot_q4_1, row_dot_q4_k, row_dot_q5_0,
-                   row_dot_q5_1, row_dot_q5_k, row_dot_q6_k, row_dot_q8_0)
+                   row_dot_q5_1, row_dot_q5_k, row_dot_q6_k, row_dot_q8_0, store_f32)
 
 #: Weight types with a packed-block dot product here (:func:`mm_packed`) ...
 PACKED_TYPES = frozenset({Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K})
 #: ... and those :func:`split_rows` splits into codes and group scales.
 FAST_QUANT_TYPES = frozenset({Q4_0, Q4_1, Q8_0, Q4_K, Q6_K})
+
+#: Weight bytes below which a product runs in the calling thread: its work, whatever the
+#: number of activation rows (a one-token step's output has only N values, yet reads all of
+#: the weights).
+PACKED_SERIAL_BELOW = 1 << 16
 
 #: Weight rows per parallel job.
 ROWS_PER_JOB = 64
@@ -68,36 +73,45 @@ def _mm_packed(w, aq, ad, asum, bsums, out, table):
     b3, b2, nt, _ = out.shape
     r3, r2 = b3 // a3, b2 // a2
     chunks = (n + ROWS_PER_JOB - 1) // ROWS_PER_JOB
+    # raw addresses and strides, taken once: a view made inside the parallel loop would
+    # count references on the shared arrays atomically, and the two cores would contend
+    wp, ws3, ws2, ws1 = w.ctypes.data, w.strides[0], w.strides[1], w.strides[2]
+    op, os3, os2, os1 = out.ctypes.data, out.strides[0], out.strides[1], out.strides[2]
+    os0 = out.strides[3]
+    ap0, as0 = aq.ctypes.data, aq.strides[0]
+    dp0, ds0 = ad.ctypes.data, ad.strides[0]
+    sp0, ss0 = asum.ctypes.data, asum.strides[0]
+    bp0, bs0 = bsums.ctypes.data, bsums.strides[0]
+    tp, nb = table.ctypes.data, ad.shape[1]
     for job in prange(b3 * b2 * chunks):
         g = job // chunks
         r0 = (job - g * chunks) * ROWS_PER_JOB
         r1 = min(n, r0 + ROWS_PER_JOB)
         i13, i12 = g // b2, g % b2
-        wb = w[i13 // r3, i12 // r2]
-        tp, nb = table.ctypes.data, ad.shape[1]
+        wb = wp + (i13 // r3) * ws3 + (i12 // r2) * ws2
         for t in range(nt):
             m = g * nt + t
-            ap, dp, sp = aq[m].ctypes.data, ad[m].ctypes.data, asum[m].ctypes.data
-            bp = bsums[m].ctypes.data
-            o = out[i13, i12, t]
+            ap, dp, sp = ap0 + m * as0, dp0 + m * ds0, sp0 + m * ss0
+            bp = bp0 + m * bs0
+            o = op + i13 * os3 + i12 * os2 + t * os1
             for r in range(r0, r1):
-                rp = wb[r].ctypes.data
+                rp = wb + r * ws1
                 if CODE == Q4_0:
-                    o[r] = row_dot_q4_0(rp, ap, dp, sp, nb, tp)
+                    store_f32(o + r * os0, row_dot_q4_0(rp, ap, dp, sp, nb, tp))
                 elif CODE == Q4_1:
-                    o[r] = row_dot_q4_1(rp, ap, dp, sp, nb, tp)
+                    store_f32(o + r * os0, row_dot_q4_1(rp, ap, dp, sp, nb, tp))
                 elif CODE == Q5_0:
-                    o[r] = row_dot_q5_0(rp, ap, dp, sp, nb, tp)
+                    store_f32(o + r * os0, row_dot_q5_0(rp, ap, dp, sp, nb, tp))
                 elif CODE == Q5_1:
-                    o[r] = row_dot_q5_1(rp, ap, dp, sp, nb, tp)
+                    store_f32(o + r * os0, row_dot_q5_1(rp, ap, dp, sp, nb, tp))
                 elif CODE == Q8_0:
-                    o[r] = row_dot_q8_0(rp, ap, dp, sp, nb, tp)
+                    store_f32(o + r * os0, row_dot_q8_0(rp, ap, dp, sp, nb, tp))
                 elif CODE == Q4_K:
-                    o[r] = row_dot_q4_k(rp, ap, dp, nb, tp, bp)
+                    store_f32(o + r * os0, row_dot_q4_k(rp, ap, dp, nb, tp, bp))
                 elif CODE == Q5_K:
-                    o[r] = row_dot_q5_k(rp, ap, dp, nb, tp, bp)
+                    store_f32(o + r * os0, row_dot_q5_k(rp, ap, dp, nb, tp, bp))
                 else:
-                    o[r] = row_dot_q6_k(rp, ap, dp, nb, tp, 0)
+                    store_f32(o + r * os0, row_dot_q6_k(rp, ap, dp, nb, tp, 0))
 
 
 CODE = -1      # (bound per compiled copy of _mm_packed)
@@ -116,7 +130,7 @@ def _for_each_format(fn, codes, **options):
         twin.__qualname__ = f"{fn.__qualname__}_{code}"
         twin.__module__ = fn.__module__
         twin.__doc__ = fn.__doc__
-        kernels[code] = sized_kernel(5, **options)(twin)
+        kernels[code] = sized_kernel(0, PACKED_SERIAL_BELOW, **options)(twin)
     return kernels
 
 
@@ -129,33 +143,34 @@ def mm_packed(code, w, aq, ad, asum, bsums, out, table):
     _PACKED_KERNELS[code](w, aq, ad, asum, bsums, out, table)
 
 
-@sized_kernel(2, cache=True, nogil=True)
+@sized_kernel(0, 1 << 15, cache=True, nogil=True)
 def mm_f16(w, x, out, table):
     """F16 weights ``w`` (uint16 bit patterns (A3, A2, N, K), each row contiguous) times
     float32 activations ``x`` ((M, K), already rounded to F16 as ggml converts them) into
     ``out`` float32 (B3, B2, T, N), any strides: per output, sixteen float32 lanes of
     products (:func:`.simd.row_dot_f16`; the CPU must have F16C), the last ``K % 16``
-    through ``table``."""
+    through ``table``.  Parallel by the size of the weights (as :func:`_mm_packed`, whose
+    note on views in the parallel loop holds here too)."""
     a3, a2, n, k = w.shape
     b3, b2, nt, _ = out.shape
     r3, r2 = b3 // a3, b2 // a2
     k16 = k - k % 16
     chunks = (n + ROWS_PER_JOB - 1) // ROWS_PER_JOB
+    wp, ws3, ws2, ws1 = w.ctypes.data, w.strides[0], w.strides[1], w.strides[2]
+    xp0, xs0 = x.ctypes.data, x.strides[0]
     for job in prange(b3 * b2 * chunks):
         g = job // chunks
         r0 = (job - g * chunks) * ROWS_PER_JOB
         i13, i12 = g // b2, g % b2
-        wb = w[i13 // r3, i12 // r2]
+        j3, j2 = i13 // r3, i12 // r2
         for t in range(nt):
-            xr = x[g * nt + t]
-            xp = xr.ctypes.data
-            o = out[i13, i12, t]
+            m = g * nt + t
+            xp = xp0 + m * xs0
             for r in range(r0, min(n, r0 + ROWS_PER_JOB)):
-                row = wb[r]
-                acc = row_dot_f16(row.ctypes.data, xp, k)
+                acc = row_dot_f16(wp + j3 * ws3 + j2 * ws2 + r * ws1, xp, k)
                 for i in range(k16, k):
-                    acc += table[row[i]] * xr[i]
-                o[r] = acc
+                    acc += table[w[j3, j2, r, i]] * x[m, i]
+                out[i13, i12, t, r] = acc
 
 
 # ------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ compile the same source, so they compute the same values.
 from __future__ import annotations
 
 import functools
+import threading
 import types
 
 import numba
@@ -21,11 +22,30 @@ from numba import njit
 #: Elements below which a kernel runs in the calling thread.
 SERIAL_BELOW = 1 << 14
 
+_here = threading.local()
+
+
+def set_compute_threads(n: int) -> None:
+    """Give numba's parallel kernels ``n`` threads in the calling thread (``numba``'s own
+    setting is per thread too), and remember it here: asking numba costs microseconds a call,
+    which a one-token step would pay at every node."""
+    numba.set_num_threads(n)
+    _here.threads = n
+
+
+def compute_threads() -> int:
+    """The numba thread count of the calling thread (as :func:`set_compute_threads` set it,
+    else numba's default, asked once per thread)."""
+    n = getattr(_here, "threads", None)
+    if n is None:
+        n = _here.threads = numba.get_num_threads()
+    return n
+
 
 class SizedKernel:
     """A kernel compiled serial and parallel, picking by the size of argument ``work_arg``."""
 
-    def __init__(self, fn, work_arg: int, options: dict):
+    def __init__(self, fn, work_arg: int, options: dict, serial_below: int = SERIAL_BELOW):
         # IEEE division (x/0 is ±inf or NaN) in both: numba's parallel loops already divide so,
         # its serial default would raise ZeroDivisionError instead
         options = {"error_model": "numpy", **options}
@@ -37,14 +57,15 @@ class SizedKernel:
         twin.__module__ = fn.__module__
         self.serial = njit(**options)(twin)
         self.work_arg = work_arg
+        self.serial_below = serial_below
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args):
-        serial = np.size(args[self.work_arg]) < SERIAL_BELOW or numba.get_num_threads() == 1
+        serial = compute_threads() == 1 or np.size(args[self.work_arg]) < self.serial_below
         return (self.serial if serial else self.parallel)(*args)
 
 
-def sized_kernel(work_arg: int, **options):
+def sized_kernel(work_arg: int, serial_below: int = SERIAL_BELOW, **options):
     """Decorator: ``@sized_kernel(work_arg=2, cache=True, nogil=True)`` in place of
     ``@njit(parallel=True, cache=True, nogil=True)`` for a kernel called from Python."""
-    return lambda fn: SizedKernel(fn, work_arg, options)
+    return lambda fn: SizedKernel(fn, work_arg, options, serial_below)

@@ -415,9 +415,11 @@ def dequantize_rows(code: int, rows: np.ndarray, ne0: int, with_min: bool = True
 @sized_kernel(0, cache=True, nogil=True)
 def quantize_q8_32(x, qs, d, s, want_sum):
     """Q8_0 / Q8_1 of every row of ``x`` (float32 (m, k)): per 32 values d = amax/127
-    (rounded to f16), q = rint(x * 127/amax); with ``want_sum`` also s = f16(d * sum(q))."""
+    (rounded to f16), q = rint(x * 127/amax); with ``want_sum`` also s = f16(d * sum(q)).
+    Returns how many codes are -128 (only a NaN makes one; see matmul's sign trick)."""
     m, k = x.shape
     nb = k // 32
+    lowest = 0
     for r in prange(m):
         for b in range(nb):
             amax = np.float32(0.0)
@@ -438,11 +440,14 @@ def quantize_q8_32(x, qs, d, s, want_sum):
                     qi = -128
                 else:
                     qi = np.int32(v)
+                if qi == -128:
+                    lowest += 1
                 qs[r, b * 32 + i] = qi
                 total += qi
             d[r, b] = round_f16(dd)
             if want_sum:
                 s[r, b] = round_f16(dd * np.float32(total))
+    return lowest
 
 
 @sized_kernel(0, cache=True, nogil=True)

@@ -456,6 +456,19 @@ def _f32_at(builder, base, i):
 
 
 @intrinsic
+def store_f32(typingctx, addr, value):
+    """Store float32 ``value`` at integer address ``addr`` (a parallel loop writes its outputs
+    so, because a view made there would count references on the shared array atomically)."""
+    sig = types.void(types.intp, types.float32)
+
+    def codegen(context, builder, signature, args):
+        builder.store(args[1], builder.inttoptr(args[0], _F32.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
 def round_f16_row(typingctx, src, dst, n):
     """``dst[i]`` = ``src[i]`` rounded to half precision (kept as float32), for the first
     ``n - n % 8`` float32 values; overflow gives infinity, NaN stays NaN.  The caller checks
