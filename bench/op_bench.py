@@ -145,8 +145,6 @@ def bench_flash_attn(cpu, shape, tokens, n_kv, n_valid, threads):
 
 def run(shape_name: str, types: list[str], ops: list[str], threads: int, tokens_list) -> list:
     """Every (op, type, tokens) case of the shape; returns result rows."""
-    import numba
-
     from refimpl.devices.cpu import set_blas_threads
     set_compute_threads(threads)
     set_blas_threads(threads)

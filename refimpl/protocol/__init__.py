@@ -19,7 +19,7 @@ from .ggml_types import GgmlType, type_name, type_traits
 from .messages import *  # noqa: F401,F403  (every 7.0.0 message class, REQUESTS, RESPONSES)
 from .messages import __all__ as _messages_all
 from .compat import (EmptyReply, GraphComputeResponse, decode, encode,  # noqa: E402
-                     has_response)  # after messages' *: compat's takes a profile
+                     has_response)  # noqa: F401  (after messages' *: compat's takes a profile)
 from .profiles import LATEST, PROFILES, Profile, profile
 from .tensor import RPC_TENSOR, RPC_TENSOR_SIZE, RpcTensor, tensor_nbytes, tensor_problem
 
