@@ -104,6 +104,30 @@ def test_llama_shape_is_exact_on_position_zero():
                                np.hypot(xv[..., 0::2], xv[..., 1::2]), rtol=1e-5)
 
 
+@pytest.mark.parametrize("mode", [MODE_NORMAL, MODE_NEOX])
+def test_shared_angle_table_follows_new_positions(mode):
+    """A layer's ROPEs share their positions and one angle table; a run after the positions
+    or the frequency factors change (a client's next token) must rotate by the new ones."""
+    rng = np.random.default_rng(5)
+    g = GraphBuilder(1 << 20)
+    ne = (16, 3, 4, 1)
+    q, k = (g.input(T.F32, ne, rng.uniform(-1, 1, ne[::-1])) for _ in range(2))
+    pos = g.input(T.I32, (4,), [0, 1, 2, 3])
+    ff = g.input(T.F32, (8,), np.ones(8))
+    params = _params(16, mode, n_ctx_orig=512)
+    outs = [g.node(Op.ROPE, T.F32, ne, [x, pos, ff], params=params) for x in (q, k)]
+    g.run()
+    for positions, factors in (([7, 8, 9, 10], np.ones(8)), ([7, 8, 9, 10], np.full(8, 1.5)),
+                               ([0, 1, 2, 3], np.ones(8))):
+        g.write(pos, positions)
+        g.write(ff, factors)
+        g.plan.run()                              # GRAPH_RECOMPUTE: bound once, run again
+        for x, out in zip((q, k), outs):
+            expect = reference(g.read(x), positions, 16, mode, n_ctx_orig=512,
+                               freq_factors=factors.astype(np.float32))
+            np.testing.assert_allclose(g.read(out), expect, atol=ATOL[T.F32], rtol=0)
+
+
 @pytest.mark.parametrize("case", ["mode 1", "mode 10", "odd ne0", "odd n_dims", "n_dims 0",
                                   "n_dims > ne0", "odd n_offs", "offset window", "pos type",
                                   "pos count", "pos matrix", "ff short", "ff type", "bf16",
