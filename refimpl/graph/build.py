@@ -8,6 +8,7 @@ inside a live buffer of this connection and of the graph's device) before any op
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -122,8 +123,9 @@ def build_graph(req: GraphComputeRequest, buffers: BufferTable,
         raise GraphInvalid("two graph tensors share one id")
 
     tensors: dict[int, Node] = {}
+    columns = _Columns(rec)
     for i in range(n_tensors):
-        node = _make_node(rec[i], buffers, req.device)
+        node = _make_node(columns.row(i), buffers, req.device)
         if mapping is not None:
             _map_op(node, mapping)
         tensors[node.id] = node
@@ -162,17 +164,43 @@ def build_graph(req: GraphComputeRequest, buffers: BufferTable,
     return Graph(req.device, nodes, tensors)
 
 
-def _make_node(r, buffers: BufferTable, device: int) -> Node:
-    type_ = int(r["type"])
-    ne = tuple(int(x) for x in r["ne"])
-    nb = tuple(int(x) for x in r["nb"])
-    name = bytes(r["name"]).split(b"\0", 1)[0].decode("utf-8", "replace")
-    from ..protocol.tensor import RpcTensor  # local: only for the stateless check's signature
-    problem = tensor_problem(RpcTensor(type=type_, ne=ne))
+class _TypeAndShape(NamedTuple):
+    """What :func:`tensor_problem` reads of a tensor (making a whole RpcTensor per graph
+    tensor costs more than the check)."""
+
+    type: int
+    ne: tuple
+
+
+class _Columns:
+    """The decoded ``rpc_tensor`` records as Python values, converted a column at a time
+    (reading a field of one numpy record at a time cost tens of microseconds a tensor, and a
+    model's graph has over a thousand tensors)."""
+
+    FIELDS = ("id", "type", "buffer", "ne", "nb", "op", "flags", "src", "view_src",
+              "view_offs", "data", "name")
+
+    def __init__(self, rec: np.ndarray):
+        self.lists = {f: rec[f].tolist() for f in self.FIELDS}
+        self.op_params = np.array(rec["op_params"], dtype=np.int32)   # one copy, ours
+
+    def row(self, i: int) -> dict:
+        """Tensor ``i`` as {field: value}, ``op_params`` an int32 row of the copy."""
+        r = {f: v[i] for f, v in self.lists.items()}
+        r["op_params"] = self.op_params[i]
+        return r
+
+
+def _make_node(r: dict, buffers: BufferTable, device: int) -> Node:
+    type_ = r["type"]
+    ne = tuple(r["ne"])
+    nb = tuple(r["nb"])
+    name = r["name"].split(b"\0", 1)[0].decode("utf-8", "replace")
+    problem = tensor_problem(_TypeAndShape(type_, ne))
     if problem:
         raise GraphInvalid(f"graph tensor '{name}': {problem}")
     nbytes = tensor_nbytes(type_, ne, nb)
-    handle, data = int(r["buffer"]), int(r["data"])
+    handle, data = r["buffer"], r["data"]
     buf, offset = None, 0
     if handle:
         try:
@@ -188,12 +216,11 @@ def _make_node(r, buffers: BufferTable, device: int) -> Node:
         offset = data - buf.base
     elif data:
         raise GraphInvalid(f"graph tensor '{name}' has a data address ({data:#x}) but no buffer")
-    op = int(r["op"])
-    return Node(id=int(r["id"]), op=op, type=type_, ne=ne, nb=nb,
-                op_params=np.array(r["op_params"], dtype=np.int32), flags=int(r["flags"]),
+    return Node(id=r["id"], op=r["op"], type=type_, ne=ne, nb=nb,
+                op_params=r["op_params"], flags=r["flags"],
                 name=name, buffer=buf, offset=offset, nbytes=nbytes,
-                view_offs=int(r["view_offs"]), src_ids=tuple(int(s) for s in r["src"][:MAX_SRC]),
-                view_src_id=int(r["view_src"]))
+                view_offs=r["view_offs"], src_ids=tuple(r["src"][:MAX_SRC]),
+                view_src_id=r["view_src"])
 
 
 def _map_op(node: Node, mapping: WireOps) -> None:

@@ -4,9 +4,15 @@ numba's parallel kernels (``prange``) start the thread pool on every call.  For 
 tensors of one-token steps (a row of 576 floats) that costs more than the work, and far more
 on a busy machine, where a worker thread must first get a core.  :func:`sized_kernel` compiles
 a kernel twice, with and without ``parallel``; each call runs the serial one when its work
-(the size of one chosen argument) is below :data:`SERIAL_BELOW` elements, or when the calling
-thread has one numba thread (``-t 1``): a one-thread launch still costs its start.  Both
-compile the same source, so they compute the same values.
+(the size of one chosen argument: the one that measures the work, e.g. a product's weights,
+not its output) is below :data:`SERIAL_BELOW` elements (or the kernel's own threshold), or
+when the calling thread has one numba thread (``-t 1``, :func:`compute_threads`): a
+one-thread launch still costs its start.  Both compile the same source, so they compute the
+same values.
+
+Inside a parallel loop, kernels take raw addresses (``array.ctypes.data`` plus strides)
+rather than slicing arrays: every view made there counts references on its parent with
+atomic instructions, and threads doing so on one shared array contend for its cache line.
 """
 
 from __future__ import annotations
