@@ -66,9 +66,13 @@ class SizedKernel:
         self.serial_below = serial_below
         functools.update_wrapper(self, fn)
 
-    def __call__(self, *args):
+    def pick(self, *args):
+        """The compiled twin a call with these arguments runs."""
         serial = compute_threads() == 1 or np.size(args[self.work_arg]) < self.serial_below
-        return (self.serial if serial else self.parallel)(*args)
+        return self.serial if serial else self.parallel
+
+    def __call__(self, *args):
+        return self.pick(*args)(*args)
 
 
 def sized_kernel(work_arg: int, serial_below: int = SERIAL_BELOW, **options):
