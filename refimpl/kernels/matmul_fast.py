@@ -73,8 +73,8 @@ def _mm_packed(w, aq, ad, asum, bsums, out, table):
     b3, b2, nt, _ = out.shape
     r3, r2 = b3 // a3, b2 // a2
     chunks = (n + ROWS_PER_JOB - 1) // ROWS_PER_JOB
-    # raw addresses and strides, taken once: a view made inside the parallel loop would
-    # count references on the shared arrays atomically, and the two cores would contend
+    # raw addresses and strides, taken once: a view made per row inside the parallel loop
+    # would count references on the shared arrays atomically (refimpl.kernels.parallel)
     wp, ws3, ws2, ws1 = w.ctypes.data, w.strides[0], w.strides[1], w.strides[2]
     op, os3, os2, os1 = out.ctypes.data, out.strides[0], out.strides[1], out.strides[2]
     os0 = out.strides[3]

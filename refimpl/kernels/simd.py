@@ -457,8 +457,8 @@ def _f32_at(builder, base, i):
 
 @intrinsic
 def store_f32(typingctx, addr, value):
-    """Store float32 ``value`` at integer address ``addr`` (a parallel loop writes its outputs
-    so, because a view made there would count references on the shared array atomically)."""
+    """Store float32 ``value`` at integer address ``addr`` (how the one-token products write
+    their outputs without making a view per row: refimpl.kernels.parallel)."""
     sig = types.void(types.intp, types.float32)
 
     def codegen(context, builder, signature, args):
