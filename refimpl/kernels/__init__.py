@@ -5,5 +5,9 @@ binds a graph for a CPU device (:func:`refimpl.graph.registry.load_kernels`); CU
 are the subpackage :mod:`refimpl.kernels.cuda`, imported only for CUDA devices.
 """
 
-from . import (binary, conv, copy, elementwise, flash_attn, get_rows, layout, matmul,  # noqa: F401
+from . import cache
+
+cache.install()     # before any kernel is defined: numba must see edits of shared helpers
+
+from . import (binary, conv, copy, elementwise, flash_attn, get_rows, layout, matmul,  # noqa: E402, F401
                norm, recurrent, reduce, rope, set_rows, softmax, sort, training, unary)

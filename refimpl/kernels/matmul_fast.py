@@ -111,7 +111,7 @@ def _mm_packed(w, aq, ad, asum, bsums, out, table):
                 elif CODE == Q5_K:
                     store_f32(o + r * os0, row_dot_q5_k(rp, ap, dp, nb, tp, bp))
                 else:
-                    store_f32(o + r * os0, row_dot_q6_k(rp, ap, dp, nb, tp, 0))
+                    store_f32(o + r * os0, row_dot_q6_k(rp, ap, dp, nb, tp, bp))
 
 
 CODE = -1      # (bound per compiled copy of _mm_packed)

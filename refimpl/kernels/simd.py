@@ -60,14 +60,14 @@ def _nibbles(builder, addr, shift, n):
     return builder.and_(builder.lshr(b, s), ir.Constant(_vec(_I16, n), [15] * n))
 
 
-def _q6_codes(builder, ql, ls, qh, hs):
-    """Sixteen Q6_K codes (-32..31) as int16 lanes."""
-    low = _nibbles(builder, ql, ls, 16)
-    h = builder.zext(_load(builder, qh, _I8, 16), _vec(_I16, 16))
-    h = builder.lshr(h, _splat(builder, builder.trunc(hs, _I16), _I16, 16))
-    h = builder.shl(builder.and_(h, ir.Constant(_vec(_I16, 16), [3] * 16)),
-                    ir.Constant(_vec(_I16, 16), [4] * 16))
-    return builder.sub(builder.or_(low, h), ir.Constant(_vec(_I16, 16), [32] * 16))
+def _q6_codes(builder, ql, ls, qh, hs, n=16):
+    """``n`` Q6_K codes (-32..31) as int16 lanes."""
+    low = _nibbles(builder, ql, ls, n)
+    h = builder.zext(_load(builder, qh, _I8, n), _vec(_I16, n))
+    h = builder.lshr(h, _splat(builder, builder.trunc(hs, _I16), _I16, n))
+    h = builder.shl(builder.and_(h, ir.Constant(_vec(_I16, n), [3] * n)),
+                    ir.Constant(_vec(_I16, n), [4] * n))
+    return builder.sub(builder.or_(low, h), ir.Constant(_vec(_I16, n), [32] * n))
 
 
 def _store_codes(builder, codes, out_addr, n):
@@ -217,20 +217,116 @@ def _lanes8(builder, v):
     return out
 
 
-def _row_dot_kquant(kind):
-    """An intrinsic ``row_dot_<kind>(w, a, ad, nb, table, bsums) -> float32``: one output of a product with Q4_K or Q6_K weights (``nb`` super-blocks at ``w``)
-    and Q8_K activations (int8 at ``a``, float32 scales at ``ad``):
-    ``Σ_b d_a·d_w · Σ_g scale_g · Σ q·a``.  Per super-block the integer sums of every group,
-    times its integer scale, add up in eight int32 lanes (exact), which are then scaled into
-    eight float32 lanes as ggml does.  Q6_K's scales are int8 in the row; Q4_K's eight 6-bit
-    scales and minimums per super-block are unpacked from its 12 bytes here, and its
-    minimums' part, ``d_a · dmin · Σ_j min_j · Σa`` per super-block with the activations'
-    integer sums of every 16 values at ``bsums`` (int32), is summed in float32 and taken off
-    at the end (``bsums`` is unused for Q6_K)."""
+def _broadcast_lanes(builder, v, picks):
+    """A vector whose lane ``i`` is lane ``picks[i]`` of ``v``."""
+    return builder.shuffle_vector(v, v, ir.Constant(_vec(_I32, len(picks)), list(picks)))
+
+
+def _q4k_scales_mins(builder, addr):
+    """The eight 6-bit scales and eight 6-bit minimums of a Q4_K/Q5_K super-block, packed in
+    the twelve bytes at ``addr`` (spec/ops/matmul.md), as two vectors of eight int32 lanes.
+
+    With ``b`` those bytes: scale ``j`` is ``b[j] & 63`` for ``j < 4`` and
+    ``(b[j+4] & 15) | (b[j-4] >> 6) << 4`` above; minimum ``j`` is ``b[j+4] & 63`` for
+    ``j < 4`` and ``(b[j+4] >> 4) | (b[j] >> 6) << 4`` above.  Both are written here as one
+    vector expression each: pick the bytes into lanes, then shift and mask per lane.  (The
+    16-byte load reads four bytes past the twelve; they are the block's own codes.)"""
+    v8 = _vec(_I32, 8)
+    raw = builder.zext(_load(builder, addr, _I8, 16), _vec(_I32, 16))
+    both = builder.shuffle_vector(raw, ir.Constant(_vec(_I32, 16), [0] * 16),
+                                  ir.Constant(_vec(_I32, 32), [
+                                      0, 1, 2, 3, 8, 9, 10, 11,        # low bits of scales
+                                      16, 16, 16, 16, 0, 1, 2, 3,      # top bits of scales 4-7
+                                      4, 5, 6, 7, 8, 9, 10, 11,        # low bits of minimums
+                                      16, 16, 16, 16, 4, 5, 6, 7]))    # top bits of mins 4-7
+
+    def part(k):
+        return _broadcast_lanes(builder, both, range(8 * k, 8 * k + 8))
+    mask = ir.Constant(v8, [63] * 4 + [15] * 4)
+
+    def top(x):
+        return builder.shl(builder.lshr(x, ir.Constant(v8, [6] * 8)), ir.Constant(v8, [4] * 8))
+    scales = builder.or_(builder.and_(part(0), mask), top(part(1)))
+    low = builder.lshr(part(2), ir.Constant(v8, [0] * 4 + [4] * 4))
+    mins = builder.or_(builder.and_(low, mask), top(part(3)))
+    return scales, mins
+
+
+def _hsum_i32(builder, v):
+    """The sum of the int32 lanes of ``v`` (exact, so any order)."""
+    n = v.type.count
+    while n > 1:
+        n //= 2
+        v = builder.add(_broadcast_lanes(builder, v, range(n)),
+                        _broadcast_lanes(builder, v, range(n, 2 * n)))
+    return builder.extract_element(v, ir.Constant(_I32, 0))
+
+
+def _target_has_avx2() -> bool:
+    """Whether numba compiles for a CPU with AVX2: the host's, unless ``NUMBA_CPU_NAME`` or
+    ``NUMBA_CPU_FEATURES`` asks for another target (then the portable forms are used)."""
+    from numba.core import config
+    if config.CPU_NAME or config.CPU_FEATURES:
+        return False
+    import llvmlite.binding as llvm
+    return bool(llvm.get_host_cpu_features().get("avx2", False))
+
+
+#: Whether :func:`_maddubs` and :func:`_madd_wd` use x86's instructions by name.
+X86_AVX2 = _target_has_avx2()
+
+
+def _maddubs(builder, u, s, native):
+    """``u[2i]·s[2i] + u[2i+1]·s[2i+1]`` of 32 unsigned bytes ``u`` and 32 signed bytes ``s``,
+    as sixteen int16 lanes: x86's ``pmaddubsw``, which saturates; every caller here keeps the
+    sums within int16 (codes below 64 times int8 activations), where both forms are exact.
+    LLVM does not find ``pmaddubsw`` in the portable form, so on AVX2 it is called by name."""
+    if native:
+        fnty = ir.FunctionType(_vec(_I16, 16), [_vec(_I8, 32), _vec(_I8, 32)])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx2.pmadd.ub.sw")
+        return builder.call(fn, [u, s])
+    p = builder.mul(builder.zext(u, _vec(_I16, 32)), builder.sext(s, _vec(_I16, 32)))
+    return builder.add(_broadcast_lanes(builder, p, range(0, 32, 2)),
+                       _broadcast_lanes(builder, p, range(1, 32, 2)))
+
+
+def _madd_wd(builder, x, y, native):
+    """:func:`_madd` of sixteen int16 lanes; by name on AVX2, where LLVM, knowing how small
+    the operands are, may otherwise widen them to int32 and multiply with ``pmulld``."""
+    if native:
+        fnty = ir.FunctionType(_vec(_I32, 8), [_vec(_I16, 16), _vec(_I16, 16)])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx2.pmadd.wd")
+        return builder.call(fn, [x, y])
+    return _madd(builder, x, y)
+
+
+def _row_dot_kquant(kind, native=X86_AVX2):
+    """An intrinsic ``row_dot_<kind>(w, a, ad, nb, table, bsums) -> float32``: one output of
+    a product with Q4_K, Q5_K or Q6_K weights (``nb`` super-blocks at ``w``) and Q8_K
+    activations (int8 at ``a``, float32 scales at ``ad``, the integer sums of every 16 values
+    at ``bsums``, int32): ``Σ_b d_a·d_w · Σ_g scale_g · Σ q·a``.
+
+    As ggml's AVX2 code: per super-block everything up to ``d_a·d_w`` is integer and exact.
+    For every 32 values, the unsigned codes times the activations, summed in pairs
+    (:func:`_maddubs`; at most 63·128·2, within int16), times the group's scale, summed in
+    pairs again (:func:`_madd_wd`), add into eight int32 lanes, which are then scaled into
+    eight float32 lanes.
+
+    Q6_K's codes are stored plus 32 and its scales are int8 in the row: the products use the
+    stored codes and take ``32 · scale_g · Σa`` off, lane by lane, from the activations'
+    sums.  Q4_K's and Q5_K's eight 6-bit scales and minimums are unpacked from their 12
+    bytes (:func:`_q4k_scales_mins`); the minimums' part, ``d_a · dmin · Σ_j min_j · Σa`` per
+    super-block, is summed in float32 and taken off at the end.  ``native`` chooses x86's
+    instructions by name (the default on AVX2 hosts) or the portable forms; both give the
+    same integers."""
     q4 = kind in ("q4_k", "q5_k")      # Q5_K: Q4_K's layout plus a fifth bit per value
     q5 = kind == "q5_k"
     nbytes = {"q4_k": 144, "q5_k": 176, "q6_k": 210}[kind]
     qs_at = 48 if q5 else 16           # where the nibbles start (Q5_K's 32 bytes of qh at 16)
+    v32 = _vec(_I8, 32)
+
+    def bytes_of(v):
+        return ir.Constant(v32, [v] * 32)
 
     @intrinsic
     def row_dot(typingctx, w, a, ad, nb, table, bsums):
@@ -243,82 +339,70 @@ def _row_dot_kquant(kind):
             acc_p = _float_lanes(builder, 8)
             min_p = cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0))
             table_p, d_p = builder.inttoptr(ta, fp), builder.inttoptr(da, fp)
-            bs_p = builder.inttoptr(ba, _I32.as_pointer())
 
             def at(base, off):
                 return builder.add(base, ir.Constant(base.type, off))
 
-            def scaled(lanes, scale):
-                return builder.mul(lanes, _splat(builder, scale, _I32, 8))
-
-            def byte(addr):
-                return builder.zext(builder.load(builder.inttoptr(addr, _I8.as_pointer())),
-                                    _I32)
-
-            def c32(v):
-                return ir.Constant(_I32, v)
+            def group_sum(isum, codes, scales16, picks, act_addr):
+                """``isum`` plus 32 unsigned byte ``codes`` times 32 activations, summed in
+                pairs, times their scales (``picks``: the lane of ``scales16`` for each
+                pair), summed in pairs again."""
+                p16 = _maddubs(builder, codes, _load(builder, act_addr, _I8, 32), native)
+                s = _broadcast_lanes(builder, scales16, picks)
+                return builder.add(isum, _madd_wd(builder, p16, s, native))
 
             with cgutils.for_range(builder, nbv) as loop:
                 b = loop.index
                 wb = builder.add(wa, builder.mul(b, ir.Constant(b.type, nbytes)))
                 ab = builder.add(aa, builder.mul(b, ir.Constant(b.type, 256)))
+                bsum = _load(builder, builder.add(ba, builder.mul(b, ir.Constant(b.type, 64))),
+                             _I32, 16)
                 isum = ir.Constant(_vec(_I32, 8), [0] * 8)
                 if q4:
-                    # the 6-bit scale and min of sub-block j from the 12 bytes at offset 4
-                    sb = [byte(at(wb, 4 + i)) for i in range(12)]
-                    scale, low = [], []
-                    for j in range(8):
-                        if j < 4:
-                            scale.append(builder.and_(sb[j], c32(63)))
-                            low.append(builder.and_(sb[j + 4], c32(63)))
-                        else:
-                            top = builder.shl(builder.lshr(sb[j - 4], c32(6)), c32(4))
-                            scale.append(builder.or_(builder.and_(sb[j + 4], c32(15)), top))
-                            top = builder.shl(builder.lshr(sb[j], c32(6)), c32(4))
-                            low.append(builder.or_(builder.lshr(sb[j + 4], c32(4)), top))
+                    scales, mins = _q4k_scales_mins(builder, at(wb, 4))
+                    scales16 = builder.trunc(scales, _vec(_I16, 8))
                     # sub-blocks 2j (low nibbles) and 2j+1 (high) share 32 bytes
                     if q5:      # bit 2j+half of qh[l] is the fifth bit of value 64j+32half+l
-                        qh = builder.zext(_load(builder, at(wb, 16), _I8, 32), _vec(_I16, 32))
+                        qh = _load(builder, at(wb, 16), _I8, 32)
                     for j in range(4):
-                        qa = at(wb, qs_at + 32 * j)
+                        q = _load(builder, at(wb, qs_at + 32 * j), _I8, 32)
                         for half in range(2):
-                            codes = _nibbles(builder, qa, ir.Constant(_I32, 4 * half), 32)
+                            codes = builder.and_(builder.lshr(q, bytes_of(4 * half)),
+                                                 bytes_of(15))
                             if q5:
-                                bit = builder.and_(
-                                    builder.lshr(qh, ir.Constant(_vec(_I16, 32), [2 * j + half] * 32)),
-                                    ir.Constant(_vec(_I16, 32), [1] * 32))
-                                codes = builder.or_(codes, builder.shl(
-                                    bit, ir.Constant(_vec(_I16, 32), [4] * 32)))
-                            acts = builder.sext(_load(builder, at(ab, 64 * j + 32 * half),
-                                                      _I8, 32), _vec(_I16, 32))
-                            lanes = _lanes8(builder, _madd(builder, codes, acts))
-                            isum = builder.add(isum, scaled(lanes, scale[2 * j + half]))
-                    msum = c32(0)
-                    first = builder.mul(b, ir.Constant(b.type, 16))
-                    for j in range(8):
-                        pair = builder.add(
-                            builder.load(builder.gep(bs_p, [at(first, 2 * j)])),
-                            builder.load(builder.gep(bs_p, [at(first, 2 * j + 1)])))
-                        msum = builder.add(msum, builder.mul(low[j], pair))
+                                bit = builder.and_(builder.lshr(qh, bytes_of(2 * j + half)),
+                                                   bytes_of(1))
+                                codes = builder.or_(codes, builder.shl(bit, bytes_of(4)))
+                            isum = group_sum(isum, codes, scales16, [2 * j + half] * 16,
+                                             at(ab, 64 * j + 32 * half))
+                    # Σ_j min_j · (bsums[2j] + bsums[2j+1]), exact in int32
+                    pairs = builder.add(_broadcast_lanes(builder, bsum, range(0, 16, 2)),
+                                        _broadcast_lanes(builder, bsum, range(1, 16, 2)))
+                    msum = _hsum_i32(builder, builder.mul(mins, pairs))
                     dmin = _f16_via(builder, table_p, at(wb, 2))
                     part = builder.fmul(builder.load(builder.gep(d_p, [b])),
                                         builder.fmul(dmin, builder.sitofp(msum, _F32)))
                     builder.store(builder.fadd(builder.load(min_p), part), min_p)
                     dw = _f16_via(builder, table_p, wb)
                 else:       # 16 groups of 16: values 128n + 32i + 16h, scale 8n + h + 2i
+                    sc8 = _load(builder, at(wb, 192), _I8, 16)
+                    scales16 = builder.sext(sc8, _vec(_I16, 16))
                     for n in range(2):
-                        for h in range(2):
-                            for i in range(4):
-                                ql = at(wb, 64 * n + 32 * (i % 2) + 16 * h)
-                                qh = at(wb, 128 + 32 * n + 16 * h)
-                                codes = _q6_codes(builder, ql, ir.Constant(_I32, 4 * (i // 2)),
-                                                  qh, ir.Constant(_I32, 2 * i))
-                                a16 = _load(builder, at(ab, 128 * n + 32 * i + 16 * h), _I8, 16)
-                                acts = builder.sext(a16, _vec(_I16, 16))
-                                lanes = _madd(builder, codes, acts)
-                                sc = builder.load(builder.inttoptr(
-                                    at(wb, 192 + 8 * n + h + 2 * i), _I8.as_pointer()))
-                                isum = builder.add(isum, scaled(lanes, builder.sext(sc, _I32)))
+                        qh = _load(builder, at(wb, 128 + 32 * n), _I8, 32)
+                        for i in range(4):      # both h at once: 32 consecutive values
+                            ql = _load(builder, at(wb, 64 * n + 32 * (i % 2)), _I8, 32)
+                            low = builder.and_(builder.lshr(ql, bytes_of(4 * (i // 2))),
+                                               bytes_of(15))
+                            high = builder.and_(builder.lshr(qh, bytes_of(2 * i)), bytes_of(3))
+                            codes = builder.or_(low, builder.shl(high, bytes_of(4)))
+                            s = 8 * n + 2 * i
+                            isum = group_sum(isum, codes, scales16, [s] * 8 + [s + 1] * 8,
+                                             at(ab, 128 * n + 32 * i))
+                    # the stored codes are the values plus 32: take 32 · scale_g · Σa off,
+                    # group g's into lane g % 8 (any lane keeps the integers exact)
+                    offs = builder.mul(builder.sext(sc8, _vec(_I32, 16)), bsum)
+                    offs = builder.shl(_lanes8(builder, offs), ir.Constant(_vec(_I32, 8), [5] * 8))
+                    isum = builder.sub(isum, offs)
                     dw = _f16_via(builder, table_p, at(wb, 208))
                 _accumulate(builder, acc_p, isum,
                             builder.fmul(dw, builder.load(builder.gep(d_p, [b]))))
@@ -333,6 +417,8 @@ def _row_dot_kquant(kind):
 row_dot_q4_k = _row_dot_kquant("q4_k")
 row_dot_q5_k = _row_dot_kquant("q5_k")
 row_dot_q6_k = _row_dot_kquant("q6_k")
+#: The same in portable LLVM vector IR only, whatever the host (tests compare the two).
+PORTABLE_KQUANT = {k: _row_dot_kquant(k, native=False) for k in ("q4_k", "q5_k", "q6_k")}
 
 
 # ------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from refimpl.kernels import quants as Q
 from refimpl.kernels import simd
 from refimpl.kernels.cpu_tensors import f16_to_f32
 
-from .test_quants import random_rows
+from .test_quants import SCALE_OFFSETS, random_rows
 
 
 @njit
@@ -120,3 +120,50 @@ def test_half_precision_accumulator_ops_match_references(seed):
                             (mad, _to_half(fused), acc[m:])):
         np.testing.assert_array_equal(got[:m], want)
         np.testing.assert_array_equal(got[m:], rest)
+
+
+def _kquant_dots(kind):
+    native, portable = getattr(simd, "row_dot_" + kind), simd.PORTABLE_KQUANT[kind]
+
+    @njit
+    def dots(rows, qs, d, bsums, table, out):
+        nb = d.shape[1]
+        for r in range(rows.shape[0]):
+            for m in range(qs.shape[0]):
+                args = (rows[r].ctypes.data, qs[m].ctypes.data, d[m].ctypes.data, nb,
+                        table.ctypes.data, bsums[m].ctypes.data)
+                out[0, r, m] = native(*args)
+                out[1, r, m] = portable(*args)
+    return dots
+
+
+@pytest.mark.parametrize("kind", ["q4_k", "q5_k", "q6_k"])
+def test_kquant_row_dots_native_and_portable_agree(kind):
+    """The k-quant row products give the same float32 with x86's instructions by name
+    (``pmaddubsw``, ``pmaddwd``; on AVX2 hosts) as in portable vector IR, and both are the
+    exact integer sums scaled as documented: within float32 rounding of the float64 product
+    of the dequantised rows.  Extreme codes and activations (all bits set, all -128) check
+    that no int16 pair sum saturates."""
+    code = {"q4_k": Q.Q4_K, "q5_k": Q.Q5_K, "q6_k": Q.Q6_K}[kind]
+    rng = np.random.default_rng(11)
+    k = 512
+    rows = random_rows(rng, code, 4, k)
+    extreme = rows[3].reshape(k // 256, -1)
+    keep = np.zeros(extreme.shape[1], bool)
+    for off in SCALE_OFFSETS[code]:          # the f16 scales stay finite
+        keep[off:off + 2] = True
+    extreme[:, ~keep] = 0xFF                            # largest codes, scales and minimums
+    if code == Q.Q6_K:
+        extreme[:, 192:208] = 0x80                     # scales of -128
+    qs = rng.integers(-128, 128, (3, k), dtype=np.int8)
+    qs[2] = -128
+    d = rng.uniform(0.001, 0.01, (3, k // 256)).astype(np.float32)
+    bsums = qs.reshape(3, -1, 16).astype(np.int32).sum(axis=2).astype(np.int32)
+    out = np.zeros((2, 4, 3), np.float32)
+    _kquant_dots(kind)(rows, qs, d, bsums, Q.F16_TABLE, out)
+    np.testing.assert_array_equal(out[0], out[1])
+    w = Q.dequantize_rows(code, rows, k).astype(np.float64)
+    a = qs.astype(np.float64) * np.repeat(d, 256, axis=1)
+    want = w @ a.T
+    scale = np.abs(w) @ np.abs(a).T
+    assert np.all(np.abs(out[0] - want) <= 1e-5 * scale), (out[0], want)
