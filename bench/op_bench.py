@@ -20,9 +20,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from refimpl import thread_pools  # noqa: E402
+
+thread_pools.configure()    # as the server does, before numpy and numba load
+
+import numpy as np  # noqa: E402
 
 from bench.models import SHAPES  # noqa: E402
 from refimpl.graph import Op  # noqa: E402

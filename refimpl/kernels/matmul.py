@@ -11,14 +11,15 @@ BF16 for such weights.  The products themselves follow the numerics contract
 (spec/numerics.md): test-backend-ops' bound, not ggml's order of operations.  Which kernel
 computes them is decided once, when the node is bound (:func:`choose_kernel`):
 
-* ``BLAS``: F32, F16 and BF16 weights, and quantised weights from :data:`BLAS_MIN_ROWS`
-  activation rows on, through numpy's ``matmul`` (sgemm): float weights widened exactly;
-  Q4_0, Q4_1, Q8_0, Q4_K and Q6_K with ggml's per-group arithmetic (exact integer group
-  sums by sgemm, then the scales: :func:`_blas_groups`); the other block formats
-  dequantised exactly, activations too (:func:`_blas`);
-* ``PACKED``: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K weights with fewer activation
-  rows: integer dot products on the packed blocks; F16 weights likewise, widened by the CPU
-  (F16C) (refimpl.kernels.matmul_fast);
+* ``PACKED``: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K weights, whatever the number
+  of activation rows: integer dot products on the packed blocks, four activation rows at a
+  time where there are four; F16 weights with fewer than :data:`BLAS_MIN_ROWS` activation
+  rows likewise, widened by the CPU (F16C) (refimpl.kernels.matmul_fast).  (Prompts once took
+  BLAS on integer codes split out of the weights: as fast at one thread, but it ran at half
+  ggml's speed at two, where the packed products keep ~0.8; bench/README.md.)
+* ``BLAS``: F32, F16 and BF16 weights, and the other block formats from
+  :data:`BLAS_MIN_ROWS` activation rows on, through numpy's ``matmul`` (sgemm): float weights
+  widened exactly, block formats dequantised exactly, activations too (:func:`_blas`);
 * ``UNPACKED``: the other block formats (Q2_K, Q3_K) with few activation rows: each
   weight row unpacked to integers, then ggml's x86 dot products lane by lane (the
   kernels below; integer sums of four products per lane, scales applied with fused
@@ -63,15 +64,12 @@ from .simd import HAS_F16C
 #: The kernels (see :func:`choose_kernel`).
 BLAS, PACKED, UNPACKED, DEQUANT, GRID = "blas", "packed", "unpacked", "dequant", "grid"
 
-#: Quantised weights meet this many activation rows per batch or more through BLAS.
+#: Weights without a packed product meet this many activation rows per batch or more through
+#: BLAS.
 BLAS_MIN_ROWS = 4
 
 #: Weight rows decoded to float32 at a time on the BLAS path (bounds its scratch memory).
 BLAS_TILE_ROWS = 4096
-
-#: Weight rows split into codes at a time on the grouped BLAS path (its per-group sums take
-#: groups × activation rows × these rows floats).
-GROUP_TILE_ROWS = 512
 
 #: Weight rows per parallel job (each is unpacked once per job and meets every activation row).
 ROW_CHUNK = 16
@@ -310,11 +308,13 @@ def choose_kernel(wtype: int, rows: int) -> str:
         return PACKED
     if wtype in quants_grid.GRID_TYPES:
         return GRID
+    if wtype in fast.PACKED_TYPES:
+        return PACKED
     if wtype in (F32, F16, BF16) or rows >= BLAS_MIN_ROWS:
         return BLAS
     if wtype in MORE_WEIGHT_TYPES:
         return DEQUANT
-    return PACKED if wtype in fast.PACKED_TYPES else UNPACKED
+    return UNPACKED
 
 
 def _weight_rows(a: Node, r0: int, r1: int) -> np.ndarray:
@@ -324,21 +324,22 @@ def _weight_rows(a: Node, r0: int, r1: int) -> np.ndarray:
 
 
 def _float_weights(a: Node, r0: int, r1: int) -> np.ndarray:
-    """Weight rows ``r0:r1`` of every batch as float32 (A3, A2, r1-r0, K); Q5_1's minimum is
-    left out (:func:`_blas` adds it as ggml does)."""
+    """Weight rows ``r0:r1`` of every batch as float32 (A3, A2, r1-r0, K); the minimum of
+    Q4_1 and Q5_1 is left out (:func:`_blas` adds it as ggml does)."""
     if a.type == F32:
         return view(a)[:, :, r0:r1]
     if a.type == F16:
         return f16_to_f32(view(a)[:, :, r0:r1])
     if a.type == BF16:
         return bf16_to_f32(view(a, np.uint16)[:, :, r0:r1])
-    out = dequantize_rows(a.type, _weight_rows(a, r0, r1), a.ne[0], with_min=a.type != Q5_1)
+    out = dequantize_rows(a.type, _weight_rows(a, r0, r1), a.ne[0],
+                          with_min=a.type not in (Q4_1, Q5_1))
     return out.reshape(a.ne[3], a.ne[2], r1 - r0, a.ne[0])
 
 
 def _blas(a: Node, x: np.ndarray, sums, out: np.ndarray) -> None:
     """The product through numpy's matmul: float32 activations ``x`` (M, K) as the products
-    see them, weights decoded BLAS_TILE_ROWS rows at a time.  For Q5_1 weights,
+    see them, weights decoded BLAS_TILE_ROWS rows at a time.  For Q4_1 and Q5_1 weights,
     ``sums`` holds the activations' stored block sums ``s`` (M, K/32), and ``m_w · s_a`` is
     added per block as ggml's dot products add it, through a second, small product."""
     b3, b2, nt, n = out.shape
@@ -354,61 +355,10 @@ def _blas(a: Node, x: np.ndarray, sums, out: np.ndarray) -> None:
             w = _float_weights(a, r0, r1)[:, None, :, None]
             part = np.matmul(xs, w.swapaxes(-1, -2))
             if sums is not None:
-                mins = fast.block_mins(_weight_rows(a, r0, r1), 24)
+                mins = fast.block_mins(_weight_rows(a, r0, r1), 20 if a.type == Q4_1 else 24)
                 part += np.matmul(sums, mins.reshape(a3, 1, a2, 1, r1 - r0, k // 32)
                                   .swapaxes(-1, -2))
             res[..., r0:r1] = part
-
-
-def _blas_groups(a: Node, acts, out: np.ndarray) -> None:
-    """Quantised weights through BLAS with ggml's arithmetic per group: weights split into
-    integer codes and group scales (:func:`.matmul_fast.split_rows`), activations likewise;
-    one batched ``matmul`` gives every group's integer sum (codes and their sums are small
-    integers, exact in float32 whatever BLAS's order; a k-quant super-block's sum of 256
-    products may pass 2^24 and then round in float32, a relative 6e-8), and
-    :func:`.matmul_fast.combine_groups` weighs them by the two scales.  Q4_1 adds
-    ``m · s_a`` per block, Q4_K subtracts ``dmin·min · d_a·Σa`` per 32 values, through one
-    more small product each."""
-    code, k = a.type, a.ne[0]
-    g = fast.group_size(code)
-    ng = k // g
-    b3, b2, nt, n = out.shape
-    a3, a2 = a.ne[3], a.ne[2]
-    r3, r2 = b3 // a3, b2 // a2
-    m = b3 * b2 * nt
-    a_scales = acts.d if acts.type != Q8_K else np.repeat(acts.d, 256 // g, axis=1)
-    mins_with = None
-    if code == Q4_1:
-        mins_with = acts.s                                          # + m · s
-    elif code == Q4_K:                                              # - dmin·min · d_a·Σa
-        mins_with = -(acts.bsums.reshape(m, k // 32, 2).sum(axis=2).astype(np.float32)
-                      * np.repeat(acts.d, 8, axis=1))
-    split = (a3, r3, a2, r2, nt)
-    x = acts.qs.astype(np.float32).reshape(*split, ng, g)
-    a_scales = a_scales.reshape(*split, ng)
-    if mins_with is not None:
-        mins_with = mins_with.reshape(*split, k // 32)
-    rows = rows_u8(a)
-    res = out.reshape(*split, n)
-    for i03 in range(a3):
-        for i02 in range(a2):
-            # every activation row that meets weight batch (i03, i02)
-            xb = x[i03, :, i02].reshape(-1, ng, g).transpose(1, 0, 2)        # (ng, mb, g)
-            sb = np.ascontiguousarray(a_scales[i03, :, i02].reshape(-1, ng))
-            mb = sb.shape[0]
-            for r0 in range(0, n, GROUP_TILE_ROWS):
-                r1 = min(n, r0 + GROUP_TILE_ROWS)
-                codes = np.empty((r1 - r0, k), np.float32)
-                scales = np.empty((r1 - r0, ng), np.float32)
-                mins = np.zeros((r1 - r0, k // 32), np.float32)
-                fast.split_rows(code, np.ascontiguousarray(rows[i03, i02, r0:r1]), codes,
-                                scales, mins, table_for(code))
-                sums = np.matmul(xb, codes.reshape(r1 - r0, ng, g).transpose(1, 2, 0))
-                tile = np.empty((mb, r1 - r0), np.float32)
-                fast.combine_groups(sums, sb, np.ascontiguousarray(scales.T), tile)
-                if mins_with is not None:
-                    tile += mins_with[i03, :, i02].reshape(mb, k // 32) @ mins.T
-                res[i03, :, i02, :, :, r0:r1] = tile.reshape(r3, r2, nt, r1 - r0)
 
 
 def _integer(a: Node, acts, kernel: str, out: np.ndarray) -> None:
@@ -466,10 +416,8 @@ def _compute(a: Node, float_acts, quant_acts, kernel: str, out: np.ndarray) -> N
     elif kernel == DEQUANT:
         quants_more.matmul_few_rows(a.type, rows_u8(a),
                                     acts.dequantized().reshape(*out.shape[:3], -1), out)
-    elif kernel == BLAS and a.type in fast.FAST_QUANT_TYPES:
-        _blas_groups(a, acts, out)
     elif kernel == BLAS:
-        _blas(a, acts.dequantized(), acts.s if a.type == Q5_1 else None, out)
+        _blas(a, acts.dequantized(), acts.s if a.type in (Q4_1, Q5_1) else None, out)
     else:
         _integer(a, acts, kernel, out)
 

@@ -1,25 +1,22 @@
 """MUL_MAT's fast kernels (spec/ops/matmul.md, "Kernels"; numerics: spec/numerics.md).
 
 The numerics contract asks MUL_MAT for test-backend-ops' bound, not for ggml's order of
-operations, so refimpl computes a product the way that is fastest from Python, in two ways:
+operations, so refimpl computes a product the way that is fastest from Python:
 
-* **Few activation rows** (generation: one token per graph): one dot product per output,
-  straight on the packed weight blocks, as ggml's SIMD code computes it
-  (refimpl.kernels.simd's ``row_dot_*``): per block eight int32 lanes of exact sums of
-  products of the codes (offsets already taken off) with the int8 activations, scaled by
-  ``d_w · d_a`` into eight float32 lanes (Q4_1 and Q5_1 add ``m_w · s_a``; Q4_K and Q6_K weigh
-  their groups' sums with their integer scales first).  F16 weights likewise, widened by the
-  CPU.  Nothing is unpacked into scratch.
-* **Many activation rows** (prompt processing): the weights are split into their integer codes
-  and the scale of every group of 16 or 32 (:func:`split_rows`), the quantised activations
-  likewise, and one batched BLAS ``sgemm`` (numpy's ``matmul``) gives the integer sum of every
-  group exactly (small integers are exact in float32, in any order); :func:`combine_groups`
-  then weighs each by its two scales as ggml's dot products do.  Only the order of the float32
-  accumulation over the groups differs from ggml's.
+* **Quantised weights of the packed formats**, whatever the number of activation rows: one
+  dot product per output, straight on the packed weight blocks, as ggml's SIMD code computes
+  it (refimpl.kernels.simd's ``row_dot_*``): per block eight int32 lanes of exact sums of
+  products of the codes with the int8 activations, scaled by ``d_w · d_a`` into eight float32
+  lanes (Q4_1 and Q5_1 add ``m_w · s_a``; the k-quants weigh their groups' sums with their
+  integer scales first).  Four activation rows at a time (``row_dots4_*``: prompts), each
+  weight block is decoded once for all four, as ggml's matrix kernels reuse it; every output
+  is still the one-row product, bit for bit.  Nothing is unpacked into scratch.
+* **F16 weights** with few activation rows: the same, widened by the CPU (:func:`mm_f16`).
 
 Activations are quantised exactly as ggml does (refimpl.kernels.quants): that is part of the
-op's semantics, not of its order of operations.  Float weights (F32, F16, BF16) always take
-BLAS, with the activations rounded to the weights' precision first, as ggml converts them.
+op's semantics, not of its order of operations.  Float weights (F32, F16, BF16) otherwise take
+BLAS (refimpl.kernels.matmul), with the activations rounded to the weights' precision first, as
+ggml converts them.
 
 The plain-numpy reference of every product is :func:`refimpl.kernels.matmul.reference`.
 """
@@ -29,18 +26,17 @@ from __future__ import annotations
 import types
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from .parallel import sized_kernel
-from .quants import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, _f16_at, _k4_scale_min
-from .simd import (decode_i8_32, decode_nibbles16_pair, decode_nibbles32, decode_q6_16,
-                   row_dot_f16, row_dot_q4_0, row_dot_q4_1, row_dot_q4_k, row_dot_q5_0,
-                   row_dot_q5_1, row_dot_q5_k, row_dot_q6_k, row_dot_q8_0, store_f32)
+from .quants import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
+from .simd import (row_dot_f16, row_dot_q4_0, row_dot_q4_1, row_dot_q4_k, row_dot_q5_0,
+                   row_dot_q5_1, row_dot_q5_k, row_dot_q6_k, row_dot_q8_0, row_dots4_q4_0,
+                   row_dots4_q4_1, row_dots4_q4_k, row_dots4_q5_0, row_dots4_q5_1,
+                   row_dots4_q5_k, row_dots4_q6_k, row_dots4_q8_0, store_f32, ROWS_AT_ONCE)
 
-#: Weight types with a packed-block dot product here (:func:`mm_packed`) ...
+#: Weight types with a packed-block dot product here (:func:`mm_packed`).
 PACKED_TYPES = frozenset({Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K})
-#: ... and those :func:`split_rows` splits into codes and group scales.
-FAST_QUANT_TYPES = frozenset({Q4_0, Q4_1, Q8_0, Q4_K, Q6_K})
 
 #: Weight bytes below which a product runs in the calling thread: its work, whatever the
 #: number of activation rows (a one-token step's output has only N values, yet reads all of
@@ -89,7 +85,33 @@ def _mm_packed(w, aq, ad, asum, bsums, out, table):
         r1 = min(n, r0 + ROWS_PER_JOB)
         i13, i12 = g // b2, g % b2
         wb = wp + (i13 // r3) * ws3 + (i12 // r2) * ws2
-        for t in range(nt):
+        # ROWS_AT_ONCE tokens per call: each weight block is decoded once for all of them
+        t0 = 0
+        while t0 + ROWS_AT_ONCE <= nt:
+            m = g * nt + t0
+            ap, dp, sp = ap0 + m * as0, dp0 + m * ds0, sp0 + m * ss0
+            bp = bp0 + m * bs0
+            o = op + i13 * os3 + i12 * os2 + t0 * os1
+            for r in range(r0, r1):
+                rp, orow = wb + r * ws1, o + r * os0
+                if CODE == Q4_0:
+                    row_dots4_q4_0(rp, ap, as0, dp, ds0, sp, ss0, nb, tp, orow, os1)
+                elif CODE == Q4_1:
+                    row_dots4_q4_1(rp, ap, as0, dp, ds0, sp, ss0, nb, tp, orow, os1)
+                elif CODE == Q5_0:
+                    row_dots4_q5_0(rp, ap, as0, dp, ds0, sp, ss0, nb, tp, orow, os1)
+                elif CODE == Q5_1:
+                    row_dots4_q5_1(rp, ap, as0, dp, ds0, sp, ss0, nb, tp, orow, os1)
+                elif CODE == Q8_0:
+                    row_dots4_q8_0(rp, ap, as0, dp, ds0, sp, ss0, nb, tp, orow, os1)
+                elif CODE == Q4_K:
+                    row_dots4_q4_k(rp, ap, as0, dp, ds0, bp, bs0, nb, tp, orow, os1)
+                elif CODE == Q5_K:
+                    row_dots4_q5_k(rp, ap, as0, dp, ds0, bp, bs0, nb, tp, orow, os1)
+                else:
+                    row_dots4_q6_k(rp, ap, as0, dp, ds0, bp, bs0, nb, tp, orow, os1)
+            t0 += ROWS_AT_ONCE
+        for t in range(t0, nt):
             m = g * nt + t
             ap, dp, sp = ap0 + m * as0, dp0 + m * ds0, sp0 + m * ss0
             bp = bp0 + m * bs0
@@ -174,7 +196,7 @@ def mm_f16(w, x, out, table):
 
 
 # ------------------------------------------------------------------------------------------
-# weight rows as integer codes and per-group scales (the BLAS path)
+# the BLAS path's help with Q5_1 (refimpl.kernels.matmul._blas)
 
 
 def block_mins(rows: np.ndarray, block_bytes: int) -> np.ndarray:
@@ -183,91 +205,3 @@ def block_mins(rows: np.ndarray, block_bytes: int) -> np.ndarray:
     r, nbytes = rows.shape
     blocks = np.ascontiguousarray(rows).reshape(r, nbytes // block_bytes, block_bytes)
     return blocks[:, :, 2:4].copy().view(np.float16)[:, :, 0].astype(np.float32)
-
-
-def group_size(code: int) -> int:
-    """Values per scale group of the codes :func:`split_row` gives (a super-block of 256 for
-    Q4_K and Q6_K, else a block of 32)."""
-    return 256 if code in (Q4_K, Q6_K) else 32
-
-
-@njit(cache=True, nogil=True)
-def split_row(code, row, codes, scales, mins, table):
-    """Packed weight ``row`` of a FAST_QUANT_TYPES ``code`` as integer codes (float32,
-    ``codes`` (K,)), the scale of every group of :func:`group_size` codes (``scales``: the
-    block's or super-block's ``d``) and, for Q4_1 and Q4_K, the minimum of every 32
-    (``mins``: ``m``; ``dmin · min_j``), so that value ``i`` is
-    ``codes[i] · scales[i // G] (- mins[i // 32] for Q4_K, + for Q4_1)``.  A k-quant's codes
-    already carry their group's integer scale (``q · scale_j``, at most 63·15 for Q4_K and
-    128·32 for Q6_K: exact in float32), so that one super-block is one group: ggml multiplies
-    ``d`` by the integer sum of the whole super-block too."""
-    rp = row.ctypes.data
-    op = codes.ctypes.data
-    if code == Q4_0:
-        for b in range(codes.shape[0] // 32):
-            decode_nibbles16_pair(rp + 18 * b + 2, 8, op + 128 * b)
-            scales[b] = _f16_at(row, 18 * b, table)
-    elif code == Q4_1:
-        for b in range(codes.shape[0] // 32):
-            decode_nibbles16_pair(rp + 20 * b + 4, 0, op + 128 * b)
-            scales[b] = _f16_at(row, 20 * b, table)
-            mins[b] = _f16_at(row, 20 * b + 2, table)
-    elif code == Q8_0:
-        for b in range(codes.shape[0] // 32):
-            decode_i8_32(rp + 34 * b + 2, op + 128 * b)
-            scales[b] = _f16_at(row, 34 * b, table)
-    elif code == Q4_K:
-        for b in range(codes.shape[0] // 256):
-            o = 144 * b
-            d, dmin = _f16_at(row, o, table), _f16_at(row, o + 2, table)
-            for j in range(8):
-                sc, mn = _k4_scale_min(row[o + 4:o + 16], j)
-                first = 256 * b + 32 * j
-                decode_nibbles32(rp + o + 16 + 32 * (j // 2), 4 * (j % 2), op + 4 * first)
-                for i in range(first, first + 32):
-                    codes[i] *= np.float32(sc)
-                mins[8 * b + j] = dmin * np.float32(mn)
-            scales[b] = d
-    else:   # Q6_K
-        for b in range(codes.shape[0] // 256):
-            o = 210 * b
-            d = _f16_at(row, o + 208, table)
-            for n in range(2):
-                ql = rp + o + 64 * n
-                qh = rp + o + 128 + 32 * n
-                sc = o + 192 + 8 * n
-                e = op + 4 * (256 * b + 128 * n)
-                first = 256 * b + 128 * n
-                for h in range(2):
-                    decode_q6_16(ql + 16 * h, 0, qh + 16 * h, 0, e + 64 * h)
-                    decode_q6_16(ql + 32 + 16 * h, 0, qh + 16 * h, 2, e + 128 + 64 * h)
-                    decode_q6_16(ql + 16 * h, 4, qh + 16 * h, 4, e + 256 + 64 * h)
-                    decode_q6_16(ql + 32 + 16 * h, 4, qh + 16 * h, 6, e + 384 + 64 * h)
-                    for i in range(4):      # values 16h + 32i .. +16 of this half
-                        s = np.float32(np.int8(row[sc + h + 2 * i]))
-                        for v in range(first + 16 * h + 32 * i, first + 16 * h + 32 * i + 16):
-                            codes[v] *= s
-            scales[b] = d
-
-
-@sized_kernel(2, cache=True, nogil=True)
-def split_rows(code, rows, codes, scales, mins, table):
-    """:func:`split_row` for every row of ``rows`` (uint8 (R, row_bytes))."""
-    for r in prange(rows.shape[0]):
-        split_row(code, rows[r], codes[r], scales[r], mins[r], table)
-
-
-@sized_kernel(3, cache=True, nogil=True)
-def combine_groups(sums, a_scales, w_scales, out):
-    """``out[t, n] = Σ_g (a_scales[t, g] · w_scales[g, n]) · sums[g, t, n]``, group after
-    group: the exact integer sums of every group (``sums`` (G, M, R) float32) weighed by the
-    product of the activation's and the weight's scale, accumulated in float32 as ggml's dot
-    products accumulate their blocks (in another order)."""
-    ng, m, r = sums.shape
-    for t in prange(m):
-        for n in range(r):
-            out[t, n] = 0.0
-        for g in range(ng):
-            s = a_scales[t, g]
-            for n in range(r):
-                out[t, n] += (s * w_scales[g, n]) * sums[g, t, n]

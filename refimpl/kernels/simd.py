@@ -3,21 +3,23 @@
 Numba compiles Python loops to LLVM, but a loop over 16 packed bytes is too short for LLVM's
 loop vectoriser, and numba widens every small integer to 64 bits: the natural numba loop
 ``s += (w & 15) * a`` runs one 64-bit multiply per value.  These few functions say what ggml's
-SIMD code says, as portable LLVM vector operations (no x86 intrinsic; LLVM picks the host's
-instructions, e.g. ``vpmaddwd`` on AVX2):
+SIMD code says, as LLVM vector operations, portable where LLVM finds the host's instructions
+itself (e.g. ``vpmaddwd`` on AVX2), x86's by name only where it does not (and then with a
+portable twin):
 
 * ``row_dot_*``: one whole output of a product with a 32-value block format (Q4_0, Q4_1,
   Q5_0, Q5_1, Q8_0), ggml's way: eight integer lanes per block, scaled into eight float32 lanes;
-* ``row_dot_q4_k``, ``row_dot_q6_k``: the same for the k-quants, per super-block the exact
-  integer sums of every group times its scale in eight int32 lanes;
-* ``row_dot_f16``: one output of a product with F16 weights (sixteen float32 lanes);
-* ``decode_*``: one group of weight codes, stored as float32 (what the BLAS path of a
-  batched product multiplies, exactly).
+* ``row_dot_q4_k``, ``row_dot_q5_k``, ``row_dot_q6_k``: the same for the k-quants, per
+  super-block the exact integer sums of every group times its scale in eight int32 lanes
+  (``pmaddubsw`` and ``pmaddwd`` by name on AVX2 hosts, where LLVM does not find them);
+* ``row_dots4_*``: the same four activation rows at a time, each weight block decoded once;
+* ``row_dot_f16``: one output of a product with F16 weights (sixteen float32 lanes).
 
 Every function takes raw addresses (``array.ctypes.data + offset``): the caller has validated
 the tensors and computed the offsets; nothing here checks bounds (DEVELOPERS.md: validation
-happens before dispatch).  The tests compare each with a plain-numpy reference (``ref_*``
-here; :func:`refimpl.kernels.matmul.reference` for whole products).
+happens before dispatch).  The tests compare whole products with
+:func:`refimpl.kernels.matmul.reference` (plain numpy) and the native k-quant forms with
+their portable twins.
 
 Weight codes, by format (spec/ops/matmul.md, "Block formats"):
 
@@ -28,7 +30,6 @@ Weight codes, by format (spec/ops/matmul.md, "Block formats"):
 
 from __future__ import annotations
 
-import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -58,22 +59,6 @@ def _nibbles(builder, addr, shift, n):
     b = builder.zext(_load(builder, addr, _I8, n), _vec(_I16, n))
     s = _splat(builder, builder.trunc(shift, _I16), _I16, n)
     return builder.and_(builder.lshr(b, s), ir.Constant(_vec(_I16, n), [15] * n))
-
-
-def _q6_codes(builder, ql, ls, qh, hs, n=16):
-    """``n`` Q6_K codes (-32..31) as int16 lanes."""
-    low = _nibbles(builder, ql, ls, n)
-    h = builder.zext(_load(builder, qh, _I8, n), _vec(_I16, n))
-    h = builder.lshr(h, _splat(builder, builder.trunc(hs, _I16), _I16, n))
-    h = builder.shl(builder.and_(h, ir.Constant(_vec(_I16, n), [3] * n)),
-                    ir.Constant(_vec(_I16, n), [4] * n))
-    return builder.sub(builder.or_(low, h), ir.Constant(_vec(_I16, n), [32] * n))
-
-
-def _store_codes(builder, codes, out_addr, n):
-    """float32(codes) into ``n`` floats at ``out_addr``."""
-    f = builder.sitofp(codes, _vec(_F32, n))
-    builder.store(f, builder.inttoptr(out_addr, _vec(_F32, n).as_pointer()), align=1)
 
 
 def _f16_via(builder, table_p, addr):
@@ -126,6 +111,63 @@ _Q32_LAYOUT = {"q4_0": (18, 2, False, 0, 8), "q4_1": (20, 4, True, 0, 0),
                "q8_0": (34, 2, False, 0, 0)}
 
 
+def _q32_rows(builder, kind, wa, tokens, nbv, table_p):
+    """The codegen of a 32-value block format's row products: the packed row at ``wa``
+    (``nb`` blocks) against each of ``tokens`` activation rows, given as tuples of integer
+    addresses ``(a, ad, asum)`` (int8 values, float32 block scales, float32 block sums).
+    Each block's weight codes are decoded once, for all the rows.  Returns one float32 per
+    activation row."""
+    nbytes, qoff, has_min, qh_off, offset = _Q32_LAYOUT[kind]
+    fp = _F32.as_pointer()
+    accs = [_float_lanes(builder, 8) for _ in tokens]
+    mins = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in tokens]
+    ptrs = [(aa, builder.inttoptr(da, fp), builder.inttoptr(sa, fp)) for aa, da, sa in tokens]
+    with cgutils.for_range(builder, nbv) as loop:
+        b = loop.index
+        wb = builder.add(wa, builder.mul(b, ir.Constant(b.type, nbytes)))
+        qa = builder.add(wb, ir.Constant(wb.type, qoff))
+        if kind == "q8_0":
+            lo = builder.sext(_load(builder, qa, _I8, 16), _vec(_I16, 16))
+            hi = builder.sext(_load(builder, builder.add(qa, ir.Constant(qa.type, 16)),
+                                    _I8, 16), _vec(_I16, 16))
+        else:
+            lo = _nibbles(builder, qa, ir.Constant(_I32, 0), 16)
+            hi = _nibbles(builder, qa, ir.Constant(_I32, 4), 16)
+            if qh_off:      # bit j of qh is the fifth bit of value j
+                qh = _load(builder, builder.add(wb, ir.Constant(wb.type, qh_off)), _I8, 4)
+                bit = ir.Constant(_vec(_I8, 16), [1 << (j % 8) for j in range(16)])
+                zero = ir.Constant(_vec(_I8, 16), [0] * 16)
+                for first in (0, 2):      # bytes 0-1: values 0..15, 2-3: 16..31
+                    pick = ir.Constant(_vec(_I32, 16), [first] * 8 + [first + 1] * 8)
+                    spread = builder.shuffle_vector(qh, qh, pick)
+                    on = builder.icmp_unsigned("!=", builder.and_(spread, bit), zero)
+                    high = builder.select(on, ir.Constant(_vec(_I16, 16), [16] * 16),
+                                          ir.Constant(_vec(_I16, 16), [0] * 16))
+                    if first == 0:
+                        lo = builder.or_(lo, high)
+                    else:
+                        hi = builder.or_(hi, high)
+            if offset:
+                off = ir.Constant(_vec(_I16, 16), [offset] * 16)
+                lo, hi = builder.sub(lo, off), builder.sub(hi, off)
+        dw = _f16_via(builder, table_p, wb)
+        mw = _f16_via(builder, table_p, builder.add(wb, ir.Constant(wb.type, 2))) \
+            if has_min else None
+        for (aa, d_p, s_p), acc_p, min_p in zip(ptrs, accs, mins):
+            ab = builder.add(aa, builder.mul(b, ir.Constant(b.type, 32)))
+            a_lo = builder.sext(_load(builder, ab, _I8, 16), _vec(_I16, 16))
+            a_hi = builder.sext(_load(builder, builder.add(ab, ir.Constant(ab.type, 16)),
+                                      _I8, 16), _vec(_I16, 16))
+            lanes = builder.add(_madd(builder, lo, a_lo), _madd(builder, hi, a_hi))
+            _accumulate(builder, acc_p, lanes,
+                        builder.fmul(dw, builder.load(builder.gep(d_p, [b]))))
+            if has_min:
+                m = builder.fmul(mw, builder.load(builder.gep(s_p, [b])))
+                builder.store(builder.fadd(builder.load(min_p), m), min_p)
+    return [builder.fadd(_hsum8f(builder, builder.load(acc_p)), builder.load(min_p))
+            for acc_p, min_p in zip(accs, mins)]
+
+
 def _row_dot_q32(kind):
     """An intrinsic ``row_dot_<kind>(w, a, ad, asum, nb, table) -> float32``: one output of a
     product of the packed row at ``w`` (``nb`` blocks of 32 values) with the Q8_0/Q8_1
@@ -135,7 +177,6 @@ def _row_dot_q32(kind):
     As ggml's SIMD dot products: per block, eight int32 lanes of exact integer sums of four
     products each, converted to float32 and multiplied by ``d_w · d_a`` into eight float32
     lanes, summed at the end; Q4_1's and Q5_1's ``m · s`` go into a separate float32 sum."""
-    nbytes, qoff, has_min, qh_off, offset = _Q32_LAYOUT[kind]
 
     @intrinsic
     def row_dot(typingctx, w, a, ad, asum, nb, table):
@@ -144,54 +185,8 @@ def _row_dot_q32(kind):
 
         def codegen(context, builder, signature, args):
             wa, aa, da, sa, nbv, ta = args
-            fp = _F32.as_pointer()
-            acc_p = _float_lanes(builder, 8)
-            min_p = cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0))
-            table_p, d_p, s_p = (builder.inttoptr(x, fp) for x in (ta, da, sa))
-            with cgutils.for_range(builder, nbv) as loop:
-                b = loop.index
-                wb = builder.add(wa, builder.mul(b, ir.Constant(b.type, nbytes)))
-                ab = builder.add(aa, builder.mul(b, ir.Constant(b.type, 32)))
-                qa = builder.add(wb, ir.Constant(wb.type, qoff))
-
-                a_lo = builder.sext(_load(builder, ab, _I8, 16), _vec(_I16, 16))
-                a_hi = builder.sext(_load(builder, builder.add(ab, ir.Constant(ab.type, 16)),
-                                          _I8, 16), _vec(_I16, 16))
-                if kind == "q8_0":
-                    lo = builder.sext(_load(builder, qa, _I8, 16), _vec(_I16, 16))
-                    hi = builder.sext(_load(builder, builder.add(qa, ir.Constant(qa.type, 16)),
-                                            _I8, 16), _vec(_I16, 16))
-                else:
-                    lo = _nibbles(builder, qa, ir.Constant(_I32, 0), 16)
-                    hi = _nibbles(builder, qa, ir.Constant(_I32, 4), 16)
-                    if qh_off:      # bit j of qh is the fifth bit of value j
-                        qh = _load(builder, builder.add(wb, ir.Constant(wb.type, qh_off)),
-                                   _I8, 4)
-                        bit = ir.Constant(_vec(_I8, 16), [1 << (j % 8) for j in range(16)])
-                        zero = ir.Constant(_vec(_I8, 16), [0] * 16)
-                        for first in (0, 2):      # bytes 0-1: values 0..15, 2-3: 16..31
-                            pick = ir.Constant(_vec(_I32, 16), [first] * 8 + [first + 1] * 8)
-                            spread = builder.shuffle_vector(qh, qh, pick)
-                            on = builder.icmp_unsigned("!=", builder.and_(spread, bit), zero)
-                            high = builder.select(on, ir.Constant(_vec(_I16, 16), [16] * 16),
-                                                  ir.Constant(_vec(_I16, 16), [0] * 16))
-                            if first == 0:
-                                lo = builder.or_(lo, high)
-                            else:
-                                hi = builder.or_(hi, high)
-                    if offset:
-                        off = ir.Constant(_vec(_I16, 16), [offset] * 16)
-                        lo, hi = builder.sub(lo, off), builder.sub(hi, off)
-                lanes = builder.add(_madd(builder, lo, a_lo), _madd(builder, hi, a_hi))
-                d = builder.fmul(_f16_via(builder, table_p, wb),
-                                 builder.load(builder.gep(d_p, [b])))
-                _accumulate(builder, acc_p, lanes, d)
-                if has_min:
-                    m = builder.fmul(_f16_via(builder, table_p,
-                                              builder.add(wb, ir.Constant(wb.type, 2))),
-                                     builder.load(builder.gep(s_p, [b])))
-                    builder.store(builder.fadd(builder.load(min_p), m), min_p)
-            return builder.fadd(_hsum8f(builder, builder.load(acc_p)), builder.load(min_p))
+            table_p = builder.inttoptr(ta, _F32.as_pointer())
+            return _q32_rows(builder, kind, wa, [(aa, da, sa)], nbv, table_p)[0]
 
         return sig, codegen
 
@@ -199,11 +194,53 @@ def _row_dot_q32(kind):
     return row_dot
 
 
+#: Activation rows one call of a ``row_dots4_*`` intrinsic takes.
+ROWS_AT_ONCE = 4
+
+
+def _row_dots4_q32(kind):
+    """An intrinsic ``row_dots4_<kind>(w, a, a_step, ad, ad_step, asum, asum_step, nb, table,
+    out, out_step)``: :func:`_row_dot_q32`'s product of one packed weight row with
+    :data:`ROWS_AT_ONCE` activation rows (row ``t`` at ``a + t·a_step``, its scales at
+    ``ad + t·ad_step``, sums at ``asum + t·asum_step``), each block's codes decoded once for
+    all of them (ggml's matrix kernels, e.g. llamafile's, reuse them so too).  Output ``t``
+    is stored as float32 at ``out + t·out_step``.  Every output equals :func:`_row_dot_q32`'s
+    bit for bit: the same operations, in the same order, per row."""
+
+    @intrinsic
+    def row_dots(typingctx, w, a, a_step, ad, ad_step, asum, asum_step, nb, table, out,
+                 out_step):
+        sig = types.void(*([types.intp] * 11))
+
+        def codegen(context, builder, signature, args):
+            wa, aa, astep, da, dstep, sa, sstep, nbv, ta, oa, ostep = args
+            table_p = builder.inttoptr(ta, _F32.as_pointer())
+
+            def nth(base, step, t):
+                return builder.add(base, builder.mul(step, ir.Constant(step.type, t)))
+            rows = [(nth(aa, astep, t), nth(da, dstep, t), nth(sa, sstep, t))
+                    for t in range(ROWS_AT_ONCE)]
+            for t, value in enumerate(_q32_rows(builder, kind, wa, rows, nbv, table_p)):
+                builder.store(value, builder.inttoptr(nth(oa, ostep, t), _F32.as_pointer()),
+                              align=1)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    row_dots.__name__ = f"row_dots4_{kind}"
+    return row_dots
+
+
 row_dot_q4_0 = _row_dot_q32("q4_0")
 row_dot_q4_1 = _row_dot_q32("q4_1")
 row_dot_q5_0 = _row_dot_q32("q5_0")
 row_dot_q5_1 = _row_dot_q32("q5_1")
 row_dot_q8_0 = _row_dot_q32("q8_0")
+row_dots4_q4_0 = _row_dots4_q32("q4_0")
+row_dots4_q4_1 = _row_dots4_q32("q4_1")
+row_dots4_q5_0 = _row_dots4_q32("q5_0")
+row_dots4_q5_1 = _row_dots4_q32("q5_1")
+row_dots4_q8_0 = _row_dots4_q32("q8_0")
 
 
 def _lanes8(builder, v):
@@ -319,14 +356,6 @@ def _row_dot_kquant(kind, native=X86_AVX2):
     super-block, is summed in float32 and taken off at the end.  ``native`` chooses x86's
     instructions by name (the default on AVX2 hosts) or the portable forms; both give the
     same integers."""
-    q4 = kind in ("q4_k", "q5_k")      # Q5_K: Q4_K's layout plus a fifth bit per value
-    q5 = kind == "q5_k"
-    nbytes = {"q4_k": 144, "q5_k": 176, "q6_k": 210}[kind]
-    qs_at = 48 if q5 else 16           # where the nibbles start (Q5_K's 32 bytes of qh at 16)
-    v32 = _vec(_I8, 32)
-
-    def bytes_of(v):
-        return ir.Constant(v32, [v] * 32)
 
     @intrinsic
     def row_dot(typingctx, w, a, ad, nb, table, bsums):
@@ -335,78 +364,8 @@ def _row_dot_kquant(kind, native=X86_AVX2):
 
         def codegen(context, builder, signature, args):
             wa, aa, da, nbv, ta, ba = args
-            fp = _F32.as_pointer()
-            acc_p = _float_lanes(builder, 8)
-            min_p = cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0))
-            table_p, d_p = builder.inttoptr(ta, fp), builder.inttoptr(da, fp)
-
-            def at(base, off):
-                return builder.add(base, ir.Constant(base.type, off))
-
-            def group_sum(isum, codes, scales16, picks, act_addr):
-                """``isum`` plus 32 unsigned byte ``codes`` times 32 activations, summed in
-                pairs, times their scales (``picks``: the lane of ``scales16`` for each
-                pair), summed in pairs again."""
-                p16 = _maddubs(builder, codes, _load(builder, act_addr, _I8, 32), native)
-                s = _broadcast_lanes(builder, scales16, picks)
-                return builder.add(isum, _madd_wd(builder, p16, s, native))
-
-            with cgutils.for_range(builder, nbv) as loop:
-                b = loop.index
-                wb = builder.add(wa, builder.mul(b, ir.Constant(b.type, nbytes)))
-                ab = builder.add(aa, builder.mul(b, ir.Constant(b.type, 256)))
-                bsum = _load(builder, builder.add(ba, builder.mul(b, ir.Constant(b.type, 64))),
-                             _I32, 16)
-                isum = ir.Constant(_vec(_I32, 8), [0] * 8)
-                if q4:
-                    scales, mins = _q4k_scales_mins(builder, at(wb, 4))
-                    scales16 = builder.trunc(scales, _vec(_I16, 8))
-                    # sub-blocks 2j (low nibbles) and 2j+1 (high) share 32 bytes
-                    if q5:      # bit 2j+half of qh[l] is the fifth bit of value 64j+32half+l
-                        qh = _load(builder, at(wb, 16), _I8, 32)
-                    for j in range(4):
-                        q = _load(builder, at(wb, qs_at + 32 * j), _I8, 32)
-                        for half in range(2):
-                            codes = builder.and_(builder.lshr(q, bytes_of(4 * half)),
-                                                 bytes_of(15))
-                            if q5:
-                                bit = builder.and_(builder.lshr(qh, bytes_of(2 * j + half)),
-                                                   bytes_of(1))
-                                codes = builder.or_(codes, builder.shl(bit, bytes_of(4)))
-                            isum = group_sum(isum, codes, scales16, [2 * j + half] * 16,
-                                             at(ab, 64 * j + 32 * half))
-                    # Σ_j min_j · (bsums[2j] + bsums[2j+1]), exact in int32
-                    pairs = builder.add(_broadcast_lanes(builder, bsum, range(0, 16, 2)),
-                                        _broadcast_lanes(builder, bsum, range(1, 16, 2)))
-                    msum = _hsum_i32(builder, builder.mul(mins, pairs))
-                    dmin = _f16_via(builder, table_p, at(wb, 2))
-                    part = builder.fmul(builder.load(builder.gep(d_p, [b])),
-                                        builder.fmul(dmin, builder.sitofp(msum, _F32)))
-                    builder.store(builder.fadd(builder.load(min_p), part), min_p)
-                    dw = _f16_via(builder, table_p, wb)
-                else:       # 16 groups of 16: values 128n + 32i + 16h, scale 8n + h + 2i
-                    sc8 = _load(builder, at(wb, 192), _I8, 16)
-                    scales16 = builder.sext(sc8, _vec(_I16, 16))
-                    for n in range(2):
-                        qh = _load(builder, at(wb, 128 + 32 * n), _I8, 32)
-                        for i in range(4):      # both h at once: 32 consecutive values
-                            ql = _load(builder, at(wb, 64 * n + 32 * (i % 2)), _I8, 32)
-                            low = builder.and_(builder.lshr(ql, bytes_of(4 * (i // 2))),
-                                               bytes_of(15))
-                            high = builder.and_(builder.lshr(qh, bytes_of(2 * i)), bytes_of(3))
-                            codes = builder.or_(low, builder.shl(high, bytes_of(4)))
-                            s = 8 * n + 2 * i
-                            isum = group_sum(isum, codes, scales16, [s] * 8 + [s + 1] * 8,
-                                             at(ab, 128 * n + 32 * i))
-                    # the stored codes are the values plus 32: take 32 · scale_g · Σa off,
-                    # group g's into lane g % 8 (any lane keeps the integers exact)
-                    offs = builder.mul(builder.sext(sc8, _vec(_I32, 16)), bsum)
-                    offs = builder.shl(_lanes8(builder, offs), ir.Constant(_vec(_I32, 8), [5] * 8))
-                    isum = builder.sub(isum, offs)
-                    dw = _f16_via(builder, table_p, at(wb, 208))
-                _accumulate(builder, acc_p, isum,
-                            builder.fmul(dw, builder.load(builder.gep(d_p, [b]))))
-            return builder.fsub(_hsum8f(builder, builder.load(acc_p)), builder.load(min_p))
+            table_p = builder.inttoptr(ta, _F32.as_pointer())
+            return _kquant_rows(builder, kind, native, wa, [(aa, da, ba)], nbv, table_p)[0]
 
         return sig, codegen
 
@@ -414,70 +373,140 @@ def _row_dot_kquant(kind, native=X86_AVX2):
     return row_dot
 
 
+def _row_dots4_kquant(kind, native=X86_AVX2):
+    """An intrinsic ``row_dots4_<kind>(w, a, a_step, ad, ad_step, bsums, bsums_step, nb,
+    table, out, out_step)``: :func:`_row_dot_kquant`'s product of one weight row with
+    :data:`ROWS_AT_ONCE` activation rows, as :func:`_row_dots4_q32` does for the 32-value
+    formats: each group's codes decoded once for all rows, every output bit for bit the
+    one-row intrinsic's."""
+
+    @intrinsic
+    def row_dots(typingctx, w, a, a_step, ad, ad_step, bsums, bsums_step, nb, table, out,
+                 out_step):
+        sig = types.void(*([types.intp] * 11))
+
+        def codegen(context, builder, signature, args):
+            wa, aa, astep, da, dstep, ba, bstep, nbv, ta, oa, ostep = args
+            table_p = builder.inttoptr(ta, _F32.as_pointer())
+
+            def nth(base, step, t):
+                return builder.add(base, builder.mul(step, ir.Constant(step.type, t)))
+            rows = [(nth(aa, astep, t), nth(da, dstep, t), nth(ba, bstep, t))
+                    for t in range(ROWS_AT_ONCE)]
+            outs = _kquant_rows(builder, kind, native, wa, rows, nbv, table_p)
+            for t, value in enumerate(outs):
+                builder.store(value, builder.inttoptr(nth(oa, ostep, t), _F32.as_pointer()),
+                              align=1)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    row_dots.__name__ = f"row_dots4_{kind}"
+    return row_dots
+
+
+def _kquant_rows(builder, kind, native, wa, tokens, nbv, table_p):
+    """The codegen of :func:`_row_dot_kquant`: the weight row at ``wa`` (``nb`` super-blocks)
+    against each of ``tokens`` activation rows, tuples of integer addresses ``(a, ad,
+    bsums)``; each group's codes are decoded once for all of them.  One float32 per row."""
+    q4 = kind in ("q4_k", "q5_k")      # Q5_K: Q4_K's layout plus a fifth bit per value
+    q5 = kind == "q5_k"
+    nbytes = {"q4_k": 144, "q5_k": 176, "q6_k": 210}[kind]
+    qs_at = 48 if q5 else 16           # where the nibbles start (Q5_K's 32 bytes of qh at 16)
+    v32 = _vec(_I8, 32)
+    fp = _F32.as_pointer()
+
+    def bytes_of(v):
+        return ir.Constant(v32, [v] * 32)
+
+    def at(base, off):
+        return builder.add(base, ir.Constant(base.type, off))
+
+    def group_sum(isum, codes, scales16, picks, act_addr):
+        """``isum`` plus 32 unsigned byte ``codes`` times 32 activations, summed in pairs,
+        times their scales (``picks``: the lane of ``scales16`` for each pair), summed in
+        pairs again."""
+        p16 = _maddubs(builder, codes, _load(builder, act_addr, _I8, 32), native)
+        s = _broadcast_lanes(builder, scales16, picks)
+        return builder.add(isum, _madd_wd(builder, p16, s, native))
+
+    accs = [_float_lanes(builder, 8) for _ in tokens]
+    mins_p = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in tokens]
+    ptrs = [(aa, builder.inttoptr(da, fp), ba) for aa, da, ba in tokens]
+    with cgutils.for_range(builder, nbv) as loop:
+        b = loop.index
+        wb = builder.add(wa, builder.mul(b, ir.Constant(b.type, nbytes)))
+        abs_ = [builder.add(aa, builder.mul(b, ir.Constant(b.type, 256))) for aa, _, _ in ptrs]
+        bsum = [_load(builder, builder.add(ba, builder.mul(b, ir.Constant(b.type, 64))),
+                      _I32, 16) for _, _, ba in ptrs]
+        isum = [ir.Constant(_vec(_I32, 8), [0] * 8) for _ in ptrs]
+        if q4:
+            scales, mins = _q4k_scales_mins(builder, at(wb, 4))
+            scales16 = builder.trunc(scales, _vec(_I16, 8))
+            # sub-blocks 2j (low nibbles) and 2j+1 (high) share 32 bytes
+            if q5:      # bit 2j+half of qh[l] is the fifth bit of value 64j+32half+l
+                qh = _load(builder, at(wb, 16), _I8, 32)
+            for j in range(4):
+                q = _load(builder, at(wb, qs_at + 32 * j), _I8, 32)
+                for half in range(2):
+                    codes = builder.and_(builder.lshr(q, bytes_of(4 * half)), bytes_of(15))
+                    if q5:
+                        bit = builder.and_(builder.lshr(qh, bytes_of(2 * j + half)), bytes_of(1))
+                        codes = builder.or_(codes, builder.shl(bit, bytes_of(4)))
+                    for t, ab in enumerate(abs_):
+                        isum[t] = group_sum(isum[t], codes, scales16, [2 * j + half] * 16,
+                                            at(ab, 64 * j + 32 * half))
+            dmin = _f16_via(builder, table_p, at(wb, 2))
+            for t, (_, d_p, _) in enumerate(ptrs):
+                # Σ_j min_j · (bsums[2j] + bsums[2j+1]), exact in int32
+                pairs = builder.add(_broadcast_lanes(builder, bsum[t], range(0, 16, 2)),
+                                    _broadcast_lanes(builder, bsum[t], range(1, 16, 2)))
+                msum = _hsum_i32(builder, builder.mul(mins, pairs))
+                part = builder.fmul(builder.load(builder.gep(d_p, [b])),
+                                    builder.fmul(dmin, builder.sitofp(msum, _F32)))
+                builder.store(builder.fadd(builder.load(mins_p[t]), part), mins_p[t])
+            dw = _f16_via(builder, table_p, wb)
+        else:       # 16 groups of 16: values 128n + 32i + 16h, scale 8n + h + 2i
+            sc8 = _load(builder, at(wb, 192), _I8, 16)
+            scales16 = builder.sext(sc8, _vec(_I16, 16))
+            for n in range(2):
+                qh = _load(builder, at(wb, 128 + 32 * n), _I8, 32)
+                for i in range(4):      # both h at once: 32 consecutive values
+                    ql = _load(builder, at(wb, 64 * n + 32 * (i % 2)), _I8, 32)
+                    low = builder.and_(builder.lshr(ql, bytes_of(4 * (i // 2))), bytes_of(15))
+                    high = builder.and_(builder.lshr(qh, bytes_of(2 * i)), bytes_of(3))
+                    codes = builder.or_(low, builder.shl(high, bytes_of(4)))
+                    s = 8 * n + 2 * i
+                    for t, ab in enumerate(abs_):
+                        isum[t] = group_sum(isum[t], codes, scales16, [s] * 8 + [s + 1] * 8,
+                                            at(ab, 128 * n + 32 * i))
+            # the stored codes are the values plus 32: take 32 · scale_g · Σa off, group g's
+            # from lane g % 8 (any lane keeps the integers exact)
+            sc32 = builder.sext(sc8, _vec(_I32, 16))
+            for t in range(len(ptrs)):
+                offs = _lanes8(builder, builder.mul(sc32, bsum[t]))
+                offs = builder.shl(offs, ir.Constant(_vec(_I32, 8), [5] * 8))
+                isum[t] = builder.sub(isum[t], offs)
+            dw = _f16_via(builder, table_p, at(wb, 208))
+        for t, (_, d_p, _) in enumerate(ptrs):
+            _accumulate(builder, accs[t], isum[t],
+                        builder.fmul(dw, builder.load(builder.gep(d_p, [b]))))
+    return [builder.fsub(_hsum8f(builder, builder.load(acc_p)), builder.load(min_p))
+            for acc_p, min_p in zip(accs, mins_p)]
+
+
 row_dot_q4_k = _row_dot_kquant("q4_k")
 row_dot_q5_k = _row_dot_kquant("q5_k")
 row_dot_q6_k = _row_dot_kquant("q6_k")
+row_dots4_q4_k = _row_dots4_kquant("q4_k")
+row_dots4_q5_k = _row_dots4_kquant("q5_k")
+row_dots4_q6_k = _row_dots4_kquant("q6_k")
 #: The same in portable LLVM vector IR only, whatever the host (tests compare the two).
 PORTABLE_KQUANT = {k: _row_dot_kquant(k, native=False) for k in ("q4_k", "q5_k", "q6_k")}
 
 
 # ------------------------------------------------------------------------------------------
-# decoding to float32
-
-
-@intrinsic
-def decode_nibbles16_pair(typingctx, w, offset, out):
-    """out[j] = lo(w[j]) - offset, out[16+j] = hi(w[j]) - offset, j < 16, as float32."""
-    sig = types.void(types.intp, types.int32, types.intp)
-
-    def codegen(context, builder, signature, args):
-        wa, off, oa = args
-        o16 = _splat(builder, builder.trunc(off, _I16), _I16, 16)
-        for half, shift in ((0, 0), (1, 4)):
-            codes = builder.sub(_nibbles(builder, wa, ir.Constant(_I32, shift), 16), o16)
-            _store_codes(builder, codes, builder.add(oa, ir.Constant(oa.type, 64 * half)), 16)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@intrinsic
-def decode_nibbles32(typingctx, w, shift, out):
-    """out[j] = (w[j] >> shift) & 15, j < 32, as float32 (one Q4_K sub-block)."""
-    sig = types.void(types.intp, types.int32, types.intp)
-
-    def codegen(context, builder, signature, args):
-        wa, sh, oa = args
-        _store_codes(builder, _nibbles(builder, wa, sh, 32), oa, 32)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@intrinsic
-def decode_q6_16(typingctx, ql, ls, qh, hs, out):
-    """out[j] = q6[j], j < 16, as float32 (one Q6_K group of 16)."""
-    sig = types.void(types.intp, types.int32, types.intp, types.int32, types.intp)
-
-    def codegen(context, builder, signature, args):
-        la, lsh, ha, hsh, oa = args
-        _store_codes(builder, _q6_codes(builder, la, lsh, ha, hsh), oa, 16)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@intrinsic
-def decode_i8_32(typingctx, w, out):
-    """out[j] = w[j], j < 32, as float32 (one Q8_0 block)."""
-    sig = types.void(types.intp, types.intp)
-
-    def codegen(context, builder, signature, args):
-        wa, oa = args
-        _store_codes(builder, builder.sext(_load(builder, wa, _I8, 32), _vec(_I16, 32)), oa, 32)
-        return context.get_dummy_value()
-
-    return sig, codegen
+# half precision
 
 
 @intrinsic
@@ -630,17 +659,3 @@ def _host_has_f16c() -> bool:
 #: Whether the host converts half precision in hardware (every AVX2 CPU does); without it
 #: LLVM would call a runtime routine for :func:`widen_f16_16`, so callers use a table instead.
 HAS_F16C = _host_has_f16c()
-
-
-# ------------------------------------------------------------------------------------------
-# plain-numpy references
-
-
-def ref_nibbles(w: np.ndarray, shift: int) -> np.ndarray:
-    """``(w >> shift) & 15`` of uint8 bytes, as int32."""
-    return ((w.astype(np.int32) >> shift) & 15)
-
-
-def ref_q6(ql: np.ndarray, ls: int, qh: np.ndarray, hs: int) -> np.ndarray:
-    """Q6_K codes from 16 ql and qh bytes (int32, -32..31)."""
-    return (ref_nibbles(ql, ls) | (((qh.astype(np.int32) >> hs) & 3) << 4)) - 32

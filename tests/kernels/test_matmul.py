@@ -202,17 +202,18 @@ def test_kernels_agree(wtype, monkeypatch):
     ((T.BF16, 7), matmul.BLAS),
     ((T.Q4_0, 1), matmul.PACKED),
     ((T.Q8_0, matmul.BLAS_MIN_ROWS - 1), matmul.PACKED),
-    ((T.Q8_0, matmul.BLAS_MIN_ROWS), matmul.BLAS),
+    ((T.Q8_0, matmul.BLAS_MIN_ROWS), matmul.PACKED),
     ((T.Q4_1, 2), matmul.PACKED),
     ((T.Q4_K, 1), matmul.PACKED),
     ((T.Q6_K, 3), matmul.PACKED),
-    ((T.Q6_K, 300), matmul.BLAS),
+    ((T.Q6_K, 300), matmul.PACKED),
     ((T.Q5_0, 1), matmul.PACKED),
     ((T.Q5_1, 2), matmul.PACKED),
     ((T.Q2_K, 1), matmul.UNPACKED),
     ((T.Q3_K, 3), matmul.UNPACKED),
     ((T.Q5_K, 1), matmul.PACKED),
-    ((T.Q5_K, 64), matmul.BLAS),
+    ((T.Q5_K, 64), matmul.PACKED),
+    ((T.Q2_K, matmul.BLAS_MIN_ROWS), matmul.BLAS),
 ])
 def test_choose_kernel(args, kernel):
     wtype, rows = args

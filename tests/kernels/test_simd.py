@@ -1,5 +1,7 @@
-"""refimpl.kernels.simd: each vector building block against its plain-numpy reference, and
-the fast MUL_MAT decoders against ggml's dequantisation (refimpl.kernels.quants)."""
+"""refimpl.kernels.simd: half-precision helpers against their references, the k-quant row
+products' native and portable forms against each other and the exact product, and the
+four-rows-at-once products against the one-row ones (whole products against the plain-numpy
+reference: tests/kernels/test_matmul.py)."""
 
 from __future__ import annotations
 
@@ -8,66 +10,12 @@ import pytest
 from numba import njit
 
 from refimpl.kernels import matmul_fast as fast
+from refimpl.kernels.matmul import table_for
 from refimpl.kernels import quants as Q
 from refimpl.kernels import simd
 from refimpl.kernels.cpu_tensors import f16_to_f32
 
 from .test_quants import SCALE_OFFSETS, random_rows
-
-
-@njit
-def _decodes(w, h, shift, hs, out):
-    wp, hp, op = w.ctypes.data, h.ctypes.data, out.ctypes.data
-    simd.decode_nibbles16_pair(wp, 8, op)
-    simd.decode_nibbles32(wp, shift, op + 128)
-    simd.decode_q6_16(wp, shift, hp, hs, op + 256)
-    simd.decode_i8_32(wp, op + 320)
-
-
-@pytest.mark.parametrize("seed", range(8))
-def test_decoders_match_references(seed):
-    rng = np.random.default_rng(seed)
-    w = rng.integers(0, 256, 32, dtype=np.uint8)
-    h = rng.integers(0, 256, 16, dtype=np.uint8)
-    w[1] = 0x80
-    shift, hs = int(rng.choice([0, 4])), int(rng.choice([0, 2, 4, 6]))
-    lo, hi = simd.ref_nibbles(w[:16], 0), simd.ref_nibbles(w[:16], 4)
-
-    out = np.zeros(112, np.float32)
-    _decodes(w, h, shift, hs, out)
-    want = np.concatenate([np.concatenate([lo, hi]) - 8, simd.ref_nibbles(w, shift),
-                           simd.ref_q6(w[:16], shift, h, hs), w.view(np.int8)])
-    np.testing.assert_array_equal(out, want.astype(np.float32))
-
-
-@pytest.mark.parametrize("wtype", sorted(fast.FAST_QUANT_TYPES), ids=lambda t: Q.GgmlType(t).name)
-def test_split_rows_give_ggml_dequantisation(wtype):
-    """codes · group scale (− Q4_K's minimum) is ggml's dequantised value: exactly for the
-    32-value blocks; for the k-quants, whose codes carry their integer group scale, up to
-    ggml's own rounding of ``d · scale`` (an ulp of each term).  Q4_1's minimum is left to the
-    product (ggml pairs it with the activations' sums)."""
-    rng = np.random.default_rng(3)
-    k, n = 512, 5
-    rows = random_rows(rng, wtype, n, k)
-    g = fast.group_size(wtype)
-    codes = np.empty((n, k), np.float32)
-    scales = np.empty((n, k // g), np.float32)
-    mins = np.zeros((n, k // 32), np.float32)
-    fast.split_rows(wtype, rows, codes, scales, mins, Q.F16_TABLE)
-    assert np.array_equal(codes, np.round(codes)) and np.abs(codes).max() <= 128 * 32
-    got = codes * np.repeat(scales, g, axis=1)
-    if wtype == Q.Q4_K:
-        got = got - np.repeat(mins, 32, axis=1)
-    want = Q.dequantize_rows(wtype, rows, k, with_min=wtype != Q.Q4_1)
-    if wtype in (Q.Q4_K, Q.Q6_K):
-        assert g == 256
-        terms = np.abs(codes * np.repeat(scales, g, axis=1)) + np.repeat(np.abs(mins), 32, axis=1)
-        assert np.all(np.abs(got - want) <= 2.0 ** -22 * terms)
-        assert not np.array_equal(codes, np.clip(codes, -32, 31)), "codes carry their scales"
-    else:
-        np.testing.assert_array_equal(got, want)
-    if wtype == Q.Q4_1:
-        np.testing.assert_array_equal(mins, fast.block_mins(rows, 20))
 
 
 @pytest.mark.parametrize("hardware", [True, False], ids=["f16c", "table"])
@@ -167,3 +115,24 @@ def test_kquant_row_dots_native_and_portable_agree(kind):
     want = w @ a.T
     scale = np.abs(w) @ np.abs(a).T
     assert np.all(np.abs(out[0] - want) <= 1e-5 * scale), (out[0], want)
+
+
+@pytest.mark.parametrize("wtype", sorted(fast.PACKED_TYPES), ids=lambda t: Q.GgmlType(t).name)
+def test_four_rows_at_once_equal_one_row_at_a_time(wtype):
+    """mm_packed over 7 activation rows (four through ``row_dots4_*``, three one by one)
+    gives bit for bit what it gives for each row alone (one-row intrinsics only)."""
+    rng = np.random.default_rng(5)
+    k, n, nt = 512, 70, 7
+    rows = random_rows(rng, wtype, n, k).reshape(1, 1, n, -1)
+    x = rng.standard_normal((nt, k)).astype(np.float32)
+    acts = Q.quantize_activations(x, Q.VEC_DOT_TYPE[wtype])
+    s = acts.s if acts.s.size else np.zeros((nt, k // 32), np.float32)
+    bsums = acts.bsums if acts.bsums.size else np.zeros((nt, 1), np.int32)
+    together = np.zeros((1, 1, nt, n), np.float32)
+    fast.mm_packed(wtype, rows, acts.qs, acts.d, s, bsums, together, table_for(wtype))
+    alone = np.zeros((1, 1, nt, n), np.float32)
+    for t in range(nt):
+        fast.mm_packed(wtype, rows, acts.qs[t:t + 1], acts.d[t:t + 1], s[t:t + 1],
+                       bsums[t:t + 1], alone[:, :, t:t + 1], table_for(wtype))
+    np.testing.assert_array_equal(together, alone)
+    assert np.all(np.isfinite(together)) and np.any(together != 0)
