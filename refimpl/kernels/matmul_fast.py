@@ -35,8 +35,6 @@ from .simd import (row_dot_f16, row_dot_q4_0, row_dot_q4_1, row_dot_q4_k, row_do
                    row_dots4_q4_1, row_dots4_q4_k, row_dots4_q5_0, row_dots4_q5_1,
                    row_dots4_q5_k, row_dots4_q6_k, row_dots4_q8_0, store_f32, ROWS_AT_ONCE)
 
-#: Weight types with a packed-block dot product here (:func:`mm_packed`).
-PACKED_TYPES = frozenset({Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K})
 
 #: Weight bytes below which a product runs in the calling thread: its work, whatever the
 #: number of activation rows (a one-token step's output has only N values, yet reads all of
@@ -58,12 +56,13 @@ ROWS_PER_JOB = 64
 
 
 def _mm_packed(w, aq, ad, asum, bsums, out, table):
-    """Weights ``w`` (uint8 rows (A3, A2, N, row_bytes)) of format ``CODE`` times quantised
-    activations (per row m = (batch, token): ``aq`` int8 (M, K), ``ad``, ``asum``, ``bsums``
-    as the ``dot_*`` functions take them) into ``out`` float32 (B3, B2, T, N), which may have
-    any strides; src0 is broadcast over the batches.  Parallel over slices of weight rows,
-    token after token (the few activation rows stay in cache).  ``CODE`` is a global that
-    :func:`_for_each_format` binds, one compiled kernel per format.  ``asum`` must have a
+    """Weights ``w`` (uint8 rows (A3, A2, N, row_bytes)) of one packed format times quantised
+    activations (per row m = (batch, token): ``aq`` int8 (M, K), ``ad`` their block scales,
+    ``asum`` Q8_1's block sums, ``bsums`` Q8_K's sums of 16) into ``out`` float32 (B3, B2, T,
+    N), which may have any strides; src0 is broadcast over the batches.  Parallel over slices
+    of weight rows; within a slice, activation rows four at a time, then one by one (the few
+    activation rows stay in cache).  ``ROW_DOT``, ``ROW_DOTS4`` and ``SUMS_OF_16`` are globals
+    that :func:`_for_each_format` binds: one compiled kernel per format.  ``asum`` must have a
     column per block and ``bsums`` a row per activation row even where unused."""
     a3, a2, n, _ = w.shape
     b3, b2, nt, _ = out.shape
@@ -76,8 +75,10 @@ def _mm_packed(w, aq, ad, asum, bsums, out, table):
     os0 = out.strides[3]
     ap0, as0 = aq.ctypes.data, aq.strides[0]
     dp0, ds0 = ad.ctypes.data, ad.strides[0]
-    sp0, ss0 = asum.ctypes.data, asum.strides[0]
-    bp0, bs0 = bsums.ctypes.data, bsums.strides[0]
+    if SUMS_OF_16:              # the format's extra argument
+        xp0, xs0 = bsums.ctypes.data, bsums.strides[0]
+    else:
+        xp0, xs0 = asum.ctypes.data, asum.strides[0]
     tp, nb = table.ctypes.data, ad.shape[1]
     for job in prange(b3 * b2 * chunks):
         g = job // chunks
@@ -85,68 +86,48 @@ def _mm_packed(w, aq, ad, asum, bsums, out, table):
         r1 = min(n, r0 + ROWS_PER_JOB)
         i13, i12 = g // b2, g % b2
         wb = wp + (i13 // r3) * ws3 + (i12 // r2) * ws2
-        # ROWS_AT_ONCE tokens per call: each weight block is decoded once for all of them
+        o = op + i13 * os3 + i12 * os2
         t0 = 0
         while t0 + ROWS_AT_ONCE <= nt:
             m = g * nt + t0
-            ap, dp, sp = ap0 + m * as0, dp0 + m * ds0, sp0 + m * ss0
-            bp = bp0 + m * bs0
-            o = op + i13 * os3 + i12 * os2 + t0 * os1
+            ap, dp, xp = ap0 + m * as0, dp0 + m * ds0, xp0 + m * xs0
             for r in range(r0, r1):
-                rp, orow = wb + r * ws1, o + r * os0
-                if CODE == Q4_0:
-                    row_dots4_q4_0(rp, ap, as0, dp, ds0, sp, ss0, nb, tp, orow, os1)
-                elif CODE == Q4_1:
-                    row_dots4_q4_1(rp, ap, as0, dp, ds0, sp, ss0, nb, tp, orow, os1)
-                elif CODE == Q5_0:
-                    row_dots4_q5_0(rp, ap, as0, dp, ds0, sp, ss0, nb, tp, orow, os1)
-                elif CODE == Q5_1:
-                    row_dots4_q5_1(rp, ap, as0, dp, ds0, sp, ss0, nb, tp, orow, os1)
-                elif CODE == Q8_0:
-                    row_dots4_q8_0(rp, ap, as0, dp, ds0, sp, ss0, nb, tp, orow, os1)
-                elif CODE == Q4_K:
-                    row_dots4_q4_k(rp, ap, as0, dp, ds0, bp, bs0, nb, tp, orow, os1)
-                elif CODE == Q5_K:
-                    row_dots4_q5_k(rp, ap, as0, dp, ds0, bp, bs0, nb, tp, orow, os1)
-                else:
-                    row_dots4_q6_k(rp, ap, as0, dp, ds0, bp, bs0, nb, tp, orow, os1)
+                ROW_DOTS4(wb + r * ws1, ap, as0, dp, ds0, xp, xs0, nb, tp,
+                          o + t0 * os1 + r * os0, os1)
             t0 += ROWS_AT_ONCE
         for t in range(t0, nt):
             m = g * nt + t
-            ap, dp, sp = ap0 + m * as0, dp0 + m * ds0, sp0 + m * ss0
-            bp = bp0 + m * bs0
-            o = op + i13 * os3 + i12 * os2 + t * os1
+            ap, dp, xp = ap0 + m * as0, dp0 + m * ds0, xp0 + m * xs0
             for r in range(r0, r1):
-                rp = wb + r * ws1
-                if CODE == Q4_0:
-                    store_f32(o + r * os0, row_dot_q4_0(rp, ap, dp, sp, nb, tp))
-                elif CODE == Q4_1:
-                    store_f32(o + r * os0, row_dot_q4_1(rp, ap, dp, sp, nb, tp))
-                elif CODE == Q5_0:
-                    store_f32(o + r * os0, row_dot_q5_0(rp, ap, dp, sp, nb, tp))
-                elif CODE == Q5_1:
-                    store_f32(o + r * os0, row_dot_q5_1(rp, ap, dp, sp, nb, tp))
-                elif CODE == Q8_0:
-                    store_f32(o + r * os0, row_dot_q8_0(rp, ap, dp, sp, nb, tp))
-                elif CODE == Q4_K:
-                    store_f32(o + r * os0, row_dot_q4_k(rp, ap, dp, nb, tp, bp))
-                elif CODE == Q5_K:
-                    store_f32(o + r * os0, row_dot_q5_k(rp, ap, dp, nb, tp, bp))
-                else:
-                    store_f32(o + r * os0, row_dot_q6_k(rp, ap, dp, nb, tp, bp))
+                store_f32(o + t * os1 + r * os0, ROW_DOT(wb + r * ws1, ap, dp, xp, nb, tp))
 
 
-CODE = -1      # (bound per compiled copy of _mm_packed)
+# (bound per compiled copy of _mm_packed)
+ROW_DOT = ROW_DOTS4 = None
+SUMS_OF_16 = False
+
+#: Per packed format: its one-row and four-row intrinsics, and whether their extra argument
+#: is Q8_K's sums of 16 (else Q8_1's block sums, unused but for Q4_1 and Q5_1).
+_ROW_DOTS = {
+    Q4_0: (row_dot_q4_0, row_dots4_q4_0, False), Q4_1: (row_dot_q4_1, row_dots4_q4_1, False),
+    Q5_0: (row_dot_q5_0, row_dots4_q5_0, False), Q5_1: (row_dot_q5_1, row_dots4_q5_1, False),
+    Q8_0: (row_dot_q8_0, row_dots4_q8_0, False), Q4_K: (row_dot_q4_k, row_dots4_q4_k, True),
+    Q5_K: (row_dot_q5_k, row_dots4_q5_k, True), Q6_K: (row_dot_q6_k, row_dots4_q6_k, True),
+}
+
+#: Weight types with a packed-block dot product here (:func:`mm_packed`).
+PACKED_TYPES = frozenset(_ROW_DOTS)
 
 
-def _for_each_format(fn, codes, **options):
-    """One kernel per format: a copy of ``fn`` for each of ``codes`` whose globals bind
-    ``CODE`` to it, so that numba compiles it as a constant and LLVM sees one format's loop
-    alone (one function with every format's branch ran the hot loop at half the speed);
-    each copy has its own name, so numba's on-disk cache keeps them apart."""
+def _for_each_format(fn, **options):
+    """One kernel per format: a copy of ``fn`` for each format of :data:`_ROW_DOTS` whose
+    globals bind ``ROW_DOT``, ``ROW_DOTS4`` and ``SUMS_OF_16`` to the format's, so that
+    numba compiles one format's loop alone (one function with every format's branch ran the
+    hot loop at half the speed); each copy has its own name, so numba's on-disk cache keeps
+    them apart."""
     kernels = {}
-    for code in codes:
-        scope = dict(fn.__globals__, CODE=code)
+    for code, (one, four, sums16) in _ROW_DOTS.items():
+        scope = dict(fn.__globals__, ROW_DOT=one, ROW_DOTS4=four, SUMS_OF_16=sums16)
         twin = types.FunctionType(fn.__code__, scope, f"{fn.__name__}_{code}", fn.__defaults__,
                                   fn.__closure__)
         twin.__qualname__ = f"{fn.__qualname__}_{code}"
@@ -156,7 +137,7 @@ def _for_each_format(fn, codes, **options):
     return kernels
 
 
-_PACKED_KERNELS = _for_each_format(_mm_packed, PACKED_TYPES, cache=True, nogil=True)
+_PACKED_KERNELS = _for_each_format(_mm_packed, cache=True, nogil=True)
 
 
 def mm_packed(code, w, aq, ad, asum, bsums, out, table):

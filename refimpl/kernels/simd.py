@@ -198,37 +198,45 @@ def _row_dot_q32(kind):
 ROWS_AT_ONCE = 4
 
 
-def _row_dots4_q32(kind):
-    """An intrinsic ``row_dots4_<kind>(w, a, a_step, ad, ad_step, asum, asum_step, nb, table,
-    out, out_step)``: :func:`_row_dot_q32`'s product of one packed weight row with
-    :data:`ROWS_AT_ONCE` activation rows (row ``t`` at ``a + t·a_step``, its scales at
-    ``ad + t·ad_step``, sums at ``asum + t·asum_step``), each block's codes decoded once for
-    all of them (ggml's matrix kernels, e.g. llamafile's, reuse them so too).  Output ``t``
-    is stored as float32 at ``out + t·out_step``.  Every output equals :func:`_row_dot_q32`'s
-    bit for bit: the same operations, in the same order, per row."""
+def _four_rows(name, rows_codegen):
+    """An intrinsic ``name(w, a, a_step, ad, ad_step, extra, extra_step, nb, table, out,
+    out_step)``: the product of one packed weight row (``nb`` blocks at ``w``) with
+    :data:`ROWS_AT_ONCE` activation rows, row ``t`` at ``a + t·a_step``, its block scales at
+    ``ad + t·ad_step`` and its format's extra (Q8_1's sums, Q8_K's sums of 16) at
+    ``extra + t·extra_step``; output ``t`` is stored as float32 at ``out + t·out_step``.
+    ``rows_codegen(builder, w, rows, nb, table_p)`` emits the products (:func:`_q32_rows`,
+    :func:`_kquant_rows`), each weight block decoded once for all rows, as ggml's matrix
+    kernels (llamafile's) reuse it; each output is the one-row intrinsic's, bit for bit: the
+    same operations in the same order per row."""
 
     @intrinsic
-    def row_dots(typingctx, w, a, a_step, ad, ad_step, asum, asum_step, nb, table, out,
+    def row_dots(typingctx, w, a, a_step, ad, ad_step, extra, extra_step, nb, table, out,
                  out_step):
         sig = types.void(*([types.intp] * 11))
 
         def codegen(context, builder, signature, args):
-            wa, aa, astep, da, dstep, sa, sstep, nbv, ta, oa, ostep = args
+            wa, aa, astep, da, dstep, xa, xstep, nbv, ta, oa, ostep = args
             table_p = builder.inttoptr(ta, _F32.as_pointer())
 
             def nth(base, step, t):
                 return builder.add(base, builder.mul(step, ir.Constant(step.type, t)))
-            rows = [(nth(aa, astep, t), nth(da, dstep, t), nth(sa, sstep, t))
+            rows = [(nth(aa, astep, t), nth(da, dstep, t), nth(xa, xstep, t))
                     for t in range(ROWS_AT_ONCE)]
-            for t, value in enumerate(_q32_rows(builder, kind, wa, rows, nbv, table_p)):
+            for t, value in enumerate(rows_codegen(builder, wa, rows, nbv, table_p)):
                 builder.store(value, builder.inttoptr(nth(oa, ostep, t), _F32.as_pointer()),
                               align=1)
             return context.get_dummy_value()
 
         return sig, codegen
 
-    row_dots.__name__ = f"row_dots4_{kind}"
+    row_dots.__name__ = name
     return row_dots
+
+
+def _row_dots4_q32(kind):
+    """:func:`_four_rows` of :func:`_row_dot_q32` (extra: Q8_1's block sums)."""
+    return _four_rows(f"row_dots4_{kind}", lambda builder, wa, rows, nbv, table_p:
+                      _q32_rows(builder, kind, wa, rows, nbv, table_p))
 
 
 row_dot_q4_0 = _row_dot_q32("q4_0")
@@ -338,7 +346,7 @@ def _madd_wd(builder, x, y, native):
 
 
 def _row_dot_kquant(kind, native=X86_AVX2):
-    """An intrinsic ``row_dot_<kind>(w, a, ad, nb, table, bsums) -> float32``: one output of
+    """An intrinsic ``row_dot_<kind>(w, a, ad, bsums, nb, table) -> float32``: one output of
     a product with Q4_K, Q5_K or Q6_K weights (``nb`` super-blocks at ``w``) and Q8_K
     activations (int8 at ``a``, float32 scales at ``ad``, the integer sums of every 16 values
     at ``bsums``, int32): ``Σ_b d_a·d_w · Σ_g scale_g · Σ q·a``.
@@ -358,12 +366,12 @@ def _row_dot_kquant(kind, native=X86_AVX2):
     same integers."""
 
     @intrinsic
-    def row_dot(typingctx, w, a, ad, nb, table, bsums):
+    def row_dot(typingctx, w, a, ad, bsums, nb, table):
         sig = types.float32(types.intp, types.intp, types.intp, types.intp, types.intp,
                             types.intp)
 
         def codegen(context, builder, signature, args):
-            wa, aa, da, nbv, ta, ba = args
+            wa, aa, da, ba, nbv, ta = args
             table_p = builder.inttoptr(ta, _F32.as_pointer())
             return _kquant_rows(builder, kind, native, wa, [(aa, da, ba)], nbv, table_p)[0]
 
@@ -374,35 +382,9 @@ def _row_dot_kquant(kind, native=X86_AVX2):
 
 
 def _row_dots4_kquant(kind, native=X86_AVX2):
-    """An intrinsic ``row_dots4_<kind>(w, a, a_step, ad, ad_step, bsums, bsums_step, nb,
-    table, out, out_step)``: :func:`_row_dot_kquant`'s product of one weight row with
-    :data:`ROWS_AT_ONCE` activation rows, as :func:`_row_dots4_q32` does for the 32-value
-    formats: each group's codes decoded once for all rows, every output bit for bit the
-    one-row intrinsic's."""
-
-    @intrinsic
-    def row_dots(typingctx, w, a, a_step, ad, ad_step, bsums, bsums_step, nb, table, out,
-                 out_step):
-        sig = types.void(*([types.intp] * 11))
-
-        def codegen(context, builder, signature, args):
-            wa, aa, astep, da, dstep, ba, bstep, nbv, ta, oa, ostep = args
-            table_p = builder.inttoptr(ta, _F32.as_pointer())
-
-            def nth(base, step, t):
-                return builder.add(base, builder.mul(step, ir.Constant(step.type, t)))
-            rows = [(nth(aa, astep, t), nth(da, dstep, t), nth(ba, bstep, t))
-                    for t in range(ROWS_AT_ONCE)]
-            outs = _kquant_rows(builder, kind, native, wa, rows, nbv, table_p)
-            for t, value in enumerate(outs):
-                builder.store(value, builder.inttoptr(nth(oa, ostep, t), _F32.as_pointer()),
-                              align=1)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    row_dots.__name__ = f"row_dots4_{kind}"
-    return row_dots
+    """:func:`_four_rows` of :func:`_row_dot_kquant` (extra: Q8_K's sums of 16)."""
+    return _four_rows(f"row_dots4_{kind}", lambda builder, wa, rows, nbv, table_p:
+                      _kquant_rows(builder, kind, native, wa, rows, nbv, table_p))
 
 
 def _kquant_rows(builder, kind, native, wa, tokens, nbv, table_p):

@@ -78,8 +78,8 @@ def _kquant_dots(kind):
         nb = d.shape[1]
         for r in range(rows.shape[0]):
             for m in range(qs.shape[0]):
-                args = (rows[r].ctypes.data, qs[m].ctypes.data, d[m].ctypes.data, nb,
-                        table.ctypes.data, bsums[m].ctypes.data)
+                args = (rows[r].ctypes.data, qs[m].ctypes.data, d[m].ctypes.data,
+                        bsums[m].ctypes.data, nb, table.ctypes.data)
                 out[0, r, m] = native(*args)
                 out[1, r, m] = portable(*args)
     return dots
