@@ -23,8 +23,9 @@ their portable twins.
 
 Weight codes, by format (spec/ops/matmul.md, "Block formats"):
 
-* ``nibbles``: value ``(byte >> shift) & 15`` of ``n`` consecutive bytes (Q4_0, Q4_1, Q4_K);
-* ``q6``: ``((ql >> ls) & 15) | (((qh >> hs) & 3) << 4)`` minus 32 (Q6_K);
+* ``nibbles``: value ``(byte >> shift) & 15`` of ``n`` consecutive bytes (Q4_0 and Q5_0 less
+  their offset, Q4_1, Q4_K; Q5_* add a fifth bit);
+* ``q6``: ``((ql >> ls) & 15) | (((qh >> hs) & 3) << 4)``, the value plus 32 (Q6_K);
 * ``i8``: the signed bytes themselves (Q8_0).
 """
 
@@ -69,9 +70,14 @@ def _f16_via(builder, table_p, addr):
 
 def _accumulate(builder, acc_p, lanes, scale):
     """``acc += float32(lanes) · scale``: eight int32 lanes of exact sums, scaled into the
-    eight float32 lanes at ``acc_p`` (ggml's step per block)."""
-    part = builder.fmul(builder.sitofp(lanes, _vec(_F32, 8)), _splat(builder, scale, _F32, 8))
-    builder.store(builder.fadd(builder.load(acc_p), part), acc_p)
+    eight float32 lanes at ``acc_p`` with one rounding where the CPU has fused multiply-add
+    (``llvm.fmuladd``), as ggml's ``_mm256_fmadd_ps`` does per block."""
+    v8 = _vec(_F32, 8)
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8, [v8, v8, v8]),
+                                        "llvm.fmuladd.v8f32")
+    acc = builder.call(fn, [builder.sitofp(lanes, v8), _splat(builder, scale, _F32, 8),
+                            builder.load(acc_p)])
+    builder.store(acc, acc_p)
 
 
 def _float_lanes(builder, n):
