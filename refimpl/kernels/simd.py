@@ -184,19 +184,29 @@ def _row_dot_q32(kind):
     products each, converted to float32 and multiplied by ``d_w · d_a`` into eight float32
     lanes, summed at the end; Q4_1's and Q5_1's ``m · s`` go into a separate float32 sum."""
 
+    return _one_row(f"row_dot_{kind}", lambda builder, wa, rows, nbv, table_p:
+                    _q32_rows(builder, kind, wa, rows, nbv, table_p))
+
+
+def _one_row(name, rows_codegen):
+    """An intrinsic ``name(w, a, ad, extra, nb, table) -> float32``: the product of one packed
+    weight row (``nb`` blocks at ``w``) with one activation row (int8 at ``a``, block scales
+    at ``ad``, the format's extra at ``extra``), emitted by ``rows_codegen`` as
+    :func:`_four_rows` emits four."""
+
     @intrinsic
-    def row_dot(typingctx, w, a, ad, asum, nb, table):
+    def row_dot(typingctx, w, a, ad, extra, nb, table):
         sig = types.float32(types.intp, types.intp, types.intp, types.intp, types.intp,
                             types.intp)
 
         def codegen(context, builder, signature, args):
-            wa, aa, da, sa, nbv, ta = args
+            wa, aa, da, xa, nbv, ta = args
             table_p = builder.inttoptr(ta, _F32.as_pointer())
-            return _q32_rows(builder, kind, wa, [(aa, da, sa)], nbv, table_p)[0]
+            return rows_codegen(builder, wa, [(aa, da, xa)], nbv, table_p)[0]
 
         return sig, codegen
 
-    row_dot.__name__ = f"row_dot_{kind}"
+    row_dot.__name__ = name
     return row_dot
 
 
@@ -371,20 +381,8 @@ def _row_dot_kquant(kind, native=X86_AVX2):
     instructions by name (the default on AVX2 hosts) or the portable forms; both give the
     same integers."""
 
-    @intrinsic
-    def row_dot(typingctx, w, a, ad, bsums, nb, table):
-        sig = types.float32(types.intp, types.intp, types.intp, types.intp, types.intp,
-                            types.intp)
-
-        def codegen(context, builder, signature, args):
-            wa, aa, da, ba, nbv, ta = args
-            table_p = builder.inttoptr(ta, _F32.as_pointer())
-            return _kquant_rows(builder, kind, native, wa, [(aa, da, ba)], nbv, table_p)[0]
-
-        return sig, codegen
-
-    row_dot.__name__ = f"row_dot_{kind}"
-    return row_dot
+    return _one_row(f"row_dot_{kind}", lambda builder, wa, rows, nbv, table_p:
+                    _kquant_rows(builder, kind, native, wa, rows, nbv, table_p))
 
 
 def _row_dots4_kquant(kind, native=X86_AVX2):
