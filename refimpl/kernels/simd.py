@@ -181,9 +181,9 @@ def _row_dot_q32(kind):
     at ``asum`` (float32), the weights' f16 scales widened through ``table`` (float32[65536]).
 
     As ggml's SIMD dot products: per block, eight int32 lanes of exact integer sums of four
-    products each, converted to float32 and multiplied by ``d_w · d_a`` into eight float32
-    lanes, summed at the end; Q4_1's and Q5_1's ``m · s`` go into a separate float32 sum."""
-
+    products each, converted to float32, multiplied by ``d_w · d_a`` and added into eight
+    float32 lanes (:func:`_accumulate`: one fused multiply-add where the CPU has one), summed
+    at the end; Q4_1's and Q5_1's ``m · s`` go into a separate float32 sum."""
     return _one_row(f"row_dot_{kind}", lambda builder, wa, rows, nbv, table_p:
                     _q32_rows(builder, kind, wa, rows, nbv, table_p))
 
@@ -380,7 +380,6 @@ def _row_dot_kquant(kind, native=X86_AVX2):
     super-block, is summed in float32 and taken off at the end.  ``native`` chooses x86's
     instructions by name (the default on AVX2 hosts) or the portable forms; both give the
     same integers."""
-
     return _one_row(f"row_dot_{kind}", lambda builder, wa, rows, nbv, table_p:
                     _kquant_rows(builder, kind, native, wa, rows, nbv, table_p))
 
