@@ -451,6 +451,22 @@ async def test_slow_but_steady_uploads_are_fine(nursery):
         assert await c.get_tensor(t, 0, size) == b"".join(bytes([i]) * (size // 8) for i in range(8))
 
 
+async def test_stalled_upload_payload_is_closed(nursery):
+    # The payload of a SET_TENSOR is received under its own deadline (net.py,
+    # _receive_payload): half of it, then silence, trips the read timeout there.
+    server = await nursery.start(RpcServer(make_config(read_timeout=0.3, idle_timeout=100)).serve)
+    async with await connect(server) as c:
+        size = 1 << 20
+        buf = await c.alloc_buffer(size)
+        t = buf.tensor(GgmlType.I8, (size,))
+        await c._stream.send_all(c._conn.send_set_tensor_header(t, 0, size))
+        await c._stream.send_all(bytes(size // 2))
+        with trio.fail_after(5):
+            assert await server_closes(c._stream)
+    async with await connect(server) as c:
+        assert await c.device_count() == 1
+
+
 async def test_slow_drip_is_closed(nursery):
     # A byte every 0.2 s never trips the per-receive read timeout, but the message as a whole
     # must arrive within the read timeout plus its size at MIN_TRANSFER_RATE.

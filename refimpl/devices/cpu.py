@@ -43,21 +43,24 @@ def cpu_model_name() -> str:
     return "CPU"
 
 
-#: Buffers from this size on are mapped with transparent huge pages where the kernel offers
-#: them (``madvise``): a model's weights arrive into fresh buffers, and faulting their memory
-#: in 2 MiB pages instead of 4 KiB ones is most of what a first upload costs.
-HUGE_PAGE_MIN = 4 << 20
+#: Buffers from this size on are private anonymous mappings of their own.
+LARGE_BUFFER_MIN = 4 << 20
 
 
 def _zeroed_memory(size: int) -> np.ndarray:
-    """``size`` zeroed bytes (uint8).  Large ones are an anonymous mapping advised to use
-    huge pages (freed when the last view of it goes); small ones come from numpy."""
-    if size >= HUGE_PAGE_MIN and hasattr(mmap, "MADV_HUGEPAGE"):
-        region = mmap.mmap(-1, size)
-        try:
-            region.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:
-            pass                               # no transparent huge pages here: 4 KiB pages
+    """``size`` zeroed bytes (uint8), freed when the last view of them goes.
+
+    Large ones are a private anonymous mapping in 4 KiB pages, as ggml's CPU buffers are.
+    Not ``mmap.mmap(-1, n)``: its default is a *shared* mapping, which Linux backs with
+    shmem, whose page faults cost more.  Not ``np.zeros``: numpy advises transparent huge
+    pages for large arrays.  Measured loading a 107 MB model into a fresh server (bench/README,
+    "After the seventh session"), huge pages made the first upload anywhere from 10 % faster
+    to 60 % slower, from one run to the next: on a virtual machine whose host reclaims the
+    guest's free 2 MiB blocks, each huge page first touched may cost the host a fault too.
+    4 KiB pages measured the same every run.
+    """
+    if size >= LARGE_BUFFER_MIN:
+        region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         return np.frombuffer(region, dtype=np.uint8)
     return np.zeros(size, dtype=np.uint8)
 

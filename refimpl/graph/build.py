@@ -8,8 +8,6 @@ inside a live buffer of this connection and of the graph's device) before any op
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
-
 import numpy as np
 
 from ..buffers import AllocatedBuffer, BufferTable, Rejected
@@ -17,7 +15,8 @@ from ..protocol.constants import MAX_SRC
 from ..protocol.ggml_types import type_traits
 from ..protocol.messages import GraphComputeRequest
 from ..protocol.profiles import LATEST, Profile
-from ..protocol.tensor import tensor_nbytes, tensor_problem
+from ..protocol.ggml_types import TYPE_COUNT
+from ..protocol.tensor import tensor_nbytes, tensor_problem_of
 from .ops import FUNCTION_POINTER_OPS, OP_COUNT, VIEW_OPS, Op, WireOps, op_name, wire_ops
 
 
@@ -63,16 +62,13 @@ class Node:
     #: numpy views of this tensor's bytes, by dtype, made once (refimpl.kernels.cpu_tensors);
     #: a bound graph lives no longer than its buffers, so they stay valid
     views: dict = field(default_factory=dict, repr=False, compare=False)
+    #: type geometry (block size, bytes per block), looked up once
+    traits: object = field(default=None, repr=False, compare=False)
 
     @property
     def is_node(self) -> bool:
         """True when the graph computes this tensor; False for inputs (leaves)."""
         return self.order >= 0
-
-    @property
-    def traits(self):
-        """Type geometry (block size, bytes per block)."""
-        return type_traits(self.type)
 
     @property
     def nelements(self) -> int:
@@ -123,25 +119,20 @@ def build_graph(req: GraphComputeRequest, buffers: BufferTable,
         raise GraphInvalid("two graph tensors share one id")
 
     tensors: dict[int, Node] = {}
-    columns = _Columns(rec)
-    for i in range(n_tensors):
-        node = _make_node(columns.row(i), buffers, req.device)
+    for row in _Columns(rec).rows():
+        node = _make_node(*row, buffers, req.device)
         if mapping is not None:
             _map_op(node, mapping)
         tensors[node.id] = node
 
     # Second pass: link references (no recursion, whatever the depth).
+    find = tensors.get        # id 0, "no source", is never a key: it finds None
     for node in tensors.values():
-        links = []
-        for s in node.src_ids:
-            if s == 0:
-                links.append(None)
-                continue
-            target = tensors.get(s)
-            if target is None:
-                raise GraphInvalid(f"tensor '{node.name}' names source id {s:#x}, which the graph "
-                                   f"does not contain")
-            links.append(target)
+        links = [find(s) for s in node.src_ids]
+        if links.count(None) != node.src_ids.count(0):
+            s = next(s for s, t in zip(node.src_ids, links) if s and t is None)
+            raise GraphInvalid(f"tensor '{node.name}' names source id {s:#x}, which the graph "
+                               f"does not contain")
         node.src = links
         if node.view_src_id:
             node.view_src = tensors.get(node.view_src_id)
@@ -164,14 +155,6 @@ def build_graph(req: GraphComputeRequest, buffers: BufferTable,
     return Graph(req.device, nodes, tensors)
 
 
-class _TypeAndShape(NamedTuple):
-    """What :func:`tensor_problem` reads of a tensor (making a whole RpcTensor per graph
-    tensor costs more than the check)."""
-
-    type: int
-    ne: tuple
-
-
 class _Columns:
     """The decoded ``rpc_tensor`` records as Python values, converted a column at a time
     (reading a field of one numpy record at a time cost tens of microseconds a tensor, and a
@@ -181,26 +164,28 @@ class _Columns:
               "view_offs", "data", "name")
 
     def __init__(self, rec: np.ndarray):
-        self.lists = {f: rec[f].tolist() for f in self.FIELDS}
+        self.lists = [rec[f].tolist() for f in self.FIELDS]
         self.op_params = np.array(rec["op_params"], dtype=np.int32)   # one copy, ours
 
-    def row(self, i: int) -> dict:
-        """Tensor ``i`` as {field: value}, ``op_params`` an int32 row of the copy."""
-        r = {f: v[i] for f, v in self.lists.items()}
-        r["op_params"] = self.op_params[i]
-        return r
+    def rows(self):
+        """Each tensor's fields in :data:`FIELDS` order, then its ``op_params`` (an int32
+        row of the copy)."""
+        return zip(*self.lists, self.op_params)
 
 
-def _make_node(r: dict, buffers: BufferTable, device: int) -> Node:
-    type_ = r["type"]
-    ne = tuple(r["ne"])
-    nb = tuple(r["nb"])
-    name = r["name"].split(b"\0", 1)[0].decode("utf-8", "replace")
-    problem = tensor_problem(_TypeAndShape(type_, ne))
-    if problem:
-        raise GraphInvalid(f"graph tensor '{name}': {problem}")
-    nbytes = tensor_nbytes(type_, ne, nb)
-    handle, data = r["buffer"], r["data"]
+def _make_node(id_, type_, handle, ne, nb, op, flags, src, view_src, view_offs, data, name,
+               op_params, buffers: BufferTable, device: int) -> Node:
+    """One graph tensor from its decoded fields (:class:`_Columns`), checked alone
+    (spec/tensor.md, "Validity") and placed in its buffer; raises GraphInvalid."""
+    ne = tuple(ne)
+    nb = tuple(nb)
+    name = name.split(b"\0", 1)[0].decode("utf-8", "replace")
+    traits = type_traits(type_) if type_ < TYPE_COUNT else None
+    if traits is None:
+        raise GraphInvalid(f"graph tensor '{name}': {tensor_problem_of(type_, ne)}")
+    if ne[0] % traits.block_size:
+        raise GraphInvalid(f"graph tensor '{name}': {tensor_problem_of(type_, ne)}")
+    nbytes = tensor_nbytes(type_, ne, nb, traits)
     buf, offset = None, 0
     if handle:
         try:
@@ -216,11 +201,9 @@ def _make_node(r: dict, buffers: BufferTable, device: int) -> Node:
         offset = data - buf.base
     elif data:
         raise GraphInvalid(f"graph tensor '{name}' has a data address ({data:#x}) but no buffer")
-    return Node(id=r["id"], op=r["op"], type=type_, ne=ne, nb=nb,
-                op_params=r["op_params"], flags=r["flags"],
-                name=name, buffer=buf, offset=offset, nbytes=nbytes,
-                view_offs=r["view_offs"], src_ids=tuple(r["src"][:MAX_SRC]),
-                view_src_id=r["view_src"])
+    return Node(id=id_, op=op, type=type_, ne=ne, nb=nb, op_params=op_params, flags=flags,
+                name=name, buffer=buf, offset=offset, nbytes=nbytes, view_offs=view_offs,
+                src_ids=tuple(src[:MAX_SRC]), view_src_id=view_src, traits=traits)
 
 
 def _map_op(node: Node, mapping: WireOps) -> None:

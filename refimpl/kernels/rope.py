@@ -212,6 +212,22 @@ def _angle_constants(p: RopeParams, n0: int) -> tuple:
             p.attn_factor, f32(low), f32(high), theta_scale)
 
 
+#: :func:`_angle_constants` by (n0, op_params[1:16]): a model's ROPE nodes share a few.
+_CONSTANTS: dict = {}
+
+
+def _shared_constants(p: RopeParams, n0: int, params: tuple) -> tuple:
+    """:func:`_angle_constants`, computed once per distinct parameters (a graph's sixty ROPE
+    nodes have one or two); the tuple is only read, never changed."""
+    key = (n0, params)
+    found = _CONSTANTS.get(key)
+    if found is None:
+        if len(_CONSTANTS) >= 256:
+            _CONSTANTS.clear()
+        found = _CONSTANTS[key] = _angle_constants(p, n0)
+    return found
+
+
 def _angles(p: RopeParams, pos: np.ndarray, ff: np.ndarray | None, n0: int, n2: int,
             constants: tuple | None = None) -> np.ndarray:
     """The cos/sin cache of every position (:func:`rope_cache`)."""
@@ -304,7 +320,8 @@ def bind_rope(node: Node):
     n0, n2 = a.ne[0], a.ne[2]
     if node.nelements == 0:
         return lambda: None
-    constants = _angle_constants(p, n0)        # bound once: fixed by the op's parameters
+    params = tuple(node.op_params[1:16].tolist())
+    constants = _shared_constants(p, n0, params)    # bound once: fixed by the op's parameters
     backward = node.op == Op.ROPE_BACK
     in_place = False
     if node.type == F32 and a.type == F32:
@@ -317,7 +334,7 @@ def bind_rope(node: Node):
     # parameters, which every ROPE of a model's layers shares: it is kept on the positions
     # tensor and made again only when its inputs' values differ from the last ones.
     shared_key = ("rope angles", n0, n2, backward, ff_t.id if ff_t is not None else None,
-                  tuple(int(x) for x in node.op_params[1:15]))
+                  params[:14])
 
     pos = view(pos_t)[0, 0, 0, :]                   # views of fixed bytes: made once
     ff = None if ff_t is None else view(ff_t)[0, 0, 0, :]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .constants import MAX_DIMS, MAX_NAME, MAX_OP_PARAMS, MAX_SRC
-from .ggml_types import TYPE_COUNT, type_traits
+from .ggml_types import TYPE_COUNT, TypeTraits, type_traits
 from .layout import Layout
 
 __all__ = ["RPC_TENSOR", "RPC_TENSOR_SIZE", "RpcTensor", "tensor_nbytes", "tensor_nbytes_of",
@@ -105,16 +105,18 @@ class RpcTensor:
         return self.id == 0
 
 
-def tensor_nbytes(type_number: int, ne, nb) -> int:
+def tensor_nbytes(type_number: int, ne, nb, traits: TypeTraits | None = None) -> int:
     """Bytes spanned by a tensor, computed exactly as ggml's ``ggml_nbytes`` (spec/tensor.md).
 
     The result is an exact Python integer: no 64-bit wrap-around can hide an out-of-bounds
-    region.  Returns 0 when any dimension is 0.  The type must be valid.
+    region.  Returns 0 when any dimension is 0.  The type must be valid; a caller that has
+    looked up its ``traits`` already may pass them.
     """
-    traits = type_traits(type_number)
     if traits is None:
-        raise ValueError(f"invalid type {type_number}")
-    if any(n <= 0 for n in ne):
+        traits = type_traits(type_number)
+        if traits is None:
+            raise ValueError(f"invalid type {type_number}")
+    if min(ne) <= 0:
         return 0
     if traits.block_size == 1:
         total = traits.type_size
@@ -133,13 +135,18 @@ def tensor_problem(t: RpcTensor) -> str | None:
     Returns None for a valid tensor, else a sentence saying what is wrong.  The stateful
     checks (is the buffer handle live, do the bytes lie inside it) belong to the server.
     """
-    if t.type >= TYPE_COUNT:
-        return f"type {t.type} is out of range (types are < {TYPE_COUNT})"
-    traits = type_traits(t.type)
+    return tensor_problem_of(t.type, t.ne)
+
+
+def tensor_problem_of(type_number: int, ne) -> str | None:
+    """:func:`tensor_problem` of a tensor given by its type number and shape alone."""
+    if type_number >= TYPE_COUNT:
+        return f"type {type_number} is out of range (types are < {TYPE_COUNT})"
+    traits = type_traits(type_number)
     if traits is None:
-        return f"type {t.type} is a removed or unused ggml type"
-    if t.ne[0] % traits.block_size != 0:
-        return (f"ne[0]={t.ne[0]} is not a multiple of the {traits.name} block size "
+        return f"type {type_number} is a removed or unused ggml type"
+    if ne[0] % traits.block_size != 0:
+        return (f"ne[0]={ne[0]} is not a multiple of the {traits.name} block size "
                 f"{traits.block_size}")
     return None
 

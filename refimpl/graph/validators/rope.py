@@ -28,13 +28,13 @@ class RopeParams:
     """The op parameters of a ROPE node, decoded."""
 
     def __init__(self, node: Node):
-        self.n_dims = node.param_i32(1)
-        self.mode = node.param_i32(2)
-        self.n_ctx_orig = node.param_i32(4)
+        params = node.op_params                       # int32[16]
+        ints = params.tolist()
+        self.n_dims, self.mode, self.n_ctx_orig = ints[1], ints[2], ints[4]
         (self.freq_base, self.freq_scale, self.ext_factor, self.attn_factor,
-         self.beta_fast, self.beta_slow) = (np.float32(node.param_f32(i)) for i in range(5, 11))
-        self.sections = tuple(node.param_i32(i) for i in range(11, 15))
-        self.n_offs = node.param_i32(15)
+         self.beta_fast, self.beta_slow) = params[5:11].view(np.float32)   # float32 scalars
+        self.sections = tuple(ints[11:15])
+        self.n_offs = ints[15]
 
     @property
     def multi(self) -> bool:
