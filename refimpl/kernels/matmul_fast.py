@@ -10,7 +10,9 @@ operations, so refimpl computes a product the way that is fastest from Python:
   lanes (Q4_1 and Q5_1 add ``m_w · s_a``; the k-quants weigh their groups' sums with their
   integer scales first).  Four activation rows at a time (``row_dots4_*``: prompts), each
   weight block is decoded once for all four, as ggml's matrix kernels reuse it; every output
-  is still the one-row product, bit for bit.  Nothing is unpacked into scratch.
+  is still the one-row product, bit for bit; two or three rows left over take ``row_dots2_*``
+  (a prompt of a few tokens, the client's two-token warm-up).  Nothing is unpacked into
+  scratch.
 * **F16 weights** with few activation rows: the same, widened by the CPU (:func:`mm_f16`).
 
 Activations are quantised exactly as ggml does (refimpl.kernels.quants): that is part of the
@@ -30,10 +32,12 @@ from numba import prange
 
 from .parallel import sized_kernel
 from .quants import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
-from .simd import (row_dot_f16, row_dot_q4_0, row_dot_q4_1, row_dot_q4_k, row_dot_q5_0,
-                   row_dot_q5_1, row_dot_q5_k, row_dot_q6_k, row_dot_q8_0, row_dots4_q4_0,
-                   row_dots4_q4_1, row_dots4_q4_k, row_dots4_q5_0, row_dots4_q5_1,
-                   row_dots4_q5_k, row_dots4_q6_k, row_dots4_q8_0, store_f32, ROWS_AT_ONCE)
+from .simd import (ROWS_AT_ONCE, row_dot_f16, row_dot_q4_0, row_dot_q4_1, row_dot_q4_k,
+                   row_dot_q5_0, row_dot_q5_1, row_dot_q5_k, row_dot_q6_k, row_dot_q8_0,
+                   row_dots2_q4_0, row_dots2_q4_1, row_dots2_q4_k, row_dots2_q5_0,
+                   row_dots2_q5_1, row_dots2_q5_k, row_dots2_q6_k, row_dots2_q8_0,
+                   row_dots4_q4_0, row_dots4_q4_1, row_dots4_q4_k, row_dots4_q5_0,
+                   row_dots4_q5_1, row_dots4_q5_k, row_dots4_q6_k, row_dots4_q8_0, store_f32)
 
 
 #: Weight bytes below which a product runs in the calling thread: its work, whatever the
@@ -60,10 +64,11 @@ def _mm_packed(w, aq, ad, asum, bsums, out, table):
     activations (per row m = (batch, token): ``aq`` int8 (M, K), ``ad`` their block scales,
     ``asum`` Q8_1's block sums, ``bsums`` Q8_K's sums of 16) into ``out`` float32 (B3, B2, T,
     N), which may have any strides; src0 is broadcast over the batches.  Parallel over slices
-    of weight rows; within a slice, activation rows four at a time, then one by one (the few
-    activation rows stay in cache).  ``ROW_DOT``, ``ROW_DOTS4`` and ``SUMS_OF_16`` are globals
-    that :func:`_for_each_format` binds: one compiled kernel per format.  ``asum`` must have a
-    column per block and ``bsums`` a row per activation row even where unused."""
+    of weight rows; within a slice, activation rows four at a time, then two, then one (the
+    few activation rows stay in cache).  ``ROW_DOT``, ``ROW_DOTS2``, ``ROW_DOTS4`` and
+    ``SUMS_OF_16`` are globals that :func:`_for_each_format` binds: one compiled kernel per
+    format.  ``asum`` must have a column per block and ``bsums`` a row per activation row
+    even where unused."""
     a3, a2, n, _ = w.shape
     b3, b2, nt, _ = out.shape
     r3, r2 = b3 // a3, b2 // a2
@@ -95,6 +100,13 @@ def _mm_packed(w, aq, ad, asum, bsums, out, table):
                 ROW_DOTS4(wb + r * ws1, ap, as0, dp, ds0, xp, xs0, nb, tp,
                           o + t0 * os1 + r * os0, os1)
             t0 += ROWS_AT_ONCE
+        if t0 + 2 <= nt:        # two or three rows left (a short prompt, a warm-up)
+            m = g * nt + t0
+            ap, dp, xp = ap0 + m * as0, dp0 + m * ds0, xp0 + m * xs0
+            for r in range(r0, r1):
+                ROW_DOTS2(wb + r * ws1, ap, as0, dp, ds0, xp, xs0, nb, tp,
+                          o + t0 * os1 + r * os0, os1)
+            t0 += 2
         for t in range(t0, nt):
             m = g * nt + t
             ap, dp, xp = ap0 + m * as0, dp0 + m * ds0, xp0 + m * xs0
@@ -103,16 +115,20 @@ def _mm_packed(w, aq, ad, asum, bsums, out, table):
 
 
 # (bound per compiled copy of _mm_packed)
-ROW_DOT = ROW_DOTS4 = None
+ROW_DOT = ROW_DOTS2 = ROW_DOTS4 = None
 SUMS_OF_16 = False
 
-#: Per packed format: its one-row and four-row intrinsics, and whether their extra argument
-#: is Q8_K's sums of 16 (else Q8_1's block sums, unused but for Q4_1 and Q5_1).
+#: Per packed format: its one-row, two-row and four-row intrinsics, and whether their extra
+#: argument is Q8_K's sums of 16 (else Q8_1's block sums, unused but for Q4_1 and Q5_1).
 _ROW_DOTS = {
-    Q4_0: (row_dot_q4_0, row_dots4_q4_0, False), Q4_1: (row_dot_q4_1, row_dots4_q4_1, False),
-    Q5_0: (row_dot_q5_0, row_dots4_q5_0, False), Q5_1: (row_dot_q5_1, row_dots4_q5_1, False),
-    Q8_0: (row_dot_q8_0, row_dots4_q8_0, False), Q4_K: (row_dot_q4_k, row_dots4_q4_k, True),
-    Q5_K: (row_dot_q5_k, row_dots4_q5_k, True), Q6_K: (row_dot_q6_k, row_dots4_q6_k, True),
+    Q4_0: (row_dot_q4_0, row_dots2_q4_0, row_dots4_q4_0, False),
+    Q4_1: (row_dot_q4_1, row_dots2_q4_1, row_dots4_q4_1, False),
+    Q5_0: (row_dot_q5_0, row_dots2_q5_0, row_dots4_q5_0, False),
+    Q5_1: (row_dot_q5_1, row_dots2_q5_1, row_dots4_q5_1, False),
+    Q8_0: (row_dot_q8_0, row_dots2_q8_0, row_dots4_q8_0, False),
+    Q4_K: (row_dot_q4_k, row_dots2_q4_k, row_dots4_q4_k, True),
+    Q5_K: (row_dot_q5_k, row_dots2_q5_k, row_dots4_q5_k, True),
+    Q6_K: (row_dot_q6_k, row_dots2_q6_k, row_dots4_q6_k, True),
 }
 
 #: Weight types with a packed-block dot product here (:func:`mm_packed`).
@@ -121,13 +137,14 @@ PACKED_TYPES = frozenset(_ROW_DOTS)
 
 def _for_each_format(fn, **options):
     """One kernel per format: a copy of ``fn`` for each format of :data:`_ROW_DOTS` whose
-    globals bind ``ROW_DOT``, ``ROW_DOTS4`` and ``SUMS_OF_16`` to the format's, so that
-    numba compiles one format's loop alone (one function with every format's branch ran the
+    globals bind ``ROW_DOT``, ``ROW_DOTS2``, ``ROW_DOTS4`` and ``SUMS_OF_16`` to the format's,
+    so that numba compiles one format's loop alone (one function with every format's branch ran the
     hot loop at half the speed); each copy has its own name, so numba's on-disk cache keeps
     them apart."""
     kernels = {}
-    for code, (one, four, sums16) in _ROW_DOTS.items():
-        scope = dict(fn.__globals__, ROW_DOT=one, ROW_DOTS4=four, SUMS_OF_16=sums16)
+    for code, (one, two, four, sums16) in _ROW_DOTS.items():
+        scope = dict(fn.__globals__, ROW_DOT=one, ROW_DOTS2=two, ROW_DOTS4=four,
+                     SUMS_OF_16=sums16)
         twin = types.FunctionType(fn.__code__, scope, f"{fn.__name__}_{code}", fn.__defaults__,
                                   fn.__closure__)
         twin.__qualname__ = f"{fn.__qualname__}_{code}"

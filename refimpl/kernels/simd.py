@@ -12,7 +12,8 @@ portable twin):
 * ``row_dot_q4_k``, ``row_dot_q5_k``, ``row_dot_q6_k``: the same for the k-quants, per
   super-block the exact integer sums of every group times its scale in eight int32 lanes
   (``pmaddubsw`` and ``pmaddwd`` by name on AVX2 hosts, where LLVM does not find them);
-* ``row_dots4_*``: the same four activation rows at a time, each weight block decoded once;
+* ``row_dots4_*``, ``row_dots2_*``: the same, four or two activation rows at a time, each
+  weight block decoded once;
 * ``row_dot_f16``: one output of a product with F16 weights (sixteen float32 lanes).
 
 Every function takes raw addresses (``array.ctypes.data + offset``): the caller has validated
@@ -192,7 +193,7 @@ def _one_row(name, rows_codegen):
     """An intrinsic ``name(w, a, ad, extra, nb, table) -> float32``: the product of one packed
     weight row (``nb`` blocks at ``w``) with one activation row (int8 at ``a``, block scales
     at ``ad``, the format's extra at ``extra``), emitted by ``rows_codegen`` as
-    :func:`_four_rows` emits four."""
+    :func:`_many_rows` emits several."""
 
     @intrinsic
     def row_dot(typingctx, w, a, ad, extra, nb, table):
@@ -210,20 +211,19 @@ def _one_row(name, rows_codegen):
     return row_dot
 
 
-#: Activation rows one call of a ``row_dots4_*`` intrinsic takes.
+#: Activation rows one call of a ``row_dots4_*`` intrinsic takes (``row_dots2_*``: two).
 ROWS_AT_ONCE = 4
 
 
-def _four_rows(name, rows_codegen):
+def _many_rows(name, rows_codegen, count):
     """An intrinsic ``name(w, a, a_step, ad, ad_step, extra, extra_step, nb, table, out,
-    out_step)``: the product of one packed weight row (``nb`` blocks at ``w``) with
-    :data:`ROWS_AT_ONCE` activation rows, row ``t`` at ``a + t·a_step``, its block scales at
-    ``ad + t·ad_step`` and its format's extra (Q8_1's sums, Q8_K's sums of 16) at
-    ``extra + t·extra_step``; output ``t`` is stored as float32 at ``out + t·out_step``.
-    ``rows_codegen(builder, w, rows, nb, table_p)`` emits the products (:func:`_q32_rows`,
-    :func:`_kquant_rows`), each weight block decoded once for all rows, as ggml's matrix
-    kernels (llamafile's) reuse it; each output is the one-row intrinsic's, bit for bit: the
-    same operations in the same order per row."""
+    out_step)``: the product of one packed weight row (``nb`` blocks at ``w``) with ``count``
+    activation rows, row ``t`` at ``a + t·a_step``, its block scales at ``ad + t·ad_step`` and
+    its format's extra (Q8_1's sums, Q8_K's sums of 16) at ``extra + t·extra_step``; output
+    ``t`` is stored as float32 at ``out + t·out_step``.  ``rows_codegen(builder, w, rows, nb,
+    table_p)`` emits the products (:func:`_q32_rows`, :func:`_kquant_rows`), each weight block
+    decoded once for all rows, as ggml's matrix kernels (llamafile's) reuse it; each output is
+    the one-row intrinsic's, bit for bit: the same operations in the same order per row."""
 
     @intrinsic
     def row_dots(typingctx, w, a, a_step, ad, ad_step, extra, extra_step, nb, table, out,
@@ -237,7 +237,7 @@ def _four_rows(name, rows_codegen):
             def nth(base, step, t):
                 return builder.add(base, builder.mul(step, ir.Constant(step.type, t)))
             rows = [(nth(aa, astep, t), nth(da, dstep, t), nth(xa, xstep, t))
-                    for t in range(ROWS_AT_ONCE)]
+                    for t in range(count)]
             for t, value in enumerate(rows_codegen(builder, wa, rows, nbv, table_p)):
                 builder.store(value, builder.inttoptr(nth(oa, ostep, t), _F32.as_pointer()),
                               align=1)
@@ -249,10 +249,10 @@ def _four_rows(name, rows_codegen):
     return row_dots
 
 
-def _row_dots4_q32(kind):
-    """:func:`_four_rows` of :func:`_row_dot_q32` (extra: Q8_1's block sums)."""
-    return _four_rows(f"row_dots4_{kind}", lambda builder, wa, rows, nbv, table_p:
-                      _q32_rows(builder, kind, wa, rows, nbv, table_p))
+def _row_dots_q32(kind, count):
+    """:func:`_many_rows` of :func:`_row_dot_q32` (extra: Q8_1's block sums)."""
+    return _many_rows(f"row_dots{count}_{kind}", lambda builder, wa, rows, nbv, table_p:
+                      _q32_rows(builder, kind, wa, rows, nbv, table_p), count)
 
 
 row_dot_q4_0 = _row_dot_q32("q4_0")
@@ -260,11 +260,16 @@ row_dot_q4_1 = _row_dot_q32("q4_1")
 row_dot_q5_0 = _row_dot_q32("q5_0")
 row_dot_q5_1 = _row_dot_q32("q5_1")
 row_dot_q8_0 = _row_dot_q32("q8_0")
-row_dots4_q4_0 = _row_dots4_q32("q4_0")
-row_dots4_q4_1 = _row_dots4_q32("q4_1")
-row_dots4_q5_0 = _row_dots4_q32("q5_0")
-row_dots4_q5_1 = _row_dots4_q32("q5_1")
-row_dots4_q8_0 = _row_dots4_q32("q8_0")
+row_dots4_q4_0 = _row_dots_q32("q4_0", 4)
+row_dots2_q4_0 = _row_dots_q32("q4_0", 2)
+row_dots4_q4_1 = _row_dots_q32("q4_1", 4)
+row_dots2_q4_1 = _row_dots_q32("q4_1", 2)
+row_dots4_q5_0 = _row_dots_q32("q5_0", 4)
+row_dots2_q5_0 = _row_dots_q32("q5_0", 2)
+row_dots4_q5_1 = _row_dots_q32("q5_1", 4)
+row_dots2_q5_1 = _row_dots_q32("q5_1", 2)
+row_dots4_q8_0 = _row_dots_q32("q8_0", 4)
+row_dots2_q8_0 = _row_dots_q32("q8_0", 2)
 
 
 def _lanes8(builder, v):
@@ -384,10 +389,10 @@ def _row_dot_kquant(kind, native=X86_AVX2):
                     _kquant_rows(builder, kind, native, wa, rows, nbv, table_p))
 
 
-def _row_dots4_kquant(kind, native=X86_AVX2):
-    """:func:`_four_rows` of :func:`_row_dot_kquant` (extra: Q8_K's sums of 16)."""
-    return _four_rows(f"row_dots4_{kind}", lambda builder, wa, rows, nbv, table_p:
-                      _kquant_rows(builder, kind, native, wa, rows, nbv, table_p))
+def _row_dots_kquant(kind, count, native=X86_AVX2):
+    """:func:`_many_rows` of :func:`_row_dot_kquant` (extra: Q8_K's sums of 16)."""
+    return _many_rows(f"row_dots{count}_{kind}", lambda builder, wa, rows, nbv, table_p:
+                      _kquant_rows(builder, kind, native, wa, rows, nbv, table_p), count)
 
 
 def _kquant_rows(builder, kind, native, wa, tokens, nbv, table_p):
@@ -483,9 +488,12 @@ def _kquant_rows(builder, kind, native, wa, tokens, nbv, table_p):
 row_dot_q4_k = _row_dot_kquant("q4_k")
 row_dot_q5_k = _row_dot_kquant("q5_k")
 row_dot_q6_k = _row_dot_kquant("q6_k")
-row_dots4_q4_k = _row_dots4_kquant("q4_k")
-row_dots4_q5_k = _row_dots4_kquant("q5_k")
-row_dots4_q6_k = _row_dots4_kquant("q6_k")
+row_dots4_q4_k = _row_dots_kquant("q4_k", 4)
+row_dots2_q4_k = _row_dots_kquant("q4_k", 2)
+row_dots4_q5_k = _row_dots_kquant("q5_k", 4)
+row_dots2_q5_k = _row_dots_kquant("q5_k", 2)
+row_dots4_q6_k = _row_dots_kquant("q6_k", 4)
+row_dots2_q6_k = _row_dots_kquant("q6_k", 2)
 #: The same in portable LLVM vector IR only, whatever the host (tests compare the two).
 PORTABLE_KQUANT = {k: _row_dot_kquant(k, native=False) for k in ("q4_k", "q5_k", "q6_k")}
 

@@ -117,12 +117,14 @@ def test_kquant_row_dots_native_and_portable_agree(kind):
     assert np.all(np.abs(out[0] - want) <= 1e-5 * scale), (out[0], want)
 
 
+@pytest.mark.parametrize("nt", [3, 7])
 @pytest.mark.parametrize("wtype", sorted(fast.PACKED_TYPES), ids=lambda t: Q.GgmlType(t).name)
-def test_four_rows_at_once_equal_one_row_at_a_time(wtype):
-    """mm_packed over 7 activation rows (four through ``row_dots4_*``, three one by one)
-    gives bit for bit what it gives for each row alone (one-row intrinsics only)."""
+def test_four_rows_at_once_equal_one_row_at_a_time(wtype, nt):
+    """mm_packed over 7 activation rows (four through ``row_dots4_*``, two through
+    ``row_dots2_*``, the last alone) or 3 (two, one) gives bit for bit what it gives for each
+    row alone (one-row intrinsics only)."""
     rng = np.random.default_rng(5)
-    k, n, nt = 512, 70, 7
+    k, n = 512, 70
     rows = random_rows(rng, wtype, n, k).reshape(1, 1, n, -1)
     x = rng.standard_normal((nt, k)).astype(np.float32)
     acts = Q.quantize_activations(x, Q.VEC_DOT_TYPE[wtype])
