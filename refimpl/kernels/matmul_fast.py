@@ -40,13 +40,23 @@ from .simd import (ROWS_AT_ONCE, row_dot_f16, row_dot_q4_0, row_dot_q4_1, row_do
                    row_dots4_q5_1, row_dots4_q5_k, row_dots4_q6_k, row_dots4_q8_0, store_f32)
 
 
-#: Weight bytes below which a product runs in the calling thread: its work, whatever the
-#: number of activation rows (a one-token step's output has only N values, yet reads all of
-#: the weights).
+#: Weight bytes times activation rows below which a product runs in the calling thread (a
+#: one-token step's output has only N values, yet reads all of the weights: it is measured by
+#: its weights, not its output).
 PACKED_SERIAL_BELOW = 1 << 16
 
 #: Weight rows per parallel job.
 ROWS_PER_JOB = 64
+
+#: Activation rows per parallel job (a multiple of four): a prompt's product is split over
+#: activation rows too, so that the small products of a prompt (a K/V projection has 192 or
+#: 512 weight rows, three to eight jobs of weight rows alone) keep every thread busy.
+TOKENS_PER_JOB = 32
+
+
+def _packed_work(w, aq, *_):
+    """The work of one packed product: weight bytes times activation rows."""
+    return w.size * aq.shape[0]
 
 
 # ------------------------------------------------------------------------------------------
@@ -65,7 +75,9 @@ def _mm_packed(w, aq, ad, asum, bsums, out, table):
     ``asum`` Q8_1's block sums, ``bsums`` Q8_K's sums of 16) into ``out`` float32 (B3, B2, T,
     N), which may have any strides; src0 is broadcast over the batches.  Parallel over slices
     of weight rows; within a slice, activation rows four at a time, then two, then one (the
-    few activation rows stay in cache).  ``ROW_DOT``, ``ROW_DOTS2``, ``ROW_DOTS4`` and
+    few activation rows stay in cache), and over slices of TOKENS_PER_JOB activation rows
+    where there are more.  Every output is the same however the rows are grouped (the row
+    intrinsics agree bit for bit).  ``ROW_DOT``, ``ROW_DOTS2``, ``ROW_DOTS4`` and
     ``SUMS_OF_16`` are globals that :func:`_for_each_format` binds: one compiled kernel per
     format.  ``asum`` must have a column per block and ``bsums`` a row per activation row
     even where unused."""
@@ -73,6 +85,7 @@ def _mm_packed(w, aq, ad, asum, bsums, out, table):
     b3, b2, nt, _ = out.shape
     r3, r2 = b3 // a3, b2 // a2
     chunks = (n + ROWS_PER_JOB - 1) // ROWS_PER_JOB
+    tchunks = max(1, (nt + TOKENS_PER_JOB - 1) // TOKENS_PER_JOB)
     # raw addresses and strides, taken once: a view made per row inside the parallel loop
     # would count references on the shared arrays atomically (refimpl.kernels.parallel)
     wp, ws3, ws2, ws1 = w.ctypes.data, w.strides[0], w.strides[1], w.strides[2]
@@ -85,29 +98,31 @@ def _mm_packed(w, aq, ad, asum, bsums, out, table):
     else:
         xp0, xs0 = asum.ctypes.data, asum.strides[0]
     tp, nb = table.ctypes.data, ad.shape[1]
-    for job in prange(b3 * b2 * chunks):
-        g = job // chunks
-        r0 = (job - g * chunks) * ROWS_PER_JOB
+    for job in prange(b3 * b2 * chunks * tchunks):
+        g = job // (chunks * tchunks)
+        c = job - g * chunks * tchunks
+        r0 = (c // tchunks) * ROWS_PER_JOB
         r1 = min(n, r0 + ROWS_PER_JOB)
+        t0 = (c % tchunks) * TOKENS_PER_JOB
+        te = min(nt, t0 + TOKENS_PER_JOB)
         i13, i12 = g // b2, g % b2
         wb = wp + (i13 // r3) * ws3 + (i12 // r2) * ws2
         o = op + i13 * os3 + i12 * os2
-        t0 = 0
-        while t0 + ROWS_AT_ONCE <= nt:
+        while t0 + ROWS_AT_ONCE <= te:
             m = g * nt + t0
             ap, dp, xp = ap0 + m * as0, dp0 + m * ds0, xp0 + m * xs0
             for r in range(r0, r1):
                 ROW_DOTS4(wb + r * ws1, ap, as0, dp, ds0, xp, xs0, nb, tp,
                           o + t0 * os1 + r * os0, os1)
             t0 += ROWS_AT_ONCE
-        if t0 + 2 <= nt:        # two or three rows left (a short prompt, a warm-up)
+        if t0 + 2 <= te:        # two or three rows left (a short prompt, a warm-up)
             m = g * nt + t0
             ap, dp, xp = ap0 + m * as0, dp0 + m * ds0, xp0 + m * xs0
             for r in range(r0, r1):
                 ROW_DOTS2(wb + r * ws1, ap, as0, dp, ds0, xp, xs0, nb, tp,
                           o + t0 * os1 + r * os0, os1)
             t0 += 2
-        for t in range(t0, nt):
+        for t in range(t0, te):
             m = g * nt + t
             ap, dp, xp = ap0 + m * as0, dp0 + m * ds0, xp0 + m * xs0
             for r in range(r0, r1):
@@ -150,7 +165,8 @@ def _for_each_format(fn, **options):
         twin.__qualname__ = f"{fn.__qualname__}_{code}"
         twin.__module__ = fn.__module__
         twin.__doc__ = fn.__doc__
-        kernels[code] = sized_kernel(0, PACKED_SERIAL_BELOW, **options)(twin)
+        kernels[code] = sized_kernel(0, PACKED_SERIAL_BELOW, work=_packed_work,
+                                     **options)(twin)
     return kernels
 
 
@@ -176,6 +192,7 @@ def mm_f16(w, x, out, table):
     r3, r2 = b3 // a3, b2 // a2
     k16 = k - k % 16
     chunks = (n + ROWS_PER_JOB - 1) // ROWS_PER_JOB
+    tchunks = max(1, (nt + TOKENS_PER_JOB - 1) // TOKENS_PER_JOB)
     wp, ws3, ws2, ws1 = w.ctypes.data, w.strides[0], w.strides[1], w.strides[2]
     xp0, xs0 = x.ctypes.data, x.strides[0]
     for job in prange(b3 * b2 * chunks):

@@ -53,7 +53,8 @@ def compute_threads() -> int:
 class SizedKernel:
     """A kernel compiled serial and parallel, picking by the size of argument ``work_arg``."""
 
-    def __init__(self, fn, work_arg: int, options: dict, serial_below: int = SERIAL_BELOW):
+    def __init__(self, fn, work_arg: int, options: dict, serial_below: int = SERIAL_BELOW,
+                 work=None):
         # IEEE division (x/0 is ±inf or NaN) in both: numba's parallel loops already divide so,
         # its serial default would raise ZeroDivisionError instead
         options = {"error_model": "numpy", **options}
@@ -66,18 +67,24 @@ class SizedKernel:
         self.serial = njit(**options)(twin)
         self.work_arg = work_arg
         self.serial_below = serial_below
+        self.work = work
         functools.update_wrapper(self, fn)
 
     def pick(self, *args):
         """The compiled twin a call with these arguments runs."""
-        serial = compute_threads() == 1 or np.size(args[self.work_arg]) < self.serial_below
+        if compute_threads() == 1:
+            return self.serial
+        size = self.work(*args) if self.work is not None else np.size(args[self.work_arg])
+        serial = size < self.serial_below
         return self.serial if serial else self.parallel
 
     def __call__(self, *args):
         return self.pick(*args)(*args)
 
 
-def sized_kernel(work_arg: int, serial_below: int = SERIAL_BELOW, **options):
+def sized_kernel(work_arg: int, serial_below: int = SERIAL_BELOW, work=None, **options):
     """Decorator: ``@sized_kernel(work_arg=2, cache=True, nogil=True)`` in place of
-    ``@njit(parallel=True, cache=True, nogil=True)`` for a kernel called from Python."""
-    return lambda fn: SizedKernel(fn, work_arg, options, serial_below)
+    ``@njit(parallel=True, cache=True, nogil=True)`` for a kernel called from Python.
+    ``work``, if given, measures the work from all the arguments instead (a function of
+    them, returning a size to compare with ``serial_below``)."""
+    return lambda fn: SizedKernel(fn, work_arg, options, serial_below, work)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from numba import njit
 
 from refimpl.graph import GraphInvalid, Op
+from refimpl.kernels.cpu_tensors import round_to
 from refimpl.kernels.flash_attn import (TILED_MIN_ROWS, reference, round_f16_finite,
                                        round_f16_inplace)
 from refimpl.protocol import GgmlType as T
@@ -116,6 +117,21 @@ def _half_cases():
 def _half(x):
     with np.errstate(over="ignore"):
         return x.astype(np.float16).astype(np.float32)
+
+
+@pytest.mark.parametrize("tail", [0, 1, 7])
+def test_round_to_f16_is_the_ieee_rounding(tail):
+    """round_to(·, F16) (the CPU's conversion eight at a time where it has F16C, arithmetic for
+    the rest) equals numpy's float16 round trip, bit for bit, whatever the length and layout."""
+    x = np.concatenate([_half_cases(), np.array([np.inf, -np.inf], np.float32)])
+    x = x[:x.size - x.size % 8 + tail]
+    got = round_to(x, T.F16)
+    np.testing.assert_array_equal(got.view(np.uint32), _half(x).view(np.uint32))
+    rows = np.concatenate([x, x])[:6 * 2001].reshape(6, 2001)[:, ::3]   # not contiguous
+    got = round_to(rows, T.F16)
+    np.testing.assert_array_equal(got.view(np.uint32), _half(rows).view(np.uint32))
+    nan = round_to(np.full(9, np.nan, np.float32), T.F16)
+    assert np.isnan(nan).all()
 
 
 def test_half_rounding_is_exact():

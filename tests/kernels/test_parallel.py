@@ -44,6 +44,27 @@ def test_one_token_products_of_large_weights_run_in_parallel():
     assert not _picked(2, 32, 64)                 # 1 KiB of weights: not worth a launch
 
 
+def test_prompt_products_of_small_weights_run_in_parallel():
+    """A prompt's product is measured by its weights times its activation rows: a 135M
+    model's K/V projection (192 rows of 576, 62 KiB) runs serial for one token, in parallel
+    for a prompt of 128."""
+    w, aq, ad, asum, bsums, out, table = _one_token_args(192, 576)
+    kernel = fast._PACKED_KERNELS[Q4_0]
+    got = []
+
+    def work():
+        set_compute_threads(2)
+        got.append(kernel.pick(w, aq, ad, asum, bsums, out, table) is kernel.parallel)
+        m = 128
+        got.append(kernel.pick(w, np.zeros((m, 576), np.int8), np.zeros((m, 18), np.float32),
+                               np.zeros((m, 18), np.float32), np.zeros((m, 1), np.int32),
+                               np.zeros((1, 1, m, 192), np.float32), table) is kernel.parallel)
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert got == [False, True]
+
+
 def test_thread_count_is_per_thread():
     before = compute_threads()
     assert _picked(2, 2048, 2048)

@@ -117,12 +117,13 @@ def test_kquant_row_dots_native_and_portable_agree(kind):
     assert np.all(np.abs(out[0] - want) <= 1e-5 * scale), (out[0], want)
 
 
-@pytest.mark.parametrize("nt", [3, 7])
+@pytest.mark.parametrize("nt", [3, 7, 2 * fast.TOKENS_PER_JOB + 6])
 @pytest.mark.parametrize("wtype", sorted(fast.PACKED_TYPES), ids=lambda t: Q.GgmlType(t).name)
 def test_four_rows_at_once_equal_one_row_at_a_time(wtype, nt):
     """mm_packed over 7 activation rows (four through ``row_dots4_*``, two through
-    ``row_dots2_*``, the last alone) or 3 (two, one) gives bit for bit what it gives for each
-    row alone (one-row intrinsics only)."""
+    ``row_dots2_*``, the last alone) or 3 (two, one), or over more than one parallel job's
+    activation rows (the last job's six: four, two), gives bit for bit what it gives for each
+    row alone (one-row intrinsics only), in its serial and its parallel twin."""
     rng = np.random.default_rng(5)
     k, n = 512, 70
     rows = random_rows(rng, wtype, n, k).reshape(1, 1, n, -1)
@@ -132,6 +133,11 @@ def test_four_rows_at_once_equal_one_row_at_a_time(wtype, nt):
     bsums = acts.bsums if acts.bsums.size else np.zeros((nt, 1), np.int32)
     together = np.zeros((1, 1, nt, n), np.float32)
     fast.mm_packed(wtype, rows, acts.qs, acts.d, s, bsums, together, table_for(wtype))
+    kernel = fast._PACKED_KERNELS[wtype]
+    for twin in (kernel.serial, kernel.parallel):
+        again = np.zeros_like(together)
+        twin(rows, acts.qs, acts.d, s, bsums, again, table_for(wtype))
+        np.testing.assert_array_equal(again, together)
     alone = np.zeros((1, 1, nt, n), np.float32)
     for t in range(nt):
         fast.mm_packed(wtype, rows, acts.qs[t:t + 1], acts.d[t:t + 1], s[t:t + 1],
