@@ -192,7 +192,6 @@ def mm_f16(w, x, out, table):
     r3, r2 = b3 // a3, b2 // a2
     k16 = k - k % 16
     chunks = (n + ROWS_PER_JOB - 1) // ROWS_PER_JOB
-    tchunks = max(1, (nt + TOKENS_PER_JOB - 1) // TOKENS_PER_JOB)
     wp, ws3, ws2, ws1 = w.ctypes.data, w.strides[0], w.strides[1], w.strides[2]
     xp0, xs0 = x.ctypes.data, x.strides[0]
     for job in prange(b3 * b2 * chunks):

@@ -8,7 +8,9 @@ itself (e.g. ``vpmaddwd`` on AVX2), x86's by name only where it does not (and th
 portable twin):
 
 * ``row_dot_*``: one whole output of a product with a 32-value block format (Q4_0, Q4_1,
-  Q5_0, Q5_1, Q8_0), ggml's way: eight integer lanes per block, scaled into eight float32 lanes;
+  Q5_0, Q5_1, Q8_0), ggml's way: eight integer lanes per block (``vpdpbusd`` by name on
+  AVX-512 VNNI hosts, ``pmaddubsw`` and ``pmaddwd`` on AVX2 ones), scaled into eight float32
+  lanes;
 * ``row_dot_q4_k``, ``row_dot_q5_k``, ``row_dot_q6_k``: the same for the k-quants, per
   super-block the exact integer sums of every group times its scale in eight int32 lanes
   (``pmaddubsw`` and ``pmaddwd`` by name on AVX2 hosts, where LLVM does not find them);
@@ -19,8 +21,8 @@ portable twin):
 Every function takes raw addresses (``array.ctypes.data + offset``): the caller has validated
 the tensors and computed the offsets; nothing here checks bounds (DEVELOPERS.md: validation
 happens before dispatch).  The tests compare whole products with
-:func:`refimpl.kernels.matmul.reference` (plain numpy) and the native k-quant forms with
-their portable twins.
+:func:`refimpl.kernels.matmul.reference` (plain numpy) and the native forms with their
+portable twins.
 
 Weight codes, by format (spec/ops/matmul.md, "Block formats"):
 
@@ -54,13 +56,6 @@ def _splat(builder, value, t, n):
 def _load(builder, addr, t, n):
     """``n`` values of type ``t`` at integer address ``addr`` (no alignment assumed)."""
     return builder.load(builder.inttoptr(addr, _vec(t, n).as_pointer()), align=1)
-
-
-def _nibbles(builder, addr, shift, n):
-    """``(byte >> shift) & 15`` of ``n`` bytes at ``addr``, as int16 lanes."""
-    b = builder.zext(_load(builder, addr, _I8, n), _vec(_I16, n))
-    s = _splat(builder, builder.trunc(shift, _I16), _I16, n)
-    return builder.and_(builder.lshr(b, s), ir.Constant(_vec(_I16, n), [15] * n))
 
 
 def _f16_via(builder, table_p, addr):
@@ -118,13 +113,90 @@ _Q32_LAYOUT = {"q4_0": (18, 2, False, 0, 8), "q4_1": (20, 4, True, 0, 0),
                "q8_0": (34, 2, False, 0, 0)}
 
 
-def _q32_rows(builder, kind, wa, tokens, nbv, table_p):
+def _q32_codes(builder, kind, wb):
+    """The 32 weight codes of the block at ``wb`` as 32 bytes in value order (values 0-15
+    from the low nibbles, 16-31 from the high ones, as ggml's ``bytes_from_nibbles_32``):
+    signed for the formats with an offset and Q8_0 (code less offset), unsigned for Q4_1 and
+    Q5_1."""
+    nbytes, qoff, has_min, qh_off, offset = _Q32_LAYOUT[kind]
+    qa = builder.add(wb, ir.Constant(wb.type, qoff))
+    v32 = _vec(_I8, 32)
+    if kind == "q8_0":
+        return _load(builder, qa, _I8, 32)
+    raw = _load(builder, qa, _I8, 16)
+    v16, mask = _vec(_I8, 16), ir.Constant(_vec(_I8, 16), [15] * 16)
+    low = builder.and_(raw, mask)
+    high = builder.and_(builder.lshr(raw, ir.Constant(v16, [4] * 16)), mask)
+    codes = builder.shuffle_vector(low, high, ir.Constant(_vec(_I32, 32), list(range(32))))
+    if qh_off:      # bit j of the little-endian u32 qh is the fifth bit of value j
+        qh = _load(builder, builder.add(wb, ir.Constant(wb.type, qh_off)), _I8, 4)
+        spread = builder.shuffle_vector(qh, qh, ir.Constant(_vec(_I32, 32),
+                                                            [j // 8 for j in range(32)]))
+        bit = ir.Constant(v32, [1 << (j % 8) for j in range(32)])
+        on = builder.icmp_unsigned("!=", builder.and_(spread, bit), ir.Constant(v32, [0] * 32))
+        codes = builder.or_(codes, builder.select(on, ir.Constant(v32, [16] * 32),
+                                                  ir.Constant(v32, [0] * 32)))
+    if offset:
+        codes = builder.sub(codes, ir.Constant(v32, [offset] * 32))
+    return codes
+
+
+def _x86(builder, name, ret, args):
+    """Call x86's intrinsic ``name`` (LLVM's name for it) on ``args``, returning ``ret``."""
+    fn = cgutils.get_or_insert_function(builder.module,
+                                        ir.FunctionType(ret, [a.type for a in args]), name)
+    return builder.call(fn, args)
+
+
+def _sums_of_four(builder, u, s, native):
+    """Eight int32 lanes, lane ``i`` = ``Σ_{j<4} u[4i+j]·s[4i+j]`` of 32 unsigned bytes ``u``
+    and 32 signed bytes ``s``: x86's ``vpdpbusd`` (``native == "vnni"``), or ``pmaddubsw``
+    then ``pmaddwd`` by ones (``"avx2"``, ggml's AVX2 code), or portable IR (None).  Exact in
+    all three wherever every pair sum fits int16 (``pmaddubsw`` saturates): the callers' codes
+    are at most 31, or 128 against activations that are never -128."""
+    if native == "vnni":
+        v8 = _vec(_I32, 8)
+        return _x86(builder, "llvm.x86.avx512.vpdpbusd.256", v8,
+                    [ir.Constant(v8, [0] * 8), builder.bitcast(u, v8), builder.bitcast(s, v8)])
+    if native == "avx2":
+        pairs = _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), [u, s])
+        return _x86(builder, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8),
+                    [pairs, ir.Constant(_vec(_I16, 16), [1] * 16)])
+    p = builder.mul(builder.zext(u, _vec(_I32, 32)), builder.sext(s, _vec(_I32, 32)))
+    return _lanes_of_four(builder, p)
+
+
+def _lanes_of_four(builder, p):
+    """Thirty-two int32 lanes summed four consecutive at a time into eight (exact)."""
+    part = [_broadcast_lanes(builder, p, range(j, 32, 4)) for j in range(4)]
+    return builder.add(builder.add(part[0], part[1]), builder.add(part[2], part[3]))
+
+
+def _sign_of(builder, a, w, native):
+    """``a`` with the sign of ``w`` applied, lane by lane (0 where ``w`` is 0): x86's
+    ``psignb``, ggml's sign trick, which lets an unsigned ``|w|`` meet the activations.  An
+    activation of -128 against a negative ``w`` wraps to -128: the callers never give one
+    (refimpl.kernels.matmul routes such activations to the unpacked kernel)."""
+    if native:
+        return _x86(builder, "llvm.x86.avx2.psign.b", a.type, [a, w])
+    zero = ir.Constant(a.type, [0] * 32)
+    neg = builder.select(builder.icmp_signed("<", w, zero), builder.sub(zero, a), a)
+    return builder.select(builder.icmp_signed("==", w, zero), zero, neg)
+
+
+def _q32_rows(builder, kind, native, wa, tokens, nbv, table_p):
     """The codegen of a 32-value block format's row products: the packed row at ``wa``
     (``nb`` blocks) against each of ``tokens`` activation rows, given as tuples of integer
     addresses ``(a, ad, asum)`` (int8 values, float32 block scales, float32 block sums).
     Each block's weight codes are decoded once, for all the rows.  Returns one float32 per
-    activation row."""
+    activation row.
+
+    As ggml's x86 code (``mul_sum_i8_pairs_float``, ``mul_sum_us8_pairs_float``): per block,
+    eight int32 lanes, lane ``i`` the exact sum of the products of values ``4i..4i+3``
+    (:func:`_sums_of_four`); signed codes meet the activations as ``|w|`` times the
+    activations with ``w``'s sign (:func:`_sign_of`)."""
     nbytes, qoff, has_min, qh_off, offset = _Q32_LAYOUT[kind]
+    signed = kind == "q8_0" or bool(offset)
     fp = _F32.as_pointer()
     accs = [_float_lanes(builder, 8) for _ in tokens]
     mins = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in tokens]
@@ -132,40 +204,22 @@ def _q32_rows(builder, kind, wa, tokens, nbv, table_p):
     with cgutils.for_range(builder, nbv) as loop:
         b = loop.index
         wb = builder.add(wa, builder.mul(b, ir.Constant(b.type, nbytes)))
-        qa = builder.add(wb, ir.Constant(wb.type, qoff))
-        if kind == "q8_0":
-            lo = builder.sext(_load(builder, qa, _I8, 16), _vec(_I16, 16))
-            hi = builder.sext(_load(builder, builder.add(qa, ir.Constant(qa.type, 16)),
-                                    _I8, 16), _vec(_I16, 16))
+        codes = _q32_codes(builder, kind, wb)
+        if signed:
+            zero = ir.Constant(codes.type, [0] * 32)
+            magnitude = builder.select(builder.icmp_signed("<", codes, zero),
+                                       builder.sub(zero, codes), codes)
         else:
-            lo = _nibbles(builder, qa, ir.Constant(_I32, 0), 16)
-            hi = _nibbles(builder, qa, ir.Constant(_I32, 4), 16)
-            if qh_off:      # bit j of qh is the fifth bit of value j
-                qh = _load(builder, builder.add(wb, ir.Constant(wb.type, qh_off)), _I8, 4)
-                bit = ir.Constant(_vec(_I8, 16), [1 << (j % 8) for j in range(16)])
-                zero = ir.Constant(_vec(_I8, 16), [0] * 16)
-                for first in (0, 2):      # bytes 0-1: values 0..15, 2-3: 16..31
-                    pick = ir.Constant(_vec(_I32, 16), [first] * 8 + [first + 1] * 8)
-                    spread = builder.shuffle_vector(qh, qh, pick)
-                    on = builder.icmp_unsigned("!=", builder.and_(spread, bit), zero)
-                    high = builder.select(on, ir.Constant(_vec(_I16, 16), [16] * 16),
-                                          ir.Constant(_vec(_I16, 16), [0] * 16))
-                    if first == 0:
-                        lo = builder.or_(lo, high)
-                    else:
-                        hi = builder.or_(hi, high)
-            if offset:
-                off = ir.Constant(_vec(_I16, 16), [offset] * 16)
-                lo, hi = builder.sub(lo, off), builder.sub(hi, off)
+            magnitude = codes
         dw = _f16_via(builder, table_p, wb)
         mw = _f16_via(builder, table_p, builder.add(wb, ir.Constant(wb.type, 2))) \
             if has_min else None
         for (aa, d_p, s_p), acc_p, min_p in zip(ptrs, accs, mins):
-            ab = builder.add(aa, builder.mul(b, ir.Constant(b.type, 32)))
-            a_lo = builder.sext(_load(builder, ab, _I8, 16), _vec(_I16, 16))
-            a_hi = builder.sext(_load(builder, builder.add(ab, ir.Constant(ab.type, 16)),
-                                      _I8, 16), _vec(_I16, 16))
-            lanes = builder.add(_madd(builder, lo, a_lo), _madd(builder, hi, a_hi))
+            a = _load(builder, builder.add(aa, builder.mul(b, ir.Constant(b.type, 32))),
+                      _I8, 32)
+            if signed:
+                a = _sign_of(builder, a, codes, native)
+            lanes = _sums_of_four(builder, magnitude, a, native)
             _accumulate(builder, acc_p, lanes,
                         builder.fmul(dw, builder.load(builder.gep(d_p, [b]))))
             if has_min:
@@ -175,18 +229,21 @@ def _q32_rows(builder, kind, wa, tokens, nbv, table_p):
             for acc_p, min_p in zip(accs, mins)]
 
 
-def _row_dot_q32(kind):
+def _row_dot_q32(kind, native="host"):
     """An intrinsic ``row_dot_<kind>(w, a, ad, asum, nb, table) -> float32``: one output of a
     product of the packed row at ``w`` (``nb`` blocks of 32 values) with the Q8_0/Q8_1
     activations at ``a`` (int8), their block scales at ``ad`` and (Q4_1) stored sums ``s``
     at ``asum`` (float32), the weights' f16 scales widened through ``table`` (float32[65536]).
 
     As ggml's SIMD dot products: per block, eight int32 lanes of exact integer sums of four
-    products each, converted to float32, multiplied by ``d_w · d_a`` and added into eight
-    float32 lanes (:func:`_accumulate`: one fused multiply-add where the CPU has one), summed
-    at the end; Q4_1's and Q5_1's ``m · s`` go into a separate float32 sum."""
+    products each (:func:`_q32_rows`), converted to float32, multiplied by ``d_w · d_a`` and
+    added into eight float32 lanes (:func:`_accumulate`: one fused multiply-add where the CPU
+    has one), summed at the end; Q4_1's and Q5_1's ``m · s`` go into a separate float32 sum.
+    ``native`` picks x86's instructions by name ("vnni", "avx2"), the portable forms (None),
+    or by default ("host") :data:`X86_Q32`, the host's best; all give the same integers."""
     return _one_row(f"row_dot_{kind}", lambda builder, wa, rows, nbv, table_p:
-                    _q32_rows(builder, kind, wa, rows, nbv, table_p))
+                    _q32_rows(builder, kind, X86_Q32 if native == "host" else native, wa,
+                              rows, nbv, table_p))
 
 
 def _one_row(name, rows_codegen):
@@ -252,7 +309,7 @@ def _many_rows(name, rows_codegen, count):
 def _row_dots_q32(kind, count):
     """:func:`_many_rows` of :func:`_row_dot_q32` (extra: Q8_1's block sums)."""
     return _many_rows(f"row_dots{count}_{kind}", lambda builder, wa, rows, nbv, table_p:
-                      _q32_rows(builder, kind, wa, rows, nbv, table_p), count)
+                      _q32_rows(builder, kind, X86_Q32, wa, rows, nbv, table_p), count)
 
 
 row_dot_q4_0 = _row_dot_q32("q4_0")
@@ -340,6 +397,22 @@ def _target_has_avx2() -> bool:
 
 #: Whether :func:`_maddubs` and :func:`_madd_wd` use x86's instructions by name.
 X86_AVX2 = _target_has_avx2()
+
+
+def _target_has_vnni() -> bool:
+    """Whether numba compiles for a CPU with AVX-512 VNNI on 256-bit vectors (``vpdpbusd``;
+    AVX512_VNNI and AVX512VL), under the same conditions as :func:`_target_has_avx2`."""
+    if not X86_AVX2:
+        return False
+    import llvmlite.binding as llvm
+    features = llvm.get_host_cpu_features()
+    return bool(features.get("avx512vnni", False) and features.get("avx512vl", False))
+
+
+#: The x86 instructions the 32-value formats' row products call by name (:func:`_q32_rows`):
+#: "vnni" (``vpdpbusd``, as ggml's code on such a CPU), "avx2" (``pmaddubsw``, ``pmaddwd``,
+#: ``psignb``), or None (portable vector IR).
+X86_Q32 = "vnni" if _target_has_vnni() else "avx2" if X86_AVX2 else None
 
 
 def _maddubs(builder, u, s, native):
@@ -496,6 +569,12 @@ row_dots4_q6_k = _row_dots_kquant("q6_k", 4)
 row_dots2_q6_k = _row_dots_kquant("q6_k", 2)
 #: The same in portable LLVM vector IR only, whatever the host (tests compare the two).
 PORTABLE_KQUANT = {k: _row_dot_kquant(k, native=False) for k in ("q4_k", "q5_k", "q6_k")}
+
+#: The 32-value formats' one-row products in every form this host can run, by form (None:
+#: portable, "avx2", "vnni") and format (tests compare them).
+Q32_FORMS = {form: {k: _row_dot_q32(k, native=form) for k in _Q32_LAYOUT}
+             for form in (None, "avx2", "vnni")
+             if form is None or (form == "avx2" and X86_AVX2) or (form == "vnni" and X86_Q32 == "vnni")}
 
 
 # ------------------------------------------------------------------------------------------

@@ -117,6 +117,69 @@ def test_kquant_row_dots_native_and_portable_agree(kind):
     assert np.all(np.abs(out[0] - want) <= 1e-5 * scale), (out[0], want)
 
 
+_Q32_CODES = {"q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q5_0": Q.Q5_0, "q5_1": Q.Q5_1, "q8_0": Q.Q8_0}
+
+
+def _q32_dots(forms, kind):
+    fns = tuple(simd.Q32_FORMS[f][kind] for f in forms)
+    f0 = fns[0]
+    f1 = fns[1] if len(fns) > 1 else fns[0]
+    f2 = fns[2] if len(fns) > 2 else fns[0]
+
+    @njit
+    def dots(rows, qs, d, s, table, out):
+        nb = d.shape[1]
+        for r in range(rows.shape[0]):
+            for m in range(qs.shape[0]):
+                args = (rows[r].ctypes.data, qs[m].ctypes.data, d[m].ctypes.data,
+                        s[m].ctypes.data, nb, table.ctypes.data)
+                out[0, r, m] = f0(*args)
+                out[1, r, m] = f1(*args)
+                out[2, r, m] = f2(*args)
+    return dots
+
+
+@pytest.mark.parametrize("kind", sorted(_Q32_CODES))
+def test_q32_row_dots_every_form_agrees(kind):
+    """The 32-value formats' row products give the same float32 in every form this host runs:
+    portable vector IR, x86's ``pmaddubsw``/``pmaddwd``/``psignb`` (AVX2 hosts) and
+    ``vpdpbusd`` (AVX-512 VNNI hosts); and it is the documented sum, within float32 rounding
+    of the float64 product of the dequantised rows.  Extreme codes (every nibble and fifth bit
+    set, Q8_0's -128) and activations (+127, and -128 for the unsigned formats, which take no
+    sign trick) check that no pair sum saturates."""
+    code = _Q32_CODES[kind]
+    forms = list(simd.Q32_FORMS)
+    if simd.X86_AVX2:
+        assert "avx2" in forms          # on an AVX2 host the native form is checked too
+    rng = np.random.default_rng(13)
+    k = 256
+    rows = random_rows(rng, code, 4, k)
+    blocks = rows[3].reshape(k // 32, -1)
+    start = {Q.Q4_0: 2, Q.Q4_1: 4, Q.Q5_0: 2, Q.Q5_1: 4, Q.Q8_0: 2}[code]
+    blocks[:, start:] = 0x80 if code == Q.Q8_0 else 0xFF     # codes -128, or all bits set
+    qs = rng.integers(-127, 128, (3, k), dtype=np.int8)
+    qs[2] = 127
+    if code in (Q.Q4_1, Q.Q5_1):
+        qs[1] = -128
+    acts = Q.quantize_activations(qs.astype(np.float32), Q.VEC_DOT_TYPE[code])
+    d = rng.uniform(0.001, 0.01, (3, k // 32)).astype(np.float32)
+    s = acts.s if acts.s.size else np.zeros((3, k // 32), np.float32)
+    out = np.zeros((3, 4, 3), np.float32)
+    _q32_dots(forms, kind)(rows, qs, d, s, Q.F16_TABLE, out)
+    np.testing.assert_array_equal(out[0], out[1])
+    np.testing.assert_array_equal(out[0], out[2])
+    w = Q.dequantize_rows(code, rows, k).astype(np.float64)
+    a = qs.astype(np.float64) * np.repeat(d, 32, axis=1)
+    want = w @ a.T
+    scale = np.abs(w) @ np.abs(a).T
+    if code in (Q.Q4_1, Q.Q5_1):          # the minimum meets the stored sums, not Σ a
+        codes = Q.dequantize_rows(code, rows, k, with_min=False).astype(np.float64)
+        m = (w - codes).reshape(4, k // 32, 32)[:, :, 0]
+        want = codes @ a.T + m @ s.T.astype(np.float64)
+        scale = np.abs(codes) @ np.abs(a).T + np.abs(m) @ np.abs(s.T.astype(np.float64))
+    assert np.all(np.abs(out[0] - want) <= 1e-5 * scale), (out[0], want)
+
+
 @pytest.mark.parametrize("nt", [3, 7, 2 * fast.TOKENS_PER_JOB + 6])
 @pytest.mark.parametrize("wtype", sorted(fast.PACKED_TYPES), ids=lambda t: Q.GgmlType(t).name)
 def test_four_rows_at_once_equal_one_row_at_a_time(wtype, nt):
