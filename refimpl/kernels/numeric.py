@@ -9,6 +9,8 @@
   where ggml's kernels (or its compiler) fuse a product into an addition.
 * ggml's 8-lane AVX2 ``exp`` (:func:`vexp_f32`) and SiLU, and its horizontal sum of an 8-lane
   register (:func:`hsum8_f32`).
+* The C library's ``powf`` (:func:`powf`), where ggml calls it for a constant (ROPE's
+  frequency step, ALiBi's slopes).
 """
 
 from __future__ import annotations
@@ -20,6 +22,20 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 _F16_MAX = 65504.0
+
+
+@njit(cache=True, nogil=True)
+def _powf(a, b):
+    return math.pow(a, b)
+
+
+def powf(a, b) -> np.float32:
+    """``a ** b`` in float32 as the C library's ``powf`` computes it (numba compiles
+    ``math.pow`` of two float32 values to a call of it), as ggml's CPU backend does.  Not
+    ``np.power``: numpy's float32 power depends on the CPU it runs on (on an AVX-512 host it
+    differed from ``powf`` in the last bit for one exponent in six, which moved every ROPE
+    angle of a 64-wide head)."""
+    return np.float32(_powf(np.float32(a), np.float32(b)))
 
 
 @njit(cache=True, inline="always")

@@ -26,7 +26,7 @@ from ..graph.registry import kernel
 from ..graph.validators.rope import (MODE_IMROPE, MODE_MROPE, MODE_NEOX, MODE_NORMAL,  # noqa: F401
                                         MODE_VISION, MODES, RopeParams)
 from .cpu_tensors import load_f32, store_f32, view
-from .numeric import fma32
+from .numeric import fma32, powf
 from .parallel import sized_kernel
 
 
@@ -205,7 +205,7 @@ def _angle_constants(p: RopeParams, n0: int) -> tuple:
     node's parameters (computed once, when the node is bound)."""
     f32 = np.float32
     with np.errstate(all="ignore"):
-        theta_scale = np.power(f32(p.freq_base), f32(f32(-2.0) / f32(p.n_dims)))
+        theta_scale = powf(p.freq_base, f32(f32(-2.0) / f32(p.n_dims)))
     low, high = yarn_corr_dims(p.n_dims, p.n_ctx_orig, p.freq_base, p.beta_fast, p.beta_slow)
     n = n0 if p.mode == MODE_VISION else p.n_dims
     return (n, p.mode, np.array(p.sections, np.int64), p.freq_scale, p.ext_factor,

@@ -20,7 +20,7 @@ from ..graph.build import Node
 from ..graph.ops import Op
 from ..graph.registry import kernel
 from .cpu_tensors import load_f32, view
-from .numeric import fma32, vexp8_sub_f32
+from .numeric import fma32, powf, vexp8_sub_f32
 from .parallel import sized_kernel
 
 
@@ -34,13 +34,13 @@ def alibi_slopes(n_head: int, max_bias: float) -> np.ndarray:
     n_head_log2 = 1 << int(math.floor(math.log2(n_head)))
     bias = f32(max_bias)
     with np.errstate(all="ignore"):
-        m0 = np.power(f32(2.0), f32(-bias / f32(n_head_log2)))
-        m1 = np.power(f32(2.0), f32(-(bias / f32(2.0)) / f32(n_head_log2)))
+        m0 = powf(2.0, f32(-bias / f32(n_head_log2)))
+        m1 = powf(2.0, f32(-(bias / f32(2.0)) / f32(n_head_log2)))
         for h in range(n_head):
             if h < n_head_log2:
-                slopes[h] = np.power(m0, f32(h + 1))
+                slopes[h] = powf(m0, h + 1)
             else:
-                slopes[h] = np.power(m1, f32(2 * (h - n_head_log2) + 1))
+                slopes[h] = powf(m1, 2 * (h - n_head_log2) + 1)
     return slopes
 
 

@@ -156,3 +156,44 @@ def test_invalid_nodes_are_refused(case):
            params=_params(n_dims, mode, sections=sections, n_offs=n_offs))
     with pytest.raises(GraphInvalid):
         g.compile()
+
+
+def _libm_powf():
+    import ctypes
+    import ctypes.util
+    libm = ctypes.CDLL(ctypes.util.find_library("m"))
+    libm.powf.restype = ctypes.c_float
+    libm.powf.argtypes = [ctypes.c_float, ctypes.c_float]
+    return lambda a, b: np.float32(libm.powf(float(a), float(b)))
+
+
+def test_frequency_step_and_alibi_slopes_are_the_c_librarys_powf():
+    """ROPE's ``base^(-2/n_dims)`` and ALiBi's slopes are ggml's ``powf``, whatever CPU numpy
+    runs on: numpy's float32 power differs from it in the last bit for one exponent in six on
+    an AVX-512 host (base 10000, 64-wide heads among them), and every angle with it."""
+    from types import SimpleNamespace
+
+    from refimpl.kernels.rope import _angle_constants
+    from refimpl.kernels.softmax import alibi_slopes
+    powf = _libm_powf()
+    rng = np.random.default_rng(3)
+    bases = np.concatenate([np.float32([10000, 500000, 1e6, 1e4 + 0.5, 8e6]),
+                            rng.uniform(1.5, 2e6, 300).astype(np.float32)])
+    for base in bases:
+        for n_dims in range(2, 258, 2):
+            p = SimpleNamespace(freq_base=np.float32(base), n_dims=n_dims, n_ctx_orig=0,
+                                beta_fast=np.float32(32), beta_slow=np.float32(1),
+                                mode=MODE_NORMAL, sections=(0, 0, 0, 0),
+                                freq_scale=np.float32(1), ext_factor=np.float32(0),
+                                attn_factor=np.float32(1))
+            step = _angle_constants(p, n_dims)[-1]
+            want = powf(base, np.float32(np.float32(-2.0) / np.float32(n_dims)))
+            assert step == want, (base, n_dims, step, want)
+    for n_head, max_bias in ((12, 8.0), (32, 8.0), (6, 3.7), (40, 16.0)):
+        slopes = alibi_slopes(n_head, max_bias)
+        log2 = 1 << int(np.floor(np.log2(n_head)))
+        m0 = powf(2.0, np.float32(-np.float32(max_bias) / np.float32(log2)))
+        m1 = powf(2.0, np.float32(-(np.float32(max_bias) / np.float32(2.0)) / np.float32(log2)))
+        want = [powf(m0, h + 1) if h < log2 else powf(m1, 2 * (h - log2) + 1)
+                for h in range(n_head)]
+        np.testing.assert_array_equal(slopes, np.array(want, np.float32))
