@@ -158,18 +158,9 @@ def _sums_of_four(builder, u, s, native):
         v8 = _vec(_I32, 8)
         return _x86(builder, "llvm.x86.avx512.vpdpbusd.256", v8,
                     [ir.Constant(v8, [0] * 8), builder.bitcast(u, v8), builder.bitcast(s, v8)])
-    if native == "avx2":
-        pairs = _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", _vec(_I16, 16), [u, s])
-        return _x86(builder, "llvm.x86.avx2.pmadd.wd", _vec(_I32, 8),
-                    [pairs, ir.Constant(_vec(_I16, 16), [1] * 16)])
-    p = builder.mul(builder.zext(u, _vec(_I32, 32)), builder.sext(s, _vec(_I32, 32)))
-    return _lanes_of_four(builder, p)
-
-
-def _lanes_of_four(builder, p):
-    """Thirty-two int32 lanes summed four consecutive at a time into eight (exact)."""
-    part = [_broadcast_lanes(builder, p, range(j, 32, 4)) for j in range(4)]
-    return builder.add(builder.add(part[0], part[1]), builder.add(part[2], part[3]))
+    by_name = native == "avx2"
+    return _madd_wd(builder, _maddubs(builder, u, s, by_name),
+                    ir.Constant(_vec(_I16, 16), [1] * 16), by_name)
 
 
 def _sign_of(builder, a, w, native):

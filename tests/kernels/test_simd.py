@@ -70,19 +70,26 @@ def test_half_precision_accumulator_ops_match_references(seed):
         np.testing.assert_array_equal(got[m:], rest)
 
 
-def _kquant_dots(kind):
-    native, portable = getattr(simd, "row_dot_" + kind), simd.PORTABLE_KQUANT[kind]
+def _dots_of_forms(*forms):
+    """A kernel running each of up to three forms of one row product (the first repeated
+    where fewer are given) over every weight row and activation row: ``out[f, r, m]``."""
+    f0, f1, f2 = (forms + (forms[0],) * 2)[:3]
 
     @njit
-    def dots(rows, qs, d, bsums, table, out):
+    def dots(rows, qs, d, extra, table, out):
         nb = d.shape[1]
         for r in range(rows.shape[0]):
             for m in range(qs.shape[0]):
                 args = (rows[r].ctypes.data, qs[m].ctypes.data, d[m].ctypes.data,
-                        bsums[m].ctypes.data, nb, table.ctypes.data)
-                out[0, r, m] = native(*args)
-                out[1, r, m] = portable(*args)
+                        extra[m].ctypes.data, nb, table.ctypes.data)
+                out[0, r, m] = f0(*args)
+                out[1, r, m] = f1(*args)
+                out[2, r, m] = f2(*args)
     return dots
+
+
+def _kquant_dots(kind):
+    return _dots_of_forms(getattr(simd, "row_dot_" + kind), simd.PORTABLE_KQUANT[kind])
 
 
 @pytest.mark.parametrize("kind", ["q4_k", "q5_k", "q6_k"])
@@ -107,7 +114,7 @@ def test_kquant_row_dots_native_and_portable_agree(kind):
     qs[2] = -128
     d = rng.uniform(0.001, 0.01, (3, k // 256)).astype(np.float32)
     bsums = qs.reshape(3, -1, 16).astype(np.int32).sum(axis=2).astype(np.int32)
-    out = np.zeros((2, 4, 3), np.float32)
+    out = np.zeros((3, 4, 3), np.float32)
     _kquant_dots(kind)(rows, qs, d, bsums, Q.F16_TABLE, out)
     np.testing.assert_array_equal(out[0], out[1])
     w = Q.dequantize_rows(code, rows, k).astype(np.float64)
@@ -121,22 +128,7 @@ _Q32_CODES = {"q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q5_0": Q.Q5_0, "q5_1": Q.Q5_1, "q
 
 
 def _q32_dots(forms, kind):
-    fns = tuple(simd.Q32_FORMS[f][kind] for f in forms)
-    f0 = fns[0]
-    f1 = fns[1] if len(fns) > 1 else fns[0]
-    f2 = fns[2] if len(fns) > 2 else fns[0]
-
-    @njit
-    def dots(rows, qs, d, s, table, out):
-        nb = d.shape[1]
-        for r in range(rows.shape[0]):
-            for m in range(qs.shape[0]):
-                args = (rows[r].ctypes.data, qs[m].ctypes.data, d[m].ctypes.data,
-                        s[m].ctypes.data, nb, table.ctypes.data)
-                out[0, r, m] = f0(*args)
-                out[1, r, m] = f1(*args)
-                out[2, r, m] = f2(*args)
-    return dots
+    return _dots_of_forms(*(simd.Q32_FORMS[f][kind] for f in forms))
 
 
 @pytest.mark.parametrize("kind", sorted(_Q32_CODES))
