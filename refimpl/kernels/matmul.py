@@ -13,11 +13,12 @@ computes them is decided once, when the node is bound (:func:`choose_kernel`):
 
 * ``PACKED``: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K weights, whatever the number
   of activation rows: integer dot products on the packed blocks, four activation rows at a
-  time where there are four; F16 weights with fewer than :data:`BLAS_MIN_ROWS` activation
-  rows likewise, widened by the CPU (F16C) (refimpl.kernels.matmul_fast).  (Prompts once took
+  time where there are four; F32 and F16 weights with fewer than :data:`BLAS_MIN_ROWS`
+  activation rows in sixteen float32 lanes a row, F16 widened by the CPU (F16C)
+  (refimpl.kernels.matmul_fast; numpy's matmul ran a one-token F32 product on one thread).  (Prompts once took
   BLAS on integer codes split out of the weights: as fast at one thread, but it ran at half
   ggml's speed at two, where the packed products keep ~0.8; bench/README.md.)
-* ``BLAS``: F32, F16 and BF16 weights, and the other block formats from
+* ``BLAS``: F32, F16 and BF16 weights otherwise, and the other block formats from
   :data:`BLAS_MIN_ROWS` activation rows on, through numpy's ``matmul`` (sgemm): float weights
   widened exactly, block formats dequantised exactly, activations too (:func:`_blas`);
 * ``UNPACKED``: the other block formats (Q2_K, Q3_K) with few activation rows: each
@@ -302,9 +303,10 @@ def _quant_activations(a: Node, b: Node, m: int):
 
 
 def choose_kernel(wtype: int, rows: int) -> str:
-    """The kernel for weights of ``wtype`` meeting ``rows`` activation rows per batch (F16
-    weights take the packed kernel only on a CPU that converts half precision itself)."""
-    if wtype == F16 and rows < BLAS_MIN_ROWS and HAS_F16C:
+    """The kernel for weights of ``wtype`` meeting ``rows`` activation rows per batch (F32
+    and F16 weights take the packed kernel below :data:`BLAS_MIN_ROWS` rows, F16 only on a
+    CPU that converts half precision itself)."""
+    if rows < BLAS_MIN_ROWS and (wtype == F32 or (wtype == F16 and HAS_F16C)):
         return PACKED
     if wtype in quants_grid.GRID_TYPES:
         return GRID
@@ -386,13 +388,22 @@ def _needs_sign_trick(wtype: int, qs: np.ndarray) -> bool:
     return wtype in _SIGN_TRICK_TYPES and qs.size > 0 and qs.min() == -128
 
 
+def _mm_float(a: Node, x: np.ndarray, out: np.ndarray) -> None:
+    """The PACKED product of F16 or F32 weights ``a`` with float32 activations ``x`` (M, K),
+    already in the weights' precision, into ``out`` (B3, B2, T, N)."""
+    if a.type == F16:
+        fast.mm_f16(view(a, np.uint16), x, out, F16_TABLE)
+    else:
+        fast.mm_f32(view(a), x, out, None)
+
+
 def _run(node: Node, a: Node, b: Node, kernel: str) -> None:
     """Compute the product with ``kernel`` into a scratch array, then store it."""
     nt, b2, b3 = b.ne[1], b.ne[2], b.ne[3]
     m = nt * b2 * b3
-    if kernel == PACKED and a.type == F16:
+    if kernel == PACKED and a.type in (F16, F32):
         if node.nelements:
-            fast.mm_f16(view(a, np.uint16), _float_activations(a, b, m), view(node), F16_TABLE)
+            _mm_float(a, _float_activations(a, b, m), view(node))
         return
     out = np.zeros((b3, b2, nt, a.ne[1]), np.float32)
     if out.size and a.ne[0]:
@@ -430,8 +441,8 @@ def product(a: Node, x: np.ndarray) -> np.ndarray:
     kernel = choose_kernel(a.type, m)
     out = np.zeros((1, 1, m, a.ne[1]), np.float32)
     if out.size and a.ne[0]:
-        if kernel == PACKED and a.type == F16:
-            fast.mm_f16(view(a, np.uint16), round_to(x, F16), out, F16_TABLE)
+        if kernel == PACKED and a.type in (F16, F32):
+            _mm_float(a, round_to(x, a.type), out)
         else:
             _compute(a, lambda: round_to(x, a.type),
                      lambda: quantize_activations(x, VEC_DOT_TYPE[a.type]), kernel, out)

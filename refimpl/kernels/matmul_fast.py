@@ -13,7 +13,8 @@ operations, so refimpl computes a product the way that is fastest from Python:
   is still the one-row product, bit for bit; two or three rows left over take ``row_dots2_*``
   (a prompt of a few tokens, the client's two-token warm-up).  Nothing is unpacked into
   scratch.
-* **F16 weights** with few activation rows: the same, widened by the CPU (:func:`mm_f16`).
+* **F16 and F32 weights** with few activation rows: sixteen float32 lanes of products a row
+  (:func:`mm_f16`, widened by the CPU; :func:`mm_f32`).
 
 Activations are quantised exactly as ggml does (refimpl.kernels.quants): that is part of the
 op's semantics, not of its order of operations.  Float weights (F32, F16, BF16) otherwise take
@@ -28,12 +29,13 @@ from __future__ import annotations
 import types
 
 import numpy as np
-from numba import prange
+from numba import njit, prange
 
 from .parallel import sized_kernel
 from .quants import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
-from .simd import (ROWS_AT_ONCE, row_dot_f16, row_dot_q4_0, row_dot_q4_1, row_dot_q4_k,
-                   row_dot_q5_0, row_dot_q5_1, row_dot_q5_k, row_dot_q6_k, row_dot_q8_0,
+from .simd import (ROWS_AT_ONCE, row_dot_f16, row_dot_f32, row_dot_q4_0, row_dot_q4_1,
+                   row_dot_q4_k, row_dot_q5_0, row_dot_q5_1, row_dot_q5_k, row_dot_q6_k,
+                   row_dot_q8_0,
                    row_dots2_q4_0, row_dots2_q4_1, row_dots2_q4_k, row_dots2_q5_0,
                    row_dots2_q5_1, row_dots2_q5_k, row_dots2_q6_k, row_dots2_q8_0,
                    row_dots4_q4_0, row_dots4_q4_1, row_dots4_q4_k, row_dots4_q5_0,
@@ -179,14 +181,14 @@ def mm_packed(code, w, aq, ad, asum, bsums, out, table):
     _PACKED_KERNELS[code](w, aq, ad, asum, bsums, out, table)
 
 
-@sized_kernel(0, 1 << 15, cache=True, nogil=True)
-def mm_f16(w, x, out, table):
-    """F16 weights ``w`` (uint16 bit patterns (A3, A2, N, K), each row contiguous) times
-    float32 activations ``x`` ((M, K), already rounded to F16 as ggml converts them) into
-    ``out`` float32 (B3, B2, T, N), any strides: per output, sixteen float32 lanes of
-    products (:func:`.simd.row_dot_f16`; the CPU must have F16C), the last ``K % 16``
-    through ``table``.  Parallel by the size of the weights (as :func:`_mm_packed`, whose
-    note on views in the parallel loop holds here too)."""
+def _mm_float(w, x, out, table):
+    """Float weights ``w`` ((A3, A2, N, K), each row contiguous: F16 bit patterns as uint16,
+    or float32) times float32 activations ``x`` ((M, K), already rounded to the weights'
+    precision as ggml converts them) into ``out`` float32 (B3, B2, T, N), any strides: per
+    output, sixteen float32 lanes of products (``ROW_DOT``: :func:`.simd.row_dot_f16`, for
+    which the CPU must have F16C, or :func:`.simd.row_dot_f32`), the last ``K % 16`` widened
+    by ``WIDEN`` (through ``table`` for F16).  Parallel by the size of the weights (as
+    :func:`_mm_packed`, whose note on views in the parallel loop holds here too)."""
     a3, a2, n, k = w.shape
     b3, b2, nt, _ = out.shape
     r3, r2 = b3 // a3, b2 // a2
@@ -203,10 +205,44 @@ def mm_f16(w, x, out, table):
             m = g * nt + t
             xp = xp0 + m * xs0
             for r in range(r0, min(n, r0 + ROWS_PER_JOB)):
-                acc = row_dot_f16(wp + j3 * ws3 + j2 * ws2 + r * ws1, xp, k)
+                acc = ROW_DOT(wp + j3 * ws3 + j2 * ws2 + r * ws1, xp, k)
                 for i in range(k16, k):
-                    acc += table[w[j3, j2, r, i]] * x[m, i]
+                    acc += WIDEN(table, w[j3, j2, r, i]) * x[m, i]
                 out[i13, i12, t, r] = acc
+
+
+WIDEN = None        # bound per copy by _float_twin, as ROW_DOT is
+
+
+@njit(inline="always")
+def _f16_value(table, bits):
+    return table[bits]
+
+
+@njit(inline="always")
+def _f32_value(table, value):
+    return value
+
+
+def _float_twin(name, row_dot, widen):
+    """A copy of :func:`_mm_float` under its own name (numba's disk cache keeps them apart)
+    whose ``ROW_DOT`` and ``WIDEN`` are one weight format's, compiled serial and parallel."""
+    scope = dict(_mm_float.__globals__, ROW_DOT=row_dot, WIDEN=widen)
+    twin = types.FunctionType(_mm_float.__code__, scope, name)
+    twin.__qualname__ = name
+    twin.__module__ = _mm_float.__module__
+    twin.__doc__ = _mm_float.__doc__
+    return sized_kernel(0, FLOAT_SERIAL_BELOW, cache=True, nogil=True)(twin)
+
+
+#: Weight elements below which a float product runs in the calling thread.
+FLOAT_SERIAL_BELOW = 1 << 15
+
+#: F16 weights (uint16 bit patterns) times activations rounded to F16: :func:`_mm_float`.
+mm_f16 = _float_twin("mm_f16", row_dot_f16, _f16_value)
+
+#: F32 weights times float32 activations: :func:`_mm_float` (``table`` unused: pass None).
+mm_f32 = _float_twin("mm_f32", row_dot_f32, _f32_value)
 
 
 # ------------------------------------------------------------------------------------------

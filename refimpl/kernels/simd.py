@@ -16,7 +16,8 @@ portable twin):
   (``pmaddubsw`` and ``pmaddwd`` by name on AVX2 hosts, where LLVM does not find them);
 * ``row_dots4_*``, ``row_dots2_*``: the same, four or two activation rows at a time, each
   weight block decoded once;
-* ``row_dot_f16``: one output of a product with F16 weights (sixteen float32 lanes).
+* ``row_dot_f16``, ``row_dot_f32``: one output of a product with F16 or F32 weights (sixteen
+  float32 lanes).
 
 Every function takes raw addresses (``array.ctypes.data + offset``): the caller has validated
 the tensors and computed the offsets; nothing here checks bounds (DEVELOPERS.md: validation
@@ -588,13 +589,11 @@ def widen_f16_16(typingctx, src, dst):
     return sig, codegen
 
 
-@intrinsic
-def row_dot_f16(typingctx, w, x, n):
-    """``Σ_i f32(w[i]) · x[i]`` over the first ``n - n % 16`` values: IEEE half weights at
-    ``w``, float32 activations at ``x``, products summed in sixteen float32 lanes (as ggml's
-    F16 dot product: widened weights, float32 products and sums).  The caller adds the
-    leftovers and checks :data:`HAS_F16C` first."""
+def _float_row_dot(half):
+    """The codegen of :func:`row_dot_f16` (``half``: IEEE half weights, widened) or
+    :func:`row_dot_f32` (float32 weights): products summed in sixteen float32 lanes."""
     sig = types.float32(types.intp, types.intp, types.intp)
+    width = 2 if half else 4
 
     def codegen(context, builder, signature, args):
         wa, xa, nv = args
@@ -602,9 +601,12 @@ def row_dot_f16(typingctx, w, x, n):
         chunks = builder.udiv(nv, ir.Constant(nv.type, 16))
         with cgutils.for_range(builder, chunks) as loop:
             i = loop.index
-            bits = _load(builder, builder.add(wa, builder.mul(i, ir.Constant(i.type, 32))),
-                         _I16, 16)
-            wv = builder.fpext(builder.bitcast(bits, _vec(ir.HalfType(), 16)), _vec(_F32, 16))
+            at = builder.add(wa, builder.mul(i, ir.Constant(i.type, 16 * width)))
+            if half:
+                wv = builder.fpext(builder.bitcast(_load(builder, at, _I16, 16),
+                                                   _vec(ir.HalfType(), 16)), _vec(_F32, 16))
+            else:
+                wv = _load(builder, at, _F32, 16)
             xv = _load(builder, builder.add(xa, builder.mul(i, ir.Constant(i.type, 64))),
                        _F32, 16)
             builder.store(builder.fadd(builder.load(acc_p), builder.fmul(wv, xv)), acc_p)
@@ -614,6 +616,23 @@ def row_dot_f16(typingctx, w, x, n):
         return _hsum8f(builder, builder.fadd(lo, hi))
 
     return sig, codegen
+
+
+@intrinsic
+def row_dot_f16(typingctx, w, x, n):
+    """``Σ_i f32(w[i]) · x[i]`` over the first ``n - n % 16`` values: IEEE half weights at
+    ``w``, float32 activations at ``x``, products summed in sixteen float32 lanes (as ggml's
+    F16 dot product: widened weights, float32 products and sums).  The caller adds the
+    leftovers and checks :data:`HAS_F16C` first."""
+    return _float_row_dot(True)
+
+
+@intrinsic
+def row_dot_f32(typingctx, w, x, n):
+    """``Σ_i w[i] · x[i]`` over the first ``n - n % 16`` values: float32 weights at ``w`` and
+    activations at ``x``, products summed in sixteen float32 lanes.  The caller adds the
+    leftovers."""
+    return _float_row_dot(False)
 
 
 def _half_steps(builder, n, body):

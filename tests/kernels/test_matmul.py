@@ -195,8 +195,41 @@ def test_kernels_agree(wtype, monkeypatch):
     np.testing.assert_allclose(results[1], results[0], rtol=0, atol=tol, err_msg=wtype.name)
 
 
+@pytest.mark.parametrize("wtype", [T.F32, T.F16], ids=lambda t: t.name)
+@pytest.mark.parametrize("nt", [1, 3])
+def test_float_kernels_agree(wtype, nt, monkeypatch):
+    """F32 and F16 weights with few activation rows: the packed kernel (sixteen float32 lanes
+    a row, the last K % 16 one at a time) and BLAS agree to float32 rounding, with broadcast
+    batches and a K that leaves values over."""
+    if wtype == T.F16 and not matmul.HAS_F16C:
+        pytest.fail("this host has no F16C: the F16 packed kernel cannot run here")
+    rng = np.random.default_rng(5)
+    k, n, a2, b2 = 70, 9, 2, 4
+    wv = rng.standard_normal((a2, n, k)).astype(np.float32)
+    x = rng.standard_normal((b2, nt, k)).astype(np.float32)
+    results = []
+    for kernel in (matmul.BLAS, matmul.PACKED):
+        monkeypatch.setattr(matmul, "choose_kernel", lambda *args, kern=kernel: kern)
+        g = GraphBuilder(4 << 20)
+        w = g.input(wtype, (k, n, a2), wv)
+        b = g.input(T.F32, (k, nt, b2), x)
+        out = g.node(Op.MUL_MAT, T.F32, (n, nt, b2), [w, b])
+        g.run()
+        results.append(g.read(out))
+    wr = wv.astype(np.float16) if wtype == T.F16 else wv
+    xr = x.astype(np.float16) if wtype == T.F16 else x
+    want = np.einsum("gnk,gtk->gtn", np.repeat(wr.astype(np.float64), 2, axis=0),
+                     xr.astype(np.float64))
+    tol = 1e-5 * np.abs(want).max()
+    for got in results:
+        np.testing.assert_allclose(got.reshape(want.shape), want, rtol=0, atol=tol)
+    assert not np.array_equal(results[0], np.zeros_like(results[0]))
+
+
 @pytest.mark.parametrize("args, kernel", [
-    ((T.F32, 1), matmul.BLAS),
+    ((T.F32, 1), matmul.PACKED),
+    ((T.F32, matmul.BLAS_MIN_ROWS - 1), matmul.PACKED),
+    ((T.F32, matmul.BLAS_MIN_ROWS), matmul.BLAS),
     ((T.F16, 1), matmul.PACKED if matmul.HAS_F16C else matmul.BLAS),
     ((T.F16, matmul.BLAS_MIN_ROWS), matmul.BLAS),
     ((T.BF16, 7), matmul.BLAS),
