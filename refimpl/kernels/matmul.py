@@ -15,9 +15,10 @@ computes them is decided once, when the node is bound (:func:`choose_kernel`):
   of activation rows: integer dot products on the packed blocks, four activation rows at a
   time where there are four; F32 and F16 weights with fewer than :data:`BLAS_MIN_ROWS`
   activation rows in sixteen float32 lanes a row, F16 widened by the CPU (F16C)
-  (refimpl.kernels.matmul_fast; numpy's matmul ran a one-token F32 product on one thread).  (Prompts once took
-  BLAS on integer codes split out of the weights: as fast at one thread, but it ran at half
-  ggml's speed at two, where the packed products keep ~0.8; bench/README.md.)
+  (refimpl.kernels.matmul_fast; numpy's matmul had run a one-token F32 product on one
+  thread).  (Prompts once took BLAS on integer codes split out of the weights: as fast at
+  one thread, but it ran at half ggml's speed at two, where the packed products keep ~0.8;
+  bench/README.md.)
 * ``BLAS``: F32, F16 and BF16 weights otherwise, and the other block formats from
   :data:`BLAS_MIN_ROWS` activation rows on, through numpy's ``matmul`` (sgemm): float weights
   widened exactly, block formats dequantised exactly, activations too (:func:`_blas`);
