@@ -26,12 +26,10 @@ The plain-numpy reference of every product is :func:`refimpl.kernels.matmul.refe
 
 from __future__ import annotations
 
-import types
-
 import numpy as np
 from numba import njit, prange
 
-from .parallel import sized_kernel
+from .parallel import renamed_copy, sized_kernel
 from .quants import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
 from .simd import (ROWS_AT_ONCE, row_dot_f16, row_dot_f32, row_dot_q4_0, row_dot_q4_1,
                    row_dot_q4_k, row_dot_q5_0, row_dot_q5_1, row_dot_q5_k, row_dot_q6_k,
@@ -160,13 +158,8 @@ def _for_each_format(fn, **options):
     them apart."""
     kernels = {}
     for code, (one, two, four, sums16) in _ROW_DOTS.items():
-        scope = dict(fn.__globals__, ROW_DOT=one, ROW_DOTS2=two, ROW_DOTS4=four,
-                     SUMS_OF_16=sums16)
-        twin = types.FunctionType(fn.__code__, scope, f"{fn.__name__}_{code}", fn.__defaults__,
-                                  fn.__closure__)
-        twin.__qualname__ = f"{fn.__qualname__}_{code}"
-        twin.__module__ = fn.__module__
-        twin.__doc__ = fn.__doc__
+        twin = renamed_copy(fn, f"_{code}", ROW_DOT=one, ROW_DOTS2=two, ROW_DOTS4=four,
+                            SUMS_OF_16=sums16)
         kernels[code] = sized_kernel(0, PACKED_SERIAL_BELOW, work=_packed_work,
                                      **options)(twin)
     return kernels
@@ -211,7 +204,7 @@ def _mm_float(w, x, out, table):
                 out[i13, i12, t, r] = acc
 
 
-WIDEN = None        # bound per copy by _float_twin, as ROW_DOT is
+WIDEN = None        # bound per copy by _float_kernel, as ROW_DOT is
 
 
 @njit(inline="always")
@@ -224,25 +217,22 @@ def _f32_value(table, value):
     return value
 
 
-def _float_twin(name, row_dot, widen):
-    """A copy of :func:`_mm_float` under its own name (numba's disk cache keeps them apart)
-    whose ``ROW_DOT`` and ``WIDEN`` are one weight format's, compiled serial and parallel."""
-    scope = dict(_mm_float.__globals__, ROW_DOT=row_dot, WIDEN=widen)
-    twin = types.FunctionType(_mm_float.__code__, scope, name)
-    twin.__qualname__ = name
-    twin.__module__ = _mm_float.__module__
-    twin.__doc__ = _mm_float.__doc__
-    return sized_kernel(0, FLOAT_SERIAL_BELOW, cache=True, nogil=True)(twin)
-
-
 #: Weight elements below which a float product runs in the calling thread.
 FLOAT_SERIAL_BELOW = 1 << 15
 
+
+def _float_kernel(suffix, row_dot, widen):
+    """:func:`_mm_float` with one weight format's ``ROW_DOT`` and ``WIDEN``, compiled serial
+    and parallel."""
+    twin = renamed_copy(_mm_float, suffix, ROW_DOT=row_dot, WIDEN=widen)
+    return sized_kernel(0, FLOAT_SERIAL_BELOW, cache=True, nogil=True)(twin)
+
+
 #: F16 weights (uint16 bit patterns) times activations rounded to F16: :func:`_mm_float`.
-mm_f16 = _float_twin("mm_f16", row_dot_f16, _f16_value)
+mm_f16 = _float_kernel("_f16", row_dot_f16, _f16_value)
 
 #: F32 weights times float32 activations: :func:`_mm_float` (``table`` unused: pass None).
-mm_f32 = _float_twin("mm_f32", row_dot_f32, _f32_value)
+mm_f32 = _float_kernel("_f32", row_dot_f32, _f32_value)
 
 
 # ------------------------------------------------------------------------------------------

@@ -30,6 +30,19 @@ from numba import njit
 #: Elements below which a kernel runs in the calling thread.
 SERIAL_BELOW = 1 << 14
 
+
+def renamed_copy(fn, suffix: str, **bound):
+    """A copy of ``fn`` named ``fn.__name__ + suffix`` (numba's on-disk cache tells kernels
+    apart by name), whose module globals named in ``bound`` are replaced by their values there
+    (one kernel body compiled once per format: refimpl.kernels.matmul_fast)."""
+    scope = dict(fn.__globals__, **bound) if bound else fn.__globals__
+    twin = types.FunctionType(fn.__code__, scope, fn.__name__ + suffix, fn.__defaults__,
+                              fn.__closure__)
+    twin.__qualname__ = fn.__qualname__ + suffix
+    twin.__module__ = fn.__module__
+    twin.__doc__ = fn.__doc__
+    return twin
+
 _here = threading.local()
 
 
@@ -60,11 +73,7 @@ class SizedKernel:
         options = {"error_model": "numpy", **options}
         self.parallel = njit(parallel=True, **options)(fn)
         # a distinct function object (and name) so that numba's on-disk cache keeps both
-        twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial",
-                                  fn.__defaults__, fn.__closure__)
-        twin.__qualname__ = fn.__qualname__ + "_serial"
-        twin.__module__ = fn.__module__
-        self.serial = njit(**options)(twin)
+        self.serial = njit(**options)(renamed_copy(fn, "_serial"))
         self.work_arg = work_arg
         self.serial_below = serial_below
         self.work = work
