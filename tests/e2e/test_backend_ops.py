@@ -17,6 +17,7 @@ import re
 import numpy as np
 import pytest
 
+from refimpl.kernels.kquant_tiles import TILED_FROM_TOKENS
 from tools.backend_ops import list_cases, run_cases
 from tools.processes import ServerProcess
 
@@ -116,7 +117,9 @@ def _features(case: str) -> list[tuple]:
     size: tuple = ()
     if op == "MUL_MAT":
         n = int(p["n"])
-        size = (1 if n == 1 else 2 if n < 4 else 4, p["bs"] != "[1,1]" or p["nr"] != "[1,1]",
+        # one-token, two-row, four-row kernels; k-quant prompts' tiles from TILED_FROM_TOKENS
+        size = (1 if n == 1 else 2 if n < 4 else 4 if n < TILED_FROM_TOKENS else TILED_FROM_TOKENS,
+                p["bs"] != "[1,1]" or p["nr"] != "[1,1]",
                 int(p["k"]) % 256 == 0)
     if op == "OUT_PROD":  # broadcast batches (F32 src0 only) and batched products
         size = (p["nr"] != "[1,1]", p["bs"] != "[1,1]")

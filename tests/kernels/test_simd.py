@@ -175,7 +175,7 @@ def test_q32_row_dots_every_form_agrees(kind):
 @pytest.mark.parametrize("nt", [3, 7, 2 * fast.TOKENS_PER_JOB + 6])
 @pytest.mark.parametrize("wtype", sorted(fast.PACKED_TYPES), ids=lambda t: Q.GgmlType(t).name)
 def test_four_rows_at_once_equal_one_row_at_a_time(wtype, nt):
-    """mm_packed over 7 activation rows (four through ``row_dots4_*``, two through
+    """The packed kernel over 7 activation rows (four through ``row_dots4_*``, two through
     ``row_dots2_*``, the last alone) or 3 (two, one), or over more than one parallel job's
     activation rows (the last job's six: four, two), gives bit for bit what it gives for each
     row alone (one-row intrinsics only), in its serial and its parallel twin."""
@@ -187,15 +187,15 @@ def test_four_rows_at_once_equal_one_row_at_a_time(wtype, nt):
     s = acts.s if acts.s.size else np.zeros((nt, k // 32), np.float32)
     bsums = acts.bsums if acts.bsums.size else np.zeros((nt, 1), np.int32)
     together = np.zeros((1, 1, nt, n), np.float32)
-    fast.mm_packed(wtype, rows, acts.qs, acts.d, s, bsums, together, table_for(wtype))
-    kernel = fast._PACKED_KERNELS[wtype]
+    kernel = fast._PACKED_KERNELS[wtype]        # (mm_packed may take tiles for prompts)
+    kernel(rows, acts.qs, acts.d, s, bsums, together, table_for(wtype))
     for twin in (kernel.serial, kernel.parallel):
         again = np.zeros_like(together)
         twin(rows, acts.qs, acts.d, s, bsums, again, table_for(wtype))
         np.testing.assert_array_equal(again, together)
     alone = np.zeros((1, 1, nt, n), np.float32)
     for t in range(nt):
-        fast.mm_packed(wtype, rows, acts.qs[t:t + 1], acts.d[t:t + 1], s[t:t + 1],
-                       bsums[t:t + 1], alone[:, :, t:t + 1], table_for(wtype))
+        kernel(rows, acts.qs[t:t + 1], acts.d[t:t + 1], s[t:t + 1], bsums[t:t + 1],
+               alone[:, :, t:t + 1], table_for(wtype))
     np.testing.assert_array_equal(together, alone)
     assert np.all(np.isfinite(together)) and np.any(together != 0)
