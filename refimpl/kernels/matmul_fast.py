@@ -12,8 +12,8 @@ operations, so refimpl computes a product the way that is fastest from Python:
   weight block is decoded once for all four, as ggml's matrix kernels reuse it; every output
   is still the one-row product, bit for bit; two or three rows left over take ``row_dots2_*``
   (a prompt of a few tokens, the client's two-token warm-up).  Nothing is unpacked into
-  scratch.  Prompts with k-quant weights on AVX-512 VNNI hosts take tiles instead
-  (refimpl.kernels.kquant_tiles: each 16 weight rows decoded once, ``vpdpbusd`` over them).
+  scratch.  Prompts (16 activation rows and more) on AVX-512 VNNI hosts take tiles instead
+  (refimpl.kernels.tiles: each 16 weight rows decoded once, ``vpdpbusd`` over them).
 * **F16 and F32 weights** with few activation rows: sixteen float32 lanes of products a row
   (:func:`mm_f16`, widened by the CPU; :func:`mm_f32`).
 
@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .kquant_tiles import mm_tiles, tiles_pay
+from .tiles import mm_tiles, tiles_pay
 from .parallel import renamed_copy, sized_kernel
 from .quants import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
 from .simd import (ROWS_AT_ONCE, row_dot_f16, row_dot_f32, row_dot_q4_0, row_dot_q4_1,
@@ -172,10 +172,10 @@ _PACKED_KERNELS = _for_each_format(_mm_packed, cache=True, nogil=True)
 
 def mm_packed(code, w, aq, ad, asum, bsums, out, table):
     """The product of weights ``w`` of a PACKED_TYPES ``code`` with quantised activations
-    into ``out`` (:func:`_mm_packed`, compiled for ``code``; a prompt's product with k-quant
-    weights tile by tile where that pays, refimpl.kernels.kquant_tiles)."""
+    into ``out`` (:func:`_mm_packed`, compiled for ``code``; a prompt's product tile by tile
+    where that pays, refimpl.kernels.tiles)."""
     if tiles_pay(code, out.shape[2]):
-        mm_tiles(code, w, aq, ad, bsums, out, table)
+        mm_tiles(code, w, aq, ad, asum, bsums, out, table)
     else:
         _PACKED_KERNELS[code](w, aq, ad, asum, bsums, out, table)
 

@@ -17,7 +17,7 @@ import re
 import numpy as np
 import pytest
 
-from refimpl.kernels.kquant_tiles import TILED_FROM_TOKENS
+from refimpl.kernels.tiles import TILED_FROM_TOKENS
 from tools.backend_ops import list_cases, run_cases
 from tools.processes import ServerProcess
 
@@ -117,7 +117,7 @@ def _features(case: str) -> list[tuple]:
     size: tuple = ()
     if op == "MUL_MAT":
         n = int(p["n"])
-        # one-token, two-row, four-row kernels; k-quant prompts' tiles from TILED_FROM_TOKENS
+        # one-token, two-row, four-row kernels; prompts' tiles from TILED_FROM_TOKENS
         size = (1 if n == 1 else 2 if n < 4 else 4 if n < TILED_FROM_TOKENS else TILED_FROM_TOKENS,
                 p["bs"] != "[1,1]" or p["nr"] != "[1,1]",
                 int(p["k"]) % 256 == 0)

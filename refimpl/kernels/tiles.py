@@ -1,28 +1,32 @@
-"""Prompt-sized products with k-quant weights, tile by tile (spec/ops/matmul.md, "Kernels").
+"""Prompt-sized products with packed weights, tile by tile (spec/ops/matmul.md, "How
+refimpl computes").
 
 A prompt multiplies every weight row with many activation rows.  The packed kernel
-(refimpl.kernels.matmul_fast) decodes a weight super-block once per four activation rows and
-keeps one output per vector of lanes; here, as ggml's tiled CPU kernels do on AVX-512 VNNI
-hosts, the weights of 16 rows are decoded once for the whole product into a **tile**, laid
-out so that one ``vpdpbusd`` computes four products for each of the 16 rows at once:
+(refimpl.kernels.matmul_fast) decodes a weight block once per four activation rows and keeps
+one output per vector of lanes; here, as ggml's tiled CPU kernels do for the k-quants on
+AVX-512 VNNI hosts, the weights of 16 rows are decoded once for the whole product into a
+**tile**, laid out so that one ``vpdpbusd`` computes four products for each of the 16 rows:
 
-* codes: for every four consecutive values of a super-block (a *chunk*), the 16 rows' four
-  byte codes side by side: 64 bytes, one 512-bit vector (``codes[b][chunk][row][4]``);
-* scales: every group's integer scale for the 16 rows as int32 (``scales[b][group][row]``),
-  Q4_K/Q5_K's 6-bit minimums likewise (``mins[b][group][row]``);
-* the super-blocks' float scales ``d`` (and ``dmin``) for the 16 rows as float32.
+* codes, unsigned: for every four consecutive values of a block (a *chunk*), the 16 rows'
+  four byte codes side by side, 64 bytes, one 512-bit vector (``codes[b][chunk][row][4]``);
+* Q4_K, Q5_K, Q6_K: every group's integer scale for the 16 rows as int32
+  (``scales[b][group][row]``), Q4_K's and Q5_K's 6-bit minimums likewise (``mins``);
+* the blocks' float scales ``d`` (and ``dmin``, or Q4_1's and Q5_1's ``m``) for the 16
+  rows as float32.
 
-Then, per super-block and activation row ``t`` (eight at a time): for each group of values,
-the chunk vectors times the four activation bytes of that chunk, broadcast to every lane,
-accumulate exact int32 sums of the group for the 16 rows (:func:`_dot4`); times the group's
-scales, summed over groups, they give the super-block's exact integer sum, per row.  In
-float32, once per super-block: ``acc += d_a · (d_w · isum - dmin · msum)`` (Q4_K, Q5_K, with
-``msum = Σ_j min_j · Σ a`` over group ``j``) or ``acc += d_a · d_w · (isum - 32 · Σ_g scale_g
-· Σ a)`` (Q6_K, whose codes are stored plus 32; exact in int32).
+Then, per block and activation row ``t`` (eight at a time), the chunk vectors times the four
+activation bytes of that chunk, broadcast to every lane, accumulate exact int32 sums for the
+16 rows (:func:`_dot4`).  The k-quants weigh each group's sum with the group's scales, and
+in float32, once per super-block, ``acc += d_a · (d_w · isum - dmin · msum)`` (Q4_K, Q5_K,
+``msum = Σ_j min_j · Σ a`` over group ``j``) or ``acc += d_a · d_w · (isum - 32 · Σ_g
+scale_g · Σ a)`` (Q6_K, whose codes are stored plus 32; exact in int32).  The 32-value
+formats take, per block, ``acc += float32(isum - bias · Σa) · (d_w · d_a)`` (the codes were
+raised by ``bias`` to be unsigned: Q4_0's 8, Q5_0's 16, Q8_0's 128) and, with a minimum,
+``acc += m_w · s_a``, ggml's per-block arithmetic.
 
-The integer part is exact, so only the float32 order differs from the packed kernel's: one
-sum per super-block instead of eight lanes, within spec/numerics.md's bound for MUL_MAT
-(tests/kernels/test_kquant_tiles.py checks both forms against the float64 product).  The
+The integer part is exact, so only the float32 order may differ from the packed kernel's
+(one sum instead of eight lanes), within spec/numerics.md's bound for MUL_MAT
+(tests/kernels/test_tiles.py checks every form against the float64 product).  The
 plain-numpy reference of the product is refimpl.kernels.matmul.reference.
 
 ``vpdpbusd`` is called by name where the host has AVX-512 VNNI (:data:`NATIVE`); the
@@ -39,9 +43,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .parallel import renamed_copy, sized_kernel
-from .quants import Q4_K, Q5_K, Q6_K
-from .simd import (_F32, _I8, _I32, X86_AVX2, _f16_via, _load, _q4k_scales_mins, _splat, _vec,
-                   _x86)
+from .quants import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
+from .simd import (_F32, _I8, _I32, _Q32_LAYOUT, X86_AVX2, _f16_via, _load, _q32_codes,
+                   _q4k_scales_mins, _splat, _vec, _x86)
 
 #: Weight rows per tile (the int32 lanes of one 512-bit vector).
 TILE_ROWS = 16
@@ -53,8 +57,16 @@ TILE_TOKENS = 8
 #: the weights once per product would not pay for itself).
 TILED_FROM_TOKENS = 16
 
-#: Per format: groups per super-block, packed bytes per super-block.
+#: Per k-quant format: groups per super-block, packed bytes per super-block.
 _LAYOUT = {Q4_K: (8, 144), Q5_K: (8, 176), Q6_K: (16, 210)}
+
+#: Per 32-value format: its name in refimpl.kernels.simd's tables, and what its codes are
+#: raised by to make them unsigned (the offset its values are less, or 128 for Q8_0's int8).
+_LAYOUT32 = {Q4_0: ("q4_0", 8), Q4_1: ("q4_1", 0), Q5_0: ("q5_0", 16), Q5_1: ("q5_1", 0),
+             Q8_0: ("q8_0", 128)}
+
+#: Every format with tile products.
+TILED_TYPES = frozenset(_LAYOUT) | frozenset(_LAYOUT32)
 
 
 def _target_has_avx512_vnni() -> bool:
@@ -73,9 +85,9 @@ NATIVE = _target_has_avx512_vnni()
 
 def tiles_pay(code: int, tokens: int) -> bool:
     """Whether a product with weights of type ``code`` and ``tokens`` activation rows per
-    batch runs tile by tile: k-quant weights, a prompt's worth of rows, and a host with
-    AVX-512 VNNI (the portable form is far slower than the packed kernel)."""
-    return NATIVE and code in _LAYOUT and tokens >= TILED_FROM_TOKENS
+    batch runs tile by tile: a format of :data:`TILED_TYPES`, a prompt's worth of rows, and
+    a host with AVX-512 VNNI (the portable form is far slower than the packed kernel)."""
+    return NATIVE and code in TILED_TYPES and tokens >= TILED_FROM_TOKENS
 
 
 # ------------------------------------------------------------------------------------------
@@ -300,8 +312,106 @@ def _dots_codegen(code, native):
     return codegen
 
 
+def _unpack32_codegen(code):
+    """:func:`_unpack_codegen` for a 32-value block format: per block of the 16 rows, their
+    codes made unsigned (:data:`_LAYOUT32`), transposed into eight chunk vectors, stored
+    together (``codes[b][chunk][row][4]``, 512 bytes a block); the scales ``d`` (and Q4_1's
+    and Q5_1's minimums ``m``, in ``dmin``) as float32 ``[b][row]``."""
+    kind, bias = _LAYOUT32[code]
+    nbytes, _, has_min, _, offset = _Q32_LAYOUT[kind]
+
+    def codegen(context, builder, signature, args):
+        wa, wstep, rows, nbv, ca, _sa, _ma, da, dma, ta = args
+        table_p = builder.inttoptr(ta, _F32.as_pointer())
+        last = builder.sub(rows, ir.Constant(rows.type, 1))
+        starts = []
+        for r in range(TILE_ROWS):
+            rr = ir.Constant(rows.type, r)
+            starts.append(builder.add(wa, builder.mul(
+                builder.select(builder.icmp_signed("<", rr, rows), rr, last), wstep)))
+        raise_by = ir.Constant(_vec(_I8, 32), [bias] * 32)
+        with cgutils.for_range(builder, nbv) as bl:
+            b = bl.index
+            wbs = [builder.add(start, _times(builder, b, nbytes)) for start in starts]
+            words = [builder.bitcast(builder.add(_q32_codes(builder, kind, wb), raise_by),
+                                     _vec(_I32, 8)) for wb in wbs]
+            _store_vec(builder, _transpose(builder, words),
+                       builder.add(ca, _times(builder, b, 512)))
+            fbase = _times(builder, b, TILE_ROWS * 4)
+            _store_vec(builder, _gather(builder, [_f16_via(builder, table_p, wb) for wb in wbs]),
+                       builder.add(da, fbase))
+            if has_min:
+                _store_vec(builder, _gather(builder, [_f16_via(builder, table_p, _at(builder, wb, 2))
+                                                      for wb in wbs]), builder.add(dma, fbase))
+        return context.get_dummy_value()
+    return codegen
+
+
+def _dots32_codegen(code, native):
+    """:func:`_dots_codegen` for a 32-value block format, against Q8_0 activations (Q8_1 for
+    Q4_1 and Q5_1) with, as ``bs``, each block's integer sum of the activations (int32) or
+    Q8_1's ``s`` (float32): per block, per output, the exact ``Σ c·a`` of the unsigned codes
+    ``c``, less ``bias · Σa`` (the codes' offset, exact in int32), then
+    ``acc += float32(that) · (d_w · d_a)`` and, with a minimum, ``acc += m_w · s_a`` (ggml's
+    per-block arithmetic)."""
+    kind, bias = _LAYOUT32[code]
+    has_min = _Q32_LAYOUT[kind][2]
+    v16, f16 = _vec(_I32, 16), _vec(_F32, 16)
+    zero = ir.Constant(v16, [0] * 16)
+
+    def codegen(context, builder, signature, args):
+        ca, _sa, _ma, da, dma, nbv, aa, astep, ada, adstep, bsa, bsstep, ntok, oa = args
+        last = builder.sub(ntok, ir.Constant(ntok.type, 1))
+        rows = []
+        for t in range(TILE_TOKENS):
+            tt = ir.Constant(ntok.type, t)
+            tt = builder.select(builder.icmp_signed("<", tt, ntok), tt, last)
+            rows.append((builder.add(aa, builder.mul(tt, astep)),
+                         builder.inttoptr(builder.add(ada, builder.mul(tt, adstep)), _F32.as_pointer()),
+                         builder.inttoptr(builder.add(bsa, builder.mul(tt, bsstep)),
+                                          (_F32 if has_min else _I32).as_pointer())))
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(f16, [0.0] * 16))
+                for _ in range(TILE_TOKENS)]
+
+        def vec_at(base, off, t=v16):
+            return builder.load(builder.inttoptr(builder.add(base, off), t.as_pointer()), align=4)
+
+        with cgutils.for_range(builder, nbv) as bl:
+            b = bl.index
+            cbase = _times(builder, b, 512)
+            part = [zero] * TILE_TOKENS
+            for c in range(8):
+                w = vec_at(ca, _at(builder, cbase, 64 * c))
+                aoff = _at(builder, _times(builder, b, 32), 4 * c)
+                for t in range(TILE_TOKENS):
+                    word = builder.load(builder.inttoptr(builder.add(rows[t][0], aoff),
+                                                         _I32.as_pointer()), align=1)
+                    part[t] = _dot4(builder, part[t], w, _splat(builder, word, _I32, 16), native)
+            fbase = _times(builder, b, 64)
+            dw = vec_at(da, fbase, f16)
+            if has_min:
+                mw = vec_at(dma, fbase, f16)
+            for t in range(TILE_TOKENS):
+                exact = part[t]
+                extra = builder.load(builder.gep(rows[t][2], [b]))
+                if bias:
+                    exact = builder.sub(exact, _splat(builder, builder.mul(extra, ir.Constant(_I32, bias)),
+                                                      _I32, 16))
+                d_a = builder.load(builder.gep(rows[t][1], [b]))
+                acc = builder.fadd(builder.load(accs[t]), builder.fmul(
+                    builder.sitofp(exact, f16), builder.fmul(dw, _splat(builder, d_a, _F32, 16))))
+                if has_min:
+                    acc = builder.fadd(acc, builder.fmul(mw, _splat(builder, extra, _F32, 16)))
+                builder.store(acc, accs[t])
+        for t in range(TILE_TOKENS):
+            builder.store(builder.load(accs[t]),
+                          builder.inttoptr(_at(builder, oa, 64 * t), f16.as_pointer()), align=4)
+        return context.get_dummy_value()
+    return codegen
+
+
 def _unpack_intrinsic(code, name):
-    codegen = _unpack_codegen(code)
+    codegen = _unpack_codegen(code) if code in _LAYOUT else _unpack32_codegen(code)
 
     @intrinsic
     def unpack(typingctx, w, w_step, rows, nb, codes, scales, mins, d, dmin, table):
@@ -311,7 +421,7 @@ def _unpack_intrinsic(code, name):
 
 
 def _dots_intrinsic(code, native, name):
-    codegen = _dots_codegen(code, native)
+    codegen = _dots_codegen(code, native) if code in _LAYOUT else _dots32_codegen(code, native)
 
     @intrinsic
     def dots(typingctx, codes, scales, mins, d, dmin, nb, a, a_step, ad, ad_step, bs,
@@ -325,14 +435,17 @@ def _dots_intrinsic(code, native, name):
 # the product
 
 
-def _mm_tiles(w, aq, ad, bsums, out, table):
-    """Weights ``w`` (uint8 rows (A3, A2, N, row_bytes)) of one k-quant format times Q8_K
-    activations (per row m = (batch, token): ``aq`` int8 (M, K), ``ad`` float32 (M, K/256),
-    ``bsums`` int32 (M, K/16)) into ``out`` float32 (B3, B2, T, N), any strides; src0 is
+def _mm_tiles(w, aq, ad, extra, out, table):
+    """Weights ``w`` (uint8 rows (A3, A2, N, row_bytes)) of one format of
+    :data:`TILED_TYPES` times its quantised activations (per row m = (batch, token): ``aq``
+    int8 (M, K), ``ad`` float32 (M, blocks), ``extra`` per row: Q8_K's int32 sums of 16 for
+    the k-quants, Q8_1's float32 ``s`` for Q4_1 and Q5_1, the int32 sum of each block's
+    activations for the others) into ``out`` float32 (B3, B2, T, N), any strides; src0 is
     broadcast over the batches.  Parallel over tiles of 16 weight rows: each job decodes its
     tile (``UNPACK``) into scratch of its own, then runs ``TILE_DOTS`` over the activation
-    rows eight at a time.  ``UNPACK``, ``TILE_DOTS`` and ``GROUPS`` are globals bound per
-    format (:func:`_tile_kernel`)."""
+    rows eight at a time.  ``UNPACK``, ``TILE_DOTS``, ``GROUPS`` (integer scales per block)
+    and ``UNIT_BYTES`` (tile bytes per block) are globals bound per format
+    (:func:`_tile_kernel`)."""
     a3, a2, n, _ = w.shape
     b3, b2, nt, _ = out.shape
     r3, r2 = b3 // a3, b2 // a2
@@ -341,14 +454,14 @@ def _mm_tiles(w, aq, ad, bsums, out, table):
     wp, ws3, ws2, ws1 = w.ctypes.data, w.strides[0], w.strides[1], w.strides[2]
     ap0, as0 = aq.ctypes.data, aq.strides[0]
     dp0, ds0 = ad.ctypes.data, ad.strides[0]
-    xp0, xs0 = bsums.ctypes.data, bsums.strides[0]
+    xp0, xs0 = extra.ctypes.data, extra.strides[0]
     tp = table.ctypes.data
     for job in prange(b3 * b2 * tiles):
         g = job // tiles
         r0 = (job - g * tiles) * TILE_ROWS
         rows = min(TILE_ROWS, n - r0)
         i13, i12 = g // b2, g % b2
-        codes = np.empty(nb * 64 * 64, np.uint8)
+        codes = np.empty(nb * UNIT_BYTES, np.uint8)
         scales = np.empty(nb * GROUPS * TILE_ROWS, np.int32)
         mins = np.empty(nb * GROUPS * TILE_ROWS, np.int32)
         d = np.empty(nb * TILE_ROWS, np.float32)
@@ -369,29 +482,46 @@ def _mm_tiles(w, aq, ad, bsums, out, table):
 
 
 UNPACK = TILE_DOTS = None       # bound per compiled copy of _mm_tiles
-GROUPS = 0
+GROUPS = UNIT_BYTES = 0
 
 #: Tiles of 16 weight rows times activation rows below which a product runs serially.
 TILES_SERIAL_BELOW = 2
 
+_NAMES = {Q4_K: "q4_k", Q5_K: "q5_k", Q6_K: "q6_k", Q4_0: "q4_0", Q4_1: "q4_1", Q5_0: "q5_0",
+          Q5_1: "q5_1", Q8_0: "q8_0"}
+
 
 def _tile_kernel(code, native):
-    kind = {Q4_K: "q4_k", Q5_K: "q5_k", Q6_K: "q6_k"}[code]
-    form = "vnni" if native else "portable"
+    """:func:`_mm_tiles` compiled for one format and form (serial and parallel twins)."""
+    kind, form = _NAMES[code], "vnni" if native else "portable"
+    k_quant = code in _LAYOUT
     twin = renamed_copy(_mm_tiles, f"_{kind}_{form}",
                         UNPACK=_unpack_intrinsic(code, f"unpack_{kind}"),
                         TILE_DOTS=_dots_intrinsic(code, native, f"tile_dots_{kind}_{form}"),
-                        GROUPS=_LAYOUT[code][0])
+                        GROUPS=_LAYOUT[code][0] if k_quant else 0,
+                        UNIT_BYTES=(256 if k_quant else 32) * TILE_ROWS)
     return sized_kernel(0, TILES_SERIAL_BELOW, work=lambda w, *_: w.shape[2] // TILE_ROWS,
                         cache=True, nogil=True)(twin)
 
 
 #: The tile products in every form this host runs, by form ("vnni", "portable") and format.
-FORMS = {form: {code: _tile_kernel(code, form == "vnni") for code in _LAYOUT}
+FORMS = {form: {code: _tile_kernel(code, form == "vnni") for code in sorted(TILED_TYPES)}
          for form in (("vnni", "portable") if NATIVE else ("portable",))}
 
 
-def mm_tiles(code, w, aq, ad, bsums, out, table):
-    """The product of k-quant weights ``w`` of type ``code`` with Q8_K activations into
-    ``out``, tile by tile (:func:`_mm_tiles`), in the host's best form."""
-    FORMS["vnni" if NATIVE else "portable"][code](w, aq, ad, bsums, out, table)
+def tile_extra(code, aq, asum, bsums):
+    """The per-row ``extra`` argument of :func:`_mm_tiles` for weights of type ``code``,
+    from the activations' int8 values ``aq``, Q8_1's ``asum`` and Q8_K's ``bsums``."""
+    if code in _LAYOUT:
+        return bsums
+    if _Q32_LAYOUT[_LAYOUT32[code][0]][2]:        # Q4_1, Q5_1: Q8_1's s
+        return asum
+    return aq.reshape(aq.shape[0], -1, 32).sum(axis=2, dtype=np.int32)
+
+
+def mm_tiles(code, w, aq, ad, asum, bsums, out, table, form=None):
+    """The product of weights ``w`` of type ``code`` (:data:`TILED_TYPES`) with quantised
+    activations (as refimpl.kernels.matmul_fast.mm_packed takes them) into ``out``, tile by
+    tile (:func:`_mm_tiles`), in ``form`` (default: the host's best)."""
+    form = form or ("vnni" if NATIVE else "portable")
+    FORMS[form][code](w, aq, ad, tile_extra(code, aq, asum, bsums), out, table)
