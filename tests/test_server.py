@@ -90,34 +90,6 @@ async def test_copy_clear_memset(server):
         assert await c.get_tensor(dst, 1020, 4) == b"\x11" * 4
 
 
-def test_large_zero_fills_give_pages_back():
-    """A zero fill of a large CPU buffer gives its whole pages back (``madvise``), which then
-    read as zeros; the partial pages at both ends are written, the bytes around untouched;
-    small fills and other values are written as before."""
-    import mmap
-
-    from refimpl.devices import cpu
-
-    buf = CpuDevice(capacity=64 << 20).allocate(8 << 20)
-    calls = []
-
-    class Spy:
-        def madvise(self, *args):
-            calls.append(args)
-            return region.madvise(*args)
-    region, buf._region = buf._region, Spy()
-    a = buf.array
-    a[:] = 7
-    start, size = 3, (4 << 20) + 5000
-    buf.fill(start, size, 0)
-    assert len(calls) == 1 and calls[0][0] == mmap.MADV_DONTNEED
-    assert not a[start:start + size].any()
-    assert (a[:start] == 7).all() and (a[start + size:] == 7).all()
-    buf.fill(0, cpu.ZERO_BY_RELEASE_MIN - 1, 0)      # small: written
-    buf.fill(0, buf.size, 9)                         # not zero: written
-    assert len(calls) == 1 and (a == 9).all()
-
-
 async def test_copy_overlapping_regions(server):
     async with await connect(server) as c:
         buf = await c.alloc_buffer(64)

@@ -65,10 +65,6 @@ def _zeroed_memory(size: int) -> np.ndarray:
     return np.zeros(size, dtype=np.uint8)
 
 
-#: Zero fills from this size on give whole pages back (:meth:`CpuBuffer.fill`).
-ZERO_BY_RELEASE_MIN = 1 << 20
-
-
 class CpuBuffer(DeviceBuffer):
     """Host memory; every region view is the buffer's own memory (no copies)."""
 
@@ -77,10 +73,6 @@ class CpuBuffer(DeviceBuffer):
         raw = _zeroed_memory(size + _HOST_ALIGNMENT)     # zeroed: no stale data leaks
         start = (-raw.ctypes.data) % _HOST_ALIGNMENT
         self.array = raw[start:start + size]
-        # the private anonymous mapping behind a large buffer, and where the buffer starts in it
-        owner = getattr(raw.base, "obj", None)        # np.frombuffer's memoryview of it
-        self._region = owner if isinstance(owner, mmap.mmap) else None
-        self._start = start
 
     @contextlib.contextmanager
     def write_region(self, offset, size):
@@ -92,21 +84,7 @@ class CpuBuffer(DeviceBuffer):
         return memoryview(self.array[offset:offset + size])
 
     def fill(self, offset, size, value):
-        """numpy fill of the region; a large zero fill of a mapped buffer gives its whole
-        pages back to the kernel instead (``madvise(MADV_DONTNEED)``: a private anonymous
-        page given back reads as zeros, and is faulted in again only when touched).  A
-        client clears a model's fresh KV cache so (BUFFER_CLEAR, value 0) while it loads
-        it: writing 47 MB of zeros touched every page of it, 25 ms of page faults, where
-        giving back pages never touched costs nothing."""
-        if value == 0 and self._region is not None and size >= ZERO_BY_RELEASE_MIN:
-            first = self._start + offset
-            lo = -(-first // mmap.PAGESIZE) * mmap.PAGESIZE
-            hi = (first + size) // mmap.PAGESIZE * mmap.PAGESIZE
-            if hi > lo:
-                self._region.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
-                self.array[offset:lo - self._start] = 0          # the partial pages
-                self.array[hi - self._start:offset + size] = 0
-                return
+        """numpy fill of the region."""
         self.array[offset:offset + size] = value
 
     def copy_from(self, src, src_offset, dst_offset, size):
@@ -119,7 +97,6 @@ class CpuBuffer(DeviceBuffer):
 
     def _free(self):
         self.array = None
-        self._region = None
 
 
 _blas_state: dict = {}
