@@ -118,8 +118,37 @@ def _times(builder, x, k):
     return builder.mul(x, ir.Constant(x.type, k))
 
 
-def _store_i32(builder, value, addr):
-    builder.store(value, builder.inttoptr(addr, _I32.as_pointer()), align=4)
+def _clamped(builder, base, step, count, n):
+    """The ``n`` addresses ``base + min(i, count - 1) · step``: rows past the ``count`` there
+    are repeat the last one (their results are not used)."""
+    last = builder.sub(count, ir.Constant(count.type, 1))
+    out = []
+    for i in range(n):
+        at = ir.Constant(count.type, i)
+        at = builder.select(builder.icmp_signed("<", at, count), at, last)
+        out.append(builder.add(base, builder.mul(at, step)))
+    return out
+
+
+def _vec_at(builder, addr, t):
+    """The vector of type ``t`` at integer address ``addr`` (4-byte aligned)."""
+    return builder.load(builder.inttoptr(addr, t.as_pointer()), align=4)
+
+
+def _token_rows(builder, aa, astep, ada, adstep, xa, xstep, ntok, extra_type):
+    """The eight activation rows of a tile product, as (int8 values' address, pointer to
+    the float32 block scales, pointer to the per-block extra of ``extra_type``)."""
+    return list(zip(_clamped(builder, aa, astep, ntok, TILE_TOKENS),
+                    [builder.inttoptr(x, _F32.as_pointer())
+                     for x in _clamped(builder, ada, adstep, ntok, TILE_TOKENS)],
+                    [builder.inttoptr(x, extra_type.as_pointer())
+                     for x in _clamped(builder, xa, xstep, ntok, TILE_TOKENS)]))
+
+
+def _store_outputs(builder, accs, oa):
+    """Store the eight tokens' 16 float32 outputs (stack slots ``accs``) at ``oa[8][16]``."""
+    for t, acc in enumerate(accs):
+        _store_vec(builder, builder.load(acc), _at(builder, oa, 64 * t))
 
 
 def _row_codes(builder, code, wb):
@@ -185,12 +214,7 @@ def _unpack_codegen(code):
     def codegen(context, builder, signature, args):
         wa, wstep, rows, nbv, ca, sa, ma, da, dma, ta = args
         table_p = builder.inttoptr(ta, _F32.as_pointer())
-        last = builder.sub(rows, ir.Constant(rows.type, 1))
-        starts = []
-        for r in range(TILE_ROWS):
-            rr = ir.Constant(rows.type, r)
-            starts.append(builder.add(wa, builder.mul(
-                builder.select(builder.icmp_signed("<", rr, rows), rr, last), wstep)))
+        starts = _clamped(builder, wa, wstep, rows, TILE_ROWS)
         with cgutils.for_range(builder, nbv) as bl:
             b = bl.index
             wbs = [builder.add(start, _times(builder, b, nbytes)) for start in starts]
@@ -240,24 +264,16 @@ def _dots_codegen(code, native):
 
     def codegen(context, builder, signature, args):
         ca, sa, ma, da, dma, nbv, aa, astep, ada, adstep, bsa, bsstep, ntok, oa = args
-        last = builder.sub(ntok, ir.Constant(ntok.type, 1))
-        rows = []
-        for t in range(TILE_TOKENS):
-            tt = ir.Constant(ntok.type, t)
-            tt = builder.select(builder.icmp_signed("<", tt, ntok), tt, last)
-            rows.append((builder.add(aa, builder.mul(tt, astep)),
-                         builder.inttoptr(builder.add(ada, builder.mul(tt, adstep)), _F32.as_pointer()),
-                         builder.add(bsa, builder.mul(tt, bsstep))))
+        rows = _token_rows(builder, aa, astep, ada, adstep, bsa, bsstep, ntok, _I32)
         accs = [cgutils.alloca_once_value(builder, ir.Constant(f16, [0.0] * 16))
                 for _ in range(TILE_TOKENS)]
         slots = [cgutils.alloca_once_value(builder, zero) for _ in range(TILE_TOKENS)]
 
         def vec_at(base, off, t=v16):
-            return builder.load(builder.inttoptr(builder.add(base, off), t.as_pointer()), align=4)
+            return _vec_at(builder, builder.add(base, off), t)
 
         def bsum(t, b, g):      # Q8_K's sum of 16 values number g of super-block b
-            addr = builder.add(rows[t][2], builder.add(_times(builder, b, 64), ir.Constant(b.type, 4 * g)))
-            return builder.load(builder.inttoptr(addr, _I32.as_pointer()), align=4)
+            return builder.load(builder.gep(rows[t][2], [_at(builder, _times(builder, b, 16), g)]))
 
         with cgutils.for_range(builder, nbv) as bl:
             b = bl.index
@@ -305,9 +321,7 @@ def _dots_codegen(code, native):
                 acc = builder.fadd(builder.load(accs[t]),
                                    builder.fmul(part, _splat(builder, d_a, _F32, 16)))
                 builder.store(acc, accs[t])
-        for t in range(TILE_TOKENS):
-            builder.store(builder.load(accs[t]),
-                          builder.inttoptr(_at(builder, oa, 64 * t), f16.as_pointer()), align=4)
+        _store_outputs(builder, accs, oa)
         return context.get_dummy_value()
     return codegen
 
@@ -323,12 +337,7 @@ def _unpack32_codegen(code):
     def codegen(context, builder, signature, args):
         wa, wstep, rows, nbv, ca, _sa, _ma, da, dma, ta = args
         table_p = builder.inttoptr(ta, _F32.as_pointer())
-        last = builder.sub(rows, ir.Constant(rows.type, 1))
-        starts = []
-        for r in range(TILE_ROWS):
-            rr = ir.Constant(rows.type, r)
-            starts.append(builder.add(wa, builder.mul(
-                builder.select(builder.icmp_signed("<", rr, rows), rr, last), wstep)))
+        starts = _clamped(builder, wa, wstep, rows, TILE_ROWS)
         raise_by = ir.Constant(_vec(_I8, 32), [bias] * 32)
         with cgutils.for_range(builder, nbv) as bl:
             b = bl.index
@@ -361,20 +370,13 @@ def _dots32_codegen(code, native):
 
     def codegen(context, builder, signature, args):
         ca, _sa, _ma, da, dma, nbv, aa, astep, ada, adstep, bsa, bsstep, ntok, oa = args
-        last = builder.sub(ntok, ir.Constant(ntok.type, 1))
-        rows = []
-        for t in range(TILE_TOKENS):
-            tt = ir.Constant(ntok.type, t)
-            tt = builder.select(builder.icmp_signed("<", tt, ntok), tt, last)
-            rows.append((builder.add(aa, builder.mul(tt, astep)),
-                         builder.inttoptr(builder.add(ada, builder.mul(tt, adstep)), _F32.as_pointer()),
-                         builder.inttoptr(builder.add(bsa, builder.mul(tt, bsstep)),
-                                          (_F32 if has_min else _I32).as_pointer())))
+        rows = _token_rows(builder, aa, astep, ada, adstep, bsa, bsstep, ntok,
+                           _F32 if has_min else _I32)
         accs = [cgutils.alloca_once_value(builder, ir.Constant(f16, [0.0] * 16))
                 for _ in range(TILE_TOKENS)]
 
         def vec_at(base, off, t=v16):
-            return builder.load(builder.inttoptr(builder.add(base, off), t.as_pointer()), align=4)
+            return _vec_at(builder, builder.add(base, off), t)
 
         with cgutils.for_range(builder, nbv) as bl:
             b = bl.index
@@ -403,9 +405,7 @@ def _dots32_codegen(code, native):
                 if has_min:
                     acc = builder.fadd(acc, builder.fmul(mw, _splat(builder, extra, _F32, 16)))
                 builder.store(acc, accs[t])
-        for t in range(TILE_TOKENS):
-            builder.store(builder.load(accs[t]),
-                          builder.inttoptr(_at(builder, oa, 64 * t), f16.as_pointer()), align=4)
+        _store_outputs(builder, accs, oa)
         return context.get_dummy_value()
     return codegen
 
@@ -484,7 +484,7 @@ def _mm_tiles(w, aq, ad, extra, out, table):
 UNPACK = TILE_DOTS = None       # bound per compiled copy of _mm_tiles
 GROUPS = UNIT_BYTES = 0
 
-#: Tiles of 16 weight rows times activation rows below which a product runs serially.
+#: Tiles of 16 weight rows below which a product runs in the calling thread.
 TILES_SERIAL_BELOW = 2
 
 _NAMES = {Q4_K: "q4_k", Q5_K: "q5_k", Q6_K: "q6_k", Q4_0: "q4_0", Q4_1: "q4_1", Q5_0: "q5_0",
