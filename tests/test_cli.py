@@ -116,3 +116,26 @@ def test_warns_when_binding_beyond_loopback():
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=10)
     assert "WARNING" in err and "no authentication" in err
+
+
+def test_kernels_are_loaded_before_serving(monkeypatch, capsys):
+    """run_server imports every served device kind's kernels before it serves (and before
+    its banner says so), not at the first client's first graph."""
+    from refimpl.devices import CpuDevice
+    from refimpl.server import cli
+    from refimpl.server.net import ServerConfig
+
+    loaded = []
+    monkeypatch.setattr(cli, "load_kernels",
+                        lambda kind: loaded.append((kind, capsys.readouterr().out)))
+    config = ServerConfig(devices=[CpuDevice(capacity=1 << 20), CpuDevice(capacity=1 << 20)],
+                          port=0)
+
+    async def serve_briefly():
+        with trio.move_on_after(0.5):
+            await cli.run_server(config)
+
+    trio.run(serve_briefly)
+    assert [kind for kind, _ in loaded] == ["cpu"]
+    assert "Starting RPC server" not in loaded[0][1]
+    assert "Starting RPC server" in capsys.readouterr().out
