@@ -460,22 +460,53 @@ def _row_dots_kquant(kind, count, native=X86_AVX2):
                       _kquant_rows(builder, kind, native, wa, rows, nbv, table_p), count)
 
 
+def _at(builder, base, off):
+    """Integer address ``base + off`` (``off`` a Python int)."""
+    return builder.add(base, ir.Constant(base.type, off))
+
+
+def _kquant_codes(builder, kind, wb):
+    """The 256 codes of the Q4_K, Q5_K or Q6_K super-block at ``wb`` (spec/ops/matmul.md,
+    "Block formats"), as ``(first value, 32 codes as <32 x i8>)`` pairs, first values in
+    increasing order; Q6_K's codes are the values plus 32.  Q4_K's and Q5_K's sub-blocks 2j
+    (low nibbles) and 2j+1 (high) share 32 bytes; Q5_K's bit 2j+half of ``qh[l]`` is the
+    fifth bit of value 64j+32half+l.  Q6_K's values 128n + 32i + l take the nibble of
+    ``ql[64n + 32(i % 2) + l]`` shifted by 4(i // 2), and bits 2i of ``qh[32n + l]``."""
+    def bytes_of(v):
+        return ir.Constant(_vec(_I8, 32), [v] * 32)
+    out = []
+    if kind in ("q4_k", "q5_k"):
+        q5 = kind == "q5_k"
+        qs_at = 48 if q5 else 16           # where the nibbles start (Q5_K's 32 bytes of qh at 16)
+        if q5:
+            qh = _load(builder, _at(builder, wb, 16), _I8, 32)
+        for j in range(4):
+            q = _load(builder, _at(builder, wb, qs_at + 32 * j), _I8, 32)
+            for half in range(2):
+                codes = builder.and_(builder.lshr(q, bytes_of(4 * half)), bytes_of(15))
+                if q5:
+                    bit = builder.and_(builder.lshr(qh, bytes_of(2 * j + half)), bytes_of(1))
+                    codes = builder.or_(codes, builder.shl(bit, bytes_of(4)))
+                out.append((64 * j + 32 * half, codes))
+    else:
+        for n in range(2):
+            qh = _load(builder, _at(builder, wb, 128 + 32 * n), _I8, 32)
+            for i in range(4):          # both halves of 16 at once: 32 consecutive values
+                ql = _load(builder, _at(builder, wb, 64 * n + 32 * (i % 2)), _I8, 32)
+                low = builder.and_(builder.lshr(ql, bytes_of(4 * (i // 2))), bytes_of(15))
+                high = builder.and_(builder.lshr(qh, bytes_of(2 * i)), bytes_of(3))
+                out.append((128 * n + 32 * i, builder.or_(low, builder.shl(high, bytes_of(4)))))
+    return out
+
+
 def _kquant_rows(builder, kind, native, wa, tokens, nbv, table_p):
     """The codegen of :func:`_row_dot_kquant`: the weight row at ``wa`` (``nb`` super-blocks)
     against each of ``tokens`` activation rows, tuples of integer addresses ``(a, ad,
-    bsums)``; each group's codes are decoded once for all of them.  One float32 per row."""
+    bsums)``; each group's codes are decoded once for all of them (:func:`_kquant_codes`).
+    One float32 per row."""
     q4 = kind in ("q4_k", "q5_k")      # Q5_K: Q4_K's layout plus a fifth bit per value
-    q5 = kind == "q5_k"
     nbytes = {"q4_k": 144, "q5_k": 176, "q6_k": 210}[kind]
-    qs_at = 48 if q5 else 16           # where the nibbles start (Q5_K's 32 bytes of qh at 16)
-    v32 = _vec(_I8, 32)
     fp = _F32.as_pointer()
-
-    def bytes_of(v):
-        return ir.Constant(v32, [v] * 32)
-
-    def at(base, off):
-        return builder.add(base, ir.Constant(base.type, off))
 
     def group_sum(isum, codes, scales16, picks, act_addr):
         """``isum`` plus 32 unsigned byte ``codes`` times 32 activations, summed in pairs,
@@ -496,22 +527,18 @@ def _kquant_rows(builder, kind, native, wa, tokens, nbv, table_p):
                       _I32, 16) for _, _, ba in ptrs]
         isum = [ir.Constant(_vec(_I32, 8), [0] * 8) for _ in ptrs]
         if q4:
-            scales, mins = _q4k_scales_mins(builder, at(wb, 4))
+            scales, mins = _q4k_scales_mins(builder, _at(builder, wb, 4))
             scales16 = builder.trunc(scales, _vec(_I16, 8))
-            # sub-blocks 2j (low nibbles) and 2j+1 (high) share 32 bytes
-            if q5:      # bit 2j+half of qh[l] is the fifth bit of value 64j+32half+l
-                qh = _load(builder, at(wb, 16), _I8, 32)
-            for j in range(4):
-                q = _load(builder, at(wb, qs_at + 32 * j), _I8, 32)
-                for half in range(2):
-                    codes = builder.and_(builder.lshr(q, bytes_of(4 * half)), bytes_of(15))
-                    if q5:
-                        bit = builder.and_(builder.lshr(qh, bytes_of(2 * j + half)), bytes_of(1))
-                        codes = builder.or_(codes, builder.shl(bit, bytes_of(4)))
-                    for t, ab in enumerate(abs_):
-                        isum[t] = group_sum(isum[t], codes, scales16, [2 * j + half] * 16,
-                                            at(ab, 64 * j + 32 * half))
-            dmin = _f16_via(builder, table_p, at(wb, 2))
+        else:       # 16 groups of 16: the 32 values at ``first`` take scales first/16, +1
+            sc8 = _load(builder, _at(builder, wb, 192), _I8, 16)
+            scales16 = builder.sext(sc8, _vec(_I16, 16))
+        for first, codes in _kquant_codes(builder, kind, wb):
+            g = first // 32 if q4 else first // 16
+            picks = [g] * 16 if q4 else [g] * 8 + [g + 1] * 8
+            for t, ab in enumerate(abs_):
+                isum[t] = group_sum(isum[t], codes, scales16, picks, _at(builder, ab, first))
+        if q4:
+            dmin = _f16_via(builder, table_p, _at(builder, wb, 2))
             for t, (_, d_p, _) in enumerate(ptrs):
                 # Σ_j min_j · (bsums[2j] + bsums[2j+1]), exact in int32
                 pairs = builder.add(_broadcast_lanes(builder, bsum[t], range(0, 16, 2)),
@@ -521,20 +548,7 @@ def _kquant_rows(builder, kind, native, wa, tokens, nbv, table_p):
                                     builder.fmul(dmin, builder.sitofp(msum, _F32)))
                 builder.store(builder.fadd(builder.load(mins_p[t]), part), mins_p[t])
             dw = _f16_via(builder, table_p, wb)
-        else:       # 16 groups of 16: values 128n + 32i + 16h, scale 8n + h + 2i
-            sc8 = _load(builder, at(wb, 192), _I8, 16)
-            scales16 = builder.sext(sc8, _vec(_I16, 16))
-            for n in range(2):
-                qh = _load(builder, at(wb, 128 + 32 * n), _I8, 32)
-                for i in range(4):      # both h at once: 32 consecutive values
-                    ql = _load(builder, at(wb, 64 * n + 32 * (i % 2)), _I8, 32)
-                    low = builder.and_(builder.lshr(ql, bytes_of(4 * (i // 2))), bytes_of(15))
-                    high = builder.and_(builder.lshr(qh, bytes_of(2 * i)), bytes_of(3))
-                    codes = builder.or_(low, builder.shl(high, bytes_of(4)))
-                    s = 8 * n + 2 * i
-                    for t, ab in enumerate(abs_):
-                        isum[t] = group_sum(isum[t], codes, scales16, [s] * 8 + [s + 1] * 8,
-                                            at(ab, 128 * n + 32 * i))
+        else:
             # the stored codes are the values plus 32: take 32 · scale_g · Σa off, group g's
             # from lane g % 8 (any lane keeps the integers exact)
             sc32 = builder.sext(sc8, _vec(_I32, 16))
@@ -542,7 +556,7 @@ def _kquant_rows(builder, kind, native, wa, tokens, nbv, table_p):
                 offs = _lanes8(builder, builder.mul(sc32, bsum[t]))
                 offs = builder.shl(offs, ir.Constant(_vec(_I32, 8), [5] * 8))
                 isum[t] = builder.sub(isum[t], offs)
-            dw = _f16_via(builder, table_p, at(wb, 208))
+            dw = _f16_via(builder, table_p, _at(builder, wb, 208))
         for t, (_, d_p, _) in enumerate(ptrs):
             _accumulate(builder, accs[t], isum[t],
                         builder.fmul(dw, builder.load(builder.gep(d_p, [b]))))

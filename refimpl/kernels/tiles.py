@@ -44,8 +44,8 @@ from numba.extending import intrinsic
 
 from .parallel import renamed_copy, sized_kernel
 from .quants import Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0
-from .simd import (_F32, _I8, _I32, _Q32_LAYOUT, X86_AVX2, _f16_via, _load, _q32_codes,
-                   _q4k_scales_mins, _splat, _vec, _x86)
+from .simd import (_F32, _I8, _I32, _Q32_LAYOUT, X86_AVX2, _at, _f16_via, _kquant_codes, _load,
+                   _q32_codes, _q4k_scales_mins, _splat, _vec, _x86)
 
 #: Weight rows per tile (the int32 lanes of one 512-bit vector).
 TILE_ROWS = 16
@@ -110,10 +110,6 @@ def _dot4(builder, acc, codes, acts, native):
     return acc
 
 
-def _at(builder, base, off):
-    return builder.add(base, ir.Constant(base.type, off))
-
-
 def _times(builder, x, k):
     return builder.mul(x, ir.Constant(x.type, k))
 
@@ -149,35 +145,6 @@ def _store_outputs(builder, accs, oa):
     """Store the eight tokens' 16 float32 outputs (stack slots ``accs``) at ``oa[8][16]``."""
     for t, acc in enumerate(accs):
         _store_vec(builder, builder.load(acc), _at(builder, oa, 64 * t))
-
-
-def _row_codes(builder, code, wb):
-    """The 256 codes of the super-block at ``wb``, as (first value, 32 codes as <32 x i8>)
-    pairs in any order; Q6_K's are the values plus 32."""
-    def bytes_of(v):
-        return ir.Constant(_vec(_I8, 32), [v] * 32)
-    out = []
-    if code in (Q4_K, Q5_K):
-        qs_at = 48 if code == Q5_K else 16
-        if code == Q5_K:
-            qh = _load(builder, _at(builder, wb, 16), _I8, 32)
-        for j in range(4):
-            q = _load(builder, _at(builder, wb, qs_at + 32 * j), _I8, 32)
-            for half in range(2):
-                codes = builder.and_(builder.lshr(q, bytes_of(4 * half)), bytes_of(15))
-                if code == Q5_K:
-                    bit = builder.and_(builder.lshr(qh, bytes_of(2 * j + half)), bytes_of(1))
-                    codes = builder.or_(codes, builder.shl(bit, bytes_of(4)))
-                out.append((64 * j + 32 * half, codes))
-    else:
-        for n in range(2):
-            qh = _load(builder, _at(builder, wb, 128 + 32 * n), _I8, 32)
-            for i in range(4):
-                ql = _load(builder, _at(builder, wb, 64 * n + 32 * (i % 2)), _I8, 32)
-                low = builder.and_(builder.lshr(ql, bytes_of(4 * (i // 2))), bytes_of(15))
-                high = builder.and_(builder.lshr(qh, bytes_of(2 * i)), bytes_of(3))
-                out.append((128 * n + 32 * i, builder.or_(low, builder.shl(high, bytes_of(4)))))
-    return out
 
 
 def _transpose(builder, vecs):
@@ -218,7 +185,7 @@ def _unpack_codegen(code):
         with cgutils.for_range(builder, nbv) as bl:
             b = bl.index
             wbs = [builder.add(start, _times(builder, b, nbytes)) for start in starts]
-            decoded = [dict(_row_codes(builder, code, wb)) for wb in wbs]
+            decoded = [dict(_kquant_codes(builder, _NAMES[code], wb)) for wb in wbs]
             cbase = builder.add(ca, _times(builder, b, 64 * 64))
             for first in decoded[0]:        # 32 values = 8 chunks, at (b·64 + chunk)·64
                 words = [builder.bitcast(row[first], _vec(_I32, 8)) for row in decoded]
