@@ -63,6 +63,7 @@ def test_cuda_device_fails_cleanly_without_a_gpu():
     (["-t", "0"], "invalid number of threads"),
     (["-m", "-5"], "invalid memory size"),
     (["-p", "70000"], "invalid port"),
+    (["--poll-us", "-1"], "--poll-us"),
 ])
 def test_bad_arguments_give_one_line(args, needle):
     proc = run_cli(*args)
@@ -139,3 +140,18 @@ def test_kernels_are_loaded_before_serving(monkeypatch, capsys):
     assert [kind for kind, _ in loaded] == ["cpu"]
     assert "Starting RPC server" not in loaded[0][1]
     assert "Starting RPC server" in capsys.readouterr().out
+
+
+def test_poll_flag_and_its_default(monkeypatch):
+    from refimpl.server import net
+    from refimpl.server.cli import build_parser, make_config
+    config, _ = make_config(build_parser().parse_args(["--poll-us", "50"]))
+    assert config.poll_after_reply == pytest.approx(50e-6)
+    config, _ = make_config(build_parser().parse_args(["--poll-us", "0"]))
+    assert config.poll_after_reply == 0
+    monkeypatch.setattr(net.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert net.default_poll_seconds() == pytest.approx(200e-6)
+    assert build_parser().parse_args([]).poll_us == pytest.approx(200)
+    monkeypatch.setattr(net.os, "sched_getaffinity", lambda pid: {3})
+    assert net.default_poll_seconds() == 0   # one core: the client needs it
+    assert build_parser().parse_args([]).poll_us == 0

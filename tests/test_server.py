@@ -502,3 +502,69 @@ async def test_allow_list(nursery, networks, admitted):
     else:
         with pytest.raises(ServerClosedConnection):
             await connect(server)
+
+
+# -- polling for the next request (ServerConfig.poll_after_reply) --------------------------------
+
+def _blocking_round_trips(address, count: int) -> list:
+    """A client in its own thread, as llama.cpp's is in its own process: HELLO, then
+    ``count`` GET_ALIGNMENTs, each sent as soon as the last reply is read."""
+    import socket
+
+    from refimpl.protocol.connection import NEED_DATA, ClientConnection, hello_request
+    conn = ClientConnection()
+    replies = []
+    with socket.create_connection(address) as sock:
+        for req in [hello_request()] + [m.GetAlignmentRequest(0)] * count:
+            sock.sendall(conn.send(req))
+            while (ev := conn.next_event()) is NEED_DATA:
+                conn.receive_data(sock.recv(1 << 16))
+            replies.append(ev)
+    return replies
+
+
+@pytest.fixture
+def polls(monkeypatch):
+    """What each Receiver.poll returned: bytes, or None when nothing came in time."""
+    from refimpl.streams import Receiver
+    seen = []
+    original = Receiver.poll
+
+    def counted(self, max_bytes, seconds):
+        got = original(self, max_bytes, seconds)
+        seen.append(got)
+        return got
+
+    monkeypatch.setattr(Receiver, "poll", counted)
+    return seen
+
+
+async def test_next_request_after_a_reply_is_taken_by_polling(nursery, polls):
+    server = await nursery.start(RpcServer(make_config(poll_after_reply=2.0)).serve)
+    replies = await trio.to_thread.run_sync(_blocking_round_trips, addr(server), 20)
+    assert [r.alignment for r in replies[1:]] == [CpuDevice().alignment] * 20
+    # After each of the 21 replies the server polled; the client sent its next request (or
+    # closed) well within two seconds, so every poll found it without waiting in trio.
+    with trio.fail_after(5):
+        while server.connections:
+            await trio.sleep(0.01)
+    assert len(polls) == 21 and all(got is not None for got in polls)
+    assert polls[-1] == b""   # the client closed
+
+
+async def test_no_polling_while_another_client_is_connected(nursery, polls):
+    server = await nursery.start(RpcServer(make_config(poll_after_reply=0.3)).serve)
+    async with await connect(server) as idle:
+        await idle.ping()
+        # Alone, it had a poll after each reply (HELLO's, the ping's), which found nothing:
+        # its client runs in the loop that the poll holds.
+        assert polls == [None, None]
+        polls.clear()
+        replies = await trio.to_thread.run_sync(_blocking_round_trips, addr(server), 5)
+        assert len(replies) == 6 and polls == []
+
+
+async def test_polling_off(nursery, polls):
+    server = await nursery.start(RpcServer(make_config(poll_after_reply=0.0)).serve)
+    replies = await trio.to_thread.run_sync(_blocking_round_trips, addr(server), 5)
+    assert len(replies) == 6 and polls == []

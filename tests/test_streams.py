@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import ssl
+import time
 
 import numpy as np
 import pytest
@@ -111,3 +112,31 @@ async def test_tls_is_not_read_from_its_socket():
     assert socket_stream_of(trio.testing.memory_stream_pair()[0]) is None
     raw.socket.close()
     b.close()
+
+
+async def test_poll_takes_bytes_that_came_and_gives_up_in_time():
+    a, b = trio.socket.socketpair()
+    left, right = trio.SocketStream(a), trio.SocketStream(b)
+    receiver = Receiver(right)
+    assert receiver.poll(64, 0.0) is None            # not asked to poll at all
+    start = trio.current_time()
+    assert receiver.poll(64, 0.02) is None           # nothing came: None once the time is up
+    assert 0.02 <= trio.current_time() - start < 5
+    await left.send_all(b"request")
+    assert receiver.poll(64, 0.02) == b"request"
+    await left.send_all(b"0123456789")
+    assert receiver.poll(4, 0.02) == b"0123"         # at most max_bytes
+    assert await receiver.receive_some(64) == b"456789"   # trio's receive still works
+    await left.aclose()
+    assert receiver.poll(64, 0.02) == b""            # the peer closed
+    receiver.close()
+    receiver.close()                                  # twice is harmless
+    assert await receiver.receive_some(64) == b""    # the stream's own socket is still open
+    await right.aclose()
+
+
+def test_poll_is_never_tried_on_streams_that_are_not_plain_sockets():
+    left, right = trio.testing.memory_stream_pair()
+    start = time.monotonic()
+    assert Receiver(right).poll(64, 2.0) is None
+    assert time.monotonic() - start < 1.0            # at once: there is no socket to ask

@@ -18,7 +18,7 @@ from ..graph.registry import load_kernels
 from ..protocol.constants import PROTOCOL_VERSION
 from ..protocol.profiles import LATEST, SERVED, served_profile
 from .hash_cache import HashCache, default_cache_dir
-from .net import DEFAULT_MAX_BUFFERED, RpcServer, ServerConfig
+from .net import DEFAULT_MAX_BUFFERED, RpcServer, ServerConfig, default_poll_seconds
 
 log = logging.getLogger("refimpl.server")
 
@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--threads", type=int, default=_usable_cores(),
                    help="compute threads for the CPU device (default: the cores this process "
                         "may run on, %(default)s)")
+    p.add_argument("--poll-us", type=float, default=default_poll_seconds() * 1e6,
+                   metavar="MICROSECONDS",
+                   help="after each reply, poll the socket this long for the client's next "
+                        "request before sleeping until it comes: a sleeping thread's wake-up "
+                        "costs tens of microseconds on every small command; only while one "
+                        "client is connected (default: %(default)g, 0 on one core; 0: never)")
     p.add_argument("--max-connections", type=int, default=64, metavar="N",
                    help="clients served at once; more are refused (default: %(default)s)")
     p.add_argument("--idle-timeout", type=float, default=3600.0, metavar="SECONDS",
@@ -159,11 +165,13 @@ async def run_server(config: ServerConfig, cache_dir=None) -> None:
     """Serve until SIGINT or SIGTERM, then stop accepting and close every connection."""
     load_device_kernels(config.devices)
     server = RpcServer(config)
-    await server.bind()  # outside the nursery: an unusable address is a plain OSError
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.serve)
-        print(banner(server, cache_dir), flush=True)
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    # The signals are caught from before the port opens: a client (or a test) that stops the
+    # server as soon as it can connect still gets the banner and an orderly stop.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        await server.bind()  # outside the nursery: an unusable address is a plain OSError
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            print(banner(server, cache_dir), flush=True)
             async for signum in signals:
                 log.info("received %s; shutting down (%d connection(s) open)",
                          signal.Signals(signum).name, server.connections)
@@ -207,6 +215,8 @@ def make_config(args) -> tuple[ServerConfig, object]:
             raise ValueError(f"--{name.replace('_', '-')} must be positive")
     if args.idle_timeout < 0 or args.read_timeout < 0:
         raise ValueError("timeouts must not be negative")
+    if not 0 <= args.poll_us <= 1e6:
+        raise ValueError("--poll-us must be between 0 and 1000000")
     allow = []
     for cidr in args.allow:
         try:
@@ -221,7 +231,8 @@ def make_config(args) -> tuple[ServerConfig, object]:
                         read_timeout=args.read_timeout,
                         max_message_size=args.max_message_mib << 20, allow=allow,
                         max_buffered=args.max_buffered_mib << 20,
-                        max_buffers=args.max_buffers, profile=profile), cache_dir
+                        max_buffers=args.max_buffers, profile=profile,
+                        poll_after_reply=args.poll_us * 1e-6), cache_dir
 
 
 def main(argv=None) -> int:

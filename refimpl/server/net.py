@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import os
 import socket as stdsocket
 import threading
 from dataclasses import dataclass, field
@@ -48,6 +49,16 @@ MIN_TRANSFER_RATE = 64 * 1024
 
 #: Default of ServerConfig.max_buffered: request bytes held in memory, all connections.
 DEFAULT_MAX_BUFFERED = 2048 * 1024 * 1024
+
+
+def default_poll_seconds() -> float:
+    """Default of ServerConfig.poll_after_reply: 200 µs where this process may run on more
+    than one core, none on one core (polling there only keeps the client off the CPU)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return 200e-6 if cores > 1 else 0.0
 
 
 class TimedOut(Exception):
@@ -123,6 +134,10 @@ class ServerConfig:
     max_buffers: int = 4096
     #: The protocol version served (spec/versions.md); default: the newest.
     profile: Profile = LATEST
+    #: Seconds to poll the socket for the next request after each reply, before sleeping in
+    #: trio's wait (refimpl.streams.Receiver.poll); only while one client is connected.
+    #: 0: never poll.
+    poll_after_reply: float = field(default_factory=default_poll_seconds)
 
 
 class RpcServer:
@@ -228,10 +243,22 @@ class RpcServer:
     async def _run(self, stream: trio.abc.Stream, conn: ServerConnection,
                    session: Session, progress: _Progress) -> None:
         receiver = Receiver(stream)
+        try:
+            await self._serve_messages(stream, receiver, conn, session, progress)
+        finally:
+            receiver.close()
+
+    async def _serve_messages(self, stream: trio.abc.Stream, receiver: Receiver,
+                              conn: ServerConnection, session: Session,
+                              progress: _Progress) -> None:
+        replied = False  # the last thing done was sending a reply: the next request is due
         while True:
             event = conn.next_event()
             if event is NEED_DATA:
-                data = await self._recv(receiver, conn, progress)
+                poll = (self.config.poll_after_reply
+                        if replied and self.connections == 1 else 0.0)
+                data = await self._recv(receiver, conn, progress, poll)
+                replied = False
                 conn.receive_data(data)
                 self._charge(conn, session, progress)
                 continue
@@ -252,6 +279,7 @@ class RpcServer:
                 await stream.send_all(conn.send_data_header(len(view)))
                 if len(view):
                     await stream.send_all(view)
+                replied = True
                 continue
             if isinstance(event, _BLOCKING):
                 extra = 0
@@ -268,6 +296,7 @@ class RpcServer:
                 self._charge(conn, session, progress)
             if reply is not None:
                 await stream.send_all(conn.send(reply))
+                replied = True
 
     def _charge(self, conn: ServerConnection, session: Session, progress: _Progress,
                 extra: int = 0) -> None:
@@ -311,9 +340,14 @@ class RpcServer:
             raise TimedOut(reason)
 
     async def _recv(self, receiver: Receiver, conn: ServerConnection,
-                    progress: _Progress) -> bytes:
-        with self._deadline(conn, progress):
-            data = await receiver.receive_some(RECV_CHUNK)
+                    progress: _Progress, poll: float = 0.0) -> bytes:
+        """The next bytes from the client: polled for up to ``poll`` seconds first when it
+        is positive (ServerConfig.poll_after_reply), else, or when nothing came in that time,
+        waited for under :meth:`_deadline`."""
+        data = receiver.poll(RECV_CHUNK, poll) if poll > 0 else None
+        if data is None:
+            with self._deadline(conn, progress):
+                data = await receiver.receive_some(RECV_CHUNK)
         if data and progress.message_started is None:
             progress.message_started = trio.current_time()
         return data
