@@ -120,15 +120,18 @@ def test_warns_when_binding_beyond_loopback():
 
 
 def test_kernels_are_loaded_before_serving(monkeypatch, capsys):
-    """run_server imports every served device kind's kernels before it serves (and before
-    its banner says so), not at the first client's first graph."""
+    """run_server imports every served device kind's kernels, then loads the compiled CPU
+    kernels that earlier runs used (refimpl.kernels.warmup), before it serves (and before its
+    banner says so), not at the first client's first graph."""
     from refimpl.devices import CpuDevice
+    from refimpl.kernels import warmup
     from refimpl.server import cli
     from refimpl.server.net import ServerConfig
 
     loaded = []
     monkeypatch.setattr(cli, "load_kernels",
                         lambda kind: loaded.append((kind, capsys.readouterr().out)))
+    monkeypatch.setattr(warmup, "warm", lambda: loaded.append(("warm", capsys.readouterr().out)))
     config = ServerConfig(devices=[CpuDevice(capacity=1 << 20), CpuDevice(capacity=1 << 20)],
                           port=0)
 
@@ -137,8 +140,8 @@ def test_kernels_are_loaded_before_serving(monkeypatch, capsys):
             await cli.run_server(config)
 
     trio.run(serve_briefly)
-    assert [kind for kind, _ in loaded] == ["cpu"]
-    assert "Starting RPC server" not in loaded[0][1]
+    assert [kind for kind, _ in loaded] == ["cpu", "warm"]
+    assert not any("Starting RPC server" in out for _, out in loaded)
     assert "Starting RPC server" in capsys.readouterr().out
 
 

@@ -23,7 +23,7 @@ from ..protocol.messages import GraphComputeRequest
 from ..protocol.profiles import LATEST, Profile
 from ..protocol.tensor import RPC_TENSOR_SIZE
 from .build import NODE_COST, Graph, GraphInvalid, GraphLimits, build_graph
-from .registry import Runner, bind_node, load_kernels
+from .registry import Runner, bind_node, computed, load_kernels
 
 log = logging.getLogger("refimpl.graph")
 cmdlog = logging.getLogger("refimpl.server.commands")
@@ -135,6 +135,7 @@ class GraphExecutor:
         cmdlog.debug("graph_compute device=%d nodes=%d tensors=%d kernels=%d build=%.1fms "
                      "run=%.1fms", req.device, len(graph.nodes), len(graph.tensors),
                      len(plan.steps), (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3)
+        computed(getattr(device, "kind", "cpu"))   # before the freeze: it lists live objects
         freeze_survivors_once()
 
     def recompute(self, device_index: int) -> None:

@@ -63,6 +63,26 @@ def kernel(device_kind: str, *ops):
     return deco
 
 
+#: Per device kind, what its kernels package does after each GRAPH_COMPUTE
+#: (:func:`after_compute`; the CPU's records the kernels compiled, refimpl.kernels.warmup).
+_AFTER_COMPUTE: dict[str, Callable[[], object]] = {}
+
+
+def after_compute(device_kind: str):
+    """Decorator: ``fn()`` runs after every GRAPH_COMPUTE on devices of ``device_kind``."""
+    def deco(fn):
+        _AFTER_COMPUTE[device_kind] = fn
+        return fn
+    return deco
+
+
+def computed(device_kind: str) -> None:
+    """Called by the engine after a GRAPH_COMPUTE has run on a device of ``device_kind``."""
+    hook = _AFTER_COMPUTE.get(device_kind)
+    if hook is not None:
+        hook()
+
+
 def load_kernels(device_kind: str) -> None:
     """Import the kernels of ``device_kind`` (once; later calls cost a dict lookup)."""
     package = KERNEL_PACKAGES.get(device_kind)

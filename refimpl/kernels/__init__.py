@@ -10,4 +10,6 @@ from . import cache
 cache.install()     # before any kernel is defined: numba must see edits of shared helpers
 
 from . import (binary, conv, copy, elementwise, flash_attn, get_rows, layout, matmul,  # noqa: E402, F401
-               norm, recurrent, reduce, rope, set_rows, softmax, sort, training, unary)
+               norm, recurrent, reduce, rope, set_rows, softmax, sort, training, unary, warmup)
+
+warmup.dispatchers()   # listed now, before anything freezes the collector's objects
