@@ -556,8 +556,10 @@ async def test_no_polling_while_another_client_is_connected(nursery, polls):
     server = await nursery.start(RpcServer(make_config(poll_after_reply=0.3)).serve)
     async with await connect(server) as idle:
         await idle.ping()
-        # Alone, it had a poll after each reply (HELLO's, the ping's), which found nothing:
-        # its client runs in the loop that the poll holds.
+        # Alone, it has a poll after each reply (HELLO's, the ping's), which finds nothing:
+        # its client runs in the loop that the poll holds.  trio may run the client before
+        # the server's poll after the ping's reply: wait out the poll's 0.3 s.
+        await trio.sleep(0.5)
         assert polls == [None, None]
         polls.clear()
         replies = await trio.to_thread.run_sync(_blocking_round_trips, addr(server), 5)

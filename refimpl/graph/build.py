@@ -111,16 +111,17 @@ def build_graph(req: GraphComputeRequest, buffers: BufferTable,
     if n_nodes > limits.max_nodes or n_tensors > limits.max_tensors:
         raise GraphInvalid(f"graph of {n_nodes} nodes and {n_tensors} tensors exceeds the limits "
                            f"({limits.max_nodes} nodes, {limits.max_tensors} tensors)")
-    rec = req.tensors
-    ids = rec["id"]
-    if np.any(ids == 0):
+    columns = _Columns(req.tensors)
+    ids = set(columns.lists[0])
+    if 0 in ids:
         raise GraphInvalid("a graph tensor has id 0")
-    if len(np.unique(ids)) != n_tensors:
+    if len(ids) != n_tensors:
         raise GraphInvalid("two graph tensors share one id")
 
     tensors: dict[int, Node] = {}
-    for row in _Columns(rec).rows():
-        node = _make_node(*row, buffers, req.device)
+    places: dict[int, tuple] = {}    # buffer handle -> (buffer, base, end), checked once
+    for row in columns.rows():
+        node = _make_node(*row, buffers, req.device, places)
         if mapping is not None:
             _map_op(node, mapping)
         tensors[node.id] = node
@@ -128,7 +129,7 @@ def build_graph(req: GraphComputeRequest, buffers: BufferTable,
     # Second pass: link references (no recursion, whatever the depth).
     find = tensors.get        # id 0, "no source", is never a key: it finds None
     for node in tensors.values():
-        links = [find(s) for s in node.src_ids]
+        links = list(map(find, node.src_ids))
         if links.count(None) != node.src_ids.count(0):
             s = next(s for s, t in zip(node.src_ids, links) if s and t is None)
             raise GraphInvalid(f"tensor '{node.name}' names source id {s:#x}, which the graph "
@@ -174,9 +175,10 @@ class _Columns:
 
 
 def _make_node(id_, type_, handle, ne, nb, op, flags, src, view_src, view_offs, data, name,
-               op_params, buffers: BufferTable, device: int) -> Node:
+               op_params, buffers: BufferTable, device: int, places: dict) -> Node:
     """One graph tensor from its decoded fields (:class:`_Columns`), checked alone
-    (spec/tensor.md, "Validity") and placed in its buffer; raises GraphInvalid."""
+    (spec/tensor.md, "Validity") and placed in its buffer; raises GraphInvalid.  ``places``
+    keeps each buffer handle's lookup for the rest of the graph (:func:`_place`)."""
     ne = tuple(ne)
     nb = tuple(nb)
     name = name.split(b"\0", 1)[0].decode("utf-8", "replace")
@@ -188,22 +190,32 @@ def _make_node(id_, type_, handle, ne, nb, op, flags, src, view_src, view_offs, 
     nbytes = tensor_nbytes(type_, ne, nb, traits)
     buf, offset = None, 0
     if handle:
-        try:
-            buf = buffers.get(handle)
-        except Rejected as exc:
-            raise GraphInvalid(f"graph tensor '{name}': {exc}") from None
-        if buf.device_index != device:
-            raise GraphInvalid(f"graph tensor '{name}' lives on device {buf.device_index}, the "
-                               f"graph runs on device {device}")
-        if data < buf.base or data + nbytes > buf.end:
+        place = places.get(handle)
+        if place is None:
+            place = places[handle] = _place(handle, buffers, device, name)
+        buf, base, end = place
+        if data < base or data + nbytes > end:
             raise GraphInvalid(f"graph tensor '{name}' spans [{data:#x}, {data + nbytes:#x}) outside "
-                               f"its buffer [{buf.base:#x}, {buf.end:#x})")
-        offset = data - buf.base
+                               f"its buffer [{base:#x}, {end:#x})")
+        offset = data - base
     elif data:
         raise GraphInvalid(f"graph tensor '{name}' has a data address ({data:#x}) but no buffer")
-    return Node(id=id_, op=op, type=type_, ne=ne, nb=nb, op_params=op_params, flags=flags,
-                name=name, buffer=buf, offset=offset, nbytes=nbytes, view_offs=view_offs,
-                src_ids=tuple(src[:MAX_SRC]), view_src_id=view_src, traits=traits)
+    # positionally, in Node's field order (keywords cost as much again, per tensor)
+    return Node(id_, op, type_, ne, nb, op_params, flags, name, buf, offset, nbytes, view_offs,
+                tuple(src[:MAX_SRC]), view_src, [], None, -1, {}, traits)
+
+
+def _place(handle: int, buffers: BufferTable, device: int, name: str) -> tuple:
+    """``(buffer, base, end)`` of a live buffer of the graph's device (``name``: the first
+    tensor that names it, for the message); raises GraphInvalid."""
+    try:
+        buf = buffers.get(handle)
+    except Rejected as exc:
+        raise GraphInvalid(f"graph tensor '{name}': {exc}") from None
+    if buf.device_index != device:
+        raise GraphInvalid(f"graph tensor '{name}' lives on device {buf.device_index}, the "
+                           f"graph runs on device {device}")
+    return buf, buf.base, buf.end
 
 
 def _map_op(node: Node, mapping: WireOps) -> None:
@@ -225,16 +237,17 @@ def _map_op(node: Node, mapping: WireOps) -> None:
 
 
 def _check_node_references(node: Node) -> None:
-    if node.op >= OP_COUNT:
-        raise GraphInvalid(f"node '{node.name}' has unknown op {node.op}")
-    if node.op in FUNCTION_POINTER_OPS:
-        raise GraphInvalid(f"node '{node.name}' is {op_name(node.op)}, an op that carries a "
+    op = node.op
+    if op >= OP_COUNT:
+        raise GraphInvalid(f"node '{node.name}' has unknown op {op}")
+    if op in FUNCTION_POINTER_OPS:
+        raise GraphInvalid(f"node '{node.name}' is {op_name(op)}, an op that carries a "
                            f"function pointer of the client; such ops are never run")
+    is_view = op in VIEW_OPS
     # a view without bytes here (graph-ops.md, Views) is checked by the view validator
-    if node.buffer is None and not (node.op in VIEW_OPS and node.op != Op.NONE
-                                    and node.view_src_id):
+    if node.buffer is None and not (is_view and op != Op.NONE and node.view_src_id):
         raise GraphInvalid(f"node {node.describe()} has no buffer to hold its result")
-    if node.op not in VIEW_OPS:
+    if not is_view:
         # A computed node's elements occupy distinct bytes of its buffer: ggml never writes a
         # result over itself, and the bound keeps a node's work proportional to the memory
         # it was given (zero strides could otherwise fold 2^40 elements into 64 bytes).
@@ -243,21 +256,26 @@ def _check_node_references(node: Node) -> None:
         if payload > node.nbytes:
             raise GraphInvalid(f"node {node.describe()} has {payload} bytes of elements in a span "
                                f"of {node.nbytes} bytes (strides {list(node.nb)} overlap)")
-    for i, s in enumerate([*node.src, node.view_src]):
+    order = node.order          # a source computed here or later has an order >= it; inputs -1
+    for i, s in enumerate(node.src):
         if s is None:
             continue
         if s is node:
             # ggml_cast() makes a CPY whose destination operand src[1] is the node itself (a
             # fresh tensor, not a view); that is the one self-reference ggml builds
             # (spec/graph.md, "Rebuilding the graph").
-            if node.op == Op.CPY and i == 1:
+            if op == Op.CPY and i == 1:
                 continue
             raise GraphInvalid(f"node '{node.name}' uses itself as a source")
-        if s.is_node and s.order >= node.order:
+        if s.order >= order:
             raise GraphInvalid(f"node '{node.name}' uses '{s.name}', which is computed later "
                                f"(a cycle or a misordered graph)")
-    if node.op not in VIEW_OPS:
-        for i, s in enumerate(node.src):
-            if s is not None and s.buffer is None:
-                raise GraphInvalid(f"node '{node.name}' reads src[{i}] '{s.name}', which has no "
-                                   f"buffer on this server")
+        if not is_view and s.buffer is None:
+            raise GraphInvalid(f"node '{node.name}' reads src[{i}] '{s.name}', which has no "
+                               f"buffer on this server")
+    s = node.view_src
+    if s is node:
+        raise GraphInvalid(f"node '{node.name}' uses itself as a source")
+    if s is not None and s.order >= order:
+        raise GraphInvalid(f"node '{node.name}' uses '{s.name}', which is computed later "
+                           f"(a cycle or a misordered graph)")

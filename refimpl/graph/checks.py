@@ -53,7 +53,8 @@ def elementwise_strides(t: Node, node: Node, what: str) -> None:
     size = t.traits.type_size
     if t.traits.block_size != 1:
         fail(node, f"{what} must have a plain element type, not {t.traits.name}")
-    if t.offset % size or any(s % size for s in t.nb):
+    nb0, nb1, nb2, nb3 = t.nb
+    if t.offset % size or nb0 % size or nb1 % size or nb2 % size or nb3 % size:
         fail(node, f"{what} '{t.name}' has strides {list(t.nb)} or offset {t.offset} that are not "
                    f"multiples of its element size {size}")
 

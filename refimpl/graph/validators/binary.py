@@ -9,6 +9,7 @@ from ..checks import (
     I32,
     can_repeat,
     elementwise_strides,
+    fail,
     no_src_beyond,
     require,
     same_shape,
@@ -29,7 +30,8 @@ def check_binary_ops(node: Node) -> None:
         elementwise_strides(t, node, what)
     same_shape(node, a, node, "dst and src0")
     require(node.type == a.type, node, "dst must have src0's type")
-    require(can_repeat(b, a), node, f"src1 {list(b.ne)} does not tile src0 {list(a.ne)}")
+    if not can_repeat(b, a):
+        fail(node, f"src1 {list(b.ne)} does not tile src0 {list(a.ne)}")
 
 
 @validates(Op.ADD_ID)
@@ -45,9 +47,10 @@ def check_add_id(node: Node) -> None:
     type_in(ids, {I32}, node, "ids")
     elementwise_strides(ids, node, "ids")
     same_shape(node, a, node, "dst and src0")
-    require(a.ne[0] == b.ne[0], node, f"src0 and src1 rows differ in length ({a.ne[0]} and "
-                                      f"{b.ne[0]})")
-    require(ids.ne[0] == a.ne[1] and ids.ne[1] == a.ne[2], node,
-            f"ids {list(ids.ne[:2])} must be src0's ne[1], ne[2] {list(a.ne[1:3])}")
+    if a.ne[0] != b.ne[0]:
+        fail(node, f"src0 and src1 rows differ in length ({a.ne[0]} and "
+                   f"{b.ne[0]})")
+    if not (ids.ne[0] == a.ne[1] and ids.ne[1] == a.ne[2]):
+        fail(node, f"ids {list(ids.ne[:2])} must be src0's ne[1], ne[2] {list(a.ne[1:3])}")
     require(node.nelements == 0 or (ids.nelements > 0 and b.ne[2] > 0 and b.ne[3] > 0), node,
             "ids or src1 is empty")

@@ -14,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..build import Node
-from ..checks import (F16, F32, BF16, elementwise_strides, is_contiguous, no_src_beyond, require,
-                      src, type_in)
+from ..checks import (F16, F32, BF16, elementwise_strides, fail, is_contiguous, no_src_beyond,
+                      require, src, type_in)
 from ..ops import Op
 from ..registry import validates
 
@@ -41,12 +41,14 @@ def params(node: Node, n: int) -> list[int]:
 
 
 def _positive(node: Node, values, what: str) -> None:
-    require(all(v > 0 for v in values), node, f"{what} {list(values)} must be positive")
+    if not all(v > 0 for v in values):
+        fail(node, f"{what} {list(values)} must be positive")
 
 
 def _shape(node: Node, expect) -> None:
     expect = tuple(int(x) for x in expect)
-    require(node.ne == expect, node, f"dst shape must be {list(expect)}")
+    if node.ne != expect:
+        fail(node, f"dst shape must be {list(expect)}")
 
 
 def _f32_image(node: Node, t: Node, what: str, types=frozenset({F32})) -> None:
@@ -63,7 +65,8 @@ def check_im2col(node: Node) -> None:
     a, b = src(node, 0), src(node, 1)
     no_src_beyond(node, 2)
     s0, s1, p0, p1, d0, d1, is_2d = params(node, 7)
-    require(is_2d in (0, 1), node, f"is_2D must be 0 or 1, not {is_2d}")
+    if is_2d not in (0, 1):
+        fail(node, f"is_2D must be 0 or 1, not {is_2d}")
     type_in(node, {F32, F16}, node, "dst")
     _f32_image(node, b, "src1", {F32} if node.type == F32 else {F32, F16})
     require(is_contiguous(node), node, "dst must be contiguous")
@@ -116,7 +119,8 @@ def check_col2im_1d(node: Node) -> None:
     require(is_contiguous(a) and is_contiguous(node), node, "src0 and dst must be contiguous")
     require(s0 > 0 and oc > 0 and p0 >= 0, node, "s0 and OC must be positive, p0 not negative")
     k = a.ne[0] // oc
-    require(k * oc == a.ne[0] and k > 0, node, f"src0 ne[0]={a.ne[0]} is not K·OC for OC={oc}")
+    if not (k * oc == a.ne[0] and k > 0):
+        fail(node, f"src0 ne[0]={a.ne[0]} is not K·OC for OC={oc}")
     t_out = (a.ne[1] - 1) * s0 + k - 2 * p0
     require(t_out > 0, node, "no output samples")
     _shape(node, (t_out, oc, 1, 1))
@@ -242,8 +246,8 @@ def _pool(node: Node) -> Node:
     type_in(a, {F32, F16}, node, "src0")
     type_in(node, {F32}, node, "dst")
     require(is_contiguous(a) and is_contiguous(node), node, "src0 and dst must be contiguous")
-    require(node.param_i32(0) in (POOL_MAX, POOL_AVG), node,
-            f"unknown pooling {node.param_i32(0)}")
+    if node.param_i32(0) not in (POOL_MAX, POOL_AVG):
+        fail(node, f"unknown pooling {node.param_i32(0)}")
     return a
 
 
@@ -284,7 +288,8 @@ def check_im2col_back(node: Node) -> None:
     g, k = src(node, 0), src(node, 1)
     no_src_beyond(node, 2)
     s0, s1, p0, p1, d0, d1, is_2d = params(node, 7)
-    require(is_2d in (0, 1), node, f"is_2D must be 0 or 1, not {is_2d}")
+    if is_2d not in (0, 1):
+        fail(node, f"is_2D must be 0 or 1, not {is_2d}")
     type_in(g, {F32}, node, "src0")
     type_in(k, {F32, F16}, node, "src1 (kernel)")
     type_in(node, {F32}, node, "dst")
@@ -301,7 +306,8 @@ def check_im2col_back(node: Node) -> None:
         kw = k.ne[0]
         expect = (ic * kw, conv_out(iw, kw, s0, p0, d0), n, 1)
     require(expect[1] > 0 and expect[2] > 0, node, "image smaller than the kernel")
-    require(g.ne == tuple(expect), node, f"src0 shape must be {list(expect)}")
+    if g.ne != tuple(expect):
+        fail(node, f"src0 shape must be {list(expect)}")
 
 
 @validates(Op.POOL_2D_BACK)
@@ -315,12 +321,14 @@ def check_pool_2d_back(node: Node) -> None:
     g, af = src(node, 0), src(node, 1)
     no_src_beyond(node, 2)
     op, k0, k1, s0, s1, p0, p1 = params(node, 7)
-    require(op in (POOL_MAX, POOL_AVG), node, f"unknown pooling {op}")
+    if op not in (POOL_MAX, POOL_AVG):
+        fail(node, f"unknown pooling {op}")
     type_in(g, {F32}, node, "src0")
     type_in(node, {F32, F16} if op == POOL_MAX else {F32}, node, "dst")
     require(af.type == node.type, node, "src1 must have dst's type")
     for t, what in ((g, "src0"), (af, "src1"), (node, "dst")):
-        require(is_contiguous(t), node, f"{what} must be contiguous")
+        if not is_contiguous(t):
+            fail(node, f"{what} must be contiguous")
     require(node.ne == af.ne, node, "dst must have src1's shape")
     require(g.ne[2:] == node.ne[2:], node, "src0 and dst must share ne[2] and ne[3]")
     _positive(node, (k0, k1, s0, s1), "kernels and strides")

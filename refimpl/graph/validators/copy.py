@@ -26,9 +26,10 @@ def check_copy_ops(node: Node) -> None:
                 "CPY's dst must describe src1 (same type and shape)")
     else:
         no_src_beyond(node, 1)
-        require(node.type == a.type, node, f"{Op(node.op).name} keeps the type")
-    require(node.nelements == a.nelements, node,
-            f"src0 has {a.nelements} elements, dst {node.nelements}")
+        if node.type != a.type:
+            fail(node, f"{Op(node.op).name} keeps the type")
+    if node.nelements != a.nelements:
+        fail(node, f"src0 has {a.nelements} elements, dst {node.nelements}")
     if a.type == node.type and a.type not in _PLAIN:
         block_rows(a, node, "src0")
         block_rows(node, node, "dst")
@@ -43,8 +44,8 @@ def check_copy_ops(node: Node) -> None:
         elementwise_strides(a, node, "src0")
         require(a.nb[0] == a.traits.type_size, node, "src0 rows must be packed (nb[0])")
         require(is_contiguous(node), node, "a quantised dst must be contiguous")
-        require(a.ne[0] % node.traits.block_size == 0, node,
-                f"src0 rows of {a.ne[0]} values are not whole {node.traits.name} blocks")
+        if a.ne[0] % node.traits.block_size != 0:
+            fail(node, f"src0 rows of {a.ne[0]} values are not whole {node.traits.name} blocks")
         return
     for t, what in ((a, "src0"), (node, "dst")):
         if t.type not in _PLAIN:
@@ -53,4 +54,5 @@ def check_copy_ops(node: Node) -> None:
         elementwise_strides(t, node, what)
     ok = a.type == node.type or (a.type in _FLOATS and node.type in _FLOATS) or \
         {a.type, node.type} == {GgmlType.I32, GgmlType.F32}
-    require(ok, node, f"no conversion from {a.traits.name} to {node.traits.name}")
+    if not ok:
+        fail(node, f"no conversion from {a.traits.name} to {node.traits.name}")

@@ -46,8 +46,8 @@ def check_math_ops(node: Node) -> None:
     a = src(node, 0)
     no_src_beyond(node, 1)
     _plain(node, (node, "dst"), (a, "src0"))
-    require((a.type, node.type) in MAP_TYPES, node,
-            f"src0 {a.traits.name} into dst {node.traits.name} is not a type pair ggml computes")
+    if (a.type, node.type) not in MAP_TYPES:
+        fail(node, f"src0 {a.traits.name} into dst {node.traits.name} is not a type pair ggml computes")
     same_shape(node, a, node, "dst and src0")
 
 
@@ -74,15 +74,16 @@ def check_add1(node: Node) -> None:
     require(b.nelements == 1 and b.ne == (1, 1, 1, 1), node, "src1 must be a scalar")
     same_shape(node, a, node, "dst and src0")
     if a.type in QUANTIZE_TYPES:
-        require(b.type == F32, node, f"src1 must be F32, not {b.traits.name}")
+        if b.type != F32:
+            fail(node, f"src1 must be F32, not {b.traits.name}")
         block_rows(a, node, "src0")
         block_rows(node, node, "dst")
         require(node.nb[1] <= node.nb[2] <= node.nb[3], node, "dst must not be permuted")
         # ggml-cpu places dst row (i1, i2, i3) at i1*nb1 + i2*nb2 + i3*nb0: right only in 3-D
         require(node.ne[3] == 1, node, "a block-format ADD1 must have ne[3] == 1")
     else:
-        require(b.type == F32 or b.type == a.type, node,
-                f"src1 must be F32 or src0's type, not {b.traits.name}")
+        if not (b.type == F32 or b.type == a.type):
+            fail(node, f"src1 must be F32 or src0's type, not {b.traits.name}")
         _plain(node, (node, "dst"), (a, "src0"))
 
 
@@ -96,7 +97,8 @@ def check_tri(node: Node) -> None:
     same_shape(node, a, node, "dst and src0")
     require(a.ne[0] == a.ne[1], node, "matrices must be square (ne[0] == ne[1])")
     kind = node.param_i32(0)
-    require(0 <= kind <= 3, node, f"unknown triangle kind {kind}")
+    if not (0 <= kind <= 3):
+        fail(node, f"unknown triangle kind {kind}")
 
 
 @validates(Op.DIAG)
@@ -106,7 +108,8 @@ def check_diag(node: Node) -> None:
     a = only_source(node, {F32})
     require(a.ne[1] == 1, node, "src0 must have ne[1] == 1")
     expect = (a.ne[0], a.ne[0], a.ne[2], a.ne[3])
-    require(node.ne == expect, node, f"dst shape must be {list(expect)}")
+    if node.ne != expect:
+        fail(node, f"dst shape must be {list(expect)}")
 
 
 @validates(Op.DIAG_MASK_INF, Op.DIAG_MASK_ZERO)
@@ -116,9 +119,11 @@ def check_diag_mask(node: Node) -> None:
     GraphInvalid unless ggml would accept the node."""
     a = only_source(node, {F32})
     for t, what in ((node, "dst"), (a, "src0")):
-        require(is_contiguous(t), node, f"{what} must be contiguous")
+        if not is_contiguous(t):
+            fail(node, f"{what} must be contiguous")
     same_shape(node, a, node, "dst and src0")
-    require(node.param_i32(0) >= 0, node, f"n_past must be >= 0, got {node.param_i32(0)}")
+    if not (node.param_i32(0) >= 0):
+        fail(node, f"n_past must be >= 0, got {node.param_i32(0)}")
 
 
 def arange_steps(start: float, stop: float, step: float) -> int | None:
@@ -143,8 +148,8 @@ def check_arange(node: Node) -> None:
     require(is_contiguous(node), node, "dst must be contiguous")
     start, stop, step = (node.param_f32(i) for i in range(3))
     n = arange_steps(start, stop, step)
-    require(n is not None and n == node.nelements, node,
-            f"arange({start}, {stop}, {step}) does not have {node.nelements} elements")
+    if not (n is not None and n == node.nelements):
+        fail(node, f"arange({start}, {stop}, {step}) does not have {node.nelements} elements")
 
 
 @validates(Op.TIMESTEP_EMBEDDING)
@@ -155,8 +160,8 @@ def check_timestep_embedding(node: Node) -> None:
     a = only_source(node, {F32})
     dim = node.param_i32(0)
     require(a.ne[1:] == (1, 1, 1), node, "timesteps must be a vector")
-    require(node.ne == (dim, a.ne[0], 1, 1), node,
-            f"dst shape must be [{dim}, {a.ne[0]}, 1, 1] (dim = op_params[0])")
+    if node.ne != (dim, a.ne[0], 1, 1):
+        fail(node, f"dst shape must be [{dim}, {a.ne[0]}, 1, 1] (dim = op_params[0])")
 
 
 def _view_params(node: Node) -> tuple[int, int, int, int]:
@@ -182,13 +187,15 @@ def check_view_write(node: Node, a: Node, b: Node) -> None:
     # dims in increasing stride: each must step past everything the smaller ones cover
     span = 0
     for s, n in sorted((s, n) for s, n in zip(strides, b.ne) if n > 1):
-        require(s >= span + esize, node, f"the view {list(b.ne)} with strides {list(strides)} "
-                                         f"writes some bytes twice")
+        if not (s >= span + esize):
+            fail(node, f"the view {list(b.ne)} with strides {list(strides)} "
+                       f"writes some bytes twice")
         span += (n - 1) * s
     end = offset + span + esize
     for t, what in ((node, "dst"), (a, "src0")):
-        require(end <= t.nbytes, node, f"the view ends at byte {end}, past {what}'s "
-                                       f"{t.nbytes} bytes")
+        if not (end <= t.nbytes):
+            fail(node, f"the view ends at byte {end}, past {what}'s "
+                       f"{t.nbytes} bytes")
 
 
 @validates(Op.ACC, Op.SET)
@@ -206,7 +213,8 @@ def check_acc_set(node: Node) -> None:
     require(a.type == node.type and b.type == node.type, node, "dst, src0 and src1 must share a type")
     _plain(node, (node, "dst"), (a, "src0"), (b, "src1"))
     for t, what in ((node, "dst"), (a, "src0")):
-        require(is_contiguous(t), node, f"{what} must be contiguous")
+        if not is_contiguous(t):
+            fail(node, f"{what} must be contiguous")
     same_shape(node, a, node, "dst and src0")
     require(b.nelements <= a.nelements, node, "src1 has more elements than src0")
     check_view_write(node, a, b)

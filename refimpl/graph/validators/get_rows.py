@@ -10,6 +10,7 @@ from ..checks import (
     I32,
     block_rows,
     elementwise_strides,
+    fail,
     no_src_beyond,
     require,
     src,
@@ -33,12 +34,14 @@ def check_get_rows(node: Node) -> None:
     type_in(a, SRC_TYPES, node, "src0")
     type_in(b, {I32}, node, "src1")
     want = I32 if a.type == I32 else F32
-    require(node.type == want, node, f"dst must be {'i32' if want == I32 else 'f32'}")
+    if node.type != want:
+        fail(node, f"dst must be {'i32' if want == I32 else 'f32'}")
     require(b.ne[3] == 1, node, "src1 must have ne[3] == 1")
-    require(a.ne[2] == b.ne[1] and a.ne[3] == b.ne[2], node,
-            f"src1 batches {list(b.ne[1:3])} must equal src0's {list(a.ne[2:])}")
+    if not (a.ne[2] == b.ne[1] and a.ne[3] == b.ne[2]):
+        fail(node, f"src1 batches {list(b.ne[1:3])} must equal src0's {list(a.ne[2:])}")
     expect = (a.ne[0], b.ne[0], b.ne[1], b.ne[2])
-    require(node.ne == expect, node, f"dst shape must be {list(expect)}")
+    if node.ne != expect:
+        fail(node, f"dst shape must be {list(expect)}")
     block_rows(a, node, "src0")
     elementwise_strides(b, node, "src1")
     elementwise_strides(node, node, "dst")

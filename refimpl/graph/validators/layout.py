@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ...protocol.ggml_types import GgmlType
 from ..build import Node
-from ..checks import (F16, F32, BF16, I32, block_rows, can_repeat, elementwise_strides,
+from ..checks import (F16, F32, BF16, I32, block_rows, can_repeat, elementwise_strides, fail,
                       is_contiguous, no_src_beyond, require, src, type_in)
 from ..ops import Op
 from ..registry import validates
@@ -39,9 +39,11 @@ def check_repeat(node: Node) -> None:
     F16, BF16, I16 with packed rows (ggml-cpu asserts nb[0]): raise GraphInvalid unless ggml
     would accept the node."""
     a = _unary(node, REPEAT_TYPES)
-    require(can_repeat(a, node), node, f"src0 {list(a.ne)} does not tile dst {list(node.ne)}")
+    if not can_repeat(a, node):
+        fail(node, f"src0 {list(a.ne)} does not tile dst {list(node.ne)}")
     for t, what in ((a, "src0"), (node, "dst")):
-        require(t.nb[0] == t.traits.type_size, node, f"{what} rows must be packed (nb[0])")
+        if t.nb[0] != t.traits.type_size:
+            fail(node, f"{what} rows must be packed (nb[0])")
 
 
 @validates(Op.REPEAT_BACK)
@@ -49,9 +51,11 @@ def check_repeat_back(node: Node) -> None:
     """REPEAT_BACK (ggml_repeat_back): dst is src0 summed over its tiles of dst's shape; F32
     with packed rows: raise GraphInvalid unless ggml would accept the node."""
     a = _unary(node, {F32})
-    require(can_repeat(node, a), node, f"dst {list(node.ne)} does not tile src0 {list(a.ne)}")
+    if not can_repeat(node, a):
+        fail(node, f"dst {list(node.ne)} does not tile src0 {list(a.ne)}")
     for t, what in ((a, "src0"), (node, "dst")):
-        require(t.nb[0] == 4, node, f"{what} rows must be packed (nb[0])")
+        if t.nb[0] != 4:
+            fail(node, f"{what} rows must be packed (nb[0])")
 
 
 @validates(Op.CONCAT)
@@ -62,13 +66,15 @@ def check_concat(node: Node) -> None:
     a, b = src(node, 0), src(node, 1)
     no_src_beyond(node, 2)
     dim = node.param_i32(0)
-    require(0 <= dim < 4, node, f"dimension {dim} is not 0..3")
+    if not (0 <= dim < 4):
+        fail(node, f"dimension {dim} is not 0..3")
     require(a.type == b.type == node.type, node, "src0, src1 and dst must share one type")
     for d in range(4):
         want = a.ne[d] + b.ne[d] if d == dim else a.ne[d]
-        require(d == dim or a.ne[d] == b.ne[d], node,
-                f"src0 {list(a.ne)} and src1 {list(b.ne)} differ outside dimension {dim}")
-        require(node.ne[d] == want, node, f"dst ne[{d}] must be {want}")
+        if not (d == dim or a.ne[d] == b.ne[d]):
+            fail(node, f"src0 {list(a.ne)} and src1 {list(b.ne)} differ outside dimension {dim}")
+        if node.ne[d] != want:
+            fail(node, f"dst ne[{d}] must be {want}")
     check = elementwise_strides if a.type in PLAIN else block_rows
     for t, what in ((a, "src0"), (b, "src1"), (node, "dst")):
         check(t, node, what)
@@ -89,11 +95,13 @@ def check_pad(node: Node) -> None:
     circular = node.param_i32(8) != 0
     for d in range(4):
         lp, rp = p[2 * d], p[2 * d + 1]
-        require(lp >= 0 and rp >= 0, node, f"negative padding in dimension {d}")
-        require(node.ne[d] == a.ne[d] + lp + rp, node, f"dst ne[{d}] must be {a.ne[d] + lp + rp}")
-        if circular:   # ggml-cpu wraps one period back: more would read before the source
-            require(a.ne[d] > 0 and lp <= a.ne[d], node,
-                    f"circular padding {lp} exceeds the source's {a.ne[d]} in dimension {d}")
+        if not (lp >= 0 and rp >= 0):
+            fail(node, f"negative padding in dimension {d}")
+        if node.ne[d] != a.ne[d] + lp + rp:
+            fail(node, f"dst ne[{d}] must be {a.ne[d] + lp + rp}")
+        # circular: ggml-cpu wraps one period back, more would read before the source
+        if circular and not (a.ne[d] > 0 and lp <= a.ne[d]):
+            fail(node, f"circular padding {lp} exceeds the source's {a.ne[d]} in dimension {d}")
 
 
 @validates(Op.PAD_REFLECT_1D)
@@ -103,11 +111,12 @@ def check_pad_reflect_1d(node: Node) -> None:
     row; F32, contiguous src0: raise GraphInvalid unless ggml would accept the node."""
     a = _unary(node, {F32})
     p0, p1 = node.param_i32(0), node.param_i32(1)
-    require(0 <= p0 < a.ne[0] and 0 <= p1 < a.ne[0], node,
-            f"padding ({p0}, {p1}) must be non-negative and shorter than the row ({a.ne[0]})")
+    if not (0 <= p0 < a.ne[0] and 0 <= p1 < a.ne[0]):
+        fail(node, f"padding ({p0}, {p1}) must be non-negative and shorter than the row ({a.ne[0]})")
     require(is_contiguous(a), node, "src0 must be contiguous")
     expect = (a.ne[0] + p0 + p1, *a.ne[1:])
-    require(node.ne == expect, node, f"dst shape must be {list(expect)}")
+    if node.ne != expect:
+        fail(node, f"dst shape must be {list(expect)}")
 
 
 @validates(Op.ROLL)
@@ -120,7 +129,8 @@ def check_roll(node: Node) -> None:
     require(a.nb[0] == 4 and node.nb[0] == 4, node, "rows must be packed (nb[0])")
     for d in range(4):
         s = node.param_i32(d)
-        require(abs(s) < a.ne[d], node, f"shift {s} is not shorter than ne[{d}]={a.ne[d]}")
+        if not (abs(s) < a.ne[d]):
+            fail(node, f"shift {s} is not shorter than ne[{d}]={a.ne[d]}")
 
 
 @validates(Op.UPSCALE)
@@ -132,8 +142,8 @@ def check_upscale(node: Node) -> None:
     a = _unary(node, {F32})
     flags = node.param_i32(0)
     mode = flags & 0xFF
-    require(mode in (SCALE_NEAREST, SCALE_BILINEAR, SCALE_BICUBIC), node,
-            f"unknown scale mode {mode}")
+    if mode not in (SCALE_NEAREST, SCALE_BILINEAR, SCALE_BICUBIC):
+        fail(node, f"unknown scale mode {mode}")
     require(not flags & SCALE_ANTIALIAS or mode == SCALE_BILINEAR, node,
             "antialias is only defined for bilinear scaling")
     require(node.nelements == 0 or a.nelements > 0, node, "an empty source cannot be scaled up")
@@ -153,11 +163,13 @@ def check_win_part(node: Node) -> None:
     a = _unary(node, {F32})
     npx, npy, w = (node.param_i32(i) for i in range(3))
     require(a.ne[3] == 1, node, "src0 must be 3-D")
-    require(w > 0, node, f"window size {w} must be positive")
-    require((npx, npy) == window_counts(w, a.ne[1], a.ne[2]), node,
-            f"window counts ({npx}, {npy}) do not match the image and w={w}")
+    if not (w > 0):
+        fail(node, f"window size {w} must be positive")
+    if (npx, npy) != window_counts(w, a.ne[1], a.ne[2]):
+        fail(node, f"window counts ({npx}, {npy}) do not match the image and w={w}")
     expect = (a.ne[0], w, w, npx * npy)
-    require(node.ne == expect, node, f"dst shape must be {list(expect)}")
+    if node.ne != expect:
+        fail(node, f"dst shape must be {list(expect)}")
     require(is_contiguous(a) and is_contiguous(node), node, "src0 and dst must be contiguous")
 
 
@@ -168,11 +180,13 @@ def check_win_unpart(node: Node) -> None:
     raise GraphInvalid unless ggml would accept the node."""
     a = _unary(node, {F32})
     w = node.param_i32(0)
-    require(w > 0, node, f"window size {w} must be positive")
+    if not (w > 0):
+        fail(node, f"window size {w} must be positive")
     require(node.ne[3] == 1, node, "dst must be 3-D")
     npx, npy = window_counts(w, node.ne[1], node.ne[2])
     expect = (node.ne[0], w, w, npx * npy)
-    require(a.ne == expect, node, f"src0 shape must be {list(expect)} for this dst")
+    if a.ne != expect:
+        fail(node, f"src0 shape must be {list(expect)} for this dst")
     require(is_contiguous(a) and is_contiguous(node), node, "src0 and dst must be contiguous")
 
 
@@ -186,7 +200,8 @@ def check_get_rel_pos(node: Node) -> None:
     n = node.ne[1]
     require(node.ne[2] == n and node.ne[3] == 1, node, "dst must be (C, n, n)")
     expect = (node.ne[0], 2 * n - 1, 1, 1)
-    require(a.ne == expect, node, f"src0 must be {list(expect)}")
+    if a.ne != expect:
+        fail(node, f"src0 must be {list(expect)}")
     require(is_contiguous(a) and is_contiguous(node), node, "src0 and dst must be contiguous")
 
 
@@ -200,7 +215,8 @@ def check_add_rel_pos(node: Node) -> None:
     no_src_beyond(node, 3)
     for t, what in ((node, "dst"), (a, "src0"), (pw, "src1"), (ph, "src2")):
         type_in(t, {F32}, node, what)
-        require(is_contiguous(t), node, f"{what} must be contiguous")
+        if not is_contiguous(t):
+            fail(node, f"{what} must be contiguous")
     require(pw.ne == ph.ne, node, "src1 and src2 must have one shape")
     require(a.ne[3] == 1 and pw.ne[3] == a.ne[2], node, "src0 must be 3-D, with src1's ne[3] blocks")
     require(pw.ne[0] * pw.ne[0] == a.ne[0] and pw.ne[1] * pw.ne[2] == a.ne[1], node,

@@ -10,6 +10,7 @@ from ..checks import (
     I32,
     block_rows,
     elementwise_strides,
+    fail,
     no_src_beyond,
     require,
     src,
@@ -33,19 +34,21 @@ def check_mat_mul(node: Node) -> None:
     type_in(a, WEIGHT_TYPES, node, "src0")
     type_in(b, {F32, F16, BF16, VEC_DOT_TYPE[a.type]}, node, "src1")
     require(node.type == F32, node, "dst must be f32")
-    require(a.ne[0] == b.ne[0], node, f"src0 and src1 rows differ in length "
-                                      f"({a.ne[0]} and {b.ne[0]})")
+    if a.ne[0] != b.ne[0]:
+        fail(node, f"src0 and src1 rows differ in length "
+                   f"({a.ne[0]} and {b.ne[0]})")
     require(a.ne[2] > 0 and a.ne[3] > 0, node, "src0 has an empty batch dimension")
-    require(b.ne[2] % a.ne[2] == 0 and b.ne[3] % a.ne[3] == 0, node,
-            f"src0 batches {list(a.ne[2:])} do not divide src1 batches {list(b.ne[2:])}")
+    if not (b.ne[2] % a.ne[2] == 0 and b.ne[3] % a.ne[3] == 0):
+        fail(node, f"src0 batches {list(a.ne[2:])} do not divide src1 batches {list(b.ne[2:])}")
     expect = (a.ne[1], b.ne[1], b.ne[2], b.ne[3])
-    require(node.ne == expect, node, f"dst shape must be {list(expect)}")
+    if node.ne != expect:
+        fail(node, f"dst shape must be {list(expect)}")
     block_rows(a, node, "src0")
     require(a.nb[0] <= a.nb[1], node, "src0 is transposed (nb[0] > nb[1])")
     block_rows(b, node, "src1")
     elementwise_strides(node, node, "dst")
-    require(node.nelements == 0 or node.nb[0] == 4 <= node.nb[1] <= node.nb[2] <= node.nb[3],
-            node, f"dst must not be transposed or permuted (nb={list(node.nb)})")
+    if not (node.nelements == 0 or node.nb[0] == 4 <= node.nb[1] <= node.nb[2] <= node.nb[3]):
+        fail(node, f"dst must not be transposed or permuted (nb={list(node.nb)})")
 
 
 @validates(Op.MUL_MAT_ID)
@@ -63,17 +66,20 @@ def check_mat_mul_id(node: Node) -> None:
     require(node.type == F32, node, "dst must be f32")
     require(a.ne[3] == 1 and b.ne[3] == 1, node, "src0 and src1 must be 3-D")
     require(ids.ne[2] == 1 and ids.ne[3] == 1, node, "ids must be 2-D")
-    require(ids.ne[1] == b.ne[2], node, f"ids has {ids.ne[1]} token columns, src1 {b.ne[2]}")
-    require(a.ne[0] == b.ne[0], node, f"src0 and src1 rows differ in length ({a.ne[0]} and "
-                                      f"{b.ne[0]})")
-    require(b.ne[1] > 0 and ids.ne[0] % b.ne[1] == 0, node,
-            f"src1 ne[1]={b.ne[1]} does not divide the ids per token {ids.ne[0]}")
+    if ids.ne[1] != b.ne[2]:
+        fail(node, f"ids has {ids.ne[1]} token columns, src1 {b.ne[2]}")
+    if a.ne[0] != b.ne[0]:
+        fail(node, f"src0 and src1 rows differ in length ({a.ne[0]} and "
+                   f"{b.ne[0]})")
+    if not (b.ne[1] > 0 and ids.ne[0] % b.ne[1] == 0):
+        fail(node, f"src1 ne[1]={b.ne[1]} does not divide the ids per token {ids.ne[0]}")
     expect = (a.ne[1], ids.ne[0], b.ne[2], 1)
-    require(node.ne == expect, node, f"dst shape must be {list(expect)}")
+    if node.ne != expect:
+        fail(node, f"dst shape must be {list(expect)}")
     block_rows(a, node, "src0")
     require(a.nb[0] <= a.nb[1], node, "src0 is transposed (nb[0] > nb[1])")
     block_rows(b, node, "src1")
     elementwise_strides(ids, node, "ids")
     elementwise_strides(node, node, "dst")
-    require(node.nelements == 0 or node.nb[0] == 4 <= node.nb[1] <= node.nb[2] <= node.nb[3],
-            node, f"dst must not be transposed or permuted (nb={list(node.nb)})")
+    if not (node.nelements == 0 or node.nb[0] == 4 <= node.nb[1] <= node.nb[2] <= node.nb[3]):
+        fail(node, f"dst must not be transposed or permuted (nb={list(node.nb)})")

@@ -6,7 +6,7 @@ import math
 
 from ...protocol.ggml_types import GgmlType
 from ..build import Node
-from ..checks import only_source, require, same_shape
+from ..checks import fail, only_source, require, same_shape
 from ..ops import Op
 from ..registry import validates
 
@@ -18,7 +18,8 @@ def check_norm_ops(node: Node) -> None:
     a = only_source(node, {GgmlType.F32})
     same_shape(node, a, node, "dst and src0")
     eps = node.param_f32(0)
-    require(eps >= 0.0 and math.isfinite(eps), node, f"eps must be finite and >= 0, got {eps}")
+    if not (eps >= 0.0 and math.isfinite(eps)):
+        fail(node, f"eps must be finite and >= 0, got {eps}")
     require(a.ne[0] > 0, node, "rows must not be empty")
 
 
@@ -30,7 +31,8 @@ def check_l2_norm(node: Node) -> None:
     a = only_source(node, {GgmlType.F32})
     same_shape(node, a, node, "dst and src0")
     eps = node.param_f32(0)
-    require(eps >= 0.0, node, f"eps must be >= 0, got {eps}")
+    if not (eps >= 0.0):
+        fail(node, f"eps must be >= 0, got {eps}")
 
 
 @validates(Op.GROUP_NORM)
@@ -41,7 +43,9 @@ def check_group_norm(node: Node) -> None:
     raise GraphInvalid unless ggml would accept the node."""
     a = only_source(node, {GgmlType.F32})
     for t, what in ((node, "dst"), (a, "src0")):
-        require(t.nb[0] == 4, node, f"{what} rows must be packed")
+        if t.nb[0] != 4:
+            fail(node, f"{what} rows must be packed")
     same_shape(node, a, node, "dst and src0")
     groups = node.param_i32(0)
-    require(groups >= 1, node, f"the number of groups must be >= 1, got {groups}")
+    if not (groups >= 1):
+        fail(node, f"the number of groups must be >= 1, got {groups}")

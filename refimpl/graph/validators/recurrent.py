@@ -12,7 +12,7 @@ before it runs.
 from __future__ import annotations
 
 from ..build import Node
-from ..checks import (BF16, F16, F32, I32, block_rows, elementwise_strides, is_contiguous,
+from ..checks import (BF16, F16, F32, I32, block_rows, elementwise_strides, fail, is_contiguous,
                       no_src_beyond, require, src, type_in)
 from ..ops import Op
 from ..registry import validates
@@ -27,13 +27,15 @@ def _f32(node: Node, *tensors: tuple[Node, str]) -> None:
 
 
 def _contiguous(node: Node, t: Node, what: str) -> None:
-    require(is_contiguous(t), node, f"{what} '{t.name}' must be contiguous")
+    if not is_contiguous(t):
+        fail(node, f"{what} '{t.name}' must be contiguous")
 
 
 def _dst(node: Node, ne: tuple) -> None:
     """dst: contiguous F32 of shape ``ne``."""
     _f32(node, (node, "dst"))
-    require(node.ne == ne, node, f"dst shape must be {list(ne)}")
+    if node.ne != ne:
+        fail(node, f"dst shape must be {list(ne)}")
     _contiguous(node, node, "dst")
 
 
@@ -49,13 +51,15 @@ def check_ssm_conv(node: Node) -> None:
     require(c.ne[2] == 1 and c.ne[3] == 1, node, "src1 must be a matrix")
     d_conv, d_inner = c.ne[0], c.ne[1]
     n_t = sx.ne[0] - d_conv + 1
-    require(n_t >= 0, node, f"src0 rows of {sx.ne[0]} are shorter than d_conv - 1 = {d_conv - 1}")
-    require(sx.ne[1] == d_inner, node, f"src0 ne[1] must equal src1's d_inner {d_inner}")
+    if not (n_t >= 0):
+        fail(node, f"src0 rows of {sx.ne[0]} are shorter than d_conv - 1 = {d_conv - 1}")
+    if sx.ne[1] != d_inner:
+        fail(node, f"src0 ne[1] must equal src1's d_inner {d_inner}")
     require(sx.nb[0] == 4 and sx.nb[1] == 4 * sx.ne[0], node, "src0 rows must be packed")
     require(c.nb[0] == 4, node, "src1 rows must be packed")
     _f32(node, (node, "dst"))
-    require(node.ne == (d_inner, n_t, sx.ne[2], 1), node,
-            f"dst shape must be {[d_inner, n_t, sx.ne[2], 1]}")
+    if node.ne != (d_inner, n_t, sx.ne[2], 1):
+        fail(node, f"dst shape must be {[d_inner, n_t, sx.ne[2], 1]}")
 
 
 @validates(Op.SSM_SCAN)
@@ -74,25 +78,30 @@ def check_ssm_scan(node: Node) -> None:
     type_in(ids, {I32}, node, "src6")
     elementwise_strides(ids, node, "src6")
     k = node.param_i32(0)
-    require(k >= 1, node, f"K (op_params[0]) must be at least 1, not {k}")
+    if not (k >= 1):
+        fail(node, f"K (op_params[0]) must be at least 1, not {k}")
     for t, what in ((s, "src0"), (dt, "src2"), (a, "src3")):
         _contiguous(node, t, what)
     for t, what in ((x, "src1"), (b, "src4"), (c, "src5")):
-        require(t.nb[0] == 4 and t.nb[1] == 4 * t.ne[0], node, f"{what} rows must be packed")
+        if not (t.nb[0] == 4 and t.nb[1] == 4 * t.ne[0]):
+            fail(node, f"{what} rows must be packed")
     require(b.ne == c.ne, node, "B and C must have the same shape")
     d_state, head_dim, n_head, n_t, n_s = s.ne[0], x.ne[0], x.ne[1], x.ne[2], x.ne[3]
-    require(dt.ne == (n_head, n_t, n_s, 1), node, f"dt shape must be {[n_head, n_t, n_s, 1]}")
+    if dt.ne != (n_head, n_t, n_s, 1):
+        fail(node, f"dt shape must be {[n_head, n_t, n_s, 1]}")
     require(s.ne[1] == head_dim and s.ne[2] == n_head, node,
             "s must be (d_state, head_dim, n_head, slots) of x's head_dim and n_head")
     n_group = b.ne[1]
-    require(b.ne[0] == d_state and b.ne[2] == n_t and b.ne[3] == n_s, node,
-            f"B and C must be (d_state, n_group, n_t, n_s) = {[d_state, n_group, n_t, n_s]}")
-    require(n_group >= 1 and n_head % n_group == 0, node,
-            f"n_head {n_head} must be a multiple of n_group {n_group}")
-    require(ids.ne == (n_s, 1, 1, 1), node, f"ids must be a vector of {n_s} sequence ids")
-    require(a.ne[1] == n_head and a.ne[2] == 1 and a.ne[3] == 1, node,
-            f"A must be (d_state or 1, {n_head})")
-    require(a.ne[0] in (1, d_state), node, f"A ne[0] must be 1 or d_state {d_state}")
+    if not (b.ne[0] == d_state and b.ne[2] == n_t and b.ne[3] == n_s):
+        fail(node, f"B and C must be (d_state, n_group, n_t, n_s) = {[d_state, n_group, n_t, n_s]}")
+    if not (n_group >= 1 and n_head % n_group == 0):
+        fail(node, f"n_head {n_head} must be a multiple of n_group {n_group}")
+    if ids.ne != (n_s, 1, 1, 1):
+        fail(node, f"ids must be a vector of {n_s} sequence ids")
+    if not (a.ne[1] == n_head and a.ne[2] == 1 and a.ne[3] == 1):
+        fail(node, f"A must be (d_state or 1, {n_head})")
+    if a.ne[0] not in (1, d_state):
+        fail(node, f"A ne[0] must be 1 or d_state {d_state}")
     require(a.ne[0] == 1 or k == 1, node, "per-state decay (Mamba-1 A) needs K == 1")
     _dst(node, (x.nelements + k * d_state * head_dim * n_head * n_s, 1, 1, 1))
 
@@ -114,14 +123,15 @@ def _linear_attention(node: Node, n_src: int, state_slot: int, names: str) -> No
         if i == state_slot:
             continue
         if node.op == Op.RWKV_WKV6 and i == 3:     # time_faaaa: one (S, H) for every token
-            require(t.nelements == size * heads, node, f"src3 must hold S·H = {size * heads} values")
+            if t.nelements != size * heads:
+                fail(node, f"src3 must hold S·H = {size * heads} values")
             continue
-        require(t.ne[:3] == (size, heads, n_tokens) and t.ne[3] == 1, node,
-                f"src{i} must be (S, H, n_tokens) = {[size, heads, n_tokens]}")
-    require(state.nelements == size * size * heads * n_seqs, node,
-            f"state must hold S·S·H·n_seqs = {size * size * heads * n_seqs} values")
-    require(n_seqs >= 1 and n_tokens % n_seqs == 0, node,
-            f"{n_tokens} tokens do not split evenly into {n_seqs} sequences")
+        if not (t.ne[:3] == (size, heads, n_tokens) and t.ne[3] == 1):
+            fail(node, f"src{i} must be (S, H, n_tokens) = {[size, heads, n_tokens]}")
+    if state.nelements != size * size * heads * n_seqs:
+        fail(node, f"state must hold S·S·H·n_seqs = {size * size * heads * n_seqs} values")
+    if not (n_seqs >= 1 and n_tokens % n_seqs == 0):
+        fail(node, f"{n_tokens} tokens do not split evenly into {n_seqs} sequences")
     _dst(node, (size * heads, n_tokens + size * n_seqs, 1, 1))
 
 
@@ -159,7 +169,8 @@ def check_solve_tri(node: Node) -> None:
     require(a.ne[0] == a.ne[1], node, "A must be square")
     require(a.ne[1] == b.ne[1], node, "B must have as many rows as A")
     require(a.ne[2:] == b.ne[2:], node, "A and B must have the same batch dimensions")
-    require(node.ne == b.ne, node, f"dst shape must be {list(b.ne)}")
+    if node.ne != b.ne:
+        fail(node, f"dst shape must be {list(b.ne)}")
 
 
 @validates(Op.GATED_DELTA_NET)
@@ -176,22 +187,26 @@ def check_gated_delta_net(node: Node) -> None:
          (state, "src5"))
     s_v, heads, n_t, n_s = v.ne
     for t, what in ((q, "src0"), (k, "src1"), (v, "src2")):
-        require(t.nb[0] == 4 or t.ne[0] == 1, node, f"{what} rows must be packed")
+        if not (t.nb[0] == 4 or t.ne[0] == 1):
+            fail(node, f"{what} rows must be packed")
     for t, what in ((q, "src0"), (k, "src1")):
-        require(t.ne[0] == s_v and t.ne[2] == n_t, node,
-                f"{what} must be (S_v, heads, n_t, seqs) with S_v={s_v}, n_t={n_t}")
-        require(t.ne[1] >= 1 or heads == 0, node, f"{what} has no heads")
-        require(t.ne[3] >= 1 and n_s % t.ne[3] == 0, node,
-                f"{what} sequences ({t.ne[3]}) must divide v's {n_s}")
+        if not (t.ne[0] == s_v and t.ne[2] == n_t):
+            fail(node, f"{what} must be (S_v, heads, n_t, seqs) with S_v={s_v}, n_t={n_t}")
+        if not (t.ne[1] >= 1 or heads == 0):
+            fail(node, f"{what} has no heads")
+        if not (t.ne[3] >= 1 and n_s % t.ne[3] == 0):
+            fail(node, f"{what} sequences ({t.ne[3]}) must divide v's {n_s}")
     for t, what in ((g, "src3"), (beta, "src4"), (state, "src5")):
         _contiguous(node, t, what)
-    require(g.ne[0] in (1, s_v) and g.ne[1:] == (heads, n_t, n_s), node,
-            f"g must be (1 or S_v, {heads}, {n_t}, {n_s})")
-    require(beta.ne == (1, heads, n_t, n_s), node, f"beta must be (1, {heads}, {n_t}, {n_s})")
-    require(state.ne == (s_v, s_v, heads, n_s), node,
-            f"state must be (S_v, S_v, H, n_seqs) = {[s_v, s_v, heads, n_s]}")
+    if not (g.ne[0] in (1, s_v) and g.ne[1:] == (heads, n_t, n_s)):
+        fail(node, f"g must be (1 or S_v, {heads}, {n_t}, {n_s})")
+    if beta.ne != (1, heads, n_t, n_s):
+        fail(node, f"beta must be (1, {heads}, {n_t}, {n_s})")
+    if state.ne != (s_v, s_v, heads, n_s):
+        fail(node, f"state must be (S_v, S_v, H, n_seqs) = {[s_v, s_v, heads, n_s]}")
     kk = node.param_i32(0)
-    require(kk >= 1, node, f"K (op_params[0]) must be at least 1, not {kk}")
+    if not (kk >= 1):
+        fail(node, f"K (op_params[0]) must be at least 1, not {kk}")
     _dst(node, (s_v * heads, n_t * n_s + kk * s_v * n_s, 1, 1))
 
 
@@ -215,18 +230,20 @@ def check_lightning_indexer(node: Node) -> None:
     type_in(m, {F16}, node, "src3")
     elementwise_strides(m, node, "src3")
     for t, what in ((q, "src0"), (w, "src2"), (m, "src3"), (node, "dst")):
-        require(t.nb[0] == t.traits.type_size, node, f"{what} rows must be packed")
+        if t.nb[0] != t.traits.type_size:
+            fail(node, f"{what} rows must be packed")
     d, n_head, n_tok, n_stream = q.ne
-    require(k.ne[0] == d and k.ne[1] == 1 and k.ne[3] == n_stream, node,
-            f"k must be ({d}, 1, n_kv, {n_stream})")
+    if not (k.ne[0] == d and k.ne[1] == 1 and k.ne[3] == n_stream):
+        fail(node, f"k must be ({d}, 1, n_kv, {n_stream})")
     n_kv = k.ne[2]
-    require(w.ne == (n_head, n_tok, 1, n_stream), node,
-            f"weights must be {[n_head, n_tok, 1, n_stream]}")
-    require(m.ne[:3] == (n_kv, n_tok, 1), node, f"mask must be ({n_kv}, {n_tok}, 1, n_mask)")
-    require(m.ne[3] >= 1 and n_stream % m.ne[3] == 0, node,
-            f"mask ne[3] {m.ne[3]} must divide the {n_stream} streams")
-    require(node.ne == (n_kv, n_tok, 1, n_stream), node,
-            f"dst shape must be {[n_kv, n_tok, 1, n_stream]}")
+    if w.ne != (n_head, n_tok, 1, n_stream):
+        fail(node, f"weights must be {[n_head, n_tok, 1, n_stream]}")
+    if m.ne[:3] != (n_kv, n_tok, 1):
+        fail(node, f"mask must be ({n_kv}, {n_tok}, 1, n_mask)")
+    if not (m.ne[3] >= 1 and n_stream % m.ne[3] == 0):
+        fail(node, f"mask ne[3] {m.ne[3]} must divide the {n_stream} streams")
+    if node.ne != (n_kv, n_tok, 1, n_stream):
+        fail(node, f"dst shape must be {[n_kv, n_tok, 1, n_stream]}")
 
 
 #: DeepSeek V4's hyper-connections have 4 streams (ggml asserts it).
@@ -246,13 +263,16 @@ def check_dsv4_hc_comb(node: Node) -> None:
     no_src_beyond(node, 3)
     _f32(node, (mixes, "src0"), (scale, "src1"), (base, "src2"), (node, "dst"))
     mix = (2 + HC) * HC
-    require(mixes.ne[0] == mix and mixes.ne[2:] == (1, 1), node, f"mixes must be ({mix}, n_tokens)")
+    if not (mixes.ne[0] == mix and mixes.ne[2:] == (1, 1)):
+        fail(node, f"mixes must be ({mix}, n_tokens)")
     require(scale.ne[0] >= 3 and scale.ne[1:] == (1, 1, 1), node, "scale must be a vector of ≥ 3")
-    require(base.ne == (mix, 1, 1, 1), node, f"base must be a vector of {mix}")
+    if base.ne != (mix, 1, 1, 1):
+        fail(node, f"base must be a vector of {mix}")
     n_iter = node.param_i32(1)
-    require(1 <= n_iter <= MAX_HC_ITERATIONS, node,
-            f"n_iter (op_params[1]) {n_iter} is outside [1, {MAX_HC_ITERATIONS}]")
-    require(node.ne == (HC, HC, mixes.ne[1], 1), node, f"dst shape must be {[HC, HC, mixes.ne[1], 1]}")
+    if not (1 <= n_iter <= MAX_HC_ITERATIONS):
+        fail(node, f"n_iter (op_params[1]) {n_iter} is outside [1, {MAX_HC_ITERATIONS}]")
+    if node.ne != (HC, HC, mixes.ne[1], 1):
+        fail(node, f"dst shape must be {[HC, HC, mixes.ne[1], 1]}")
 
 
 @validates(Op.DSV4_HC_PRE)
@@ -267,8 +287,10 @@ def check_dsv4_hc_pre(node: Node) -> None:
     n_embd, hc, n_tok = x.ne[:3]
     require(hc > 0 and x.ne[3] == 1, node, "x must be (n_embd, hc > 0, n_tokens)")
     want = (n_embd, hc, n_tok, 1) if node.param_i32(1) else (hc, n_tok, 1, 1)
-    require(w.ne == want, node, f"src1 must be {list(want)}")
-    require(node.ne == (n_embd, n_tok, 1, 1), node, f"dst shape must be {[n_embd, n_tok, 1, 1]}")
+    if w.ne != want:
+        fail(node, f"src1 must be {list(want)}")
+    if node.ne != (n_embd, n_tok, 1, 1):
+        fail(node, f"dst shape must be {[n_embd, n_tok, 1, 1]}")
 
 
 @validates(Op.DSV4_HC_POST)
@@ -283,10 +305,13 @@ def check_dsv4_hc_post(node: Node) -> None:
     n_embd, n_tok = x.ne[0], x.ne[1]
     hc = res.ne[1]
     require(x.ne[2:] == (1, 1), node, "x must be (n_embd, n_tokens)")
-    require(hc > 0 and res.ne == (n_embd, hc, n_tok, 1), node,
-            f"residual must be ({n_embd}, hc > 0, {n_tok})")
-    require(post.ne == (hc, n_tok, 1, 1), node, f"post must be {[hc, n_tok, 1, 1]}")
+    if not (hc > 0 and res.ne == (n_embd, hc, n_tok, 1)):
+        fail(node, f"residual must be ({n_embd}, hc > 0, {n_tok})")
+    if post.ne != (hc, n_tok, 1, 1):
+        fail(node, f"post must be {[hc, n_tok, 1, 1]}")
     if comb is not None:
         _f32(node, (comb, "src3"))
-        require(comb.ne == (hc, hc, n_tok, 1), node, f"comb must be {[hc, hc, n_tok, 1]}")
-    require(node.ne == (n_embd, hc, n_tok, 1), node, f"dst shape must be {[n_embd, hc, n_tok, 1]}")
+        if comb.ne != (hc, hc, n_tok, 1):
+            fail(node, f"comb must be {[hc, hc, n_tok, 1]}")
+    if node.ne != (n_embd, hc, n_tok, 1):
+        fail(node, f"dst shape must be {[n_embd, hc, n_tok, 1]}")

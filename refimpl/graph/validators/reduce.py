@@ -4,8 +4,8 @@ ARGMAX, COUNT_EQUAL (validation, any device)."""
 from __future__ import annotations
 
 from ..build import Node
-from ..checks import (F32, FLOAT_TYPES, I32, I64, elementwise_strides, no_src_beyond, only_source,
-                      require, src, type_in)
+from ..checks import (F32, FLOAT_TYPES, I32, I64, elementwise_strides, fail, no_src_beyond,
+                      only_source, require, src, type_in)
 from ..ops import Op
 from ..registry import validates
 
@@ -17,14 +17,16 @@ def check_sum_rows(node: Node) -> None:
     node."""
     a = only_source(node, {F32})
     expect = (1, *a.ne[1:])
-    require(node.ne == expect, node, f"dst shape must be {list(expect)}")
+    if node.ne != expect:
+        fail(node, f"dst shape must be {list(expect)}")
 
 
 def _packed_rows(t: Node, node: Node, what: str) -> None:
     """ggml-cpu's kernels read each row as packed elements from its first (``nb[0]`` is not
     used), so a row must be packed to mean what it says."""
-    require(t.nb[0] == t.traits.type_size, node, f"{what} rows must be packed "
-                                                 f"(nb[0] = {t.traits.type_size})")
+    if t.nb[0] != t.traits.type_size:
+        fail(node, f"{what} rows must be packed "
+                   f"(nb[0] = {t.traits.type_size})")
 
 
 def _rows_read_packed(t: Node, node: Node, what: str) -> None:
@@ -32,8 +34,8 @@ def _rows_read_packed(t: Node, node: Node, what: str) -> None:
     as ggml-cpu does whatever ``nb[0]`` says (spec/ops/elementwise.md).  With ``nb[0]`` at
     least the element size those reads stay inside the tensor's own bytes (the last row's
     read ends at or before its last element's end)."""
-    require(t.ne[0] <= 1 or t.nb[0] >= t.traits.type_size, node,
-            f"{what} nb[0] = {t.nb[0]} is below the element size {t.traits.type_size}")
+    if not (t.ne[0] <= 1 or t.nb[0] >= t.traits.type_size):
+        fail(node, f"{what} nb[0] = {t.nb[0]} is below the element size {t.traits.type_size}")
 
 
 @validates(Op.SUM)
@@ -58,7 +60,8 @@ def check_mean(node: Node) -> None:
     a = only_source(node, {F32})
     _rows_read_packed(a, node, "src0")
     expect = (1, *a.ne[1:])
-    require(node.ne == expect, node, f"dst shape must be {list(expect)}")
+    if node.ne != expect:
+        fail(node, f"dst shape must be {list(expect)}")
 
 
 @validates(Op.CUMSUM)
@@ -86,7 +89,8 @@ def check_argmax(node: Node) -> None:
     _rows_read_packed(a, node, "src0")
     require(a.ne[2] == 1 and a.ne[3] == 1, node, "src0 must be a matrix")
     require(a.ne[0] <= 2**31 - 1, node, "rows longer than INT32_MAX")
-    require(node.ne == (a.ne[1], 1, 1, 1), node, f"dst shape must be [{a.ne[1]}, 1, 1, 1]")
+    if node.ne != (a.ne[1], 1, 1, 1):
+        fail(node, f"dst shape must be [{a.ne[1]}, 1, 1, 1]")
 
 
 @validates(Op.COUNT_EQUAL)

@@ -55,34 +55,42 @@ def check_rope(node: Node) -> None:
     same_shape(node, a, node, "dst and src0")
     for t, what in ((node, "dst"), (a, "src0")):
         elementwise_strides(t, node, what)
-        require(t.nb[0] == t.traits.type_size, node, f"{what} rows must be packed (nb[0])")
+        if t.nb[0] != t.traits.type_size:
+            fail(node, f"{what} rows must be packed (nb[0])")
     p = RopeParams(node)
     if p.mode not in MODES:
         fail(node, f"rope mode {p.mode} is not one of {list(MODES)}")
     n0 = a.ne[0]
-    require(n0 % 2 == 0, node, f"ne[0]={n0} must be even")
-    require(p.n_dims > 0 and p.n_dims % 2 == 0, node, f"n_dims={p.n_dims} must be even and positive")
-    require(p.n_offs >= 0 and p.n_offs % 2 == 0, node, f"n_offs={p.n_offs} must be even and >= 0")
-    require(p.n_offs + p.n_dims <= n0, node,
-            f"n_offs + n_dims = {p.n_offs + p.n_dims} exceeds ne[0]={n0}")
+    if n0 % 2 != 0:
+        fail(node, f"ne[0]={n0} must be even")
+    if not (p.n_dims > 0 and p.n_dims % 2 == 0):
+        fail(node, f"n_dims={p.n_dims} must be even and positive")
+    if not (p.n_offs >= 0 and p.n_offs % 2 == 0):
+        fail(node, f"n_offs={p.n_offs} must be even and >= 0")
+    if not (p.n_offs + p.n_dims <= n0):
+        fail(node, f"n_offs + n_dims = {p.n_offs + p.n_dims} exceeds ne[0]={n0}")
     if p.multi:
         secs = p.sections
-        require(all(s >= 0 for s in secs) and sum(secs) > 0, node,
-                f"sections {list(secs)} must be >= 0 with a positive sum")
-        require(sum(secs) <= n0, node, f"sections {list(secs)} exceed ne[0]={n0}")
+        if not (all(s >= 0 for s in secs) and sum(secs) > 0):
+            fail(node, f"sections {list(secs)} must be >= 0 with a positive sum")
+        if not (sum(secs) <= n0):
+            fail(node, f"sections {list(secs)} exceed ne[0]={n0}")
     if p.mode == MODE_VISION:
-        require(p.n_dims * 2 == n0, node, f"vision mode needs n_dims = ne[0]/2 (n_dims={p.n_dims})")
+        if p.n_dims * 2 != n0:
+            fail(node, f"vision mode needs n_dims = ne[0]/2 (n_dims={p.n_dims})")
         require(p.n_offs == 0, node, "vision mode has no offset")
     type_in(pos, {I32}, node, "src1")
     elementwise_strides(pos, node, "src1")
     require(pos.ne[1] == pos.ne[2] == pos.ne[3] == 1, node, "src1 must be a vector")
     need = a.ne[2] * (4 if p.multi else 1)
-    require(pos.ne[0] == need, node, f"src1 holds {pos.ne[0]} positions, {need} needed")
+    if pos.ne[0] != need:
+        fail(node, f"src1 holds {pos.ne[0]} positions, {need} needed")
     ff = node.src[2] if len(node.src) > 2 else None
     if ff is not None:
         ff = src(node, 2, "frequency factors")
         type_in(ff, {F32}, node, "src2")
         elementwise_strides(ff, node, "src2")
         need_ff = n0 // 2 if p.mode == MODE_VISION else p.n_dims // 2
-        require(ff.ne[0] >= need_ff, node, f"src2 holds {ff.ne[0]} frequency factors, "
-                                           f"{need_ff} needed")
+        if not (ff.ne[0] >= need_ff):
+            fail(node, f"src2 holds {ff.ne[0]} frequency factors, "
+                       f"{need_ff} needed")

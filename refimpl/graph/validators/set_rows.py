@@ -36,19 +36,22 @@ def check_set_rows(node: Node) -> None:
     for t, what in ((b, "src0"), (c, "src1")):
         elementwise_strides(t, node, what)
     block_rows(node, node, "dst")            # plain types: element-aligned strides too
-    require(node.ne[0] % node.traits.block_size == 0, node,
-            f"dst rows of {node.ne[0]} values are not whole {node.traits.name} blocks")
+    if node.ne[0] % node.traits.block_size != 0:
+        fail(node, f"dst rows of {node.ne[0]} values are not whole {node.traits.name} blocks")
     require(b.nb[0] == b.traits.type_size, node, "src0 rows must be packed (nb[0])")
-    require(b.ne[0] == node.ne[0], node, f"src0 rows have {b.ne[0]} elements, dst rows {node.ne[0]}")
-    require(b.ne[2] == node.ne[2] and b.ne[3] == node.ne[3], node,
-            f"src0 {list(b.ne)} and dst {list(node.ne)} differ in dimensions 2 and 3")
-    require(c.ne[0] == b.ne[1], node, f"src1 has {c.ne[0]} indices per row group, src0 has "
-                                      f"{b.ne[1]} rows")
-    require(c.ne[1] > 0 and b.ne[2] % c.ne[1] == 0, node,
-            f"src1 ne[1]={c.ne[1]} does not divide src0 ne[2]={b.ne[2]}")
-    require(c.ne[2] > 0 and b.ne[3] % c.ne[2] == 0, node,
-            f"src1 ne[2]={c.ne[2]} does not divide src0 ne[3]={b.ne[3]}")
-    require(c.ne[3] == 1, node, f"src1 ne[3]={c.ne[3]} must be 1")
+    if b.ne[0] != node.ne[0]:
+        fail(node, f"src0 rows have {b.ne[0]} elements, dst rows {node.ne[0]}")
+    if not (b.ne[2] == node.ne[2] and b.ne[3] == node.ne[3]):
+        fail(node, f"src0 {list(b.ne)} and dst {list(node.ne)} differ in dimensions 2 and 3")
+    if c.ne[0] != b.ne[1]:
+        fail(node, f"src1 has {c.ne[0]} indices per row group, src0 has "
+                   f"{b.ne[1]} rows")
+    if not (c.ne[1] > 0 and b.ne[2] % c.ne[1] == 0):
+        fail(node, f"src1 ne[1]={c.ne[1]} does not divide src0 ne[2]={b.ne[2]}")
+    if not (c.ne[2] > 0 and b.ne[3] % c.ne[2] == 0):
+        fail(node, f"src1 ne[2]={c.ne[2]} does not divide src0 ne[3]={b.ne[3]}")
+    if c.ne[3] != 1:
+        fail(node, f"src1 ne[3]={c.ne[3]} must be 1")
     a = node.src[2] if len(node.src) > 2 else None
     if a is not None:
         a = src(node, 2, "destination")

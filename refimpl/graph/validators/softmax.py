@@ -28,7 +28,8 @@ def check_soft_max(node: Node) -> None:
     for t, what in ((node, "dst"), (a, "src0")):
         type_in(t, {F32}, node, what)
         elementwise_strides(t, node, what)
-        require(is_contiguous(t), node, f"{what} must be contiguous")
+        if not is_contiguous(t):
+            fail(node, f"{what} must be contiguous")
     same_shape(node, a, node, "dst and src0")
     mask = node.src[1] if len(node.src) > 1 else None
     if mask is not None:
@@ -36,12 +37,14 @@ def check_soft_max(node: Node) -> None:
         type_in(mask, {F32, F16}, node, "mask")
         elementwise_strides(mask, node, "mask")
         require(is_contiguous(mask), node, "mask must be contiguous")
-        require(mask.ne[0] == a.ne[0], node, f"mask ne[0]={mask.ne[0]} differs from src0 "
-                                             f"ne[0]={a.ne[0]}")
-        require(mask.ne[1] >= a.ne[1], node, f"mask has {mask.ne[1]} rows, src0 needs {a.ne[1]}")
+        if mask.ne[0] != a.ne[0]:
+            fail(node, f"mask ne[0]={mask.ne[0]} differs from src0 "
+                       f"ne[0]={a.ne[0]}")
+        if not (mask.ne[1] >= a.ne[1]):
+            fail(node, f"mask has {mask.ne[1]} rows, src0 needs {a.ne[1]}")
         for d in (2, 3):
-            require(mask.ne[d] > 0 and a.ne[d] % mask.ne[d] == 0, node,
-                    f"mask ne[{d}]={mask.ne[d]} does not divide src0 ne[{d}]={a.ne[d]}")
+            if not (mask.ne[d] > 0 and a.ne[d] % mask.ne[d] == 0):
+                fail(node, f"mask ne[{d}]={mask.ne[d]} does not divide src0 ne[{d}]={a.ne[d]}")
     max_bias = node.param_f32(1)
     if max_bias > 0.0 and mask is None:
         fail(node, "ALiBi (max_bias > 0) needs a mask")
@@ -50,5 +53,6 @@ def check_soft_max(node: Node) -> None:
         sinks = src(node, 2, "sinks")
         type_in(sinks, {F32}, node, "sinks")
         elementwise_strides(sinks, node, "sinks")
-        require(sinks.ne[0] == a.ne[2], node, f"sinks ne[0]={sinks.ne[0]} differs from the "
-                                              f"number of heads {a.ne[2]}")
+        if sinks.ne[0] != a.ne[2]:
+            fail(node, f"sinks ne[0]={sinks.ne[0]} differs from the "
+                       f"number of heads {a.ne[2]}")

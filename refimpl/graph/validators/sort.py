@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 from ..build import Node
-from ..checks import F32, I32, elementwise_strides, no_src_beyond, require, src, type_in
+from ..checks import (
+    F32,
+    I32,
+    elementwise_strides,
+    fail,
+    no_src_beyond,
+    require,
+    src,
+    type_in,
+)
 from ..ops import Op
 from ..registry import validates
 
@@ -28,9 +37,11 @@ def check_argsort(node: Node) -> None:
     (0 ascending, 1 descending); F32 in, I32 out: raise GraphInvalid unless ggml would accept
     the node."""
     a = _f32_to_i32(node)
-    require(node.ne == a.ne, node, f"dst shape {list(node.ne)} must be src0's {list(a.ne)}")
+    if node.ne != a.ne:
+        fail(node, f"dst shape {list(node.ne)} must be src0's {list(a.ne)}")
     order = node.param_i32(0)
-    require(order in (SORT_ASC, SORT_DESC), node, f"unknown sort order {order}")
+    if order not in (SORT_ASC, SORT_DESC):
+        fail(node, f"unknown sort order {order}")
 
 
 @validates(Op.TOP_K)
@@ -38,6 +49,8 @@ def check_top_k(node: Node) -> None:
     """TOP_K (ggml_top_k): the indices of each row's k = dst.ne[0] largest values, in no
     particular order; F32 in, I32 out: raise GraphInvalid unless ggml would accept the node."""
     a = _f32_to_i32(node)
-    require(node.ne[1:] == a.ne[1:], node, f"dst shape {list(node.ne)} must be src0's "
-                                           f"{list(a.ne)} but in ne[0]")
-    require(node.ne[0] <= a.ne[0], node, f"k={node.ne[0]} exceeds the row length {a.ne[0]}")
+    if node.ne[1:] != a.ne[1:]:
+        fail(node, f"dst shape {list(node.ne)} must be src0's "
+                   f"{list(a.ne)} but in ne[0]")
+    if not (node.ne[0] <= a.ne[0]):
+        fail(node, f"k={node.ne[0]} exceeds the row length {a.ne[0]}")

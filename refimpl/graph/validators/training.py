@@ -77,7 +77,8 @@ def check_rms_norm_back(node: Node) -> None:
     same_shape(node, dz, node, "dst and src0")
     same_shape(x, dz, node, "src1 and src0")
     eps = node.param_f32(0)
-    require(eps >= 0.0 and math.isfinite(eps), node, f"eps must be finite and >= 0, got {eps}")
+    if not (eps >= 0.0 and math.isfinite(eps)):
+        fail(node, f"eps must be finite and >= 0, got {eps}")
     require(dz.ne[0] > 0, node, "rows must not be empty")
 
 
@@ -91,17 +92,19 @@ def check_out_prod(node: Node) -> None:
     no_src_beyond(node, 2)
     type_in(a, OUT_PROD_SRC0, node, "src0")
     _all_f32(node, (node, "dst"), (b, "src1"))
-    require(a.ne[1] == b.ne[1], node, f"src0 ne[1]={a.ne[1]} differs from src1 ne[1]={b.ne[1]}")
+    if a.ne[1] != b.ne[1]:
+        fail(node, f"src0 ne[1]={a.ne[1]} differs from src1 ne[1]={b.ne[1]}")
     for d in (2, 3):
-        require(a.ne[d] > 0 and b.ne[d] % a.ne[d] == 0, node,
-                f"src0 ne[{d}]={a.ne[d]} does not divide src1 ne[{d}]={b.ne[d]}")
-        if a.type != F32:
-            require(a.ne[d] == b.ne[d], node, f"a {a.traits.name} src0 does not broadcast "
-                                              f"(ne[{d}] {a.ne[d]} != {b.ne[d]})")
+        if not (a.ne[d] > 0 and b.ne[d] % a.ne[d] == 0):
+            fail(node, f"src0 ne[{d}]={a.ne[d]} does not divide src1 ne[{d}]={b.ne[d]}")
+        if a.type != F32 and a.ne[d] != b.ne[d]:
+            fail(node, f"a {a.traits.name} src0 does not broadcast "
+                       f"(ne[{d}] {a.ne[d]} != {b.ne[d]})")
     require(a.nb[0] <= a.nb[1], node, "src0 must not be transposed")
     block_rows(a, node, "src0")
     expect = (a.ne[0], b.ne[0], b.ne[2], b.ne[3])
-    require(node.ne == expect, node, f"dst shape must be {list(expect)}")
+    if node.ne != expect:
+        fail(node, f"dst shape must be {list(expect)}")
     require(is_contiguous(node), node, "dst must be contiguous (ggml clears it as one block)")
 
 
@@ -119,8 +122,10 @@ def check_get_rows_back(node: Node) -> None:
     require(a.ne[2] == a.ne[3] == 1, node, "src0 must be a matrix")
     require(b.ne[1] == b.ne[2] == b.ne[3] == 1, node, "src1 must be a vector")
     require(node.ne[2] == node.ne[3] == 1, node, "dst must be a matrix")
-    require(node.ne[0] == a.ne[0], node, f"dst ne[0]={node.ne[0]} differs from src0's {a.ne[0]}")
-    require(b.ne[0] <= a.ne[1], node, f"src1 names {b.ne[0]} rows, src0 has {a.ne[1]}")
+    if node.ne[0] != a.ne[0]:
+        fail(node, f"dst ne[0]={node.ne[0]} differs from src0's {a.ne[0]}")
+    if not (b.ne[0] <= a.ne[1]):
+        fail(node, f"src1 names {b.ne[0]} rows, src0 has {a.ne[1]}")
     require(is_contiguous(node), node, "dst must be contiguous (ggml clears it as one block)")
 
 
@@ -133,11 +138,13 @@ def check_soft_max_back(node: Node) -> None:
     no_src_beyond(node, 2)
     _all_f32(node, (node, "dst"), (dy, "src0"), (y, "src1"))
     for t, what in ((node, "dst"), (dy, "src0"), (y, "src1")):
-        require(is_contiguous(t), node, f"{what} must be contiguous")
+        if not is_contiguous(t):
+            fail(node, f"{what} must be contiguous")
     same_shape(node, dy, node, "dst and src0")
     same_shape(y, dy, node, "src1 and src0")
     max_bias = node.param_f32(1)
-    require(max_bias == 0.0, node, f"max_bias must be 0 (ALiBi has no backward), got {max_bias}")
+    if max_bias != 0.0:
+        fail(node, f"max_bias must be 0 (ALiBi has no backward), got {max_bias}")
 
 
 @validates(Op.CROSS_ENTROPY_LOSS)
@@ -165,7 +172,8 @@ def check_cross_entropy_loss_back(node: Node) -> None:
     same_shape(a, b, node, "src1 and src2")
     same_shape(node, a, node, "dst and src1")
     for t, what in ((node, "dst"), (a, "src1"), (b, "src2")):
-        require(is_contiguous(t), node, f"{what} must be contiguous")
+        if not is_contiguous(t):
+            fail(node, f"{what} must be contiguous")
     require(a.ne[0] > 0, node, "rows must not be empty")
 
 
@@ -173,8 +181,9 @@ def _distinct_bytes(t: Node, node: Node, what: str) -> None:
     """A tensor an op writes: its elements occupy distinct bytes (the Results rule of
     spec/graph-ops.md, applied to a source written in place)."""
     payload = t.ne[0] * t.traits.type_size * t.ne[1] * t.ne[2] * t.ne[3]
-    require(payload <= t.nbytes, node, f"{what} '{t.name}' is written in place, but its strides "
-                                       f"{list(t.nb)} fold elements onto the same bytes")
+    if not (payload <= t.nbytes):
+        fail(node, f"{what} '{t.name}' is written in place, but its strides "
+                   f"{list(t.nb)} fold elements onto the same bytes")
 
 
 def _check_opt_step(node: Node, n_state: int, n_params: int) -> None:
@@ -201,9 +210,11 @@ def _check_opt_step(node: Node, n_state: int, n_params: int) -> None:
         for u, other in operands[i + 1:]:
             if overlaps(t, u):
                 fail(node, f"{what} is written in place and must not share bytes with {other}")
-    require(hp.nelements == n_params, node, f"src{2 + n_state} must hold {n_params} values, "
-                                            f"not {hp.nelements}")
-    require(is_contiguous(hp), node, f"src{2 + n_state} must be contiguous")
+    if hp.nelements != n_params:
+        fail(node, f"src{2 + n_state} must hold {n_params} values, "
+                   f"not {hp.nelements}")
+    if not is_contiguous(hp):
+        fail(node, f"src{2 + n_state} must be contiguous")
 
 
 @validates(Op.OPT_STEP_ADAMW)

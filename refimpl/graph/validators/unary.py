@@ -9,6 +9,7 @@ from ..checks import (
     FLOAT_TYPES,
     is_contiguous,
     elementwise_strides,
+    fail,
     no_src_beyond,
     require,
     same_shape,
@@ -34,7 +35,8 @@ def check_unary_ops(node: Node) -> None:
     _float_operands(node, (a, "src0"))
     same_shape(node, a, node, "dst and src0")
     code = node.param_i32(0)
-    require(0 <= code < len(UnaryOp), node, f"unknown unary op {code}")
+    if not (0 <= code < len(UnaryOp)):
+        fail(node, f"unknown unary op {code}")
     if code in OWN_KERNELS:
         require(node.type == a.type, node, "dst must have src0's type")
     else:   # ggml-cpu's one-value-from-one kernels also widen F16/BF16 into F32
@@ -57,7 +59,8 @@ def check_glu_ops(node: Node) -> None:
     _float_operands(node, (a, "src0"))
     require(node.type == a.type, node, "dst must have src0's type")
     code = node.param_i32(0)
-    require(0 <= code < len(GluOp), node, f"unknown GLU op {code}")
+    if not (0 <= code < len(GluOp)):
+        fail(node, f"unknown GLU op {code}")
     if b is not None:
         src(node, 1)
         _float_operands(node, (b, "src1"))
@@ -65,8 +68,8 @@ def check_glu_ops(node: Node) -> None:
         same_shape(a, b, node, "src0 and src1")
         same_shape(node, a, node, "dst and src0")
     else:
-        require(node.ne == (a.ne[0] // 2, *a.ne[1:]), node,
-                f"dst {list(node.ne)} must be src0 {list(a.ne)} with ne[0] halved")
+        if node.ne != (a.ne[0] // 2, *a.ne[1:]):
+            fail(node, f"dst {list(node.ne)} must be src0 {list(a.ne)} with ne[0] halved")
 
 
 @validates(Op.SCALE)
