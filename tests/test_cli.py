@@ -132,6 +132,7 @@ def test_kernels_are_loaded_before_serving(monkeypatch, capsys):
     monkeypatch.setattr(cli, "load_kernels",
                         lambda kind: loaded.append((kind, capsys.readouterr().out)))
     monkeypatch.setattr(warmup, "warm", lambda: loaded.append(("warm", capsys.readouterr().out)))
+    monkeypatch.setattr(warmup, "_recording", False)
     config = ServerConfig(devices=[CpuDevice(capacity=1 << 20), CpuDevice(capacity=1 << 20)],
                           port=0)
 
@@ -141,6 +142,7 @@ def test_kernels_are_loaded_before_serving(monkeypatch, capsys):
 
     trio.run(serve_briefly)
     assert [kind for kind, _ in loaded] == ["cpu", "warm"]
+    assert warmup._recording       # a server records what its graphs compile
     assert not any("Starting RPC server" in out for _, out in loaded)
     assert "Starting RPC server" in capsys.readouterr().out
 

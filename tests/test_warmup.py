@@ -30,6 +30,7 @@ def test_graph_compute_records_the_kernels_compiled(tmp_path, monkeypatch):
     record = tmp_path / "used.pkl"
     monkeypatch.setattr(warmup, "record_path", lambda: record)
     monkeypatch.setattr(warmup, "_known", -1)        # as if something new had compiled
+    monkeypatch.setattr(warmup, "_recording", True)  # as refimpl-server does
     g = _product_graph()
     GraphExecutor([g.device]).compute(g.request(), g.table)
     names = pickle.loads(record.read_bytes())
@@ -43,6 +44,7 @@ def test_a_new_process_loads_the_recorded_kernels(tmp_path, monkeypatch):
     record = tmp_path / "used.pkl"
     monkeypatch.setattr(warmup, "record_path", lambda: record)
     monkeypatch.setattr(warmup, "_known", -1)
+    monkeypatch.setattr(warmup, "_recording", True)
     g = _product_graph()
     g.run()
     assert warmup.record_new() is True
@@ -70,3 +72,13 @@ def test_a_damaged_record_is_ignored(tmp_path, monkeypatch):
     record.write_bytes(b"not a pickle")
     monkeypatch.setattr(warmup, "record_path", lambda: record)
     assert warmup.warm() == 0
+
+
+def test_only_a_recording_process_records(tmp_path, monkeypatch):
+    record = tmp_path / "used.pkl"
+    monkeypatch.setattr(warmup, "record_path", lambda: record)
+    monkeypatch.setattr(warmup, "_known", -1)
+    monkeypatch.setattr(warmup, "_recording", False)   # the tests' own graphs: not recorded
+    g = _product_graph()
+    GraphExecutor([g.device]).compute(g.request(), g.table)
+    assert not record.exists()

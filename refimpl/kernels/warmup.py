@@ -7,9 +7,11 @@ on the development host the first model load after ``refimpl-server`` started to
 against 0.35 s for the next ones (bench/README.md, "After the tenth session"), most of it
 those loads, during the client's first GRAPH_COMPUTE.
 
-So the server remembers which combinations its graphs used (:func:`record_new`, after every
-GRAPH_COMPUTE that compiled something), in a file beside the compiled kernels, and loads them
-all when it starts (:func:`warm`), before it opens its port.  Only numba's public
+So ``refimpl-server`` remembers which combinations its graphs used (:func:`record_new`, after
+every GRAPH_COMPUTE that compiled something), in a file beside the compiled kernels, and loads
+them all when it starts (:func:`warm`), before it opens its port.  Only servers record
+(:func:`start_recording`): the test suite's in-process graphs, which try every op and type,
+would otherwise make every later server load hundreds of kernels it may never use.  Only numba's public
 ``Dispatcher.signatures`` and ``Dispatcher.compile`` are used.  The file is per numba release
 and per CPU (numba's cache misses on any other, and a miss would compile instead of load:
 seconds per kernel); :func:`warm` also stops after :data:`BUDGET_SECONDS`.
@@ -37,11 +39,12 @@ log = logging.getLogger("refimpl.kernels")
 
 #: :func:`warm` stops loading after this long (it only loads from the cache, unless the cache
 #: lost kernels the record still names: then each costs a compilation).
-BUDGET_SECONDS = 10.0
+BUDGET_SECONDS = 5.0
 
 _lock = threading.Lock()
 _dispatchers: dict[str, CPUDispatcher] | None = None
 _known = 0   # signatures of all dispatchers when last recorded
+_recording = False
 
 
 def dispatchers() -> dict[str, CPUDispatcher]:
@@ -81,11 +84,20 @@ def _read(path: Path) -> dict[str, list]:
         return {}
 
 
+def start_recording() -> None:
+    """Record, from now on, what this process's graphs compile (:func:`record_new`)."""
+    global _recording
+    _recording = True
+
+
 @after_compute("cpu")
 def record_new() -> bool:
-    """Add the signatures compiled since the last call to the record; returns whether any
-    were.  Cheap when nothing was compiled (a count over the dispatchers)."""
+    """Add the signatures compiled since the last call to the record, when this process
+    records (:func:`start_recording`); returns whether it wrote any.  Cheap when nothing was
+    compiled (a count over the dispatchers)."""
     global _known
+    if not _recording:
+        return False
     table = dispatchers()
     count = sum(len(d.overloads) for d in table.values())
     if count == _known:

@@ -167,6 +167,7 @@ def load_device_kernels(devices) -> None:
     if "cpu" in kinds:
         from ..kernels import warmup
         warmup.warm()
+        warmup.start_recording()
     freeze_survivors_once()
 
 
