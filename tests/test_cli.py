@@ -133,15 +133,18 @@ def test_kernels_are_loaded_before_serving(monkeypatch, capsys):
                         lambda kind: loaded.append((kind, capsys.readouterr().out)))
     monkeypatch.setattr(warmup, "warm", lambda: loaded.append(("warm", capsys.readouterr().out)))
     monkeypatch.setattr(warmup, "_recording", False)
+    # (a real collection of this test process's heap can take longer than the serving below)
+    monkeypatch.setattr(cli, "freeze_survivors_once",
+                        lambda: loaded.append(("freeze", capsys.readouterr().out)))
     config = ServerConfig(devices=[CpuDevice(capacity=1 << 20), CpuDevice(capacity=1 << 20)],
                           port=0)
 
     async def serve_briefly():
-        with trio.move_on_after(0.5):
+        with trio.move_on_after(1.0):
             await cli.run_server(config)
 
     trio.run(serve_briefly)
-    assert [kind for kind, _ in loaded] == ["cpu", "warm"]
+    assert [kind for kind, _ in loaded] == ["cpu", "warm", "freeze"]
     assert warmup._recording       # a server records what its graphs compile
     assert not any("Starting RPC server" in out for _, out in loaded)
     assert "Starting RPC server" in capsys.readouterr().out
