@@ -73,7 +73,6 @@ class Receiver:
                 raise trio.ClosedResourceError("this socket was already closed") from None
             raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
 
-
     def poll(self, max_bytes: int, seconds: float) -> bytes | None:
         """Up to ``max_bytes`` bytes if any arrive within ``seconds``, else None, asking the
         socket without waiting and without yielding to trio (module docstring).
