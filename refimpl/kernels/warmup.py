@@ -11,10 +11,10 @@ So ``refimpl-server`` remembers which combinations its graphs used (:func:`recor
 every GRAPH_COMPUTE that compiled something), in a file beside the compiled kernels, and loads
 them all when it starts (:func:`warm`), before it opens its port.  Only servers record
 (:func:`start_recording`): the test suite's in-process graphs, which try every op and type,
-would otherwise make every later server load hundreds of kernels it may never use.  Only numba's public
-``Dispatcher.signatures`` and ``Dispatcher.compile`` are used.  The file is per numba release
-and per CPU (numba's cache misses on any other, and a miss would compile instead of load:
-seconds per kernel); :func:`warm` also stops after :data:`BUDGET_SECONDS`.
+would otherwise make every later server load hundreds of kernels it may never use.  Only
+numba's public ``Dispatcher.signatures`` and ``Dispatcher.compile`` are used.  The file is
+per numba release and per CPU (numba's cache misses on any other, and a miss would compile
+instead of load: seconds per kernel); :func:`warm` also stops after :data:`BUDGET_SECONDS`.
 """
 
 from __future__ import annotations
@@ -71,7 +71,8 @@ def record_path() -> Path | None:
     top = cache.digest_directory()
     if top is None:
         return None
-    host = f"{numba.__version__}|{llvm.get_host_cpu_name()}|{llvm.get_host_cpu_features().flatten()}"
+    cpu = f"{llvm.get_host_cpu_name()}|{llvm.get_host_cpu_features().flatten()}"
+    host = f"{numba.__version__}|{cpu}"
     return top / f"used-signatures-{hashlib.sha256(host.encode()).hexdigest()[:16]}.pkl"
 
 
@@ -80,7 +81,7 @@ def _read(path: Path) -> dict[str, list]:
         with open(path, "rb") as f:
             record = pickle.load(f)
         return record if isinstance(record, dict) else {}
-    except Exception:        # missing, damaged, or written by other sources: start afresh
+    except Exception:  # noqa: BLE001 - missing, damaged, or of other sources: start afresh
         return {}
 
 
@@ -140,7 +141,7 @@ def warm(budget: float = BUDGET_SECONDS) -> int:
             try:
                 d.compile(sig)
                 loaded += 1
-            except Exception as exc:   # a signature these sources no longer accept
+            except Exception as exc:  # noqa: BLE001 - a signature these sources refuse
                 log.debug("warm-up of %s%s failed: %s", name, sig, exc)
     global _known
     _known = sum(len(d.overloads) for d in table.values())

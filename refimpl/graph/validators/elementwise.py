@@ -47,7 +47,8 @@ def check_math_ops(node: Node) -> None:
     no_src_beyond(node, 1)
     _plain(node, (node, "dst"), (a, "src0"))
     if (a.type, node.type) not in MAP_TYPES:
-        fail(node, f"src0 {a.traits.name} into dst {node.traits.name} is not a type pair ggml computes")
+        fail(node, f"src0 {a.traits.name} into dst {node.traits.name} is not a type pair "
+                   f"ggml computes")
     same_shape(node, a, node, "dst and src0")
 
 

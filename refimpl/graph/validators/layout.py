@@ -112,7 +112,8 @@ def check_pad_reflect_1d(node: Node) -> None:
     a = _unary(node, {F32})
     p0, p1 = node.param_i32(0), node.param_i32(1)
     if not (0 <= p0 < a.ne[0] and 0 <= p1 < a.ne[0]):
-        fail(node, f"padding ({p0}, {p1}) must be non-negative and shorter than the row ({a.ne[0]})")
+        fail(node, f"padding ({p0}, {p1}) must be non-negative and shorter than the row "
+                   f"({a.ne[0]})")
     require(is_contiguous(a), node, "src0 must be contiguous")
     expect = (a.ne[0] + p0 + p1, *a.ne[1:])
     if node.ne != expect:
