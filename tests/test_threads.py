@@ -20,7 +20,8 @@ from refimpl.kernels.parallel import compute_threads
 from refimpl.protocol.ggml_types import GgmlType
 from refimpl.protocol.tensor import RpcTensor
 from refimpl.server import RpcServer
-from refimpl.server.cli import _usable_cores, build_parser
+from refimpl.server.cli import build_parser
+from refimpl.server.net import usable_cores
 
 from .conftest import make_config
 
@@ -80,4 +81,4 @@ async def test_kernels_run_with_the_device_threads(nursery, threads_seen, thread
 
 
 def test_default_threads_are_the_usable_cores():
-    assert build_parser().parse_args([]).threads == _usable_cores() >= 1
+    assert build_parser().parse_args([]).threads == usable_cores() >= 1

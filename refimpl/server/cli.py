@@ -19,19 +19,12 @@ from ..graph.registry import load_kernels
 from ..protocol.constants import PROTOCOL_VERSION
 from ..protocol.profiles import LATEST, SERVED, served_profile
 from .hash_cache import HashCache, default_cache_dir
-from .net import DEFAULT_MAX_BUFFERED, RpcServer, ServerConfig, default_poll_seconds
+from .net import (DEFAULT_MAX_BUFFERED, RpcServer, ServerConfig, default_poll_seconds,
+                  usable_cores)
 
 log = logging.getLogger("refimpl.server")
 
 MIB = 1024 * 1024
-
-
-def _usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-max-mib", type=int, default=None, metavar="MIB",
                    help="bound on the cache's size; least recently used entries are evicted "
                         "(default: half the disk space free at start)")
-    p.add_argument("-t", "--threads", type=int, default=_usable_cores(),
+    p.add_argument("-t", "--threads", type=int, default=usable_cores(),
                    help="compute threads for the CPU device (default: the cores this process "
                         "may run on, %(default)s)")
     p.add_argument("--poll-us", type=float, default=default_poll_seconds() * 1e6,

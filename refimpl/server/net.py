@@ -51,14 +51,18 @@ MIN_TRANSFER_RATE = 64 * 1024
 DEFAULT_MAX_BUFFERED = 2048 * 1024 * 1024
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 def default_poll_seconds() -> float:
     """Default of ServerConfig.poll_after_reply: 200 µs where this process may run on more
     than one core, none on one core (polling there only keeps the client off the CPU)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return 200e-6 if cores > 1 else 0.0
+    return 200e-6 if usable_cores() > 1 else 0.0
 
 
 class TimedOut(Exception):
