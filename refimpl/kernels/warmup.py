@@ -65,6 +65,11 @@ def dispatchers() -> dict[str, CPUDispatcher]:
         return _dispatchers
 
 
+def _compiled(table: dict[str, CPUDispatcher]) -> int:
+    """How many compiled signatures the dispatchers of ``table`` hold, all together."""
+    return sum(len(d.overloads) for d in table.values())
+
+
 def record_path() -> Path | None:
     """The record of this numba release on this CPU, in the sources' digest directory
     (None where there is none)."""
@@ -94,13 +99,13 @@ def start_recording() -> None:
 @after_compute("cpu")
 def record_new() -> bool:
     """Add the signatures compiled since the last call to the record, when this process
-    records (:func:`start_recording`); returns whether it wrote any.  Cheap when nothing was
-    compiled (a count over the dispatchers)."""
+    records (:func:`start_recording`); returns whether any had been compiled.  Cheap when
+    none had (a count over the dispatchers)."""
     global _known
     if not _recording:
         return False
     table = dispatchers()
-    count = sum(len(d.overloads) for d in table.values())
+    count = _compiled(table)
     if count == _known:
         return False
     path = record_path()
@@ -130,21 +135,19 @@ def warm(budget: float = BUDGET_SECONDS) -> int:
     record = _read(path) if path is not None else {}
     table = dispatchers()
     start, loaded = time.perf_counter(), 0
-    for name, signatures in record.items():
-        d = table.get(name)
-        if d is None:
-            continue
-        for sig in signatures:
-            if time.perf_counter() - start > budget:
-                log.info("kernel warm-up stopped after %.1f s (%d loaded)", budget, loaded)
-                return loaded
-            try:
-                d.compile(sig)
-                loaded += 1
-            except Exception as exc:  # noqa: BLE001 - a signature these sources refuse
-                log.debug("warm-up of %s%s failed: %s", name, sig, exc)
+    wanted = [(name, table[name], sig) for name, signatures in record.items()
+              if name in table for sig in signatures]
+    for name, d, sig in wanted:
+        if time.perf_counter() - start > budget:
+            log.info("kernel warm-up stopped after %.1f s (%d loaded)", budget, loaded)
+            break
+        try:
+            d.compile(sig)
+            loaded += 1
+        except Exception as exc:  # noqa: BLE001 - a signature these sources refuse
+            log.debug("warm-up of %s%s failed: %s", name, sig, exc)
     global _known
-    _known = sum(len(d.overloads) for d in table.values())
+    _known = _compiled(table)      # what is loaded now is no news to record_new
     if loaded:
         log.info("loaded %d compiled kernels in %.2f s", loaded, time.perf_counter() - start)
     return loaded
