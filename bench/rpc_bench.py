@@ -9,9 +9,9 @@ For each server, with the same client:
 * first upload: the same into a freshly allocated buffer, as loading a model does (MB/s);
 * download: GET_TENSOR of the same tensor into preallocated memory (MB/s).
 
-The client is a plain blocking socket driving refimpl's sans-IO ClientConnection, so client
-overhead is identical for both servers.  Ratios are refimpl ÷ llama.cpp: above 1 is better for
-throughput, below 1 is better for latency.  Figures depend on the machine and its load; only
+The client is a plain blocking socket driving refimpl's sans-IO ClientConnection
+(tools/blocking_client.py), so client overhead is identical for both servers.  Ratios are
+refimpl ÷ llama.cpp: above 1 is better for throughput, below 1 is better for latency.  Figures depend on the machine and its load; only
 ratios from the same run are meaningful.
 """
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import socket
 import statistics
 import sys
 import time
@@ -31,53 +30,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from refimpl.protocol import messages as m  # noqa: E402
-from refimpl.protocol.connection import (NEED_DATA, ClientConnection, GetTensorStart,  # noqa: E402
-                                         hello_request)
 from refimpl.protocol.ggml_types import GgmlType  # noqa: E402
 from refimpl.protocol.tensor import RpcTensor, contiguous_strides  # noqa: E402
+from tools.blocking_client import BlockingClient  # noqa: E402
 from tools.peers import ensure_peers  # noqa: E402
 from tools.processes import ServerProcess  # noqa: E402
-
-
-class BlockingClient:
-    """Minimal synchronous client over the sans-IO ClientConnection."""
-
-    def __init__(self, address):
-        self.sock = socket.create_connection(address)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.conn = ClientConnection()
-        self.call(hello_request())
-
-    def _event(self):
-        while True:
-            ev = self.conn.next_event()
-            if ev is not NEED_DATA:
-                return ev
-            self.conn.receive_data(self.sock.recv(1 << 16))
-
-    def call(self, req):
-        self.sock.sendall(self.conn.send(req))
-        return self._event() if m.has_response(req.COMMAND) else None
-
-    def set_tensor(self, tensor, data):
-        view = memoryview(data).cast("B")
-        self.sock.sendall(self.conn.send_set_tensor_header(tensor, 0, len(view)))
-        self.sock.sendall(view)
-
-    def get_tensor(self, tensor, out):
-        view = memoryview(out).cast("B")
-        self.sock.sendall(self.conn.send(m.GetTensorRequest(tensor, 0, len(view))))
-        assert isinstance(self._event(), GetTensorStart)
-        filled = self.conn.readinto(view)
-        while filled < len(view):
-            n = self.sock.recv_into(view[filled:])
-            if n == 0:
-                raise ConnectionError("server closed")
-            self.conn.payload_received(n)
-            filled += n
-
-    def close(self):
-        self.sock.close()
 
 
 def measure(address, size: int, repeat: int, round_trips: int) -> dict:

@@ -17,6 +17,7 @@ from refimpl.protocol.ggml_types import GgmlType
 from refimpl.protocol.tensor import RpcTensor
 from refimpl.server import RpcServer
 from refimpl.server.hash_cache import HashCache
+from tools.blocking_client import BlockingClient
 
 from .conftest import make_config
 from .rawwire import HELLO, frame, open_raw, server_closes
@@ -508,19 +509,12 @@ async def test_allow_list(nursery, networks, admitted):
 
 def _blocking_round_trips(address, count: int) -> list:
     """A client in its own thread, as llama.cpp's is in its own process: HELLO, then
-    ``count`` GET_ALIGNMENTs, each sent as soon as the last reply is read."""
-    import socket
-
-    from refimpl.protocol.connection import NEED_DATA, ClientConnection, hello_request
-    conn = ClientConnection()
-    replies = []
-    with socket.create_connection(address) as sock:
-        for req in [hello_request()] + [m.GetAlignmentRequest(0)] * count:
-            sock.sendall(conn.send(req))
-            while (ev := conn.next_event()) is NEED_DATA:
-                conn.receive_data(sock.recv(1 << 16))
-            replies.append(ev)
-    return replies
+    ``count`` GET_ALIGNMENTs, each sent as soon as the last reply is read; their replies."""
+    client = BlockingClient(address)
+    try:
+        return [client.call(m.GetAlignmentRequest(0)) for _ in range(count)]
+    finally:
+        client.close()
 
 
 @pytest.fixture
@@ -542,7 +536,7 @@ def polls(monkeypatch):
 async def test_next_request_after_a_reply_is_taken_by_polling(nursery, polls):
     server = await nursery.start(RpcServer(make_config(poll_after_reply=2.0)).serve)
     replies = await trio.to_thread.run_sync(_blocking_round_trips, addr(server), 20)
-    assert [r.alignment for r in replies[1:]] == [CpuDevice().alignment] * 20
+    assert [r.alignment for r in replies] == [CpuDevice().alignment] * 20
     # After each of the 21 replies the server polled; the client sent its next request (or
     # closed) well within two seconds, so every poll found it without waiting in trio.
     with trio.fail_after(5):
@@ -563,10 +557,10 @@ async def test_no_polling_while_another_client_is_connected(nursery, polls):
         assert polls == [None, None]
         polls.clear()
         replies = await trio.to_thread.run_sync(_blocking_round_trips, addr(server), 5)
-        assert len(replies) == 6 and polls == []
+        assert len(replies) == 5 and polls == []
 
 
 async def test_polling_off(nursery, polls):
     server = await nursery.start(RpcServer(make_config(poll_after_reply=0.0)).serve)
     replies = await trio.to_thread.run_sync(_blocking_round_trips, addr(server), 5)
-    assert len(replies) == 6 and polls == []
+    assert len(replies) == 5 and polls == []
