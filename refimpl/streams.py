@@ -46,6 +46,7 @@ class Receiver:
         # carries ciphertext.
         self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
         self._raw: socket.socket | None = None   # :meth:`poll`'s own descriptor, made on first use
+        self._pollable = self._socket is not None
         self._poll_buffer: bytearray | None = None
 
     @property
@@ -81,13 +82,17 @@ class Receiver:
         socket, and when ``seconds`` is not positive.  The caller must bound how often it
         polls: while it polls, no other trio task runs.
         """
-        if self._socket is None or seconds <= 0:
+        if not self._pollable or seconds <= 0:
             return None
         if self._raw is None:
             # A standard-library socket on a duplicate of the descriptor: trio's socket offers
             # no receive that neither waits nor yields.
-            self._raw = socket.fromfd(self._socket.fileno(), self._socket.family,
-                                      self._socket.type)
+            try:
+                self._raw = socket.fromfd(self._socket.fileno(), self._socket.family,
+                                          self._socket.type)
+            except OSError:         # no descriptor to spare (EMFILE): receive as before
+                self._pollable = False
+                return None
             self._raw.setblocking(False)
         if self._poll_buffer is None or len(self._poll_buffer) < max_bytes:
             self._poll_buffer = bytearray(max_bytes)

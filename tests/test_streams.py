@@ -140,3 +140,22 @@ def test_poll_is_never_tried_on_streams_that_are_not_plain_sockets():
     start = time.monotonic()
     assert Receiver(right).poll(64, 2.0) is None
     assert time.monotonic() - start < 1.0            # at once: there is no socket to ask
+
+
+async def test_poll_without_a_spare_descriptor_leaves_receiving_to_trio(monkeypatch):
+    import socket
+
+    def no_descriptor(*args):
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(socket, "fromfd", no_descriptor)
+    a, b = trio.socket.socketpair()
+    left, right = trio.SocketStream(a), trio.SocketStream(b)
+    receiver = Receiver(right)
+    await left.send_all(b"request")
+    assert receiver.poll(64, 0.5) is None          # no poll, no exception
+    assert receiver.poll(64, 0.5) is None          # and no second try
+    assert await receiver.receive_some(64) == b"request"
+    receiver.close()
+    await left.aclose()
+    await right.aclose()
